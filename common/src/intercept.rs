@@ -1,0 +1,280 @@
+//! The interception rule set, and the only code that runs `nft`.
+//!
+//! One definition serves the plugin (which creates it when missing, so that a pod is intercepted
+//! before ADD returns even if iamlinkd never started) and the daemon (which installs its own
+//! config over the base chains at start). Pod entries are changed under the store's lock.
+//!
+//! ```text
+//! prerouting: ip daddr {metadata addresses} tcp dport 80 -> jump intercept
+//! intercept:  clear our mark bits; iifname vmap @pods (-> jump slot-N: set N's bits); DNAT to iamlinkd
+//! ```
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::mark::MarkMask;
+use crate::record::{validate_ifname, PodRecord};
+use crate::store::StoreLock;
+
+pub const TABLE: &str = "iamlink";
+pub const PODS_MAP: &str = "pods";
+/// The instance metadata service address that SDKs call.
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The container-credentials address SDKs accept (EKS Pod Identity's).
+pub const DEFAULT_CREDENTIALS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("cannot run nft ({path}): {source}; install nftables on the node")]
+    Spawn { path: PathBuf, source: io::Error },
+    #[error("nft {what} failed: {stderr}")]
+    Nft { what: String, stderr: String },
+    #[error("cannot parse `nft -j` output: {0}")]
+    Parse(String),
+    #[error("{0}")]
+    InvalidName(String),
+}
+
+/// The parameters of the rule set; the plugin's netconf and the daemon's config must agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Where iamlinkd listens; intercepted connections are DNATed here.
+    pub daemon: SocketAddrV4,
+    pub mask: MarkMask,
+    /// Destinations (port 80) whose traffic from pods is intercepted.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl RuleSet {
+    /// The metadata address plus the optional container-credentials address.
+    pub fn new(daemon: SocketAddrV4, mask: MarkMask, credentials: Option<Ipv4Addr>) -> Self {
+        let mut addresses = vec![METADATA_ADDRESS];
+        addresses.extend(credentials.filter(|a| *a != METADATA_ADDRESS));
+        RuleSet { daemon, mask, addresses }
+    }
+
+    /// Creates the table when it is missing; leaves an existing one alone (the daemon owns it).
+    pub fn ensure(&self, lock: &StoreLock) -> Result<(), InterceptError> {
+        if nft_ok(&["list", "table", "inet", TABLE])? {
+            return Ok(());
+        }
+        self.install(lock)
+    }
+
+    /// Creates the table if needed and replaces the base chains' rules in one transaction;
+    /// pod entries and slot chains are kept.
+    pub fn install(&self, _lock: &StoreLock) -> Result<(), InterceptError> {
+        nft_script("install rule set", &self.base_script())
+    }
+
+    fn base_script(&self) -> String {
+        let t = format!("inet {TABLE}");
+        let addresses: Vec<String> = self.addresses.iter().map(|a| a.to_string()).collect();
+        format!(
+            "add table {t}\n\
+             add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
+             add chain {t} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
+             add chain {t} intercept\n\
+             flush chain {t} prerouting\n\
+             flush chain {t} intercept\n\
+             add rule {t} prerouting ip daddr {{ {addrs} }} tcp dport 80 jump intercept\n\
+             add rule {t} intercept meta mark set meta mark and {keep:#x}\n\
+             add rule {t} intercept iifname vmap @{PODS_MAP}\n\
+             add rule {t} intercept meta l4proto tcp dnat ip to {daemon}\n",
+            addrs = addresses.join(", "),
+            keep = !self.mask.bits(),
+            daemon = self.daemon,
+        )
+    }
+
+    /// Makes the pod entries match the records: each record's host interface jumps to its slot
+    /// (the newest record wins a shared name) and entries without a record go.
+    pub fn reconcile(&self, lock: &StoreLock, records: &[PodRecord]) -> Result<(), InterceptError> {
+        let mut want: HashMap<&str, &PodRecord> = HashMap::new();
+        for r in records {
+            let name = r.host_interface.name.as_str();
+            if want.get(name).is_none_or(|old| old.created_boottime_ns < r.created_boottime_ns) {
+                want.insert(name, r);
+            }
+        }
+        let have = pod_entries()?;
+        for (name, slot) in &have {
+            if want.get(name.as_str()).map(|r| r.slot) != Some(*slot) {
+                remove_pod(lock, name, *slot)?;
+            }
+        }
+        for (name, r) in want {
+            if !have.iter().any(|(n, s)| n == name && *s == r.slot) {
+                self.add_pod(lock, name, r.slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
+    /// whose DEL never came).
+    pub fn add_pod(&self, _lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
+        validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
+        let t = format!("inet {TABLE}");
+        let mut script = format!(
+            "add chain {t} slot-{slot}\n\
+             flush chain {t} slot-{slot}\n\
+             add rule {t} slot-{slot} meta mark set meta mark or {mark:#x}\n",
+            mark = self.mask.mark_for(slot),
+        );
+        if pod_entry(ifname)?.is_some() {
+            script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
+        }
+        script.push_str(&format!("add element {t} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
+        nft_script(&format!("add entry for {ifname}"), &script)
+    }
+}
+
+/// Removes the entry for `ifname` only while it still points at `slot` (a late DEL of an old
+/// container must not cut off a newer pod that reuses the host interface name), and the slot's
+/// chain. Absent pieces are fine: DEL is idempotent.
+pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
+    validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
+    if !nft_ok(&["list", "table", "inet", TABLE])? {
+        return Ok(());
+    }
+    let t = format!("inet {TABLE}");
+    let mut script = String::new();
+    if pod_entry(ifname)? == Some(slot) {
+        script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
+    }
+    // Only delete the slot chain when no other entry still jumps to it.
+    if !pod_entries()?.iter().any(|(name, s)| *s == slot && name != ifname) {
+        script.push_str(&format!("add chain {t} slot-{slot}\ndelete chain {t} slot-{slot}\n"));
+    }
+    nft_script(&format!("remove entry for {ifname}"), &script)
+}
+
+/// The slot `ifname` is intercepted to, if it has an entry.
+pub fn pod_entry(ifname: &str) -> Result<Option<u32>, InterceptError> {
+    Ok(pod_entries()?.into_iter().find(|(n, _)| n == ifname).map(|(_, s)| s))
+}
+
+/// Every (host interface, slot) entry of the map; empty when the table does not exist.
+pub fn pod_entries() -> Result<Vec<(String, u32)>, InterceptError> {
+    let out = nft(&["-j", "list", "map", "inet", TABLE, PODS_MAP], None)?;
+    if !out.status.success() {
+        return Ok(vec![]);
+    }
+    parse_entries(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Removes the whole rule set (uninstall; tests).
+pub fn remove_all(_lock: &StoreLock) -> Result<(), InterceptError> {
+    nft_script("delete table", &format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"))
+}
+
+/// The text form of the rule set, for operators and CHECK messages.
+pub fn describe() -> Result<String, InterceptError> {
+    let out = nft(&["list", "table", "inet", TABLE], None)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
+    let mut entries = Vec::new();
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    for item in items {
+        let Some(elems) = item["map"]["elem"].as_array() else { continue };
+        for elem in elems {
+            let name = elem[0].as_str();
+            let target = elem[1]["jump"]["target"].as_str();
+            let slot = target.and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
+            match (name, slot) {
+                (Some(name), Some(slot)) => entries.push((name.to_string(), slot)),
+                _ => return Err(InterceptError::Parse(format!("unexpected map element {elem}"))),
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// `nft` from PATH, else the Debian/RHEL locations (runtimes run plugins with a thin PATH).
+fn nft_path() -> PathBuf {
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|p| p.join("nft")).find(|p| p.is_file())
+    });
+    from_path
+        .or_else(|| {
+            ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+                .iter()
+                .map(Path::new)
+                .find(|p| p.is_file())
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(|| PathBuf::from("nft"))
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, InterceptError> {
+    let path = nft_path();
+    let spawn_err = |source| InterceptError::Spawn { path: path.clone(), source };
+    let mut child = Command::new(&path)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
+    }
+    child.wait_with_output().map_err(spawn_err)
+}
+
+fn nft_ok(args: &[&str]) -> Result<bool, InterceptError> {
+    Ok(nft(args, None)?.status.success())
+}
+
+/// Runs a script as one nft transaction: all of it applies or none.
+fn nft_script(what: &str, script: &str) -> Result<(), InterceptError> {
+    let out = nft(&["-f", "-"], Some(script))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(InterceptError::Nft {
+            what: what.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_script_intercepts_both_addresses_and_clears_only_our_bits() {
+        let rs = RuleSet::new(
+            "198.18.0.1:8181".parse().unwrap(),
+            MarkMask::default(),
+            Some(DEFAULT_CREDENTIALS_ADDRESS),
+        );
+        let s = rs.base_script();
+        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 jump intercept"));
+        assert!(s.contains("meta mark set meta mark and 0xffffcf80"));
+        assert!(s.contains("dnat ip to 198.18.0.1:8181"));
+    }
+
+    #[test]
+    fn entries_parse_from_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "inet",
+            "name": "pods", "table": "iamlink", "type": "ifname", "handle": 4, "map": "verdict",
+            "elem": [["vethA", {"jump": {"target": "slot-5"}}], ["eni1", {"jump": {"target": "slot-12"}}]]}}]}"#;
+        assert_eq!(
+            parse_entries(json).unwrap(),
+            vec![("vethA".to_string(), 5), ("eni1".to_string(), 12)]
+        );
+        let empty = r#"{"nftables": [{"map": {"name": "pods"}}]}"#;
+        assert!(parse_entries(empty).unwrap().is_empty());
+        assert!(parse_entries(r#"{"nftables": [{"map": {"elem": [["x", {"accept": null}]]}}]}"#).is_err());
+    }
+}

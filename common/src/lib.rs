@@ -1,0 +1,13 @@
+//! What the iamlink CNI plugin and iamlinkd share.
+//!
+//! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
+//! nftables rule set. Nobody else touches the store directory or runs `nft`.
+
+pub mod intercept;
+pub mod mark;
+pub mod record;
+pub mod store;
+
+pub use mark::MarkMask;
+pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef};
+pub use store::{Store, StoreError, StoreLock};

@@ -1,0 +1,153 @@
+//! The pod record: what ADD writes and the daemon reads, defined once for both.
+
+use std::time::SystemTime;
+
+use nix::time::{clock_gettime, ClockId};
+use serde::{Deserialize, Serialize};
+
+/// One pod attachment: which host interface carries which pod, and its slot in the mark bits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    pub container_id: String,
+    /// `CNI_IFNAME` inside the pod (the CNI spec keys attachments by container ID and ifname).
+    pub ifname: String,
+    /// The conflist's `name`, so that GC of one network never touches another's records.
+    pub network: String,
+    pub slot: u32,
+    pub host_interface: HostInterface,
+    pub netns: String,
+    pub pod: PodRef,
+    /// Pod addresses in CIDR form, for operators; identity never comes from them.
+    pub ips: Vec<String>,
+    /// RFC 3339 UTC, for operators.
+    pub created: String,
+    /// CLOCK_BOOTTIME at creation: a connection accepted before this cannot belong to this pod.
+    pub created_boottime_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInterface {
+    pub name: String,
+    pub index: u32,
+    pub source: HostInterfaceSource,
+}
+
+/// How ADD found the host interface; the peer lookup is authoritative, the result a fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostInterfaceSource {
+    PeerIfindex,
+    PrevResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    /// Empty when the runtime did not pass `K8S_POD_UID`.
+    #[serde(default)]
+    pub uid: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Now, on the clock that record creation and connection accept times are compared on.
+/// CLOCK_BOOTTIME is shared by all processes of a boot and never jumps backwards.
+pub fn boottime_ns() -> u64 {
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        // CLOCK_BOOTTIME exists on every kernel iamlink runs on (Linux >= 2.6.39).
+        Err(_) => 0,
+    }
+}
+
+/// Wall-clock now as RFC 3339 UTC with seconds precision.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl PodRecord {
+    /// The store's file name for this attachment.
+    pub fn key(&self) -> String {
+        record_key(&self.container_id, &self.ifname)
+    }
+}
+
+/// `<containerID>.<ifname>`: both parts are validated before use (see [`validate_key`]).
+pub fn record_key(container_id: &str, ifname: &str) -> String {
+    format!("{container_id}.{ifname}")
+}
+
+/// Container IDs and interface names become file names, so only safe characters pass.
+pub fn validate_key(container_id: &str, ifname: &str) -> Result<(), String> {
+    let id_ok = !container_id.is_empty()
+        && container_id.len() <= 256
+        && container_id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !id_ok {
+        return Err(format!(
+            "container ID {container_id:?} must be 1-256 characters of [A-Za-z0-9_.-], starting alphanumeric"
+        ));
+    }
+    validate_ifname(ifname)
+}
+
+/// Linux interface names: 1-15 bytes, no '/', ':' or white space, not "." or "..".
+pub fn validate_ifname(ifname: &str) -> Result<(), String> {
+    let ok = !ifname.is_empty()
+        && ifname.len() <= 15
+        && ifname != "."
+        && ifname != ".."
+        && ifname.chars().all(|c| c.is_ascii_graphic() && c != '/' && c != ':' && c != '"');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("interface name {ifname:?} is not a valid Linux interface name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_reject_path_tricks() {
+        assert!(validate_key("abc123", "eth0").is_ok());
+        assert!(validate_key("../etc", "eth0").is_err());
+        assert!(validate_key("abc", "../x").is_err());
+        assert!(validate_key("abc", "..").is_err());
+        assert!(validate_key("", "eth0").is_err());
+        assert!(validate_key("abc", "a-very-long-interface").is_err());
+        assert!(validate_key("abc", "eth 0").is_err());
+    }
+
+    #[test]
+    fn record_json_uses_camel_case_and_round_trips() {
+        let r = PodRecord {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            network: "net".into(),
+            slot: 3,
+            host_interface: HostInterface {
+                name: "veth1".into(),
+                index: 7,
+                source: HostInterfaceSource::PeerIfindex,
+            },
+            netns: "/var/run/netns/x".into(),
+            pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
+            ips: vec!["198.18.64.2/24".into()],
+            created: now_rfc3339(),
+            created_boottime_ns: boottime_ns(),
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"containerId\":\"c1\""));
+        assert!(json.contains("\"source\":\"peer-ifindex\""));
+        assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), r);
+    }
+}

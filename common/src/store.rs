@@ -1,0 +1,314 @@
+//! The node-local store of pod records, and the only code that touches its directory.
+//!
+//! Layout under the store directory:
+//! - `lock`: exclusive `flock` held by every writer (ADD, DEL and GC run in parallel on a node);
+//! - `records/<containerID>.<ifname>.json`: one record per attachment, replaced atomically;
+//! - `slots/<n>`: symlink to the record that holds slot `n`; a slot is free iff its link is absent.
+//!
+//! Readers (the daemon) take no lock: every file appears and disappears by an atomic rename.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::record::{record_key, validate_key, PodRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("record {path} is corrupt: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("all {0} slots of the mark mask are taken; widen markMask")]
+    Full(u32),
+    #[error("{0}")]
+    InvalidKey(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Proof that the caller holds the store's write lock; released on drop.
+pub struct StoreLock {
+    _flock: Flock<File>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens the store, creating its directories (root-only) when they are missing.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let store = Store { dir: dir.into() };
+        for d in [store.dir.clone(), store.records_dir(), store.slots_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(io_err(&d))?;
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store without creating anything (for readers that must not write).
+    pub fn existing(dir: impl Into<PathBuf>) -> Self {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn records_dir(&self) -> PathBuf {
+        self.dir.join("records")
+    }
+
+    fn slots_dir(&self) -> PathBuf {
+        self.dir.join("slots")
+    }
+
+    fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.records_dir().join(format!("{}.json", record_key(container_id, ifname)))
+    }
+
+    fn slot_path(&self, slot: u32) -> PathBuf {
+        self.slots_dir().join(slot.to_string())
+    }
+
+    /// Takes the exclusive write lock, waiting for other writers.
+    pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let flock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| StoreError::Io { path, source: errno.into() })?;
+        Ok(StoreLock { _flock: flock })
+    }
+
+    /// The record of one attachment, if any.
+    pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<PodRecord>, StoreError> {
+        validate_key(container_id, ifname).map_err(StoreError::InvalidKey)?;
+        read_record(&self.record_path(container_id, ifname))
+    }
+
+    /// The record holding `slot`, if any (the daemon's lookup for every request).
+    pub fn by_slot(&self, slot: u32) -> Result<Option<PodRecord>, StoreError> {
+        read_record(&self.slot_path(slot))
+    }
+
+    /// The lowest free slot in `1..=max`.
+    pub fn free_slot(&self, _lock: &StoreLock, max: u32) -> Result<u32, StoreError> {
+        (1..=max)
+            .find(|&n| fs::symlink_metadata(self.slot_path(n)).is_err())
+            .ok_or(StoreError::Full(max))
+    }
+
+    /// Writes the record and then links its slot, each step atomic and durable.
+    pub fn insert(&self, _lock: &StoreLock, record: &PodRecord) -> Result<(), StoreError> {
+        validate_key(&record.container_id, &record.ifname).map_err(StoreError::InvalidKey)?;
+        let path = self.record_path(&record.container_id, &record.ifname);
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        write_atomic(&path, &json)?;
+
+        let link = self.slot_path(record.slot);
+        let tmp = self.slots_dir().join(format!(".{}.tmp", record.slot));
+        let _ = fs::remove_file(&tmp);
+        let target = Path::new("../records").join(format!("{}.json", record.key()));
+        symlink(&target, &tmp).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &link).map_err(io_err(&link))?;
+        sync_dir(&self.slots_dir())
+    }
+
+    /// Removes one attachment's slot link and record; returns what was removed.
+    /// The slot link is removed only while it still points at this record.
+    pub fn remove(
+        &self,
+        _lock: &StoreLock,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<PodRecord>, StoreError> {
+        let path = self.record_path(container_id, ifname);
+        let record = match self.get(container_id, ifname) {
+            Ok(r) => r,
+            // A corrupt record is still this attachment's: remove the file, keep the slot link
+            // (it is found by the link check below only if it points here).
+            Err(StoreError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(r) = &record {
+            let link = self.slot_path(r.slot);
+            let points_here = fs::read_link(&link)
+                .map(|t| t.file_name() == path.file_name())
+                .unwrap_or(false);
+            if points_here {
+                fs::remove_file(&link).map_err(io_err(&link))?;
+                sync_dir(&self.slots_dir())?;
+            }
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.records_dir())?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(record)
+    }
+
+    /// Every readable record, in slot order. Unreadable files are reported, never guessed at.
+    pub fn list(&self) -> Result<(Vec<PodRecord>, Vec<StoreError>), StoreError> {
+        let dir = self.records_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut records = Vec::new();
+        let mut bad = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match read_record(&path) {
+                Ok(Some(r)) => records.push(r),
+                Ok(None) => {}
+                Err(e) => bad.push(e),
+            }
+        }
+        records.sort_by_key(|r| r.slot);
+        Ok((records, bad))
+    }
+}
+
+fn read_record(path: &Path) -> Result<Option<PodRecord>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
+}
+
+/// Temp file, fsync, rename, fsync of the directory: readers see the old or the new file whole.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{boottime_ns, now_rfc3339, HostInterface, HostInterfaceSource, PodRef};
+
+    fn record(cid: &str, host: &str, slot: u32) -> PodRecord {
+        PodRecord {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            network: "net".into(),
+            slot,
+            host_interface: HostInterface {
+                name: host.into(),
+                index: 9,
+                source: HostInterfaceSource::PeerIfindex,
+            },
+            netns: "/var/run/netns/x".into(),
+            pod: PodRef { namespace: "ns".into(), name: cid.into(), uid: "u".into() },
+            ips: vec![],
+            created: now_rfc3339(),
+            created_boottime_ns: boottime_ns(),
+        }
+    }
+
+    #[test]
+    fn insert_get_by_slot_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lock = store.lock().unwrap();
+        let slot = store.free_slot(&lock, 511).unwrap();
+        assert_eq!(slot, 1);
+        let r = record("c1", "veth1", slot);
+        store.insert(&lock, &r).unwrap();
+        assert_eq!(store.get("c1", "eth0").unwrap(), Some(r.clone()));
+        assert_eq!(store.by_slot(1).unwrap(), Some(r.clone()));
+        assert_eq!(store.free_slot(&lock, 511).unwrap(), 2);
+        assert_eq!(store.remove(&lock, "c1", "eth0").unwrap(), Some(r));
+        assert_eq!(store.by_slot(1).unwrap(), None);
+        assert_eq!(store.remove(&lock, "c1", "eth0").unwrap(), None, "DEL is idempotent");
+    }
+
+    #[test]
+    fn late_del_of_old_container_keeps_new_record_on_reused_host_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lock = store.lock().unwrap();
+        store.insert(&lock, &record("old", "eni1234", 1)).unwrap();
+        store.insert(&lock, &record("new", "eni1234", 2)).unwrap();
+        store.remove(&lock, "old", "eth0").unwrap();
+        let (records, bad) = store.list().unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].container_id, "new");
+        assert_eq!(store.by_slot(2).unwrap().unwrap().container_id, "new");
+    }
+
+    #[test]
+    fn a_full_mask_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lock = store.lock().unwrap();
+        for slot in 1..=3 {
+            store.insert(&lock, &record(&format!("c{slot}"), "v", slot)).unwrap();
+        }
+        assert!(matches!(store.free_slot(&lock, 3), Err(StoreError::Full(3))));
+    }
+
+    #[test]
+    fn corrupt_record_is_reported_not_guessed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lock = store.lock().unwrap();
+        store.insert(&lock, &record("good", "v1", 1)).unwrap();
+        fs::write(dir.path().join("records/bad.eth0.json"), b"{\"containerId\": \"ba").unwrap();
+        let (records, bad) = store.list().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert!(matches!(store.get("bad", "eth0"), Err(StoreError::Corrupt { .. })));
+        assert_eq!(store.remove(&lock, "bad", "eth0").unwrap(), None);
+        assert!(store.list().unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn invalid_keys_never_reach_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(store.get("../x", "eth0"), Err(StoreError::InvalidKey(_))));
+    }
+}

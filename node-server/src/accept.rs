@@ -1,0 +1,67 @@
+//! Accepting connections with the kernel's identity of their ingress interface: the SYN's mark,
+//! copied to the socket because `net.ipv4.tcp_fwmark_accept=1` in this namespace.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use iamlink_common::record::boottime_ns;
+
+use crate::app::App;
+use crate::credentials::AssumeRole;
+use crate::identify::Conn;
+use crate::imds;
+
+/// Slow clients must send their headers within this (slowloris).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// Makes accepted sockets carry their SYN's mark; without it every connection is anonymous.
+pub fn enable_fwmark_accept() -> std::io::Result<()> {
+    std::fs::write(SYSCTL, b"1")
+}
+
+pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let accepted_at = boottime_ns();
+        let mark = match getsockopt(&stream, sockopt::Mark) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot read socket mark; dropping connection");
+                continue;
+            }
+        };
+        let conn = Conn { mark, accepted_at, peer };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(imds::answer(&app, &conn, &req).await) }
+            });
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

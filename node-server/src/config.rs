@@ -1,0 +1,195 @@
+//! The daemon's configuration file (TOML); `conf/iamlinkd.toml` documents every key.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
+use iamlink_common::MarkMask;
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddrV4,
+    #[serde(default = "default_store_dir")]
+    pub store_dir: PathBuf,
+    #[serde(default)]
+    pub mark_mask: MarkMask,
+    #[serde(default = "default_credentials_address")]
+    pub credentials_address: String,
+    #[serde(default = "yes")]
+    pub imdsv1: bool,
+    #[serde(default = "default_upstream")]
+    pub upstream: String,
+    #[serde(default = "default_proxy_allow")]
+    pub proxy_allow: Vec<String>,
+    #[serde(default)]
+    pub sts: StsConfig,
+    #[serde(default)]
+    pub roles: RolesConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsConfig {
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_duration")]
+    pub duration_seconds: u32,
+    pub external_id: Option<String>,
+    #[serde(default)]
+    pub session_tags: bool,
+    pub node_name: Option<String>,
+    /// Bound on one AssumeRole call, retries included.
+    #[serde(default = "default_sts_timeout")]
+    pub timeout_seconds: u64,
+}
+
+impl Default for StsConfig {
+    fn default() -> Self {
+        StsConfig {
+            endpoint: None,
+            region: default_region(),
+            duration_seconds: default_duration(),
+            external_id: None,
+            session_tags: false,
+            node_name: None,
+            timeout_seconds: default_sts_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    pub base_arn: Option<String>,
+    pub default: Option<String>,
+    #[serde(default)]
+    pub pod: Vec<PodRole>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodRole {
+    pub namespace: String,
+    pub name: Option<String>,
+    pub role: String,
+}
+
+fn default_store_dir() -> PathBuf {
+    PathBuf::from("/run/iamlink")
+}
+fn default_credentials_address() -> String {
+    DEFAULT_CREDENTIALS_ADDRESS.to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn default_upstream() -> String {
+    "http://169.254.169.254".into()
+}
+fn default_proxy_allow() -> Vec<String> {
+    [
+        "/latest/meta-data/placement/region",
+        "/latest/meta-data/placement/availability-zone",
+        "/latest/dynamic/instance-identity/document",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_duration() -> u32 {
+    3600
+}
+fn default_sts_timeout() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(900..=43200).contains(&self.sts.duration_seconds) {
+            return Err(format!("sts.duration_seconds {} must be 900..=43200", self.sts.duration_seconds));
+        }
+        if let Some(id) = &self.sts.external_id {
+            let ok = (2..=1224).contains(&id.len())
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c));
+            if !ok {
+                return Err("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into());
+            }
+        }
+        self.credentials_address()?;
+        for path in &self.proxy_allow {
+            if !path.starts_with('/') || path.contains("/..") || path.contains("iam/security-credentials") {
+                return Err(format!("proxy_allow path {path:?} must be absolute and may not name credentials"));
+            }
+        }
+        if self.roles.base_arn.is_none() {
+            let names_without_arn = self.roles.pod.iter().map(|p| &p.role).chain(self.roles.default.iter());
+            if let Some(r) = names_without_arn.into_iter().find(|r| !r.starts_with("arn:")) {
+                return Err(format!("role {r:?} is a name, so roles.base_arn is required"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn credentials_address(&self) -> Result<Option<Ipv4Addr>, String> {
+        match self.credentials_address.as_str() {
+            "" => Ok(None),
+            a => a.parse().map(Some).map_err(|e| format!("credentials_address {a:?}: {e}")),
+        }
+    }
+
+    /// The same rule set the plugin builds from its netconf.
+    pub fn rule_set(&self) -> RuleSet {
+        RuleSet::new(self.listen, self.mark_mask, self.credentials_address().ok().flatten())
+    }
+
+    pub fn sts_timeout(&self) -> Duration {
+        Duration::from_secs(self.sts.timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../conf/iamlinkd.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.listen.to_string(), "198.18.0.1:8181");
+        assert_eq!(c.mark_mask, MarkMask::default());
+        assert_eq!(c.roles.pod.len(), 2);
+        assert_eq!(c.rule_set().addresses.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[sts]\nduration_seconds = 60").unwrap_err();
+        assert!(e.contains("duration_seconds"), "{e}");
+        let e = Config::parse("listen = \"198.18.0.1:80\"\nbogus = 1").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[roles]\ndefault = \"r\"").unwrap_err();
+        assert!(e.contains("base_arn"), "{e}");
+        let e = Config::parse("listen = \"198.18.0.1:80\"\nproxy_allow = [\"/latest/meta-data/iam/security-credentials/x\"]")
+            .unwrap_err();
+        assert!(e.contains("proxy_allow"), "{e}");
+    }
+}

@@ -1,0 +1,298 @@
+//! Assumed-role credentials: one cache entry per distinct AssumeRole request, one STS call per
+//! entry at a time however many requests wait, refreshed ahead of expiry, and never handed out
+//! once (nearly) expired.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+
+use iamlink_common::PodRef;
+
+/// Credentials with less than this left are treated as expired: a client would fail with them.
+pub const MIN_REMAINING: Duration = Duration::from_secs(60);
+/// SDKs refresh 15 minutes before expiry; answers should carry more than that.
+const ANSWER_VALIDITY: Duration = Duration::from_secs(15 * 60);
+/// Time for a background refresh to succeed before answers drop below [`ANSWER_VALIDITY`].
+const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// Everything that goes into an AssumeRole request, and so the cache key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub role_arn: String,
+    pub session_name: String,
+    pub duration_seconds: u32,
+    pub external_id: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expiration: SystemTime,
+    pub last_updated: SystemTime,
+}
+
+impl Credentials {
+    fn remaining(&self, now: SystemTime) -> Duration {
+        self.expiration.duration_since(now).unwrap_or(Duration::ZERO)
+    }
+
+    fn usable(&self, now: SystemTime) -> bool {
+        self.remaining(now) > MIN_REMAINING
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StsError(pub String);
+
+/// The STS call, behind a trait so the cache is tested without a network.
+pub trait AssumeRole: Send + Sync + 'static {
+    fn assume_role(&self, key: &SessionKey) -> impl Future<Output = Result<Credentials, StsError>> + Send;
+}
+
+/// A session name for the pod: `namespace.name`, only STS's allowed characters, 2..=64 long;
+/// long names keep a prefix and a hash so that distinct pods stay distinct.
+pub fn session_name(pod: &PodRef) -> String {
+    let raw = format!("{}.{}", pod.namespace, pod.name);
+    let mut name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' })
+        .collect();
+    if name.len() > 64 {
+        let hash = hex::encode(&Sha256::digest(raw.as_bytes())[..4]);
+        name.truncate(55);
+        name.push('-');
+        name.push_str(&hash);
+    }
+    while name.len() < 2 {
+        name.push('-');
+    }
+    name
+}
+
+struct Entry {
+    current: Mutex<Option<Credentials>>,
+    /// Held by the one task talking to STS for this key.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    fn current(&self) -> Option<Credentials> {
+        self.current.lock().map(|c| c.clone()).unwrap_or(None)
+    }
+
+    fn set(&self, creds: Credentials) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(creds);
+        }
+    }
+}
+
+pub struct Cache<S> {
+    sts: S,
+    entries: Mutex<HashMap<SessionKey, Arc<Entry>>>,
+    refresh_before: Duration,
+    now: fn() -> SystemTime,
+}
+
+impl<S: AssumeRole> Cache<S> {
+    /// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at
+    /// least [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more).
+    pub fn new(sts: S, duration_seconds: u32) -> Self {
+        Self::with_clock(sts, duration_seconds, SystemTime::now)
+    }
+
+    pub fn with_clock(sts: S, duration_seconds: u32, now: fn() -> SystemTime) -> Self {
+        let refresh_before = (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(duration_seconds as u64 / 2));
+        Cache { sts, entries: Mutex::new(HashMap::new()), refresh_before, now }
+    }
+
+    fn entry(&self, key: &SessionKey) -> Arc<Entry> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Entry { current: Mutex::new(None), fetching: tokio::sync::Mutex::new(()) }))
+            .clone()
+    }
+
+    /// Credentials for `key`: cached when fresh, else from STS (one call at a time per key).
+    /// When STS fails, still-valid cached credentials are served; expired ones never.
+    /// The bool says whether the answer is due for a background refresh.
+    pub async fn get(&self, key: &SessionKey) -> Result<(Credentials, bool), StsError> {
+        let entry = self.entry(key);
+        let now = (self.now)();
+        if let Some(c) = entry.current() {
+            if c.usable(now) {
+                return Ok((c.clone(), c.remaining(now) < self.refresh_before));
+            }
+        }
+        let _fetching = entry.fetching.lock().await;
+        // Whoever held the lock before us may have fetched already.
+        if let Some(c) = entry.current().filter(|c| c.usable((self.now)())) {
+            return Ok((c, false));
+        }
+        match self.sts.assume_role(key).await {
+            Ok(c) => {
+                entry.set(c.clone());
+                Ok((c, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches new credentials for `key` unless fresh ones are cached or a fetch is under way.
+    /// On failure the cached credentials stay (they are served until they expire).
+    pub async fn refresh(&self, key: &SessionKey) -> Result<(), StsError> {
+        let entry = self.entry(key);
+        let Ok(_fetching) = entry.fetching.try_lock() else {
+            return Ok(());
+        };
+        if let Some(c) = entry.current() {
+            if c.remaining((self.now)()) >= self.refresh_before {
+                return Ok(());
+            }
+        }
+        match self.sts.assume_role(key).await {
+            Ok(c) => {
+                debug!(role = %key.role_arn, session = %key.session_name, "credentials refreshed");
+                entry.set(c);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(role = %key.role_arn, session = %key.session_name, error = %e, "refresh failed; serving cached credentials until they expire");
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops entries no live pod uses any more, so gone pods' roles are not renewed forever.
+    pub fn retain(&self, live: &HashSet<SessionKey>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|k, _| live.contains(k));
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    static CLOCK: AtomicU64 = AtomicU64::new(1_000_000);
+
+    fn fake_now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(CLOCK.load(Ordering::SeqCst))
+    }
+
+    /// Counts calls; fails while `down` is set; answers after a short await so callers overlap.
+    #[derive(Default)]
+    struct FakeSts {
+        calls: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl AssumeRole for Arc<FakeSts> {
+        async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StsError("sts down".into()));
+            }
+            Ok(Credentials {
+                access_key_id: format!("ASIA{n}"),
+                secret_access_key: "s".into(),
+                session_token: key.role_arn.clone(),
+                expiration: fake_now() + Duration::from_secs(key.duration_seconds as u64),
+                last_updated: fake_now(),
+            })
+        }
+    }
+
+    fn key(role: &str) -> SessionKey {
+        SessionKey {
+            role_arn: role.into(),
+            session_name: "ns.pod".into(),
+            duration_seconds: 3600,
+            external_id: None,
+            tags: vec![],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_cold_requests_make_one_sts_call() {
+        let sts = Arc::new(FakeSts::default());
+        let cache = Arc::new(Cache::with_clock(sts.clone(), 3600, fake_now));
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key("r")).await.map(|(c, _)| c.access_key_id) })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "ASIA0");
+        }
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn sts_outage_serves_cached_until_expiry_and_never_after() {
+        let sts = Arc::new(FakeSts::default());
+        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        CLOCK.store(2_000_000, Ordering::SeqCst);
+        let (first, _) = cache.get(&key("outage")).await.unwrap();
+        sts.down.store(true, Ordering::SeqCst);
+
+        // 50 minutes on: due for refresh, refresh fails, the cached answer is still served.
+        CLOCK.store(2_000_000 + 50 * 60, Ordering::SeqCst);
+        let (c, due) = cache.get(&key("outage")).await.unwrap();
+        assert_eq!(c, first);
+        assert!(due);
+        assert!(cache.refresh(&key("outage")).await.is_err());
+        assert_eq!(cache.get(&key("outage")).await.unwrap().0, first);
+
+        // Within a minute of expiry: never handed out.
+        CLOCK.store(2_000_000 + 3600 - 30, Ordering::SeqCst);
+        assert!(cache.get(&key("outage")).await.is_err());
+
+        // STS back: fresh credentials.
+        sts.down.store(false, Ordering::SeqCst);
+        let (fresh, _) = cache.get(&key("outage")).await.unwrap();
+        assert_ne!(fresh.access_key_id, first.access_key_id);
+        CLOCK.store(1_000_000, Ordering::SeqCst);
+    }
+
+    #[tokio::test]
+    async fn refresh_skips_fresh_entries_and_retain_evicts_gone_pods() {
+        let sts = Arc::new(FakeSts::default());
+        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        cache.get(&key("keep")).await.unwrap();
+        cache.get(&key("gone")).await.unwrap();
+        cache.refresh(&key("keep")).await.unwrap();
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 2, "fresh entries are not refreshed");
+        cache.retain(&HashSet::from([key("keep")]));
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn session_names_are_valid_for_sts_and_distinct() {
+        let pod = |ns: &str, n: &str| PodRef { namespace: ns.into(), name: n.into(), uid: String::new() };
+        assert_eq!(session_name(&pod("team-a", "web-0")), "team-a.web-0");
+        let long_a = session_name(&pod(&"n".repeat(40), &format!("{}a", "p".repeat(40))));
+        let long_b = session_name(&pod(&"n".repeat(40), &format!("{}b", "p".repeat(40))));
+        assert_eq!(long_a.len(), 64);
+        assert_ne!(long_a, long_b);
+        let odd = session_name(&pod("a", "b c/d"));
+        assert!(odd.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)), "{odd}");
+    }
+}

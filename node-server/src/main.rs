@@ -1,0 +1,134 @@
+//! `iamlinkd`: answers pods' instance-metadata credential requests with their own role,
+//! identifying each pod by the interface its connection came in on.
+//!
+//! The request path, one module per step: accept (socket mark) → identify (slot → pod record)
+//! → imds (token, routing) → credentials (cache → STS) → render.
+
+mod accept;
+mod app;
+mod config;
+mod credentials;
+mod identify;
+mod imds;
+mod proxy;
+mod roles;
+mod sts;
+mod tokens;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use iamlink_common::Store;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use app::App;
+use config::Config;
+
+const CONFIG_HELP: &str = "\
+Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
+  listen              ip:port iamlinkd accepts intercepted traffic on (required; = the plugin's daemonAddress)
+  store_dir           pod records written by the CNI plugin (default /run/iamlink)
+  mark_mask           packet-mark bits for pod identity (default 0x307f; = the plugin's markMask)
+  credentials_address second intercepted address (default 169.254.170.23; \"\" disables)
+  imdsv1              answer GETs without an IMDSv2 token (default true)
+  upstream            the real metadata service (default http://169.254.169.254)
+  proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
+  [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
+  [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}";
+
+#[derive(Parser)]
+#[command(name = "iamlinkd", version, about = "iamlink node daemon: each pod gets its own IAM role's credentials", after_help = CONFIG_HELP)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, env = "IAMLINKD_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Only check the configuration file, then exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "invalid configuration");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("{}: ok", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "iamlinkd stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    accept::enable_fwmark_accept()
+        .map_err(|e| format!("cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace): {e}"))?;
+    let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
+    let rules = config.rule_set();
+    let records = {
+        let lock = store.lock().map_err(|e| e.to_string())?;
+        rules.install(&lock).map_err(|e| e.to_string())?;
+        let (records, bad) = store.list().map_err(|e| e.to_string())?;
+        for e in bad {
+            warn!(error = %e, "skipping unreadable pod record");
+        }
+        rules.reconcile(&lock, &records).map_err(|e| e.to_string())?;
+        records.len()
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
+    let tokens = tokens::Tokens::new().map_err(|e| format!("no randomness for token keys: {e}"))?;
+    let node_name = config
+        .sts
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    info!(listen = %config.listen, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
+    let app = Arc::new(App::new(config, store, sts, tokens, node_name));
+    tokio::spawn(watch::run(app.clone()));
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = accept::serve(app, listener) => Ok(()),
+        _ = term.recv() => { info!("SIGTERM: stopping; pods stay intercepted"); Ok(()) }
+        _ = int.recv() => { info!("SIGINT: stopping; pods stay intercepted"); Ok(()) }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IAMLINKD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

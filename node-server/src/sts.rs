@@ -1,0 +1,61 @@
+//! AssumeRole through `aws-sdk-sts`, with the daemon's own credentials from the default chain.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::types::Tag;
+
+use crate::config::StsConfig;
+use crate::credentials::{AssumeRole, Credentials, SessionKey, StsError};
+
+pub struct Sts {
+    client: aws_sdk_sts::Client,
+}
+
+impl Sts {
+    pub async fn new(config: &StsConfig, timeout: Duration) -> Self {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new(config.region.clone()))
+            .timeout_config(TimeoutConfig::builder().operation_timeout(timeout).build())
+            .load()
+            .await;
+        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()) }
+    }
+}
+
+impl AssumeRole for Sts {
+    async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+        let tags = key
+            .tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StsError(format!("session tag: {e}")))?;
+        let out = self
+            .client
+            .assume_role()
+            .role_arn(&key.role_arn)
+            .role_session_name(&key.session_name)
+            .duration_seconds(key.duration_seconds as i32)
+            .set_external_id(key.external_id.clone())
+            .set_tags((!tags.is_empty()).then_some(tags))
+            .send()
+            .await
+            .map_err(|e| StsError(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e))))?;
+        let c = out.credentials.ok_or_else(|| StsError("AssumeRole answer has no credentials".into()))?;
+        let expiration = SystemTime::try_from(c.expiration)
+            .map_err(|e| StsError(format!("AssumeRole expiration: {e}")))?;
+        Ok(Credentials {
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            session_token: c.session_token,
+            expiration,
+            last_updated: SystemTime::now(),
+        })
+    }
+}

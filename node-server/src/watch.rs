@@ -1,0 +1,119 @@
+//! The daemon's view of the node: it follows the store (inotify, with a periodic rescan as a
+//! safety net), prefetches credentials the moment a pod record appears, refreshes the
+//! credentials of live pods ahead of expiry and forgets those of pods that are gone.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use iamlink_common::PodRecord;
+
+use crate::app::App;
+use crate::credentials::AssumeRole;
+
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+/// Wakes the view whenever a record file appears or goes. A blocking reader thread keeps the
+/// code free of raw-fd registration; `Notify` coalesces bursts into one rescan.
+fn watch_records(dir: &Path) -> Option<Arc<Notify>> {
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
+    let flags = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_CLOSE_WRITE;
+    inotify.add_watch(dir, flags).ok()?;
+    let notify = Arc::new(Notify::new());
+    let waker = notify.clone();
+    std::thread::Builder::new()
+        .name("store-watch".into())
+        .spawn(move || {
+            while inotify.read_events().is_ok() {
+                waker.notify_one();
+            }
+        })
+        .ok()?;
+    Some(notify)
+}
+
+pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
+    let dir = app.store.dir().join("records");
+    let watch = watch_records(&dir);
+    if watch.is_none() {
+        warn!(dir = %dir.display(), "inotify unavailable; new pods are seen by the 1 s rescan only");
+    }
+    let mut known: HashMap<String, u64> = HashMap::new();
+    let mut reported_bad: HashSet<String> = HashSet::new();
+    let mut last_refresh = Instant::now();
+    let mut tick = tokio::time::interval(RESCAN_EVERY);
+    loop {
+        match &watch {
+            Some(w) => tokio::select! {
+                _ = w.notified() => {}
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+        let records = scan(&app, &mut reported_bad);
+        for r in &records {
+            if known.get(&r.key()) != Some(&r.created_boottime_ns) {
+                info!(pod = %r.pod, uid = %r.pod.uid, interface = %r.host_interface.name, slot = r.slot, "pod seen");
+                prefetch(&app, r);
+            }
+        }
+        known = records.iter().map(|r| (r.key(), r.created_boottime_ns)).collect();
+        if last_refresh.elapsed() >= REFRESH_EVERY {
+            last_refresh = Instant::now();
+            refresh(&app, &records);
+        }
+    }
+}
+
+fn scan<S: AssumeRole>(app: &App<S>, reported_bad: &mut HashSet<String>) -> Vec<PodRecord> {
+    match app.store.list() {
+        Ok((records, bad)) => {
+            for e in bad {
+                if reported_bad.insert(e.to_string()) {
+                    warn!(error = %e, "skipping unreadable pod record; that pod gets no credentials");
+                }
+            }
+            records
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the pod store");
+            vec![]
+        }
+    }
+}
+
+/// Starts the STS call for a new pod so that its first request finds credentials cached.
+fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
+    let Some(role) = app.role_of(record) else { return };
+    let key = app.session_key(record, &role);
+    let app = app.clone();
+    let pod = record.pod.clone();
+    tokio::spawn(async move {
+        if let Err(e) = app.cache.get(&key).await {
+            warn!(pod = %pod, role = %key.role_arn, error = %e, "prefetch failed; will retry on request and refresh");
+        }
+    });
+}
+
+/// Refreshes live pods' credentials that near expiry and drops everything else.
+fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
+    let live: HashSet<_> = records
+        .iter()
+        .filter_map(|r| app.role_of(r).map(|role| app.session_key(r, &role)))
+        .collect();
+    app.cache.retain(&live);
+    for key in live {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ = app.cache.refresh(&key).await;
+        });
+    }
+}
