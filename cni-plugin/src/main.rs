@@ -277,7 +277,10 @@ async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
 
 /// Removes this network's attachments that the runtime no longer lists (CNI 1.1 GC).
 fn cmd_gc(conf: &NetConf) -> Result<()> {
-    let valid = conf.valid_attachments.as_deref().unwrap_or_default();
+    // Without the list every attachment would look stale: refuse rather than wipe the node.
+    let valid = conf.valid_attachments.as_deref().ok_or_else(|| {
+        CniError::new(Code::InvalidNetConf, "GC needs cni.dev/valid-attachments in the network configuration")
+    })?;
     let store = Store::open(conf.store_dir())?;
     let lock = store.lock()?;
     let (records, bad) = store.list()?;
