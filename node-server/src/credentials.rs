@@ -179,7 +179,7 @@ impl<S: AssumeRole> Cache<S> {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn entry_count(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
     }
 }
@@ -281,7 +281,7 @@ mod tests {
         cache.refresh(&key("keep")).await.unwrap();
         assert_eq!(sts.calls.load(Ordering::SeqCst), 2, "fresh entries are not refreshed");
         cache.retain(&HashSet::from([key("keep")]));
-        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.entry_count(), 1);
     }
 
     #[test]

@@ -4,17 +4,6 @@
 //! The request path, one module per step: accept (socket mark) → identify (slot → pod record)
 //! → imds (token, routing) → credentials (cache → STS) → render.
 
-mod accept;
-mod app;
-mod config;
-mod credentials;
-mod identify;
-mod imds;
-mod proxy;
-mod roles;
-mod sts;
-mod tokens;
-mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,8 +15,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use app::App;
-use config::Config;
+use iamlinkd::app::App;
+use iamlinkd::config::{self, Config};
+use iamlinkd::{accept, sts, tokens, watch};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):

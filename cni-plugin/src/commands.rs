@@ -1,0 +1,237 @@
+//! The plugin's commands, each read top to bottom: parse, validate, act, answer.
+
+use std::net::Ipv4Addr;
+
+use iamlink_common::intercept::{self, RuleSet};
+use iamlink_common::record::{boottime_ns, now_rfc3339};
+use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
+use tracing::{info, warn};
+
+use crate::error::{CniError, Code, Result};
+use crate::netconf::{Env, NetConf, PrevResult};
+use crate::podnet::{LinkFacts, Netlink};
+
+pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
+    env.require(true)?;
+    let prev_raw = conf.require_prev_result()?;
+    let prev = PrevResult::parse(prev_raw)?;
+    let rules = conf.rule_set()?;
+    let pod = env.pod()?;
+    let store = Store::open(conf.store_dir())?;
+    let lock = store.lock()?;
+    rules.ensure(&lock)?;
+
+    let pod_net = Netlink::in_netns(&env.netns)?;
+    let node_net = Netlink::here()?;
+    let container = pod_net.link_by_name(&env.ifname).await?.map(|m| LinkFacts::from(&m)).ok_or_else(|| {
+        CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))
+    })?;
+    let host = find_host_interface(&node_net, &container, &prev).await?;
+
+    // A repeated ADD for the same attachment keeps its slot; a new one takes the lowest free one.
+    let slot = match store.get(&env.container_id, &env.ifname)? {
+        Some(old) => old.slot,
+        None => store.free_slot(&lock, rules.mask.max_slot())?,
+    };
+    let record = PodRecord {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        network: conf.name.clone(),
+        slot,
+        host_interface: host,
+        netns: env.netns.clone(),
+        pod,
+        ips: prev.addresses(),
+        created: now_rfc3339(),
+        created_boottime_ns: boottime_ns(),
+    };
+    store.insert(&lock, &record)?;
+    let routed = async {
+        rules.add_pod(&lock, &record.host_interface.name, slot)?;
+        ensure_pod_routes(&pod_net, &rules, container.index, prev.gateway_v4(&env.ifname)).await
+    }
+    .await;
+    let added = match routed {
+        Ok(added) => added,
+        Err(e) => {
+            undo(&store, &lock, &record);
+            return Err(e);
+        }
+    };
+    info!(container = %record.container_id, pod = %record.pod, uid = %record.pod.uid,
+          host_interface = %record.host_interface.name, slot, routes_added = ?added, "pod recorded and intercepted");
+    Ok(prev_raw.get().to_string())
+}
+
+/// Best-effort rollback of a failed ADD, so that nothing is left behind.
+fn undo(store: &Store, lock: &StoreLock, record: &PodRecord) {
+    if let Err(e) = intercept::remove_pod(lock, &record.host_interface.name, record.slot) {
+        warn!(container = %record.container_id, error = %e, "rollback: cannot remove interception entry");
+    }
+    if let Err(e) = store.remove(lock, &record.container_id, &record.ifname) {
+        warn!(container = %record.container_id, error = %e, "rollback: cannot remove record");
+    }
+}
+
+/// The pod interface's veth peer in the node namespace, the way the reference `bandwidth`
+/// plugin finds it; the host interface named in prevResult only when that is impossible.
+async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevResult) -> Result<HostInterface> {
+    if let (true, Some(peer)) = (container.is_veth, container.peer_index) {
+        if let Some(host) = node.link_by_index(peer).await?.map(|m| LinkFacts::from(&m)) {
+            if host.is_veth && host.peer_index == Some(container.index) {
+                return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PeerIfindex });
+            }
+        }
+    }
+    for name in prev.host_interfaces() {
+        if let Some(host) = node.link_by_name(name).await?.map(|m| LinkFacts::from(&m)) {
+            warn!(interface = %container.name, host_interface = %host.name,
+                  "pod interface has no veth peer in this namespace; using the host interface from prevResult");
+            return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PrevResult });
+        }
+    }
+    Err(CniError::new(
+        Code::HostInterface,
+        format!("cannot find the host side of pod interface {}", container.name),
+    )
+    .with_details("it is not a veth whose peer is in the node namespace, and prevResult names no host interface here"))
+}
+
+/// Routes each intercepted address to the node unless the pod's routes already do;
+/// returns the routes added.
+async fn ensure_pod_routes(pod: &Netlink, rules: &RuleSet, oif: u32, gateway: Option<Ipv4Addr>) -> Result<Vec<Ipv4Addr>> {
+    let mut added = vec![];
+    for &dst in &rules.addresses {
+        if pod.route_oif(dst).await? == Some(oif) {
+            continue;
+        }
+        let Some(gw) = gateway else {
+            for &d in &added {
+                let _ = pod.del_host_route(d, oif).await;
+            }
+            return Err(CniError::new(
+                Code::PodRoutes,
+                format!("the pod has no route to {dst} via its interface and prevResult has no IPv4 gateway"),
+            ));
+        };
+        if let Err(e) = pod.add_host_route(dst, gw, oif).await {
+            for &d in &added {
+                let _ = pod.del_host_route(d, oif).await;
+            }
+            return Err(e);
+        }
+        added.push(dst);
+    }
+    Ok(added)
+}
+
+/// Removes exactly this attachment's record and interception entry; anything already gone is fine.
+pub fn cmd_del(conf: &NetConf, env: &Env) -> Result<()> {
+    env.require(false)?;
+    let store = Store::open(conf.store_dir())?;
+    let lock = store.lock()?;
+    remove_attachment(&store, &lock, &env.container_id, &env.ifname)
+}
+
+fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname: &str) -> Result<()> {
+    let record = match store.get(container_id, ifname) {
+        Ok(r) => r,
+        Err(StoreError::Corrupt { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(r) = &record {
+        intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+    }
+    store.remove(lock, container_id, ifname)?;
+    if let Some(r) = record {
+        info!(container = %container_id, pod = %r.pod, host_interface = %r.host_interface.name, slot = r.slot, "pod removed");
+    }
+    Ok(())
+}
+
+/// Verifies the record, its interception entry and the pod's routes; names everything missing.
+pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
+    if !conf.version_at_least(0, 4) {
+        return Err(CniError::new(Code::IncompatibleVersion, "CHECK needs cniVersion 0.4.0 or later"));
+    }
+    env.require(true)?;
+    conf.require_prev_result()?;
+    let rules = conf.rule_set()?;
+    let store = Store::open(conf.store_dir())?;
+    let Some(record) = store.get(&env.container_id, &env.ifname)? else {
+        return Err(CniError::new(
+            Code::CheckFailed,
+            format!("no iamlink record for container {} interface {}", env.container_id, env.ifname),
+        ));
+    };
+    let mut problems = vec![];
+    match store.by_slot(record.slot)? {
+        Some(r) if r == record => {}
+        _ => problems.push(format!("slot {} does not link to this record", record.slot)),
+    }
+    match intercept::pod_entry(&record.host_interface.name)? {
+        Some(s) if s == record.slot => {}
+        Some(s) => problems.push(format!(
+            "interception entry for {} points at slot {s}, not {}",
+            record.host_interface.name, record.slot
+        )),
+        None => problems.push(format!("no interception entry for {}", record.host_interface.name)),
+    }
+    let node = Netlink::here()?;
+    if node.link_by_index(record.host_interface.index).await?.map(|m| LinkFacts::from(&m).name)
+        != Some(record.host_interface.name.clone())
+    {
+        problems.push(format!(
+            "host interface {} (index {}) no longer exists",
+            record.host_interface.name, record.host_interface.index
+        ));
+    }
+    let pod = Netlink::in_netns(&env.netns)?;
+    match pod.link_by_name(&env.ifname).await? {
+        None => problems.push(format!("no interface {} in the pod", env.ifname)),
+        Some(link) => {
+            for &dst in &rules.addresses {
+                if pod.route_oif(dst).await? != Some(link.header.index) {
+                    problems.push(format!("the pod has no route to {dst} via {}", env.ifname));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(Code::CheckFailed, format!("iamlink check failed for pod {}", record.pod))
+            .with_details(problems.join("; ")))
+    }
+}
+
+/// Removes this network's attachments that the runtime no longer lists (CNI 1.1 GC).
+pub fn cmd_gc(conf: &NetConf) -> Result<()> {
+    // Without the list every attachment would look stale: refuse rather than wipe the node.
+    let valid = conf.valid_attachments.as_deref().ok_or_else(|| {
+        CniError::new(Code::InvalidNetConf, "GC needs cni.dev/valid-attachments in the network configuration")
+    })?;
+    let store = Store::open(conf.store_dir())?;
+    let lock = store.lock()?;
+    let (records, bad) = store.list()?;
+    for e in bad {
+        warn!(error = %e, "gc: skipping unreadable record");
+    }
+    for r in records.iter().filter(|r| r.network == conf.name) {
+        let listed = valid.iter().any(|a| a.container_id == r.container_id && a.ifname == r.ifname);
+        if !listed {
+            info!(container = %r.container_id, pod = %r.pod, "gc: attachment no longer valid");
+            remove_attachment(&store, &lock, &r.container_id, &r.ifname)?;
+        }
+    }
+    Ok(())
+}
+
+/// Ready when the store is writable and nft works (CNI 1.1 STATUS).
+pub fn cmd_status(conf: &NetConf) -> Result<()> {
+    let not_ready = |e: &dyn std::fmt::Display| CniError::new(Code::NotAvailable, "iamlink is not ready").with_details(e.to_string());
+    let store = Store::open(conf.store_dir()).map_err(|e| not_ready(&e))?;
+    drop(store.lock().map_err(|e| not_ready(&e))?);
+    intercept::pod_entries().map_err(|e| not_ready(&e))?;
+    Ok(())
+}

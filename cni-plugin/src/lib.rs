@@ -1,0 +1,7 @@
+//! The `iamlink` CNI plugin as a library: input parsing, commands and netlink work, so that
+//! tests, fuzzers and benchmarks drive the same code as the binary.
+
+pub mod commands;
+pub mod error;
+pub mod netconf;
+pub mod podnet;
