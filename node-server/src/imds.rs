@@ -63,92 +63,131 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
             };
         }
     };
-    let (status, outcome, reply) = route(app, &record, &method, &path, req.headers()).await;
-    let log_line = |level_warn: bool| {
-        let role = app.role_of(&record).map(|r| r.arn).unwrap_or_default();
-        if level_warn {
-            warn!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
-                  %method, %path, %role, status = status.as_u16(), outcome, "answer");
-        } else {
-            info!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
-                  %method, %path, %role, status = status.as_u16(), outcome, "answer");
-        }
+    let role = app.role_of(&record);
+    let binding = token_binding(&record);
+    let now = unix_now();
+    let decision = {
+        let verify_token = |token: &str| app.tokens.verify(token, &binding, now);
+        let facts = Facts {
+            imdsv1: app.config.imdsv1,
+            proxy_allow: &app.config.proxy_allow,
+            role: role.clone(),
+            verify_token: &verify_token,
+        };
+        decide(&method, &path, req.headers(), &facts)
     };
-    log_line(status.is_server_error());
+    let (status, outcome, reply) = execute(app, &record, decision, &binding, now, &path).await;
+    let role = role.map(|r| r.arn).unwrap_or_default();
+    if status.is_server_error() {
+        warn!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
+              %method, %path, %role, status = status.as_u16(), outcome, "answer");
+    } else {
+        info!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
+              %method, %path, %role, status = status.as_u16(), outcome, "answer");
+    }
     reply
 }
 
-async fn route<S: AssumeRole>(
-    app: &Arc<App<S>>,
-    record: &PodRecord,
-    method: &Method,
-    path: &str,
-    headers: &HeaderMap,
-) -> (StatusCode, &'static str, Answer) {
-    let reply = |status: StatusCode, outcome: &'static str, body: String| (status, outcome, text(status, body));
+/// What iamlinkd needs to know about the pod to decide on a request.
+pub struct Facts<'a> {
+    pub imdsv1: bool,
+    pub proxy_allow: &'a [String],
+    pub role: Option<Role>,
+    /// Checks a token against the pod the connection belongs to.
+    pub verify_token: &'a dyn Fn(&str) -> Result<(), TokenError>,
+}
 
+/// What a request gets, decided from the request and the pod's facts alone (no I/O), so that
+/// every path through it is cheap to test and fuzz.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Token { ttl: u32 },
+    RoleName(Role),
+    Credentials(Role),
+    Info(Role),
+    Proxy,
+    Refuse { status: StatusCode, outcome: &'static str, reason: &'static str },
+}
+
+fn refuse(status: StatusCode, outcome: &'static str, reason: &'static str) -> Decision {
+    Decision::Refuse { status, outcome, reason }
+}
+
+pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -> Decision {
     if method == Method::PUT {
         if path != TOKEN_PATH {
-            return reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "iamlink: PUT only for the token\n".into());
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "PUT only for the token");
         }
         // The real service refuses proxied token requests, so a node proxy cannot fetch tokens for others.
         if headers.contains_key("x-forwarded-for") {
-            return reply(StatusCode::FORBIDDEN, "forwarded token request", "iamlink: token requests may not be forwarded\n".into());
+            return refuse(StatusCode::FORBIDDEN, "forwarded token request", "token requests may not be forwarded");
         }
-        let ttl = headers.get(TTL_HEADER).and_then(|v| v.to_str().ok());
-        let Some(ttl) = parse_ttl(ttl) else {
-            return reply(StatusCode::BAD_REQUEST, "bad token ttl", format!("iamlink: {TTL_HEADER} must be 1-21600\n"));
+        return match parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok())) {
+            Some(ttl) => Decision::Token { ttl },
+            None => refuse(StatusCode::BAD_REQUEST, "bad token ttl", "x-aws-ec2-metadata-token-ttl-seconds must be 1-21600"),
         };
-        let token = app.tokens.issue(&token_binding(record), ttl, unix_now());
-        let mut r = text(StatusCode::OK, token);
-        r.headers_mut().insert(TTL_HEADER, ttl.into());
-        return (StatusCode::OK, "token issued", r);
     }
     if method != Method::GET && method != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "iamlink: method not allowed\n".into());
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
-
     match headers.get(TOKEN_HEADER).map(|v| v.to_str().unwrap_or("")) {
-        Some(token) => match app.tokens.verify(token, &token_binding(record), unix_now()) {
+        Some(token) => match (facts.verify_token)(token) {
             Ok(()) => {}
-            Err(TokenError::Expired) => return reply(StatusCode::UNAUTHORIZED, "token expired", "iamlink: token expired\n".into()),
-            Err(TokenError::Invalid) => return reply(StatusCode::UNAUTHORIZED, "token invalid", "iamlink: token invalid for this pod\n".into()),
+            Err(TokenError::Expired) => return refuse(StatusCode::UNAUTHORIZED, "token expired", "token expired"),
+            Err(TokenError::Invalid) => return refuse(StatusCode::UNAUTHORIZED, "token invalid", "token invalid for this pod"),
         },
-        None if !app.config.imdsv1 => {
-            return reply(StatusCode::UNAUTHORIZED, "token required", "iamlink: IMDSv2 token required\n".into())
-        }
+        None if !facts.imdsv1 => return refuse(StatusCode::UNAUTHORIZED, "token required", "IMDSv2 token required"),
         None => {}
     }
 
-    let role = app.role_of(record);
-    if path == CREDENTIALS_PATH || path == format!("{CREDENTIALS_PATH}/") {
-        return match role {
-            Some(role) => reply(StatusCode::OK, "role listed", role.name().to_string()),
-            None => reply(StatusCode::NOT_FOUND, "no role", "iamlink: this pod has no role\n".into()),
-        };
+    let role = facts.role.clone();
+    let no_role = || refuse(StatusCode::NOT_FOUND, "no role", "this pod has no role");
+    if path == CREDENTIALS_PATH || path.strip_prefix(CREDENTIALS_PATH) == Some("/") {
+        return role.map(Decision::RoleName).unwrap_or_else(no_role);
     }
-    if let Some(name) = path.strip_prefix(&format!("{CREDENTIALS_PATH}/")) {
-        let Some(role) = role.filter(|r| r.name() == name) else {
-            return reply(StatusCode::NOT_FOUND, "no such role", "iamlink: not this pod's role\n".into());
+    if let Some(name) = path.strip_prefix(CREDENTIALS_PATH).and_then(|p| p.strip_prefix('/')) {
+        return match role.filter(|r| r.name() == name) {
+            Some(role) => Decision::Credentials(role),
+            None => refuse(StatusCode::NOT_FOUND, "no such role", "not this pod's role"),
         };
-        return credentials(app, record, &role).await;
     }
     if path == INFO_PATH {
-        let Some(role) = role else {
-            return reply(StatusCode::NOT_FOUND, "no role", "iamlink: this pod has no role\n".into());
-        };
-        return reply(StatusCode::OK, "info", render_info(&role));
+        return role.map(Decision::Info).unwrap_or_else(no_role);
     }
-    if app.config.proxy_allow.iter().any(|p| p == path) {
-        return match app.upstream.get(path).await {
+    if facts.proxy_allow.iter().any(|p| p == path) {
+        return Decision::Proxy;
+    }
+    refuse(StatusCode::NOT_FOUND, "not served", "not served to pods")
+}
+
+async fn execute<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: &PodRecord,
+    decision: Decision,
+    binding: &str,
+    now: u64,
+    path: &str,
+) -> (StatusCode, &'static str, Answer) {
+    let ok = |outcome: &'static str, body: String| (StatusCode::OK, outcome, text(StatusCode::OK, body));
+    match decision {
+        Decision::Refuse { status, outcome, reason } => (status, outcome, text(status, format!("iamlink: {reason}\n"))),
+        Decision::Token { ttl } => {
+            let mut r = text(StatusCode::OK, app.tokens.issue(binding, ttl, now));
+            r.headers_mut().insert(TTL_HEADER, ttl.into());
+            (StatusCode::OK, "token issued", r)
+        }
+        Decision::RoleName(role) => ok("role listed", role.name().to_string()),
+        Decision::Info(role) => ok("info", render_info(&role)),
+        Decision::Credentials(role) => credentials(app, record, &role).await,
+        Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
             Err(e) => {
                 warn!(pod = %record.pod, %path, error = %e, "upstream metadata service failed");
-                reply(StatusCode::BAD_GATEWAY, "upstream error", "iamlink: upstream metadata service unavailable\n".into())
+                let status = StatusCode::BAD_GATEWAY;
+                (status, "upstream error", text(status, "iamlink: upstream metadata service unavailable\n"))
             }
-        };
+        },
     }
-    reply(StatusCode::NOT_FOUND, "not served", "iamlink: not served to pods\n".into())
 }
 
 async fn credentials<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, role: &Role) -> (StatusCode, &'static str, Answer) {
