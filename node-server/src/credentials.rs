@@ -189,10 +189,16 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-    static CLOCK: AtomicU64 = AtomicU64::new(1_000_000);
-
+    /// A fixed clock for tests that do not move time.
     fn fake_now() -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(CLOCK.load(Ordering::SeqCst))
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)
+    }
+
+    /// The clock the outage test moves; no other test reads it.
+    static OUTAGE_CLOCK: AtomicU64 = AtomicU64::new(2_000_000);
+
+    fn outage_now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(OUTAGE_CLOCK.load(Ordering::SeqCst))
     }
 
     /// Counts calls; fails while `down` is set; answers after a short await so callers overlap.
@@ -209,12 +215,13 @@ mod tests {
             if self.down.load(Ordering::SeqCst) {
                 return Err(StsError("sts down".into()));
             }
+            let now = if key.role_arn == "outage" { outage_now() } else { fake_now() };
             Ok(Credentials {
                 access_key_id: format!("ASIA{n}"),
                 secret_access_key: "s".into(),
                 session_token: key.role_arn.clone(),
-                expiration: fake_now() + Duration::from_secs(key.duration_seconds as u64),
-                last_updated: fake_now(),
+                expiration: now + Duration::from_secs(key.duration_seconds as u64),
+                last_updated: now,
             })
         }
     }
@@ -248,13 +255,12 @@ mod tests {
     #[tokio::test]
     async fn sts_outage_serves_cached_until_expiry_and_never_after() {
         let sts = Arc::new(FakeSts::default());
-        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
-        CLOCK.store(2_000_000, Ordering::SeqCst);
+        let cache = Cache::with_clock(sts.clone(), 3600, outage_now);
         let (first, _) = cache.get(&key("outage")).await.unwrap();
         sts.down.store(true, Ordering::SeqCst);
 
         // 50 minutes on: due for refresh, refresh fails, the cached answer is still served.
-        CLOCK.store(2_000_000 + 50 * 60, Ordering::SeqCst);
+        OUTAGE_CLOCK.store(2_000_000 + 50 * 60, Ordering::SeqCst);
         let (c, due) = cache.get(&key("outage")).await.unwrap();
         assert_eq!(c, first);
         assert!(due);
@@ -262,14 +268,13 @@ mod tests {
         assert_eq!(cache.get(&key("outage")).await.unwrap().0, first);
 
         // Within a minute of expiry: never handed out.
-        CLOCK.store(2_000_000 + 3600 - 30, Ordering::SeqCst);
+        OUTAGE_CLOCK.store(2_000_000 + 3600 - 30, Ordering::SeqCst);
         assert!(cache.get(&key("outage")).await.is_err());
 
         // STS back: fresh credentials.
         sts.down.store(false, Ordering::SeqCst);
         let (fresh, _) = cache.get(&key("outage")).await.unwrap();
         assert_ne!(fresh.access_key_id, first.access_key_id);
-        CLOCK.store(1_000_000, Ordering::SeqCst);
     }
 
     #[tokio::test]

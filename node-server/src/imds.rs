@@ -26,6 +26,9 @@ pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";
 const INFO_PATH: &str = "/latest/meta-data/iam/info";
+/// What SDKs call with `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials`
+/// (EKS Pod Identity's address and path); identity still comes from the interface.
+pub const CONTAINER_CREDENTIALS_PATH: &str = "/v1/credentials";
 
 pub type Answer = Response<Full<Bytes>>;
 
@@ -104,6 +107,7 @@ pub enum Decision {
     Token { ttl: u32 },
     RoleName(Role),
     Credentials(Role),
+    ContainerCredentials(Role),
     Info(Role),
     Proxy,
     Refuse { status: StatusCode, outcome: &'static str, reason: &'static str },
@@ -154,6 +158,9 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if path == INFO_PATH {
         return role.map(Decision::Info).unwrap_or_else(no_role);
     }
+    if path == CONTAINER_CREDENTIALS_PATH {
+        return role.map(Decision::ContainerCredentials).unwrap_or_else(no_role);
+    }
     if facts.proxy_allow.iter().any(|p| p == path) {
         return Decision::Proxy;
     }
@@ -178,7 +185,8 @@ async fn execute<S: AssumeRole>(
         }
         Decision::RoleName(role) => ok("role listed", role.name().to_string()),
         Decision::Info(role) => ok("info", render_info(&role)),
-        Decision::Credentials(role) => credentials(app, record, &role).await,
+        Decision::Credentials(role) => credentials(app, record, &role, render_credentials).await,
+        Decision::ContainerCredentials(role) => credentials(app, record, &role, |c| render_container_credentials(c, &role)).await,
         Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
             Err(e) => {
@@ -190,7 +198,12 @@ async fn execute<S: AssumeRole>(
     }
 }
 
-async fn credentials<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, role: &Role) -> (StatusCode, &'static str, Answer) {
+async fn credentials<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: &PodRecord,
+    role: &Role,
+    render: impl FnOnce(&Credentials) -> String,
+) -> (StatusCode, &'static str, Answer) {
     let key = app.session_key(record, role);
     match app.cache.get(&key).await {
         Ok((creds, due)) => {
@@ -200,7 +213,7 @@ async fn credentials<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, role:
                     let _ = app.cache.refresh(&key).await;
                 });
             }
-            (StatusCode::OK, "credentials served", text(StatusCode::OK, render_credentials(&creds)))
+            (StatusCode::OK, "credentials served", text(StatusCode::OK, render(&creds)))
         }
         Err(e) => {
             warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn, error = %e, "cannot assume role");
@@ -223,9 +236,21 @@ pub fn render_credentials(c: &Credentials) -> String {
     .to_string()
 }
 
+/// The container-credentials JSON (what EKS Pod Identity's agent answers).
+pub fn render_container_credentials(c: &Credentials, role: &Role) -> String {
+    json!({
+        "AccessKeyId": c.access_key_id,
+        "SecretAccessKey": c.secret_access_key,
+        "Token": c.session_token,
+        "AccountId": role.account(),
+        "Expiration": rfc3339(c.expiration),
+    })
+    .to_string()
+}
+
 /// `iam/info` names an instance profile; the pod's stands in, named after its role.
 fn render_info(role: &Role) -> String {
-    let account = role.arn.split(':').nth(4).unwrap_or_default();
+    let account = role.account();
     let id = hex::encode(&Sha256::digest(role.arn.as_bytes())[..8]).to_uppercase();
     json!({
         "Code": "Success",

@@ -15,6 +15,11 @@ impl Role {
     pub fn name(&self) -> &str {
         self.arn.rsplit('/').next().unwrap_or(&self.arn)
     }
+
+    /// The account ID field of the ARN (`arn:aws:iam::<account>:role/...`).
+    pub fn account(&self) -> &str {
+        self.arn.split(':').nth(4).unwrap_or_default()
+    }
 }
 
 pub struct Roles {

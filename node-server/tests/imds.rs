@@ -139,6 +139,22 @@ async fn a_pod_gets_its_own_role_and_credentials_json() {
 }
 
 #[tokio::test]
+async fn the_container_credentials_endpoint_answers_for_the_same_pod() {
+    let b = bench("");
+    let web = b.pod(3, "team-a", "web");
+    let (status, body) = b.call(&web, Method::GET, "/v1/credentials", &[("authorization", "anything")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["AccountId"], "123456789012");
+    assert_eq!(json["Token"], "token-for:arn:aws:iam::123456789012:role/web-role:team-a.web");
+    for field in ["AccessKeyId", "SecretAccessKey", "Expiration"] {
+        assert!(json.get(field).is_some(), "{field} missing in {body}");
+    }
+    let lonely = b.pod(4, "team-z", "x");
+    assert_eq!(b.call(&lonely, Method::GET, "/v1/credentials", &[]).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn pods_never_see_each_others_roles_or_tokens() {
     let b = bench("");
     let web = b.pod(1, "team-a", "web");

@@ -1,0 +1,69 @@
+"""Bench: a node with moto, the fake upstream, iamlinkd and a pod factory, torn down as one."""
+
+import contextlib
+import os
+
+from .daemon import Daemon
+from .moto import Moto
+from .netns import Node
+from .pods import Pods
+from .upstream import FakeUpstream
+from .util import tail
+
+
+class Bench(contextlib.ExitStack):
+    """Everything a test needs, built in order and closed in reverse (also on failure).
+
+    pod_roles: [{"namespace", "name"?, "role"}] for iamlinkd's config; every role named there is
+    created in moto. start_daemon=False leaves iamlinkd stopped (bootstrap tests).
+    pods_options: passed to Pods (subnet, range_start, range_end, with_iamlink, netconf).
+    """
+
+    def __init__(self, pod_roles=(), default_role=None, start_daemon=True, daemon_settings=None,
+                 pods_options=None, with_daemon=True):
+        super().__init__()
+        self.pod_roles = list(pod_roles)
+        self.default_role = default_role
+        self.start_daemon = start_daemon
+        self.daemon_settings = daemon_settings
+        self.pods_options = pods_options or {}
+        self.with_daemon = with_daemon
+        self.node = self.moto = self.upstream = self.daemon = self.pods = None
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self.node = self.enter_context(Node())
+            self.store_dir = os.path.join(self.node.workdir, "store")
+            os.makedirs(self.store_dir, exist_ok=True)
+            self.moto = Moto(self.node)
+            self.callback(self.moto.stop)
+            for role in sorted({e["role"] for e in self.pod_roles} | ({self.default_role} - {None})):
+                self.moto.create_role(role)
+            self.upstream = FakeUpstream(self.node, self.moto)
+            self.callback(self.upstream.stop)
+            if self.with_daemon:
+                self.daemon = Daemon(self.node, self.moto, self.store_dir, self.pod_roles,
+                                     default_role=self.default_role, settings=self.daemon_settings)
+                self.callback(self.daemon.stop)
+                if self.start_daemon:
+                    self.daemon.start()
+            self.pods = Pods(self.node, self.store_dir, **self.pods_options)
+            self.callback(self.pods.close)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def logs(self, lines=60):
+        """Tails of every log of the bench, for failure reports."""
+        if self.node is None:
+            return ""
+        parts = []
+        for label, path in (("iamlinkd", self.daemon.log_path if self.daemon else None),
+                            ("iamlink CNI plugin", self.pods.plugin_log if self.pods else None),
+                            ("moto", self.moto.log_path if self.moto else None),
+                            ("fake upstream requests", self.upstream.log_path if self.upstream else None)):
+            if path and os.path.exists(path):
+                parts.append(f"==== {label} ({path}) ====\n{tail(path, lines)}")
+        return "\n".join(parts)

@@ -1,0 +1,157 @@
+"""Daemon: iamlinkd from target/release, configured and run inside the node."""
+
+import os
+import signal
+
+from .moto import TEST_KEYS
+from .util import Fatal, BASE_PATH, IAMLINKD, stop_process, tail, wait_until
+
+DEFAULT_PROXY_ALLOW = [
+    "/latest/meta-data/placement/region",
+    "/latest/meta-data/placement/availability-zone",
+    "/latest/dynamic/instance-identity/document",
+]
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def to_toml(top, sts, roles_base, pod_roles, default_role=None):
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None]
+    lines += ["", "[sts]"] + [f"{k} = {_toml_value(v)}" for k, v in sts.items() if v is not None]
+    lines += ["", "[roles]", f"base_arn = {_toml_value(roles_base)}"]
+    if default_role:
+        lines.append(f"default = {_toml_value(default_role)}")
+    for entry in pod_roles:
+        lines += ["", "[[roles.pod]]"]
+        lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "name", "role") if entry.get(k)]
+    return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    """iamlinkd with a config of the bench's: listen 198.18.0.1:8181, STS at moto.
+
+    `pod_roles`: a list of {"namespace", "name" (optional), "role"} as in `[[roles.pod]]`.
+    `settings`: top-level keys overriding the defaults (e.g. imdsv1=False); `sts`: [sts] keys.
+    """
+
+    LISTEN_HOST = "198.18.0.1"
+    LISTEN_PORT = 8181
+
+    def __init__(self, node, moto, store_dir, pod_roles, default_role=None, settings=None, sts=None,
+                 binary=IAMLINKD):
+        self.node = node
+        self.moto = moto
+        self.store_dir = store_dir
+        self.pod_roles = list(pod_roles)
+        self.default_role = default_role
+        self.binary = binary
+        self.settings = {
+            "listen": f"{self.LISTEN_HOST}:{self.LISTEN_PORT}",
+            "store_dir": store_dir,
+            "imdsv1": True,
+            "upstream": "http://169.254.169.254",
+            "proxy_allow": DEFAULT_PROXY_ALLOW,
+        }
+        self.settings.update(settings or {})
+        self.sts = {"endpoint": moto.endpoint, "region": "us-east-1"}
+        self.sts.update(sts or {})
+        self.config_path = os.path.join(node.workdir, "iamlinkd.toml")
+        self.log_path = os.path.join(node.workdir, "iamlinkd.log")
+        self.proc = None
+        self.starts = 0
+
+    def write_config(self):
+        text = to_toml(self.settings, self.sts, "arn:aws:iam::123456789012:role/", self.pod_roles,
+                       self.default_role)
+        with open(self.config_path, "w") as f:
+            f.write(text)
+        return text
+
+    def environment(self):
+        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": self.node.workdir,
+               "RUST_BACKTRACE": "1", "RUST_LOG": os.environ.get("IAMLINK_RUST_LOG", "info"),
+               # The daemon's own identity: moto's test keys, never the node's metadata service
+               # (and no ~/.aws: HOME is the bench's work directory).
+               "AWS_EC2_METADATA_DISABLED": "true",
+               "NODE_NAME": self.node.name}
+        env.update(TEST_KEYS)
+        return env
+
+    def start(self, wait=True, timeout=30):
+        if self.running:
+            raise RuntimeError("iamlinkd already running")
+        if not os.access(self.binary, os.X_OK):
+            raise FileNotFoundError(f"{self.binary} is not built: run scripts/setup")
+        self.write_config()
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"---- iamlinkd start #{self.starts} ----\n".encode())
+        log.flush()
+        self.proc = self.node.spawn([self.binary, "--config", self.config_path],
+                                    env=self.environment(), stdout=log, stderr=log)
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=30):
+        def ready():
+            if self.proc.poll() is not None:
+                raise Fatal(f"iamlinkd exited {self.proc.returncode}:\n{self.log_tail()}")
+            return self.node.can_connect(self.LISTEN_HOST, self.LISTEN_PORT)
+
+        wait_until(ready, timeout, "iamlinkd listening on 198.18.0.1:8181", interval=0.05)
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        return self._end(signal.SIGTERM, timeout)
+
+    def kill(self):
+        return self._end(signal.SIGKILL, 5)
+
+    def _end(self, sig, timeout):
+        if self.proc is None:
+            return None
+        rc = stop_process(self.proc, timeout=timeout, sig=sig)
+        self.node.forget(self.proc)
+        self.proc = None
+        return rc
+
+    def restart(self, **kwargs):
+        self.stop()
+        return self.start(**kwargs)
+
+    def reconfigure(self, settings=None, pod_roles=None, default_role=None):
+        """Stop, change the config, start again."""
+        self.stop()
+        if settings:
+            self.settings.update(settings)
+        if pod_roles is not None:
+            self.pod_roles = list(pod_roles)
+        if default_role is not None:
+            self.default_role = default_role
+        return self.start()
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=40):
+        return tail(self.log_path, lines)

@@ -1,0 +1,82 @@
+"""FakeUpstream: the node's "real" metadata service, serving the node role."""
+
+import datetime
+import http.client
+import json
+import os
+
+from .util import Fatal, BASE_PATH, FAKE_IMDS_SERVER, PYTHON, stop_process, tail, wait_until
+
+NODE_ROLE = "iamlink-node-role"
+
+
+class FakeUpstream:
+    """fake_imds_server.py on 169.254.169.254:80 in the node, with moto credentials of the node role."""
+
+    HOST = "169.254.169.254"
+    PORT = 80
+
+    def __init__(self, node, moto, start=True):
+        self.node = node
+        self.moto = moto
+        self.log_path = os.path.join(node.workdir, "upstream-requests.jsonl")
+        self.stderr_path = os.path.join(node.workdir, "upstream.log")
+        self.creds_path = os.path.join(node.workdir, "node-role-creds.json")
+        self.node_role_arn = moto.create_role(NODE_ROLE)
+        c = moto.assume_role(NODE_ROLE, session="i-0fakeiamlinknode", duration=43200)
+        exp = c["Expiration"]
+        if isinstance(exp, datetime.datetime):
+            exp = exp.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.creds = dict(c, Expiration=exp)
+        with open(self.creds_path, "w") as f:
+            json.dump(self.creds, f)
+        self.proc = None
+        if start:
+            self.start()
+
+    def start(self, timeout=20):
+        err = open(self.stderr_path, "ab")
+        self.proc = self.node.spawn(
+            [PYTHON, FAKE_IMDS_SERVER, "--listen", f"{self.HOST}:{self.PORT}",
+             "--creds", self.creds_path, "--log", self.log_path],
+            env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, stdout=err, stderr=err)
+        err.close()
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise Fatal(f"fake upstream exited {self.proc.returncode}:\n{tail(self.stderr_path)}")
+            return self.node.call(self._region) == "us-east-1"
+
+        wait_until(ready, timeout, "fake upstream on 169.254.169.254:80", interval=0.05)
+
+    def _region(self):
+        try:
+            conn = http.client.HTTPConnection(self.HOST, self.PORT, timeout=1)
+            conn.request("GET", "/latest/meta-data/placement/region")
+            body = conn.getresponse().read().decode()
+            conn.close()
+            return body
+        except OSError:
+            return None
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+            self.node.forget(self.proc)
+            self.proc = None
+
+    def requests(self):
+        """Every request the fake upstream answered, as dicts (method, path, client, status)."""
+        try:
+            with open(self.log_path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def credential_requests(self):
+        """Requests for the node's credentials: none may come from anybody in the bench."""
+        return [r for r in self.requests() if "/iam/" in r["path"]]
+
+    def leaked(self, text):
+        """True when `text` carries the node role's identity or keys."""
+        return bool(text) and (self.creds["AccessKeyId"] in text or NODE_ROLE in text)
