@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use crate::mark::MarkMask;
 use crate::record::{validate_ifname, PodRecord};
 use crate::store::StoreLock;
+use tracing::warn;
 
 pub const TABLE: &str = "iamlink";
 pub const PODS_MAP: &str = "pods";
@@ -28,7 +29,7 @@ pub const DEFAULT_CREDENTIALS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 2
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
-    #[error("cannot run nft ({path}): {source}; install nftables on the node")]
+    #[error("cannot run {path}: {source}; install nftables on the node")]
     Spawn { path: PathBuf, source: io::Error },
     #[error("nft {what} failed: {stderr}")]
     Nft { what: String, stderr: String },
@@ -67,7 +68,27 @@ impl RuleSet {
     /// Creates the table if needed and replaces the base chains' rules in one transaction;
     /// pod entries and slot chains are kept.
     pub fn install(&self, _lock: &StoreLock) -> Result<(), InterceptError> {
-        nft_script("install rule set", &self.base_script())
+        nft_script("install rule set", &self.base_script())?;
+        self.forget_connections();
+        Ok(())
+    }
+
+    /// Connections opened to the real metadata service before the rule set existed keep their
+    /// conntrack entries, and with them their path around the interception (aad-pod-identity
+    /// learned this). Dropping the entries makes their next packet meet the rule set.
+    /// Best effort: without the `conntrack` tool only a warning is logged.
+    fn forget_connections(&self) {
+        for addr in &self.addresses {
+            let addr = addr.to_string();
+            let args = ["-D", "-p", "tcp", "--orig-dst", addr.as_str(), "--dport", "80"];
+            match run(&find_tool("conntrack"), &args, None) {
+                // conntrack exits 1 when there was nothing to delete.
+                Ok(out) if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("0 flow entries") => {}
+                Ok(out) => warn!(address = %addr, stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                                 "cannot clear conntrack entries of the metadata address"),
+                Err(e) => warn!(address = %addr, error = %e, "cannot clear conntrack entries of the metadata address"),
+            }
+        }
     }
 
     fn base_script(&self) -> String {
@@ -198,26 +219,24 @@ fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
     Ok(entries)
 }
 
-/// `nft` from PATH, else the Debian/RHEL locations (runtimes run plugins with a thin PATH).
-fn nft_path() -> PathBuf {
+/// A tool from PATH, else the usual sbin locations (runtimes run plugins with a thin PATH).
+fn find_tool(name: &str) -> PathBuf {
     let from_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join("nft")).find(|p| p.is_file())
+        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file())
     });
     from_path
         .or_else(|| {
-            ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+            ["/usr/sbin", "/sbin", "/usr/bin"]
                 .iter()
-                .map(Path::new)
+                .map(|dir| Path::new(dir).join(name))
                 .find(|p| p.is_file())
-                .map(Path::to_path_buf)
         })
-        .unwrap_or_else(|| PathBuf::from("nft"))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, InterceptError> {
-    let path = nft_path();
-    let spawn_err = |source| InterceptError::Spawn { path: path.clone(), source };
-    let mut child = Command::new(&path)
+fn run(path: &Path, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, InterceptError> {
+    let spawn_err = |source| InterceptError::Spawn { path: path.to_path_buf(), source };
+    let mut child = Command::new(path)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -228,6 +247,10 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, Inter
         pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
     }
     child.wait_with_output().map_err(spawn_err)
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, InterceptError> {
+    run(&find_tool("nft"), args, stdin)
 }
 
 fn nft_ok(args: &[&str]) -> Result<bool, InterceptError> {

@@ -77,21 +77,43 @@ pub fn session_name(pod: &PodRef) -> String {
     name
 }
 
+/// What one key's entry knows: the current credentials and the last STS failure.
+#[derive(Default)]
+struct State {
+    creds: Option<Credentials>,
+    failure: Option<Failure>,
+}
+
+/// After a failed AssumeRole, callers fail fast until `retry_at` instead of piling onto STS.
+#[derive(Clone)]
+struct Failure {
+    retry_at: SystemTime,
+    attempts: u32,
+    error: StsError,
+}
+
+/// First retry after 1 s, doubling to 60 s, each jittered down to half so that many keys that
+/// failed together do not retry together.
+fn backoff(attempts: u32) -> Duration {
+    let full = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60));
+    let jitter = getrandom::u32().unwrap_or(0) % 1000;
+    full / 2 + full / 2 * jitter / 1000
+}
+
+#[derive(Default)]
 struct Entry {
-    current: Mutex<Option<Credentials>>,
+    state: Mutex<State>,
     /// Held by the one task talking to STS for this key.
     fetching: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
-    fn current(&self) -> Option<Credentials> {
-        self.current.lock().map(|c| c.clone()).unwrap_or(None)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, creds: Credentials) {
-        if let Ok(mut c) = self.current.lock() {
-            *c = Some(creds);
-        }
+    fn current(&self) -> Option<Credentials> {
+        self.state().creds.clone()
     }
 }
 
@@ -118,7 +140,7 @@ impl<S: AssumeRole> Cache<S> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Entry { current: Mutex::new(None), fetching: tokio::sync::Mutex::new(()) }))
+            .or_default()
             .clone()
     }
 
@@ -138,12 +160,29 @@ impl<S: AssumeRole> Cache<S> {
         if let Some(c) = entry.current().filter(|c| c.usable((self.now)())) {
             return Ok((c, false));
         }
+        self.fetch(&entry, key).await.map(|c| (c, false))
+    }
+
+    /// One AssumeRole call for `key`, unless a recent failure says to wait (then that failure).
+    /// The caller holds the entry's `fetching` lock.
+    async fn fetch(&self, entry: &Entry, key: &SessionKey) -> Result<Credentials, StsError> {
+        let failed = entry.state().failure.clone();
+        if let Some(f) = &failed {
+            if (self.now)() < f.retry_at {
+                return Err(f.error.clone());
+            }
+        }
         match self.sts.assume_role(key).await {
             Ok(c) => {
-                entry.set(c.clone());
-                Ok((c, false))
+                *entry.state() = State { creds: Some(c.clone()), failure: None };
+                Ok(c)
             }
-            Err(e) => Err(e),
+            Err(error) => {
+                let attempts = failed.map_or(1, |f| f.attempts + 1);
+                let retry_at = (self.now)() + backoff(attempts);
+                entry.state().failure = Some(Failure { retry_at, attempts, error: error.clone() });
+                Err(error)
+            }
         }
     }
 
@@ -159,10 +198,9 @@ impl<S: AssumeRole> Cache<S> {
                 return Ok(());
             }
         }
-        match self.sts.assume_role(key).await {
-            Ok(c) => {
+        match self.fetch(&entry, key).await {
+            Ok(_) => {
                 debug!(role = %key.role_arn, session = %key.session_name, "credentials refreshed");
-                entry.set(c);
                 Ok(())
             }
             Err(e) => {
@@ -271,10 +309,27 @@ mod tests {
         OUTAGE_CLOCK.store(2_000_000 + 3600 - 30, Ordering::SeqCst);
         assert!(cache.get(&key("outage")).await.is_err());
 
-        // STS back: fresh credentials.
+        // STS back, and the backoff after the last failure (at most 60 s) over: fresh credentials.
         sts.down.store(false, Ordering::SeqCst);
+        OUTAGE_CLOCK.store(2_000_000 + 3600 + 61, Ordering::SeqCst);
         let (fresh, _) = cache.get(&key("outage")).await.unwrap();
         assert_ne!(fresh.access_key_id, first.access_key_id);
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_callers_fail_fast_until_the_backoff_passes() {
+        let sts = Arc::new(FakeSts::default());
+        sts.down.store(true, Ordering::SeqCst);
+        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        assert!(cache.get(&key("down")).await.is_err());
+        assert!(cache.get(&key("down")).await.is_err());
+        assert!(cache.refresh(&key("down")).await.is_err());
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 1, "no STS call while backing off");
+        for attempts in 1..10 {
+            let b = backoff(attempts);
+            let full = Duration::from_secs(1 << (attempts - 1).min(6)).min(Duration::from_secs(60));
+            assert!(b >= full / 2 && b <= full, "attempt {attempts}: {b:?}");
+        }
     }
 
     #[tokio::test]
