@@ -47,12 +47,24 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                 continue;
             }
         };
+        let slot = app.config.mark_mask.slot_of(mark);
+        let Some(place) = app.limits.admit_connection(slot) else {
+            debug!(%peer, slot, "pod has too many open connections; closing");
+            continue;
+        };
         let conn = Conn { mark, accepted_at, peer };
         let app = app.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(imds::answer(&app, &conn, &req).await) }
+                async move {
+                    if !app.limits.allow_request(slot) {
+                        debug!(%peer, slot, "rate limited");
+                        return Ok::<_, Infallible>(imds::rate_limited());
+                    }
+                    Ok(imds::answer(&app, &conn, &req).await)
+                }
             });
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -4,6 +4,7 @@ use iamlink_common::{PodRecord, Store};
 
 use crate::config::Config;
 use crate::credentials::{session_name, AssumeRole, Cache, SessionKey};
+use crate::limits::Limits;
 use crate::proxy::Upstream;
 use crate::roles::{Role, Roles};
 use crate::tokens::Tokens;
@@ -15,6 +16,7 @@ pub struct App<S> {
     pub cache: Cache<S>,
     pub tokens: Tokens,
     pub upstream: Upstream,
+    pub limits: Limits,
     pub node_name: String,
 }
 
@@ -24,6 +26,7 @@ impl<S: AssumeRole> App<S> {
             roles: Roles::new(config.roles.clone()),
             cache: Cache::new(sts, config.sts.duration_seconds),
             upstream: Upstream::new(&config.upstream),
+            limits: Limits::new(config.limits.clone()),
             store,
             tokens,
             node_name,

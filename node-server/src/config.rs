@@ -8,6 +8,8 @@ use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
 use iamlink_common::MarkMask;
 use serde::Deserialize;
 
+use crate::limits::LimitsConfig;
+
 pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
 
 #[derive(Clone, Debug, Deserialize)]
@@ -30,6 +32,8 @@ pub struct Config {
     pub sts: StsConfig,
     #[serde(default)]
     pub roles: RolesConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]

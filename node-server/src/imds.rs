@@ -39,6 +39,11 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     r
 }
 
+/// The answer for a pod over its request rate.
+pub fn rate_limited() -> Answer {
+    text(StatusCode::TOO_MANY_REQUESTS, "iamlink: rate limited\n")
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod credentials;
 pub mod identify;
 pub mod imds;
+pub mod limits;
 pub mod proxy;
 pub mod roles;
 pub mod sts;

@@ -28,6 +28,7 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   imdsv1              answer GETs without an IMDSv2 token (default true)
   upstream            the real metadata service (default http://169.254.169.254)
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
+  [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); 0 = off
   [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
   [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}";
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::net::if_::if_nametoindex;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -46,6 +47,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     }
     let mut known: HashMap<String, u64> = HashMap::new();
     let mut reported_bad: HashSet<String> = HashSet::new();
+    let mut reported_gone: HashSet<String> = HashSet::new();
     let mut last_refresh = Instant::now();
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     loop {
@@ -58,7 +60,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
                 tick.tick().await;
             }
         }
-        let records = scan(&app, &mut reported_bad);
+        let records = live(scan(&app, &mut reported_bad), &mut reported_gone);
         for r in &records {
             if known.get(&r.key()) != Some(&r.created_boottime_ns) {
                 info!(pod = %r.pod, uid = %r.pod.uid, interface = %r.host_interface.name, slot = r.slot, "pod seen");
@@ -88,6 +90,22 @@ fn scan<S: AssumeRole>(app: &App<S>, reported_bad: &mut HashSet<String>) -> Vec<
             vec![]
         }
     }
+}
+
+/// The records whose host interface still exists: a pod whose sandbox died without a DEL keeps
+/// its record until the runtime's DEL or GC, but nobody can connect through it, so its
+/// credentials are neither prefetched nor refreshed.
+fn live(records: Vec<PodRecord>, reported_gone: &mut HashSet<String>) -> Vec<PodRecord> {
+    records
+        .into_iter()
+        .filter(|r| {
+            let present = if_nametoindex(r.host_interface.name.as_str()) == Ok(r.host_interface.index);
+            if !present && reported_gone.insert(r.key()) {
+                info!(pod = %r.pod, interface = %r.host_interface.name, "host interface gone; waiting for the pod's DEL");
+            }
+            present
+        })
+        .collect()
 }
 
 /// Starts the STS call for a new pod so that its first request finds credentials cached.
