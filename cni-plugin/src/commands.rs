@@ -1,6 +1,6 @@
 //! The plugin's commands, each read top to bottom: parse, validate, act, answer.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use iamlink_common::intercept::{self, RuleSet};
 use iamlink_common::record::{boottime_ns, now_rfc3339};
@@ -48,7 +48,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     store.insert(&lock, &record)?;
     let routed = async {
         rules.add_pod(&lock, &record.host_interface.name, slot)?;
-        ensure_pod_routes(&pod_net, &rules, container.index, prev.gateway_v4(&env.ifname)).await
+        ensure_pod_routes(&pod_net, &routed_addresses(&rules, &prev), container.index, &prev, &env.ifname).await
     }
     .await;
     let added = match routed {
@@ -97,30 +97,39 @@ async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevR
     .with_details("it is not a veth whose peer is in the node namespace, and prevResult names no host interface here"))
 }
 
+/// The intercepted addresses the pod must reach: IPv6 ones only when the pod has IPv6.
+fn routed_addresses(rules: &RuleSet, prev: &PrevResult) -> Vec<IpAddr> {
+    rules.addresses.iter().copied().filter(|a| a.is_ipv4() || prev.has_ipv6()).collect()
+}
+
 /// Routes each intercepted address to the node unless the pod's routes already do;
-/// returns the routes added.
-async fn ensure_pod_routes(pod: &Netlink, rules: &RuleSet, oif: u32, gateway: Option<Ipv4Addr>) -> Result<Vec<Ipv4Addr>> {
+/// returns the routes added. On failure the routes added so far are removed again.
+async fn ensure_pod_routes(pod: &Netlink, dsts: &[IpAddr], oif: u32, prev: &PrevResult, ifname: &str) -> Result<Vec<IpAddr>> {
     let mut added = vec![];
-    for &dst in &rules.addresses {
-        if pod.route_oif(dst).await? == Some(oif) {
-            continue;
-        }
-        let Some(gw) = gateway else {
-            for &d in &added {
-                let _ = pod.del_host_route(d, oif).await;
+    for &dst in dsts {
+        let step = async {
+            if pod.route_oif(dst).await? == Some(oif) {
+                return Ok(false);
             }
-            return Err(CniError::new(
-                Code::PodRoutes,
-                format!("the pod has no route to {dst} via its interface and prevResult has no IPv4 gateway"),
-            ));
+            let family = if dst.is_ipv6() { "IPv6" } else { "IPv4" };
+            let gw = prev.gateway(ifname, dst.is_ipv6()).ok_or_else(|| {
+                CniError::new(
+                    Code::PodRoutes,
+                    format!("the pod has no route to {dst} via {ifname} and prevResult has no {family} gateway"),
+                )
+            })?;
+            pod.add_host_route(dst, gw, oif).await.map(|_| true)
         };
-        if let Err(e) = pod.add_host_route(dst, gw, oif).await {
-            for &d in &added {
-                let _ = pod.del_host_route(d, oif).await;
+        match step.await {
+            Ok(true) => added.push(dst),
+            Ok(false) => {}
+            Err(e) => {
+                for &d in &added {
+                    let _ = pod.del_host_route(d, oif).await;
+                }
+                return Err(e);
             }
-            return Err(e);
         }
-        added.push(dst);
     }
     Ok(added)
 }
@@ -155,7 +164,7 @@ pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
         return Err(CniError::new(Code::IncompatibleVersion, "CHECK needs cniVersion 0.4.0 or later"));
     }
     env.require(true)?;
-    conf.require_prev_result()?;
+    let prev = PrevResult::parse(conf.require_prev_result()?)?;
     let rules = conf.rule_set()?;
     let store = Store::open(conf.store_dir())?;
     let Some(record) = store.get(&env.container_id, &env.ifname)? else {
@@ -190,7 +199,7 @@ pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
     match pod.link_by_name(&env.ifname).await? {
         None => problems.push(format!("no interface {} in the pod", env.ifname)),
         Some(link) => {
-            for &dst in &rules.addresses {
+            for dst in routed_addresses(&rules, &prev) {
                 if pod.route_oif(dst).await? != Some(link.header.index) {
                     problems.push(format!("the pod has no route to {dst} via {}", env.ifname));
                 }

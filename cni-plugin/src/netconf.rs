@@ -1,7 +1,7 @@
 //! Turning the runtime's stdin and environment into typed input.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 
 use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
@@ -28,6 +28,7 @@ pub struct NetConf {
     /// The previous plugin's result, passed through byte for byte.
     pub prev_result: Option<Box<RawValue>>,
     pub daemon_address: Option<String>,
+    pub daemon_address6: Option<String>,
     pub store_dir: Option<PathBuf>,
     pub log_file: Option<PathBuf>,
     pub mark_mask: Option<MarkMask>,
@@ -82,6 +83,12 @@ impl NetConf {
             .ok_or_else(|| invalid("iamlink needs daemonAddress (iamlinkd's ip:port on the node)".into()))?
             .parse()
             .map_err(|e| invalid(format!("daemonAddress must be an IPv4 ip:port: {e}")))?;
+        let daemon6 = self
+            .daemon_address6
+            .as_deref()
+            .map(|a| a.parse::<SocketAddrV6>())
+            .transpose()
+            .map_err(|e| invalid(format!("daemonAddress6 must be an IPv6 [ip]:port: {e}")))?;
         let credentials = match self.credentials_address.as_deref() {
             None => Some(DEFAULT_CREDENTIALS_ADDRESS),
             Some("") => None,
@@ -90,7 +97,7 @@ impl NetConf {
                     .map_err(|e| invalid(format!("credentialsAddress must be an IPv4 address: {e}")))?,
             ),
         };
-        Ok(RuleSet::new(daemon, self.mark_mask.unwrap_or_default(), credentials))
+        Ok(RuleSet::new(daemon, daemon6, self.mark_mask.unwrap_or_default(), credentials))
     }
 
     /// The previous result; a chained-only plugin cannot run without one.
@@ -143,15 +150,22 @@ impl PrevResult {
             .map_err(|e| CniError::new(Code::InvalidNetConf, "prevResult cannot be read").with_details(e))
     }
 
-    /// The IPv4 gateway of the pod's interface `ifname`, else of any IPv4 address.
-    pub fn gateway_v4(&self, ifname: &str) -> Option<Ipv4Addr> {
+    /// The gateway of the given family on the pod's interface `ifname`, else on any address.
+    pub fn gateway(&self, ifname: &str, v6: bool) -> Option<IpAddr> {
         let on_ifname = |ip: &&ResultIp| {
             ip.interface
                 .and_then(|i| self.interfaces.get(i))
                 .is_some_and(|iface| iface.name == ifname && !iface.sandbox.is_empty())
         };
-        let gw = |ip: &ResultIp| ip.gateway.as_deref().and_then(|g| g.parse::<Ipv4Addr>().ok());
+        let gw = |ip: &ResultIp| {
+            ip.gateway.as_deref().and_then(|g| g.parse::<IpAddr>().ok()).filter(|g| g.is_ipv6() == v6)
+        };
         self.ips.iter().filter(on_ifname).find_map(gw).or_else(|| self.ips.iter().find_map(gw))
+    }
+
+    /// Whether the pod has an IPv6 address: only then are the IPv6 metadata addresses routed.
+    pub fn has_ipv6(&self) -> bool {
+        self.ips.iter().any(|ip| ip.address.contains(':'))
     }
 
     /// Host-side interfaces named in the result (no sandbox), the fallback when the peer lookup
@@ -277,8 +291,9 @@ mod tests {
         assert!(raw.get().contains(r#""x-unknown":[1,2]"#));
         let prev = PrevResult::parse(raw).unwrap();
         assert_eq!(prev.host_interfaces().collect::<Vec<_>>(), vec!["eni0a1b2c3d4e5"]);
-        assert_eq!(prev.gateway_v4("eth0"), None);
-        assert_eq!(conf.rule_set().unwrap().addresses.len(), 2);
+        assert_eq!(prev.gateway("eth0", false), None);
+        assert!(!prev.has_ipv6());
+        assert_eq!(conf.rule_set().unwrap().addresses.len(), 4);
     }
 
     #[test]
@@ -290,13 +305,15 @@ mod tests {
         )
         .unwrap();
         let prev = PrevResult::parse(&raw).unwrap();
-        assert_eq!(prev.gateway_v4("eth0"), Some(Ipv4Addr::new(198, 18, 64, 1)));
+        assert_eq!(prev.gateway("eth0", false), Some(IpAddr::V4(Ipv4Addr::new(198, 18, 64, 1))));
+        assert_eq!(prev.gateway("eth0", true), None);
         assert_eq!(prev.addresses(), vec!["198.18.64.2/24".to_string()]);
     }
 
     #[test]
     fn credentials_address_can_be_disabled() {
         let conf = parse(br#"{"cniVersion":"1.0.0","daemonAddress":"198.18.0.1:80","credentialsAddress":""}"#).unwrap();
-        assert_eq!(conf.rule_set().unwrap().addresses, vec![Ipv4Addr::new(169, 254, 169, 254)]);
+        let addresses = conf.rule_set().unwrap().addresses;
+        assert_eq!(addresses, vec![IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), "fd00:ec2::254".parse().unwrap()]);
     }
 }

@@ -3,7 +3,7 @@
 //! so entering the pod's namespace is needed only while opening it.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use futures::TryStreamExt;
@@ -58,11 +58,13 @@ impl Netlink {
     }
 
     /// The output interface the kernel would use to reach `dst`, if it has a route at all.
-    pub async fn route_oif(&self, dst: Ipv4Addr) -> Result<Option<u32>> {
+    pub async fn route_oif(&self, dst: IpAddr) -> Result<Option<u32>> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 32;
-        msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        (msg.header.address_family, msg.header.destination_prefix_length) = match dst {
+            IpAddr::V4(_) => (AddressFamily::Inet, 32),
+            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+        };
+        msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
         req.header.flags = NLM_F_REQUEST;
         let mut answers = self.handle.clone().request(req).map_err(|e| {
@@ -85,25 +87,39 @@ impl Netlink {
         Ok(None)
     }
 
-    /// Adds `dst/32 via gateway dev oif` in the main table.
-    pub async fn add_host_route(&self, dst: Ipv4Addr, gateway: Ipv4Addr, oif: u32) -> Result<()> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .gateway(gateway)
+    /// Adds a host route `dst via gateway dev oif` in the main table.
+    pub async fn add_host_route(&self, dst: IpAddr, gateway: IpAddr, oif: u32) -> Result<()> {
+        let failed = |e: &dyn std::fmt::Display| {
+            CniError::new(Code::PodRoutes, format!("cannot add route {dst} via {gateway} in the pod")).with_details(e.to_string())
+        };
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, host_prefix(dst))
+            .and_then(|b| b.gateway(gateway))
+            .map_err(|e| failed(&e))?
             .output_interface(oif)
             .build();
-        self.handle.route().add(route).execute().await.map_err(|e| {
-            CniError::new(Code::PodRoutes, format!("cannot add route {dst}/32 via {gateway} in the pod"))
-                .with_details(e)
-        })
+        self.handle.route().add(route).execute().await.map_err(|e| failed(&e))
     }
 
-    /// Removes `dst/32` again (rollback of a failed ADD).
-    pub async fn del_host_route(&self, dst: Ipv4Addr, oif: u32) -> Result<()> {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).output_interface(oif).build();
-        self.handle.route().del(route).execute().await.map_err(|e| {
-            CniError::new(Code::PodRoutes, format!("cannot remove route {dst}/32 in the pod")).with_details(e)
-        })
+    /// Removes a host route again (rollback of a failed ADD).
+    pub async fn del_host_route(&self, dst: IpAddr, oif: u32) -> Result<()> {
+        let failed = |e: &dyn std::fmt::Display| {
+            CniError::new(Code::PodRoutes, format!("cannot remove route {dst} in the pod")).with_details(e.to_string())
+        };
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, host_prefix(dst))
+            .map_err(|e| failed(&e))?
+            .output_interface(oif)
+            .build();
+        self.handle.route().del(route).execute().await.map_err(|e| failed(&e))
+    }
+}
+
+fn host_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv6() {
+        128
+    } else {
+        32
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -26,6 +26,9 @@ pub const PODS_MAP: &str = "pods";
 pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// The container-credentials address SDKs accept (EKS Pod Identity's).
 pub const DEFAULT_CREDENTIALS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 23);
+/// The IPv6 metadata address (Nitro instances) and container-credentials address.
+pub const METADATA_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+pub const CREDENTIALS_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
@@ -44,17 +47,33 @@ pub enum InterceptError {
 pub struct RuleSet {
     /// Where iamlinkd listens; intercepted connections are DNATed here.
     pub daemon: SocketAddrV4,
+    /// iamlinkd's IPv6 address; without one, pods' IPv6 metadata traffic is dropped, never
+    /// let through to the real service.
+    pub daemon6: Option<SocketAddrV6>,
     pub mask: MarkMask,
-    /// Destinations (port 80) whose traffic from pods is intercepted.
-    pub addresses: Vec<Ipv4Addr>,
+    /// Destinations (port 80) whose traffic from pods is intercepted, both families.
+    pub addresses: Vec<IpAddr>,
 }
 
 impl RuleSet {
-    /// The metadata address plus the optional container-credentials address.
-    pub fn new(daemon: SocketAddrV4, mask: MarkMask, credentials: Option<Ipv4Addr>) -> Self {
-        let mut addresses = vec![METADATA_ADDRESS];
-        addresses.extend(credentials.filter(|a| *a != METADATA_ADDRESS));
-        RuleSet { daemon, mask, addresses }
+    /// The metadata addresses of both families, plus the container-credentials addresses
+    /// when `credentials` is set.
+    pub fn new(
+        daemon: SocketAddrV4,
+        daemon6: Option<SocketAddrV6>,
+        mask: MarkMask,
+        credentials: Option<Ipv4Addr>,
+    ) -> Self {
+        let mut addresses = vec![IpAddr::V4(METADATA_ADDRESS), IpAddr::V6(METADATA_ADDRESS6)];
+        if let Some(c) = credentials.filter(|a| *a != METADATA_ADDRESS) {
+            addresses.extend([IpAddr::V4(c), IpAddr::V6(CREDENTIALS_ADDRESS6)]);
+        }
+        RuleSet { daemon, daemon6, mask, addresses }
+    }
+
+    fn family(&self, v6: bool) -> String {
+        let list: Vec<String> = self.addresses.iter().filter(|a| a.is_ipv6() == v6).map(|a| a.to_string()).collect();
+        list.join(", ")
     }
 
     /// Creates the table when it is missing; leaves an existing one alone (the daemon owns it).
@@ -79,8 +98,9 @@ impl RuleSet {
     /// Best effort: without the `conntrack` tool only a warning is logged.
     fn forget_connections(&self) {
         for addr in &self.addresses {
+            let family = if addr.is_ipv6() { "ipv6" } else { "ipv4" };
             let addr = addr.to_string();
-            let args = ["-D", "-p", "tcp", "--orig-dst", addr.as_str(), "--dport", "80"];
+            let args = ["-D", "-f", family, "-p", "tcp", "--orig-dst", addr.as_str(), "--dport", "80"];
             match run(&find_tool("conntrack"), &args, None) {
                 // conntrack exits 1 when there was nothing to delete.
                 Ok(out) if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("0 flow entries") => {}
@@ -91,9 +111,16 @@ impl RuleSet {
         }
     }
 
+    /// `ct state new` is always true in a nat chain; it is there because a `ct` expression in an
+    /// inet table turns on connection tracking for both families in this namespace. NAT only
+    /// sees tracked packets, and a node without other IPv6 rules would otherwise not track IPv6:
+    /// pods' IPv6 metadata traffic would pass the rule set untouched.
     fn base_script(&self) -> String {
         let t = format!("inet {TABLE}");
-        let addresses: Vec<String> = self.addresses.iter().map(|a| a.to_string()).collect();
+        let dnat6 = match self.daemon6 {
+            Some(d) => format!("meta nfproto ipv6 meta l4proto tcp dnat ip6 to {d}"),
+            None => "meta nfproto ipv6 drop".to_string(),
+        };
         format!(
             "add table {t}\n\
              add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
@@ -101,11 +128,14 @@ impl RuleSet {
              add chain {t} intercept\n\
              flush chain {t} prerouting\n\
              flush chain {t} intercept\n\
-             add rule {t} prerouting ip daddr {{ {addrs} }} tcp dport 80 jump intercept\n\
+             add rule {t} prerouting ip daddr {{ {v4} }} tcp dport 80 ct state new jump intercept\n\
+             add rule {t} prerouting ip6 daddr {{ {v6} }} tcp dport 80 ct state new jump intercept\n\
              add rule {t} intercept meta mark set meta mark and {keep:#x}\n\
              add rule {t} intercept iifname vmap @{PODS_MAP}\n\
-             add rule {t} intercept meta l4proto tcp dnat ip to {daemon}\n",
-            addrs = addresses.join(", "),
+             add rule {t} intercept meta nfproto ipv4 meta l4proto tcp dnat ip to {daemon}\n\
+             add rule {t} intercept {dnat6}\n",
+            v4 = self.family(false),
+            v6 = self.family(true),
             keep = !self.mask.bits(),
             daemon = self.daemon,
         )
@@ -278,13 +308,18 @@ mod tests {
     fn base_script_intercepts_both_addresses_and_clears_only_our_bits() {
         let rs = RuleSet::new(
             "198.18.0.1:8181".parse().unwrap(),
+            None,
             MarkMask::default(),
             Some(DEFAULT_CREDENTIALS_ADDRESS),
         );
         let s = rs.base_script();
-        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 jump intercept"));
+        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new jump intercept"));
+        assert!(s.contains("ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 ct state new jump intercept"));
         assert!(s.contains("meta mark set meta mark and 0xffffcf80"));
         assert!(s.contains("dnat ip to 198.18.0.1:8181"));
+        assert!(s.contains("meta nfproto ipv6 drop"), "no IPv6 daemon: IPv6 metadata traffic is dropped");
+        let with6 = RuleSet { daemon6: Some("[fd12::1]:8181".parse().unwrap()), ..rs };
+        assert!(with6.base_script().contains("dnat ip6 to [fd12::1]:8181"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The daemon's configuration file (TOML); `conf/iamlinkd.toml` documents every key.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddrV4,
+    /// IPv6 listen address for pods' IPv6 metadata traffic; unset: it is dropped.
+    pub listen6: Option<SocketAddrV6>,
     #[serde(default = "default_store_dir")]
     pub store_dir: PathBuf,
     #[serde(default)]
@@ -162,7 +164,7 @@ impl Config {
 
     /// The same rule set the plugin builds from its netconf.
     pub fn rule_set(&self) -> RuleSet {
-        RuleSet::new(self.listen, self.mark_mask, self.credentials_address().ok().flatten())
+        RuleSet::new(self.listen, self.listen6, self.mark_mask, self.credentials_address().ok().flatten())
     }
 
     pub fn sts_timeout(&self) -> Duration {
@@ -181,7 +183,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "198.18.0.1:8181");
         assert_eq!(c.mark_mask, MarkMask::default());
         assert_eq!(c.roles.pod.len(), 2);
-        assert_eq!(c.rule_set().addresses.len(), 2);
+        assert_eq!(c.rule_set().addresses.len(), 4);
     }
 
     #[test]

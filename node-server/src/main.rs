@@ -22,6 +22,7 @@ use iamlinkd::{accept, sts, tokens, watch};
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   listen              ip:port iamlinkd accepts intercepted traffic on (required; = the plugin's daemonAddress)
+  listen6             [ip]:port for IPv6 pods (= the plugin's daemonAddress6); unset: their IPv6 metadata traffic is dropped
   store_dir           pod records written by the CNI plugin (default /run/iamlink)
   mark_mask           packet-mark bits for pod identity (default 0x307f; = the plugin's markMask)
   credentials_address second intercepted address (default 169.254.170.23; \"\" disables)
@@ -91,7 +92,10 @@ async fn run(config: Config) -> Result<(), String> {
         rules.reconcile(&lock, &records).map_err(|e| e.to_string())?;
         records.len()
     };
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let mut listeners = vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
+    if let Some(listen6) = config.listen6 {
+        listeners.push(TcpListener::bind(listen6).await.map_err(|e| format!("cannot listen on {listen6}: {e}"))?);
+    }
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(|e| format!("no randomness for token keys: {e}"))?;
     let node_name = config
@@ -101,14 +105,16 @@ async fn run(config: Config) -> Result<(), String> {
         .or_else(|| std::env::var("NODE_NAME").ok())
         .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    info!(listen = %config.listen, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
+    info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
     let app = Arc::new(App::new(config, store, sts, tokens, node_name));
     tokio::spawn(watch::run(app.clone()));
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    for listener in listeners {
+        tokio::spawn(accept::serve(app.clone(), listener));
+    }
     tokio::select! {
-        _ = accept::serve(app, listener) => Ok(()),
         _ = term.recv() => { info!("SIGTERM: stopping; pods stay intercepted"); Ok(()) }
         _ = int.recv() => { info!("SIGINT: stopping; pods stay intercepted"); Ok(()) }
     }

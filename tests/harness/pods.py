@@ -97,11 +97,11 @@ class Pods:
     """Creates and deletes pods in the node through `cnirt` and a conflist of the bench's.
 
     `subnet`, `range_start`, `range_end` set host-local's range (the churn test uses a tiny one so
-    addresses are reused at once). `with_iamlink=False` gives a ptp-only chain (bench self-tests).
+    addresses are reused at once); `subnet6` adds an IPv6 range (dual-stack pods). `with_iamlink=False` gives a ptp-only chain (bench self-tests).
     """
 
     def __init__(self, node, store_dir, subnet="198.18.64.0/24", range_start=None, range_end=None,
-                 gateway=None, with_iamlink=True, daemon_address="198.18.0.1:8181", netconf=None,
+                 gateway=None, with_iamlink=True, daemon_address="198.18.0.1:8181", netconf=None, subnet6=None,
                  cnirt=CNIRT, bin_dirs=(REFERENCE_PLUGINS, RELEASE)):
         self.node = node
         self.store_dir = store_dir
@@ -125,7 +125,8 @@ class Pods:
         plugins = [{
             "type": "ptp",
             "ipMasq": False,
-            "ipam": {"type": "host-local", "ranges": [[rng]], "dataDir": os.path.join(self.dir, "ipam"),
+            "ipam": {"type": "host-local", "ranges": [[rng]] + ([[{"subnet": subnet6}]] if subnet6 else []),
+                     "dataDir": os.path.join(self.dir, "ipam"),
                      "routes": [{"dst": "198.18.0.0/24"}]},
         }]
         if with_iamlink:
