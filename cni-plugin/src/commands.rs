@@ -23,9 +23,10 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
 
     let pod_net = Netlink::in_netns(&env.netns)?;
     let node_net = Netlink::here()?;
-    let container = pod_net.link_by_name(&env.ifname).await?.map(|m| LinkFacts::from(&m)).ok_or_else(|| {
-        CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))
-    })?;
+    let container =
+        pod_net.link_by_name(&env.ifname).await?.map(|m| LinkFacts::from(&m)).ok_or_else(|| {
+            CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))
+        })?;
     let host = find_host_interface(&node_net, &container, &prev).await?;
 
     // A repeated ADD for the same attachment keeps its slot; a new one takes the lowest free one.
@@ -79,7 +80,11 @@ async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevR
     if let (true, Some(peer)) = (container.is_veth, container.peer_index) {
         if let Some(host) = node.link_by_index(peer).await?.map(|m| LinkFacts::from(&m)) {
             if host.is_veth && host.peer_index == Some(container.index) {
-                return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PeerIfindex });
+                return Ok(HostInterface {
+                    name: host.name,
+                    index: host.index,
+                    source: HostInterfaceSource::PeerIfindex,
+                });
             }
         }
     }
@@ -90,11 +95,10 @@ async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevR
             return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PrevResult });
         }
     }
-    Err(CniError::new(
-        Code::HostInterface,
-        format!("cannot find the host side of pod interface {}", container.name),
-    )
-    .with_details("it is not a veth whose peer is in the node namespace, and prevResult names no host interface here"))
+    Err(CniError::new(Code::HostInterface, format!("cannot find the host side of pod interface {}", container.name))
+        .with_details(
+            "it is not a veth whose peer is in the node namespace, and prevResult names no host interface here",
+        ))
 }
 
 /// The intercepted addresses the pod must reach: IPv6 ones only when the pod has IPv6.
@@ -104,7 +108,13 @@ fn routed_addresses(rules: &RuleSet, prev: &PrevResult) -> Vec<IpAddr> {
 
 /// Routes each intercepted address to the node unless the pod's routes already do;
 /// returns the routes added. On failure the routes added so far are removed again.
-async fn ensure_pod_routes(pod: &Netlink, dsts: &[IpAddr], oif: u32, prev: &PrevResult, ifname: &str) -> Result<Vec<IpAddr>> {
+async fn ensure_pod_routes(
+    pod: &Netlink,
+    dsts: &[IpAddr],
+    oif: u32,
+    prev: &PrevResult,
+    ifname: &str,
+) -> Result<Vec<IpAddr>> {
     let mut added = vec![];
     for &dst in dsts {
         let step = async {
@@ -238,7 +248,9 @@ pub fn cmd_gc(conf: &NetConf) -> Result<()> {
 
 /// Ready when the store is writable and nft works (CNI 1.1 STATUS).
 pub fn cmd_status(conf: &NetConf) -> Result<()> {
-    let not_ready = |e: &dyn std::fmt::Display| CniError::new(Code::NotAvailable, "iamlink is not ready").with_details(e.to_string());
+    let not_ready = |e: &dyn std::fmt::Display| {
+        CniError::new(Code::NotAvailable, "iamlink is not ready").with_details(e.to_string())
+    };
     let store = Store::open(conf.store_dir()).map_err(|e| not_ready(&e))?;
     drop(store.lock().map_err(|e| not_ready(&e))?);
     intercept::pod_entries().map_err(|e| not_ready(&e))?;

@@ -18,10 +18,7 @@ fn main() {
         Err(e) => fail(&e, LATEST_VERSION),
     };
     if env.command == "VERSION" {
-        println!(
-            "{}",
-            serde_json::json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
-        );
+        println!("{}", serde_json::json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS }));
         return;
     }
     let mut stdin = Vec::new();
@@ -42,10 +39,9 @@ fn main() {
             "ADD" => cmd_add(&conf, &env).await.map(Some),
             "DEL" => cmd_del(&conf, &env).map(|_| None),
             "CHECK" => cmd_check(&conf, &env).await.map(|_| None),
-            "GC" | "STATUS" if !conf.version_at_least(1, 1) => Err(CniError::new(
-                Code::IncompatibleVersion,
-                format!("{} needs cniVersion 1.1.0", env.command),
-            )),
+            "GC" | "STATUS" if !conf.version_at_least(1, 1) => {
+                Err(CniError::new(Code::IncompatibleVersion, format!("{} needs cniVersion 1.1.0", env.command)))
+            }
             "GC" => cmd_gc(&conf).map(|_| None),
             "STATUS" => cmd_status(&conf).map(|_| None),
             "" => Err(CniError::new(Code::InvalidEnv, "CNI_COMMAND is not set")),

@@ -57,11 +57,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
     match value.get("cniVersion").and_then(|v| v.as_str()) {
         Some(v) if SUPPORTED_VERSIONS.contains(&v) => {}
         Some(v) => {
-            return Err(CniError::new(
-                Code::IncompatibleVersion,
-                format!("cniVersion {v:?} is not supported"),
-            )
-            .with_details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))))
+            return Err(CniError::new(Code::IncompatibleVersion, format!("cniVersion {v:?} is not supported"))
+                .with_details(format!("supported: {}", SUPPORTED_VERSIONS.join(", "))))
         }
         None => return Err(CniError::new(Code::InvalidNetConf, "network configuration lacks cniVersion")),
     }
@@ -157,9 +154,8 @@ impl PrevResult {
                 .and_then(|i| self.interfaces.get(i))
                 .is_some_and(|iface| iface.name == ifname && !iface.sandbox.is_empty())
         };
-        let gw = |ip: &ResultIp| {
-            ip.gateway.as_deref().and_then(|g| g.parse::<IpAddr>().ok()).filter(|g| g.is_ipv6() == v6)
-        };
+        let gw =
+            |ip: &ResultIp| ip.gateway.as_deref().and_then(|g| g.parse::<IpAddr>().ok()).filter(|g| g.is_ipv6() == v6);
         self.ips.iter().filter(on_ifname).find_map(gw).or_else(|| self.ips.iter().find_map(gw))
     }
 
@@ -223,11 +219,7 @@ impl Env {
     /// The pod from `CNI_ARGS`; namespace and name are required for a pod to get a role.
     pub fn pod(&self) -> Result<PodRef> {
         let get = |k: &str| self.args.get(k).cloned().unwrap_or_default();
-        let pod = PodRef {
-            namespace: get("K8S_POD_NAMESPACE"),
-            name: get("K8S_POD_NAME"),
-            uid: get("K8S_POD_UID"),
-        };
+        let pod = PodRef { namespace: get("K8S_POD_NAMESPACE"), name: get("K8S_POD_NAME"), uid: get("K8S_POD_UID") };
         if pod.namespace.is_empty() || pod.name.is_empty() {
             return Err(CniError::new(
                 Code::InvalidEnv,
@@ -242,9 +234,9 @@ impl Env {
 pub fn parse_args(raw: &str) -> Result<HashMap<String, String>> {
     let mut args = HashMap::new();
     for pair in raw.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            CniError::new(Code::InvalidEnv, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"))
-        })?;
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| CniError::new(Code::InvalidEnv, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE")))?;
         args.insert(k.to_string(), v.to_string());
     }
     Ok(args)
@@ -270,10 +262,7 @@ mod tests {
         assert_eq!(parse(&[0xff, 0xfe]).unwrap_err().code, Code::Decode);
         assert_eq!(parse(br#"{"cniVersion":"9.9.9"}"#).unwrap_err().code, Code::IncompatibleVersion);
         assert_eq!(parse(br#"{"name":"x"}"#).unwrap_err().code, Code::InvalidNetConf);
-        assert_eq!(
-            parse(br#"{"cniVersion":"1.0.0","markMask":"0x0"}"#).unwrap_err().code,
-            Code::InvalidNetConf
-        );
+        assert_eq!(parse(br#"{"cniVersion":"1.0.0","markMask":"0x0"}"#).unwrap_err().code, Code::InvalidNetConf);
         let big = vec![b' '; MAX_STDIN + 1];
         assert_eq!(parse(&big).unwrap_err().code, Code::Decode);
         let conf = parse(br#"{"cniVersion":"1.0.0","name":"n","type":"iamlink"}"#).unwrap();

@@ -41,9 +41,8 @@ impl Netlink {
             .map_err(|e| CniError::new(Code::Io, "cannot open own network namespace").with_details(e))?;
         setns(&target, CloneFlags::CLONE_NEWNET).map_err(|e| not_netns(&e))?;
         let opened = Netlink::here();
-        setns(&home, CloneFlags::CLONE_NEWNET).map_err(|e| {
-            CniError::new(Code::Io, "cannot return to the node's network namespace").with_details(e)
-        })?;
+        setns(&home, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| CniError::new(Code::Io, "cannot return to the node's network namespace").with_details(e))?;
         opened
     }
 
@@ -67,9 +66,10 @@ impl Netlink {
         msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
         req.header.flags = NLM_F_REQUEST;
-        let mut answers = self.handle.clone().request(req).map_err(|e| {
-            CniError::new(Code::PodRoutes, format!("route lookup for {dst} failed")).with_details(e)
-        })?;
+        let mut answers =
+            self.handle.clone().request(req).map_err(|e| {
+                CniError::new(Code::PodRoutes, format!("route lookup for {dst} failed")).with_details(e)
+            })?;
         use futures::StreamExt;
         while let Some(answer) = answers.next().await {
             match answer.payload {
@@ -90,7 +90,8 @@ impl Netlink {
     /// Adds a host route `dst via gateway dev oif` in the main table.
     pub async fn add_host_route(&self, dst: IpAddr, gateway: IpAddr, oif: u32) -> Result<()> {
         let failed = |e: &dyn std::fmt::Display| {
-            CniError::new(Code::PodRoutes, format!("cannot add route {dst} via {gateway} in the pod")).with_details(e.to_string())
+            CniError::new(Code::PodRoutes, format!("cannot add route {dst} via {gateway} in the pod"))
+                .with_details(e.to_string())
         };
         let route = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst, host_prefix(dst))

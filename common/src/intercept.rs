@@ -230,8 +230,7 @@ pub fn describe() -> Result<String, InterceptError> {
 }
 
 fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let mut entries = Vec::new();
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
     for item in items {
@@ -251,15 +250,11 @@ fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
 
 /// A tool from PATH, else the usual sbin locations (runtimes run plugins with a thin PATH).
 fn find_tool(name: &str) -> PathBuf {
-    let from_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file())
-    });
+    let from_path = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()));
     from_path
         .or_else(|| {
-            ["/usr/sbin", "/sbin", "/usr/bin"]
-                .iter()
-                .map(|dir| Path::new(dir).join(name))
-                .find(|p| p.is_file())
+            ["/usr/sbin", "/sbin", "/usr/bin"].iter().map(|dir| Path::new(dir).join(name)).find(|p| p.is_file())
         })
         .unwrap_or_else(|| PathBuf::from(name))
 }
@@ -327,10 +322,7 @@ mod tests {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "inet",
             "name": "pods", "table": "iamlink", "type": "ifname", "handle": 4, "map": "verdict",
             "elem": [["vethA", {"jump": {"target": "slot-5"}}], ["eni1", {"jump": {"target": "slot-12"}}]]}}]}"#;
-        assert_eq!(
-            parse_entries(json).unwrap(),
-            vec![("vethA".to_string(), 5), ("eni1".to_string(), 12)]
-        );
+        assert_eq!(parse_entries(json).unwrap(), vec![("vethA".to_string(), 5), ("eni1".to_string(), 12)]);
         let empty = r#"{"nftables": [{"map": {"name": "pods"}}]}"#;
         assert!(parse_entries(empty).unwrap().is_empty());
         assert!(parse_entries(r#"{"nftables": [{"map": {"elem": [["x", {"accept": null}]]}}]}"#).is_err());

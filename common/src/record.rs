@@ -134,11 +134,7 @@ mod tests {
             ifname: "eth0".into(),
             network: "net".into(),
             slot: 3,
-            host_interface: HostInterface {
-                name: "veth1".into(),
-                index: 7,
-                source: HostInterfaceSource::PeerIfindex,
-            },
+            host_interface: HostInterface { name: "veth1".into(), index: 7, source: HostInterfaceSource::PeerIfindex },
             netns: "/var/run/netns/x".into(),
             pod: PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() },
             ips: vec!["198.18.64.2/24".into()],

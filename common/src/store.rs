@@ -47,11 +47,7 @@ impl Store {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let store = Store { dir: dir.into() };
         for d in [store.dir.clone(), store.records_dir(), store.slots_dir()] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)
-                .map_err(io_err(&d))?;
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(io_err(&d))?;
         }
         Ok(store)
     }
@@ -109,17 +105,15 @@ impl Store {
 
     /// The lowest free slot in `1..=max`.
     pub fn free_slot(&self, _lock: &StoreLock, max: u32) -> Result<u32, StoreError> {
-        (1..=max)
-            .find(|&n| fs::symlink_metadata(self.slot_path(n)).is_err())
-            .ok_or(StoreError::Full(max))
+        (1..=max).find(|&n| fs::symlink_metadata(self.slot_path(n)).is_err()).ok_or(StoreError::Full(max))
     }
 
     /// Writes the record and then links its slot, each step atomic and durable.
     pub fn insert(&self, _lock: &StoreLock, record: &PodRecord) -> Result<(), StoreError> {
         validate_key(&record.container_id, &record.ifname).map_err(StoreError::InvalidKey)?;
         let path = self.record_path(&record.container_id, &record.ifname);
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let json =
+            serde_json::to_vec_pretty(record).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
         write_atomic(&path, &json)?;
 
         let link = self.slot_path(record.slot);
@@ -133,12 +127,7 @@ impl Store {
 
     /// Removes one attachment's slot link and record; returns what was removed.
     /// The slot link is removed only while it still points at this record.
-    pub fn remove(
-        &self,
-        _lock: &StoreLock,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Option<PodRecord>, StoreError> {
+    pub fn remove(&self, _lock: &StoreLock, container_id: &str, ifname: &str) -> Result<Option<PodRecord>, StoreError> {
         let path = self.record_path(container_id, ifname);
         let record = match self.get(container_id, ifname) {
             Ok(r) => r,
@@ -149,9 +138,7 @@ impl Store {
         };
         if let Some(r) = &record {
             let link = self.slot_path(r.slot);
-            let points_here = fs::read_link(&link)
-                .map(|t| t.file_name() == path.file_name())
-                .unwrap_or(false);
+            let points_here = fs::read_link(&link).map(|t| t.file_name() == path.file_name()).unwrap_or(false);
             if points_here {
                 fs::remove_file(&link).map_err(io_err(&link))?;
                 sync_dir(&self.slots_dir())?;
@@ -197,9 +184,7 @@ fn read_record(path: &Path) -> Result<Option<PodRecord>, StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(path)(e)),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
+    serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
 }
 
 /// Temp file, fsync, rename, fsync of the directory: readers see the old or the new file whole.
@@ -207,13 +192,8 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f =
+        OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     sync_dir(dir)
@@ -234,11 +214,7 @@ mod tests {
             ifname: "eth0".into(),
             network: "net".into(),
             slot,
-            host_interface: HostInterface {
-                name: host.into(),
-                index: 9,
-                source: HostInterfaceSource::PeerIfindex,
-            },
+            host_interface: HostInterface { name: host.into(), index: 9, source: HostInterfaceSource::PeerIfindex },
             netns: "/var/run/netns/x".into(),
             pod: PodRef { namespace: "ns".into(), name: cid.into(), uid: "u".into() },
             ips: vec![],

@@ -58,8 +58,11 @@ async fn main() {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = body.clone();
                 async move {
-                    let (status, body) =
-                        if req.uri().path() == path { (StatusCode::OK, body) } else { (StatusCode::NOT_FOUND, Bytes::new()) };
+                    let (status, body) = if req.uri().path() == path {
+                        (StatusCode::OK, body)
+                    } else {
+                        (StatusCode::NOT_FOUND, Bytes::new())
+                    };
                     let mut r = Response::new(Full::new(body));
                     *r.status_mut() = status;
                     r.headers_mut().insert(CONTENT_TYPE, "text/plain".parse().expect("static header"));

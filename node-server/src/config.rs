@@ -194,8 +194,10 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = Config::parse("listen = \"198.18.0.1:80\"\n[roles]\ndefault = \"r\"").unwrap_err();
         assert!(e.contains("base_arn"), "{e}");
-        let e = Config::parse("listen = \"198.18.0.1:80\"\nproxy_allow = [\"/latest/meta-data/iam/security-credentials/x\"]")
-            .unwrap_err();
+        let e = Config::parse(
+            "listen = \"198.18.0.1:80\"\nproxy_allow = [\"/latest/meta-data/iam/security-credentials/x\"]",
+        )
+        .unwrap_err();
         assert!(e.contains("proxy_allow"), "{e}");
     }
 }

@@ -61,10 +61,8 @@ pub trait AssumeRole: Send + Sync + 'static {
 /// long names keep a prefix and a hash so that distinct pods stay distinct.
 pub fn session_name(pod: &PodRef) -> String {
     let raw = format!("{}.{}", pod.namespace, pod.name);
-    let mut name: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' })
-        .collect();
+    let mut name: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' }).collect();
     if name.len() > 64 {
         let hash = hex::encode(&Sha256::digest(raw.as_bytes())[..4]);
         name.truncate(55);
@@ -138,10 +136,7 @@ impl<S: AssumeRole> Cache<S> {
 
     fn entry(&self, key: &SessionKey) -> Arc<Entry> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        entries.entry(key.clone()).or_default().clone()
     }
 
     /// Credentials for `key`: cached when fresh, else from STS (one call at a time per key).

@@ -33,10 +33,8 @@ pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord,
     if slot == 0 {
         return Err(Unidentified::NoMark);
     }
-    let record = store
-        .by_slot(slot)
-        .map_err(|e| Unidentified::Store(e.to_string()))?
-        .ok_or(Unidentified::NoRecord(slot))?;
+    let record =
+        store.by_slot(slot).map_err(|e| Unidentified::Store(e.to_string()))?.ok_or(Unidentified::NoRecord(slot))?;
     if record.created_boottime_ns > conn.accepted_at {
         return Err(Unidentified::Stale(slot));
     }

@@ -133,7 +133,9 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
         }
         return match parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok())) {
             Some(ttl) => Decision::Token { ttl },
-            None => refuse(StatusCode::BAD_REQUEST, "bad token ttl", "x-aws-ec2-metadata-token-ttl-seconds must be 1-21600"),
+            None => {
+                refuse(StatusCode::BAD_REQUEST, "bad token ttl", "x-aws-ec2-metadata-token-ttl-seconds must be 1-21600")
+            }
         };
     }
     if method != Method::GET && method != Method::HEAD {
@@ -143,7 +145,9 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
         Some(token) => match (facts.verify_token)(token) {
             Ok(()) => {}
             Err(TokenError::Expired) => return refuse(StatusCode::UNAUTHORIZED, "token expired", "token expired"),
-            Err(TokenError::Invalid) => return refuse(StatusCode::UNAUTHORIZED, "token invalid", "token invalid for this pod"),
+            Err(TokenError::Invalid) => {
+                return refuse(StatusCode::UNAUTHORIZED, "token invalid", "token invalid for this pod")
+            }
         },
         None if !facts.imdsv1 => return refuse(StatusCode::UNAUTHORIZED, "token required", "IMDSv2 token required"),
         None => {}
@@ -191,7 +195,9 @@ async fn execute<S: AssumeRole>(
         Decision::RoleName(role) => ok("role listed", role.name().to_string()),
         Decision::Info(role) => ok("info", render_info(&role)),
         Decision::Credentials(role) => credentials(app, record, &role, render_credentials).await,
-        Decision::ContainerCredentials(role) => credentials(app, record, &role, |c| render_container_credentials(c, &role)).await,
+        Decision::ContainerCredentials(role) => {
+            credentials(app, record, &role, |c| render_container_credentials(c, &role)).await
+        }
         Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
             Err(e) => {
@@ -222,7 +228,11 @@ async fn credentials<S: AssumeRole>(
         }
         Err(e) => {
             warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn, error = %e, "cannot assume role");
-            (StatusCode::SERVICE_UNAVAILABLE, "sts error", text(StatusCode::SERVICE_UNAVAILABLE, "iamlink: cannot assume the pod's role now\n"))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sts error",
+                text(StatusCode::SERVICE_UNAVAILABLE, "iamlink: cannot assume the pod's role now\n"),
+            )
         }
     }
 }

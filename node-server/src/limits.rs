@@ -23,7 +23,11 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { requests_per_second: default_rate(), burst: default_burst(), connections_per_pod: default_connections() }
+        LimitsConfig {
+            requests_per_second: default_rate(),
+            burst: default_burst(),
+            connections_per_pod: default_connections(),
+        }
     }
 }
 

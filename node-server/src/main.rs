@@ -4,7 +4,6 @@
 //! The request path, one module per step: accept (socket mark) → identify (slot → pod record)
 //! → imds (token, routing) → credentials (cache → STS) → render.
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -78,8 +77,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), String> {
-    accept::enable_fwmark_accept()
-        .map_err(|e| format!("cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace): {e}"))?;
+    accept::enable_fwmark_accept().map_err(|e| {
+        format!("cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace): {e}")
+    })?;
     let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
     let rules = config.rule_set();
     let records = {
@@ -92,7 +92,8 @@ async fn run(config: Config) -> Result<(), String> {
         rules.reconcile(&lock, &records).map_err(|e| e.to_string())?;
         records.len()
     };
-    let mut listeners = vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
+    let mut listeners =
+        vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
     if let Some(listen6) = config.listen6 {
         listeners.push(TcpListener::bind(listen6).await.map_err(|e| format!("cannot listen on {listen6}: {e}"))?);
     }

@@ -33,13 +33,10 @@ impl Roles {
 
     /// The most specific entry wins: namespace and name, then namespace, then the default.
     pub fn resolve(&self, pod: &PodRef) -> Option<Role> {
-        let exact = self.config.pod.iter().find(|p| p.namespace == pod.namespace && p.name.as_deref() == Some(&pod.name));
+        let exact =
+            self.config.pod.iter().find(|p| p.namespace == pod.namespace && p.name.as_deref() == Some(&pod.name));
         let namespace = || self.config.pod.iter().find(|p| p.namespace == pod.namespace && p.name.is_none());
-        exact
-            .or_else(namespace)
-            .map(|p| p.role.as_str())
-            .or(self.config.default.as_deref())
-            .map(|r| self.to_arn(r))
+        exact.or_else(namespace).map(|p| p.role.as_str()).or(self.config.default.as_deref()).map(|r| self.to_arn(r))
     }
 
     fn to_arn(&self, role: &str) -> Role {
@@ -80,7 +77,11 @@ mod tests {
 
     #[test]
     fn default_role_applies_only_when_configured() {
-        let roles = Roles::new(RolesConfig { base_arn: Some("arn:aws:iam::1:role/".into()), default: Some("d".into()), pod: vec![] });
+        let roles = Roles::new(RolesConfig {
+            base_arn: Some("arn:aws:iam::1:role/".into()),
+            default: Some("d".into()),
+            pod: vec![],
+        });
         assert_eq!(roles.resolve(&pod("x", "y")).unwrap().arn, "arn:aws:iam::1:role/d");
     }
 }

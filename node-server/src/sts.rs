@@ -46,10 +46,12 @@ impl AssumeRole for Sts {
             .set_tags((!tags.is_empty()).then_some(tags))
             .send()
             .await
-            .map_err(|e| StsError(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e))))?;
+            .map_err(|e| {
+                StsError(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
+            })?;
         let c = out.credentials.ok_or_else(|| StsError("AssumeRole answer has no credentials".into()))?;
-        let expiration = SystemTime::try_from(c.expiration)
-            .map_err(|e| StsError(format!("AssumeRole expiration: {e}")))?;
+        let expiration =
+            SystemTime::try_from(c.expiration).map_err(|e| StsError(format!("AssumeRole expiration: {e}")))?;
         Ok(Credentials {
             access_key_id: c.access_key_id,
             secret_access_key: c.secret_access_key,

@@ -24,7 +24,10 @@ const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// code free of raw-fd registration; `Notify` coalesces bursts into one rescan.
 fn watch_records(dir: &Path) -> Option<Arc<Notify>> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
-    let flags = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_CLOSE_WRITE;
+    let flags = AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_CLOSE_WRITE;
     inotify.add_watch(dir, flags).ok()?;
     let notify = Arc::new(Notify::new());
     let waker = notify.clone();
@@ -123,10 +126,8 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.
 fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
-    let live: HashSet<_> = records
-        .iter()
-        .filter_map(|r| app.role_of(r).map(|role| app.session_key(r, &role)))
-        .collect();
+    let live: HashSet<_> =
+        records.iter().filter_map(|r| app.role_of(r).map(|role| app.session_key(r, &role))).collect();
     app.cache.retain(&live);
     for key in live {
         let app = app.clone();

@@ -84,7 +84,11 @@ impl Bench {
             ifname: "eth0".into(),
             network: "net".into(),
             slot,
-            host_interface: HostInterface { name: format!("veth{slot}"), index: slot + 10, source: HostInterfaceSource::PeerIfindex },
+            host_interface: HostInterface {
+                name: format!("veth{slot}"),
+                index: slot + 10,
+                source: HostInterfaceSource::PeerIfindex,
+            },
             netns: format!("/var/run/netns/p{slot}"),
             pod: PodRef { namespace: namespace.into(), name: name.into(), uid: format!("uid-{slot}") },
             ips: vec!["198.18.64.2/24".into()],
@@ -94,7 +98,11 @@ impl Bench {
         let store = &self.app.store;
         let lock = store.lock().unwrap();
         store.insert(&lock, &record).unwrap();
-        Conn { mark: self.app.config.mark_mask.mark_for(slot), accepted_at: boottime_ns(), peer: "198.18.64.2:40000".parse().unwrap() }
+        Conn {
+            mark: self.app.config.mark_mask.mark_for(slot),
+            accepted_at: boottime_ns(),
+            peer: "198.18.64.2:40000".parse().unwrap(),
+        }
     }
 
     async fn call(&self, conn: &Conn, method: Method, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
@@ -109,7 +117,8 @@ impl Bench {
     }
 
     async fn token(&self, conn: &Conn) -> String {
-        let (status, token) = self.call(conn, Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "60")]).await;
+        let (status, token) =
+            self.call(conn, Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "60")]).await;
         assert_eq!(status, StatusCode::OK);
         token
     }
@@ -191,13 +200,17 @@ async fn token_requests_are_checked_like_the_real_service() {
     let b = bench("");
     let web = b.pod(1, "team-a", "web");
     for ttl in ["0", "21601", "x", ""] {
-        let (status, _) = b.call(&web, Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", ttl)]).await;
+        let (status, _) =
+            b.call(&web, Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", ttl)]).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "ttl {ttl:?}");
     }
     assert_eq!(b.call(&web, Method::PUT, "/latest/api/token", &[]).await.0, StatusCode::BAD_REQUEST);
     let forwarded = [("x-aws-ec2-metadata-token-ttl-seconds", "60"), ("x-forwarded-for", "198.18.64.9")];
     assert_eq!(b.call(&web, Method::PUT, "/latest/api/token", &forwarded).await.0, StatusCode::FORBIDDEN);
-    assert_eq!(b.call(&web, Method::GET, CREDS, &[("x-aws-ec2-metadata-token", "1.abc")]).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        b.call(&web, Method::GET, CREDS, &[("x-aws-ec2-metadata-token", "1.abc")]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(b.call(&web, Method::POST, CREDS, &[]).await.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(b.call(&web, Method::PUT, CREDS, &[]).await.0, StatusCode::METHOD_NOT_ALLOWED);
 }
