@@ -35,34 +35,17 @@ impl MarkMask {
 
     /// The mark bits for `slot`: bit i of the slot goes to the i-th set bit of the mask.
     pub fn mark_for(self, slot: u32) -> u32 {
-        let mut mark = 0;
-        let mut rest = self.0;
-        let mut i = 0;
-        while rest != 0 {
-            let bit = rest & rest.wrapping_neg();
-            if slot & (1 << i) != 0 {
-                mark |= bit;
-            }
-            rest &= rest - 1;
-            i += 1;
-        }
-        mark
+        self.set_bits().enumerate().filter(|(i, _)| slot & (1 << i) != 0).fold(0, |mark, (_, bit)| mark | bit)
     }
 
     /// The slot carried by a socket's mark (0: none); bits outside the mask are ignored.
     pub fn slot_of(self, mark: u32) -> u32 {
-        let mut slot = 0;
-        let mut rest = self.0;
-        let mut i = 0;
-        while rest != 0 {
-            let bit = rest & rest.wrapping_neg();
-            if mark & bit != 0 {
-                slot |= 1 << i;
-            }
-            rest &= rest - 1;
-            i += 1;
-        }
-        slot
+        self.set_bits().enumerate().filter(|(_, bit)| mark & bit != 0).fold(0, |slot, (i, _)| slot | (1 << i))
+    }
+
+    /// The mask's set bits, lowest first, each as a one-bit value.
+    fn set_bits(self) -> impl Iterator<Item = u32> {
+        (0..32).map(|i| 1u32 << i).filter(move |bit| self.0 & bit != 0)
     }
 }
 
