@@ -36,6 +36,38 @@ pub struct Config {
     pub roles: RolesConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cni: CniConfig,
+}
+
+/// Where the node's CNI runtime looks for configs and plugins; `install-cni` and `manage`
+/// chain iamlink there with an entry derived from this file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CniConfig {
+    #[serde(default = "default_conf_dir")]
+    pub conf_dir: PathBuf,
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+    /// The `iamlink` binary to copy into `bin_dir`; unset: the one next to this executable.
+    pub plugin_path: Option<PathBuf>,
+    /// The plugin's `logFile`; unset: it logs to stderr only.
+    pub log_file: Option<PathBuf>,
+    /// Keep iamlink chained while the daemon runs (primary plugins rewrite their conflist).
+    #[serde(default)]
+    pub manage: bool,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: default_conf_dir(),
+            bin_dir: default_bin_dir(),
+            plugin_path: None,
+            log_file: None,
+            manage: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -88,6 +120,12 @@ pub struct PodRole {
 
 fn default_store_dir() -> PathBuf {
     PathBuf::from("/run/iamlink")
+}
+fn default_conf_dir() -> PathBuf {
+    PathBuf::from("/etc/cni/net.d")
+}
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("/opt/cni/bin")
 }
 fn default_credentials_address() -> String {
     DEFAULT_CREDENTIALS_ADDRESS.to_string()
@@ -184,6 +222,18 @@ mod tests {
         assert_eq!(c.mark_mask, MarkMask::default());
         assert_eq!(c.roles.pod.len(), 2);
         assert_eq!(c.rule_set().addresses.len(), 4);
+        assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(c.cni.bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert!(!c.cni.manage);
+    }
+
+    #[test]
+    fn cni_keys_default_to_the_usual_node_paths() {
+        let c = Config::parse("listen = \"198.18.0.1:80\"").unwrap();
+        assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!((c.cni.plugin_path, c.cni.log_file, c.cni.manage), (None, None, false));
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[cni]\nconfdir = \"/x\"").unwrap_err();
+        assert!(e.contains("confdir"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! iamlinkd as a library. A request walks the modules in this order: [`accept`] (the socket's
 //! mark) → [`identify`] (slot → pod record) → [`imds`] (token, routing) → [`credentials`]
-//! (cache → [`sts`]) → rendered JSON. [`watch`] follows the store for prefetch and refresh.
+//! (cache → [`sts`]) → rendered JSON. [`watch`] follows the store for prefetch and refresh;
+//! [`cniconfig`] chains the plugin into the node's CNI config.
 
 pub mod accept;
 pub mod app;
+pub mod cniconfig;
 pub mod config;
 pub mod credentials;
 pub mod identify;

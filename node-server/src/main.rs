@@ -3,18 +3,21 @@
 //!
 //! The request path, one module per step: accept (socket mark) → identify (slot → pod record)
 //! → imds (token, routing) → credentials (cache → STS) → render.
+//!
+//! `install-cni` and `uninstall-cni` chain the plugin into (and out of) the node's CNI config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, ValueEnum};
-use iamlink_common::Store;
+use clap::{Parser, Subcommand, ValueEnum};
+use iamlink_common::{intercept, Store};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use iamlinkd::app::App;
+use iamlinkd::cniconfig::{self, Installer};
 use iamlinkd::config::{self, Config};
 use iamlinkd::{accept, sts, tokens, watch};
 
@@ -30,20 +33,43 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
   [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); 0 = off
   [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
-  [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}";
+  [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}
+  [cni]   conf_dir (/etc/cni/net.d), bin_dir (/opt/cni/bin), plugin_path (default: iamlink next to iamlinkd),
+          log_file (the plugin's logFile), manage (false; true: keep iamlink chained while iamlinkd runs)
+
+Without a subcommand iamlinkd runs the daemon. install-cni/uninstall-cni derive the plugin's netconf entry
+from this file: daemonAddress = listen, daemonAddress6 = listen6, storeDir, markMask, credentialsAddress.";
 
 #[derive(Parser)]
 #[command(name = "iamlinkd", version, about = "iamlink node daemon: each pod gets its own IAM role's credentials", after_help = CONFIG_HELP)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, env = "IAMLINKD_CONFIG", default_value = config::DEFAULT_PATH)]
+    #[arg(long, short, global = true, env = "IAMLINKD_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
     /// Log line format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Only check the configuration file, then exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the iamlink plugin and chain it into the node's CNI config, then exit
+    ///
+    /// Copies the plugin into [cni] bin_dir, then appends its entry (derived from this config) as
+    /// the last plugin of the CNI config the runtime uses: the first *.conf, *.conflist or *.json
+    /// of [cni] conf_dir in lexical order; a .conf becomes a .conflist of the same stem.
+    /// Idempotent, for init containers; a malformed config file is named and left untouched.
+    InstallCni,
+    /// Remove iamlink's CNI entry, its binary and the interception rule set, then exit
+    ///
+    /// Pods keep their network: routes and the primary plugin's rules are not touched. Stop the
+    /// daemon first when [cni] manage is set, or it chains iamlink again.
+    UninstallCni,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,6 +93,51 @@ async fn main() -> ExitCode {
         println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
+    let result = match cli.command {
+        Some(Command::InstallCni) => install_cni(&config),
+        Some(Command::UninstallCni) => uninstall_cni(&config),
+        None => return daemon(config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The binary first: an entry without its binary would fail every pod's ADD.
+fn install_cni(config: &Config) -> Result<(), String> {
+    let installer = Installer::new(config).map_err(|e| e.to_string())?;
+    let binary = installer.installed_binary();
+    match installer.install_binary().map_err(|e| e.to_string())? {
+        true => info!(path = %binary.display(), "installed the iamlink plugin"),
+        false => info!(path = %binary.display(), "iamlink plugin already up to date"),
+    }
+    match installer.chain().map_err(|e| e.to_string())? {
+        Some(file) => info!(file = %file.display(), "chained iamlink into the CNI config"),
+        None => info!(dir = %installer.conf_dir.display(), "iamlink already chained"),
+    }
+    Ok(())
+}
+
+/// In the reverse order of install: no new pod may meet an entry whose binary is gone. The rule
+/// set goes last, under the store lock; routes and the primary plugin's rules stay.
+fn uninstall_cni(config: &Config) -> Result<(), String> {
+    let installer = Installer::new(config).map_err(|e| e.to_string())?;
+    for file in installer.uninstall().map_err(|e| e.to_string())? {
+        info!(file = %file.display(), "removed iamlink from the CNI config");
+    }
+    info!(path = %installer.installed_binary().display(), "removed the iamlink plugin");
+    let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
+    let lock = store.lock().map_err(|e| e.to_string())?;
+    intercept::remove_all(&lock).map_err(|e| e.to_string())?;
+    info!(table = intercept::TABLE, "removed the interception rule set");
+    Ok(())
+}
+
+async fn daemon(config: Config) -> ExitCode {
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -96,6 +167,11 @@ async fn run(config: Config) -> Result<(), String> {
         vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
     if let Some(listen6) = config.listen6 {
         listeners.push(TcpListener::bind(listen6).await.map_err(|e| format!("cannot listen on {listen6}: {e}"))?);
+    }
+    if config.cni.manage {
+        let installer = Installer::new(&config).map_err(|e| e.to_string())?;
+        installer.install_binary().map_err(|e| format!("[cni] manage: {e}"))?;
+        tokio::spawn(cniconfig::keep_chained(installer));
     }
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(|e| format!("no randomness for token keys: {e}"))?;

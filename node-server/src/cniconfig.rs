@@ -1,0 +1,412 @@
+//! Chaining iamlink into the node's CNI config, and the only code that writes the CNI config and
+//! bin directories.
+//!
+//! containerd and CRI-O use the first file in lexical order of the config directory with
+//! extension `.conf`, `.conflist` or `.json`; iamlink goes last into its `plugins`. The entry is
+//! derived from iamlinkd's own config, so plugin and daemon cannot disagree. Primary plugins
+//! rewrite their file when they restart (aws-vpc-cni by temp file + rename, Calico in place), so
+//! the daemon can keep iamlink chained ([`keep_chained`]); it writes only when the entry is
+//! missing or wrong, which is what keeps it from fighting the other writer.
+//!
+//! Files are parsed into `serde_json::Value`s whose maps keep their key order (this crate enables
+//! serde_json's `preserve_order`), so a rewritten file differs from the primary's by the iamlink
+//! entry only.
+
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+pub const PLUGIN_NAME: &str = "iamlink";
+/// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
+const CONFIG_EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
+/// The netconf keys iamlinkd derives; any other key in an existing entry is left alone.
+const MANAGED_KEYS: [&str; 7] =
+    ["type", "daemonAddress", "daemonAddress6", "storeDir", "markMask", "credentialsAddress", "logFile"];
+/// Safety net behind inotify (unavailable, overflowed, or the directory appeared late).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CniConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not valid JSON: {source}; left untouched: fix it or let its plugin rewrite it")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error(
+        "no CNI network config (*.conf, *.conflist, *.json) in {0}: the node's primary CNI (aws-vpc-cni, \
+         Calico) writes it when it starts; run install-cni after it, or set [cni] manage = true so that \
+         iamlinkd chains iamlink when it appears (or fix [cni] conf_dir)"
+    )]
+    NoConfig(PathBuf),
+    #[error("cannot read the iamlink plugin binary {path}: {source}; set [cni] plugin_path")]
+    Plugin { path: PathBuf, source: io::Error },
+}
+
+type Result<T> = std::result::Result<T, CniConfigError>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CniConfigError + '_ {
+    move |source| CniConfigError::Io { path: path.to_path_buf(), source }
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> CniConfigError {
+    CniConfigError::Invalid { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// The iamlink netconf entry, in the order ARCHITECTURE.md lists its keys.
+pub fn iamlink_entry(config: &Config) -> Map<String, Value> {
+    let mut entry = Map::new();
+    entry.insert("type".into(), PLUGIN_NAME.into());
+    entry.insert("daemonAddress".into(), config.listen.to_string().into());
+    if let Some(listen6) = config.listen6 {
+        entry.insert("daemonAddress6".into(), listen6.to_string().into());
+    }
+    entry.insert("storeDir".into(), config.store_dir.to_string_lossy().into());
+    entry.insert("markMask".into(), config.mark_mask.to_string().into());
+    entry.insert("credentialsAddress".into(), config.credentials_address.clone().into());
+    if let Some(log_file) = &config.cni.log_file {
+        entry.insert("logFile".into(), log_file.to_string_lossy().into());
+    }
+    entry
+}
+
+fn is_iamlink(plugin: &Value) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_NAME)
+}
+
+/// `list` with `entry` as its last plugin; an existing iamlink entry is brought up to date where
+/// it stands (its other keys kept) and duplicates are dropped. Equal to `list` when it was right.
+pub fn chained(list: &Value, entry: &Map<String, Value>) -> std::result::Result<Value, String> {
+    let mut list = list.clone();
+    let plugins = list.get_mut("plugins").and_then(Value::as_array_mut).ok_or("has no \"plugins\" list")?;
+    let mut seen = false;
+    plugins.retain_mut(|plugin| {
+        if !is_iamlink(plugin) {
+            return true;
+        }
+        if std::mem::replace(&mut seen, true) {
+            return false;
+        }
+        if let Some(existing) = plugin.as_object_mut() {
+            for key in MANAGED_KEYS {
+                match entry.get(key) {
+                    Some(value) => existing.insert(key.into(), value.clone()),
+                    None => existing.shift_remove(key),
+                };
+            }
+        }
+        true
+    });
+    if !seen {
+        plugins.push(Value::Object(entry.clone()));
+    }
+    if plugins.first().is_some_and(is_iamlink) {
+        return Err("has no plugin before iamlink, which must follow the one that creates the pod's interface".into());
+    }
+    Ok(list)
+}
+
+/// `list` without any iamlink entry.
+pub fn unchained(list: &Value) -> Value {
+    let mut list = list.clone();
+    if let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) {
+        plugins.retain(|p| !is_iamlink(p));
+    }
+    list
+}
+
+/// A single-plugin config as the conflist runtimes make of it: name and version move to the list.
+pub fn conf_to_conflist(conf: &Value) -> Value {
+    let mut plugin = conf.as_object().cloned().unwrap_or_default();
+    let mut list = Map::new();
+    for key in ["cniVersion", "name"] {
+        if let Some(value) = plugin.shift_remove(key) {
+            list.insert(key.into(), value);
+        }
+    }
+    list.insert("plugins".into(), Value::Array(vec![Value::Object(plugin)]));
+    Value::Object(list)
+}
+
+fn is_config_file(name: &str) -> bool {
+    Path::new(name).extension().and_then(|e| e.to_str()).is_some_and(|e| CONFIG_EXTENSIONS.contains(&e))
+}
+
+fn is_conflist(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "conflist")
+}
+
+/// The config files in lexical (byte) order, as libcni's `ConfFiles` and `sort.Strings` give them:
+/// directories are skipped, everything else with a config extension counts.
+pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = vec![];
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let is_dir = entry.file_type().map_err(io_err(&entry.path()))?.is_dir();
+        if !is_dir && entry.file_name().to_str().is_some_and(is_config_file) {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The file the runtime uses: the first config file.
+pub fn config_file(dir: &Path) -> Result<PathBuf> {
+    config_files(dir)?.into_iter().next().ok_or_else(|| CniConfigError::NoConfig(dir.to_path_buf()))
+}
+
+fn read_json(path: &Path) -> Result<(Vec<u8>, Value)> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|source| CniConfigError::Json { path: path.to_path_buf(), source })?;
+    if !value.is_object() {
+        return Err(invalid(path, "is not a JSON object"));
+    }
+    Ok((bytes, value))
+}
+
+/// Whether `path` still holds `bytes`: a primary plugin that rewrote it while we worked wins,
+/// and its change event brings us back.
+fn unchanged(path: &Path, bytes: &[u8]) -> bool {
+    fs::read(path).is_ok_and(|now| now == bytes)
+}
+
+fn render(value: &Value) -> Vec<u8> {
+    let mut text = serde_json::to_vec_pretty(value).expect("a Value always serializes");
+    text.push(b'\n');
+    text
+}
+
+/// Replaces `path` by temp file + fsync + rename in the same directory, so the runtime (which
+/// reloads on directory events) never reads a partial file. The temp name ends in no config
+/// extension, so libcni never lists it.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.iamlink-tmp", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        file.set_permissions(Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CniConfigError::Io { path: path.to_path_buf(), source: e }
+    })
+}
+
+fn mode_of(path: &Path) -> Result<u32> {
+    Ok(fs::metadata(path).map_err(io_err(path))?.permissions().mode() & 0o7777)
+}
+
+/// Chains iamlink into the CNI config and keeps it there; built from iamlinkd's config.
+#[derive(Clone, Debug)]
+pub struct Installer {
+    pub conf_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    /// The binary copied into `bin_dir`.
+    pub plugin_path: PathBuf,
+    pub entry: Map<String, Value>,
+}
+
+impl Installer {
+    pub fn new(config: &Config) -> Result<Self> {
+        let plugin_path = match &config.cni.plugin_path {
+            Some(path) => path.clone(),
+            None => {
+                let exe = std::env::current_exe().map_err(|source| CniConfigError::Plugin {
+                    path: PathBuf::from("(iamlinkd's own path)"),
+                    source,
+                })?;
+                exe.with_file_name(PLUGIN_NAME)
+            }
+        };
+        Ok(Installer {
+            conf_dir: config.cni.conf_dir.clone(),
+            bin_dir: config.cni.bin_dir.clone(),
+            plugin_path,
+            entry: iamlink_entry(config),
+        })
+    }
+
+    /// Where runtimes find the plugin.
+    pub fn installed_binary(&self) -> PathBuf {
+        self.bin_dir.join(PLUGIN_NAME)
+    }
+
+    /// Copies the plugin into the bin directory (mode 0755, atomically: a runtime may exec it at
+    /// any moment). Returns false when the installed copy was already identical.
+    pub fn install_binary(&self) -> Result<bool> {
+        let plugin = fs::read(&self.plugin_path)
+            .map_err(|source| CniConfigError::Plugin { path: self.plugin_path.clone(), source })?;
+        let target = self.installed_binary();
+        let same = fs::read(&target).is_ok_and(|installed| installed == plugin)
+            && mode_of(&target).is_ok_and(|mode| mode == 0o755);
+        if same {
+            return Ok(false);
+        }
+        write_atomic(&target, &plugin, 0o755)?;
+        Ok(true)
+    }
+
+    /// Puts the iamlink entry last into the config the runtime uses; a `.conf` becomes a
+    /// `.conflist` of the same stem. Returns the file written, None when it was already right.
+    /// Refuses while the binary is missing: the entry alone would fail every pod's ADD.
+    pub fn chain(&self) -> Result<Option<PathBuf>> {
+        let binary = self.installed_binary();
+        if !binary.is_file() {
+            return Err(invalid(&binary, "is missing, so iamlink is not chained (pods would fail); run install-cni"));
+        }
+        let path = config_file(&self.conf_dir)?;
+        let (bytes, current) = read_json(&path)?;
+        if is_conflist(&path) {
+            let new = chained(&current, &self.entry).map_err(|msg| invalid(&path, msg))?;
+            if new == current || !unchanged(&path, &bytes) {
+                return Ok(None);
+            }
+            write_atomic(&path, &render(&new), mode_of(&path)?)?;
+            return Ok(Some(path));
+        }
+        if current.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(invalid(&path, "has no \"type\" (containerd refuses it); name a conflist .conflist"));
+        }
+        let target = path.with_extension("conflist");
+        self.keeps_first_place(&path, &target)?;
+        let new = chained(&conf_to_conflist(&current), &self.entry).map_err(|msg| invalid(&path, msg))?;
+        if !unchanged(&path, &bytes) {
+            return Ok(None);
+        }
+        write_atomic(&target, &render(&new), mode_of(&path)?)?;
+        if unchanged(&path, &bytes) {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        Ok(Some(target))
+    }
+
+    /// The converted file must still come first. An existing `<stem>.conflist` is replaced: the
+    /// `.conf` shadowed it, so the runtime never used it (it is ours from an earlier conversion
+    /// when the primary has rewritten its `.conf`).
+    fn keeps_first_place(&self, conf: &Path, target: &Path) -> Result<()> {
+        let files = config_files(&self.conf_dir)?;
+        match files.iter().find(|f| *f != conf && *f != target && f.as_path() < target) {
+            Some(other) => Err(invalid(
+                conf,
+                format!("as {} it would sort after {}; rename one of them", target.display(), other.display()),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes every iamlink entry from the config files (the runtime's first file may have
+    /// changed since install), then the binary. A file that cannot be read stops it before the
+    /// binary goes: an entry left without its binary would fail every pod's ADD.
+    /// A conflist converted from a `.conf` stays a conflist. Returns the files rewritten.
+    pub fn uninstall(&self) -> Result<Vec<PathBuf>> {
+        let files = match config_files(&self.conf_dir) {
+            Err(CniConfigError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => vec![],
+            files => files?,
+        };
+        let mut written = vec![];
+        for path in files.into_iter().filter(|p| is_conflist(p)) {
+            let (bytes, current) = read_json(&path)?;
+            let new = unchained(&current);
+            if new != current && unchanged(&path, &bytes) {
+                write_atomic(&path, &render(&new), mode_of(&path)?)?;
+                written.push(path);
+            }
+        }
+        let binary = self.installed_binary();
+        if let Err(e) = fs::remove_file(&binary) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(io_err(&binary)(e));
+            }
+        }
+        Ok(written)
+    }
+
+    /// One pass of [`keep_chained`]: the binary back if someone removed it, then the entry.
+    fn ensure(&self) -> Result<Option<PathBuf>> {
+        if !self.installed_binary().is_file() {
+            self.install_binary()?;
+            info!(path = %self.installed_binary().display(), "iamlink plugin binary was missing; installed again");
+        }
+        self.chain()
+    }
+}
+
+/// Wakes the keeper whenever a file in the config directory is written, renamed or removed.
+/// The reader thread ends with the keeper (it holds only a weak reference).
+fn watch_dir(dir: &Path) -> Option<Arc<Notify>> {
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_DELETE;
+    inotify.add_watch(dir, flags).ok()?;
+    let notify = Arc::new(Notify::new());
+    let waker: Weak<Notify> = Arc::downgrade(&notify);
+    std::thread::Builder::new()
+        .name("cni-conf-watch".into())
+        .spawn(move || {
+            while inotify.read_events().is_ok() {
+                match waker.upgrade() {
+                    Some(n) => n.notify_one(),
+                    None => break,
+                }
+            }
+        })
+        .ok()?;
+    Some(notify)
+}
+
+/// Keeps iamlink chained: re-inserts it within moments of a primary plugin rewriting its file
+/// (inotify, and a check every second as a safety net). Writes only when the entry is missing or
+/// wrong; each distinct error is logged once.
+pub async fn keep_chained(installer: Installer) {
+    let watch = watch_dir(&installer.conf_dir);
+    if watch.is_none() {
+        warn!(dir = %installer.conf_dir.display(), "cannot watch the CNI config directory; checking it every second");
+    }
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut last_error = None;
+    loop {
+        match &watch {
+            Some(w) => tokio::select! {
+                _ = w.notified() => {}
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+        match installer.ensure() {
+            Ok(written) => {
+                if let Some(path) = written {
+                    info!(file = %path.display(), "chained iamlink into the CNI config (it was missing or out of date)");
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    warn!(error = %e, "cannot chain iamlink into the CNI config; will retry when it changes");
+                    last_error = Some(e);
+                }
+            }
+        }
+    }
+}
