@@ -32,7 +32,10 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     // A repeated ADD for the same attachment keeps its slot; a new one takes the lowest free one.
     let slot = match store.get(&env.container_id, &env.ifname)? {
         Some(old) => old.slot,
-        None => store.free_slot(&lock, rules.mask.max_slot())?,
+        None => {
+            let in_use: Vec<u32> = intercept::pod_entries()?.into_iter().map(|(_, slot)| slot).collect();
+            store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
+        }
     };
     let record = PodRecord {
         container_id: env.container_id.clone(),

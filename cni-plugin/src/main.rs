@@ -13,11 +13,7 @@ use iamlink_cni::netconf::{self, Env, NetConf, LATEST_VERSION, SUPPORTED_VERSION
 use tracing::warn;
 
 fn main() {
-    let env = match Env::from_vars(|k| std::env::var(k).ok()) {
-        Ok(env) => env,
-        Err(e) => fail(&e, LATEST_VERSION),
-    };
-    if env.command == "VERSION" {
+    if std::env::var("CNI_COMMAND").as_deref() == Ok("VERSION") {
         println!("{}", serde_json::json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS }));
         return;
     }
@@ -25,9 +21,15 @@ fn main() {
     if let Err(e) = std::io::stdin().take(netconf::MAX_STDIN as u64 + 1).read_to_end(&mut stdin) {
         fail(&CniError::new(Code::Io, "cannot read stdin").with_details(e), LATEST_VERSION);
     }
+    // Errors answer in the caller's version whenever it is one we speak.
+    let version = netconf::declared_version(&stdin);
     let conf = match netconf::parse(&stdin) {
         Ok(conf) => conf,
-        Err(e) => fail(&e, LATEST_VERSION),
+        Err(e) => fail(&e, version),
+    };
+    let env = match Env::from_vars(|k| std::env::var(k).ok()) {
+        Ok(env) => env,
+        Err(e) => fail(&e, &conf.cni_version),
     };
     init_logging(&conf);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

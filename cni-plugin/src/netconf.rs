@@ -45,6 +45,17 @@ pub struct Attachment {
     pub ifname: String,
 }
 
+/// The `cniVersion` the input declares, if it is one iamlink supports; else the latest.
+pub fn declared_version(stdin: &[u8]) -> &'static str {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Versioned {
+        cni_version: String,
+    }
+    let declared = serde_json::from_slice::<Versioned>(stdin).ok().map(|v| v.cni_version);
+    SUPPORTED_VERSIONS.iter().find(|v| Some(**v) == declared.as_deref()).copied().unwrap_or(LATEST_VERSION)
+}
+
 /// Parses stdin: a syntax error is code 6, an unsupported version code 1, a wrong shape code 7.
 pub fn parse(stdin: &[u8]) -> Result<NetConf> {
     if stdin.len() > MAX_STDIN {
@@ -263,6 +274,9 @@ mod tests {
         assert_eq!(parse(br#"{"cniVersion":"9.9.9"}"#).unwrap_err().code, Code::IncompatibleVersion);
         assert_eq!(parse(br#"{"name":"x"}"#).unwrap_err().code, Code::InvalidNetConf);
         assert_eq!(parse(br#"{"cniVersion":"1.0.0","markMask":"0x0"}"#).unwrap_err().code, Code::InvalidNetConf);
+        assert_eq!(declared_version(br#"{"cniVersion":"0.4.0","markMask":"0x0"}"#), "0.4.0");
+        assert_eq!(declared_version(br#"{"cniVersion":"9.9.9"}"#), LATEST_VERSION);
+        assert_eq!(declared_version(b"{"), LATEST_VERSION);
         let big = vec![b' '; MAX_STDIN + 1];
         assert_eq!(parse(&big).unwrap_err().code, Code::Decode);
         let conf = parse(br#"{"cniVersion":"1.0.0","name":"n","type":"iamlink"}"#).unwrap();

@@ -111,31 +111,34 @@ impl RuleSet {
         }
     }
 
-    /// `ct state new` is always true in a nat chain; it is there because a `ct` expression in an
-    /// inet table turns on connection tracking for both families in this namespace. NAT only
-    /// sees tracked packets, and a node without other IPv6 rules would otherwise not track IPv6:
-    /// pods' IPv6 metadata traffic would pass the rule set untouched.
+    /// Two base chains. `identify` (filter, before NAT) marks *every* packet to a metadata
+    /// address with its pod's slot: a SYN that conntrack files under an old entry (a reused
+    /// 4-tuple under a flood) skips NAT chains, and must still carry its identity. `intercept`
+    /// (nat) sends new connections to iamlinkd. Its `ct state new` is always true there; the
+    /// `ct` expression makes the kernel track both families in this namespace (NAT sees only
+    /// tracked packets; a lone `dnat ip` would leave IPv6 untracked and unintercepted).
     fn base_script(&self) -> String {
         let t = format!("inet {TABLE}");
+        let (v4, v6) = (self.family(false), self.family(true));
         let dnat6 = match self.daemon6 {
-            Some(d) => format!("meta nfproto ipv6 meta l4proto tcp dnat ip6 to {d}"),
-            None => "meta nfproto ipv6 drop".to_string(),
+            Some(d) => format!("dnat ip6 to {d}"),
+            None => "drop".to_string(),
         };
         format!(
             "add table {t}\n\
              add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
-             add chain {t} prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
-             add chain {t} intercept\n\
-             flush chain {t} prerouting\n\
+             add chain {t} identify {{ type filter hook prerouting priority mangle; policy accept; }}\n\
+             add chain {t} identify-pod\n\
+             add chain {t} intercept {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
+             flush chain {t} identify\n\
+             flush chain {t} identify-pod\n\
              flush chain {t} intercept\n\
-             add rule {t} prerouting ip daddr {{ {v4} }} tcp dport 80 ct state new jump intercept\n\
-             add rule {t} prerouting ip6 daddr {{ {v6} }} tcp dport 80 ct state new jump intercept\n\
-             add rule {t} intercept meta mark set meta mark and {keep:#x}\n\
-             add rule {t} intercept iifname vmap @{PODS_MAP}\n\
-             add rule {t} intercept meta nfproto ipv4 meta l4proto tcp dnat ip to {daemon}\n\
-             add rule {t} intercept {dnat6}\n",
-            v4 = self.family(false),
-            v6 = self.family(true),
+             add rule {t} identify ip daddr {{ {v4} }} tcp dport 80 jump identify-pod\n\
+             add rule {t} identify ip6 daddr {{ {v6} }} tcp dport 80 jump identify-pod\n\
+             add rule {t} identify-pod meta mark set meta mark and {keep:#x}\n\
+             add rule {t} identify-pod iifname vmap @{PODS_MAP}\n\
+             add rule {t} intercept ip daddr {{ {v4} }} tcp dport 80 ct state new dnat ip to {daemon}\n\
+             add rule {t} intercept ip6 daddr {{ {v6} }} tcp dport 80 ct state new {dnat6}\n",
             keep = !self.mask.bits(),
             daemon = self.daemon,
         )
@@ -308,11 +311,14 @@ mod tests {
             Some(DEFAULT_CREDENTIALS_ADDRESS),
         );
         let s = rs.base_script();
-        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new jump intercept"));
-        assert!(s.contains("ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 ct state new jump intercept"));
-        assert!(s.contains("meta mark set meta mark and 0xffffcf80"));
-        assert!(s.contains("dnat ip to 198.18.0.1:8181"));
-        assert!(s.contains("meta nfproto ipv6 drop"), "no IPv6 daemon: IPv6 metadata traffic is dropped");
+        assert!(s.contains("identify ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 jump identify-pod"));
+        assert!(s.contains("identify ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 jump identify-pod"));
+        assert!(s.contains("identify-pod meta mark set meta mark and 0xffffcf80"));
+        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new dnat ip to 198.18.0.1:8181"));
+        assert!(
+            s.contains("ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 ct state new drop"),
+            "no IPv6 daemon: IPv6 metadata traffic is dropped"
+        );
         let with6 = RuleSet { daemon6: Some("[fd12::1]:8181".parse().unwrap()), ..rs };
         assert!(with6.base_script().contains("dnat ip6 to [fd12::1]:8181"));
     }

@@ -13,6 +13,7 @@ use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use tracing::warn;
 
 use crate::record::{record_key, validate_key, PodRecord};
 
@@ -80,12 +81,18 @@ impl Store {
     /// Takes the exclusive write lock, waiting for other writers.
     pub fn lock(&self) -> Result<StoreLock, StoreError> {
         let path = self.dir.join("lock");
+        // A read-only store (a remount, a debugging chmod) still has its lock file: a flock
+        // needs no write access, and readers that must install the rule set can go on.
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(&path)
+            .or_else(|e| {
+                warn!(path = %path.display(), error = %e, "store is read-only: locking it for reading only");
+                File::open(&path)
+            })
             .map_err(io_err(&path))?;
         let flock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| StoreError::Io { path, source: errno.into() })?;
@@ -103,9 +110,12 @@ impl Store {
         read_record(&self.slot_path(slot))
     }
 
-    /// The lowest free slot in `1..=max`.
-    pub fn free_slot(&self, _lock: &StoreLock, max: u32) -> Result<u32, StoreError> {
-        (1..=max).find(|&n| fs::symlink_metadata(self.slot_path(n)).is_err()).ok_or(StoreError::Full(max))
+    /// The lowest slot in `1..=max` that has no link here and is not in `in_use` (slots the
+    /// rule set still marks packets with: after a lost store they must not change owner).
+    pub fn free_slot(&self, _lock: &StoreLock, max: u32, in_use: &[u32]) -> Result<u32, StoreError> {
+        (1..=max)
+            .find(|&n| !in_use.contains(&n) && fs::symlink_metadata(self.slot_path(n)).is_err())
+            .ok_or(StoreError::Full(max))
     }
 
     /// Writes the record and then links its slot, each step atomic and durable.
@@ -228,13 +238,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let lock = store.lock().unwrap();
-        let slot = store.free_slot(&lock, 511).unwrap();
+        let slot = store.free_slot(&lock, 511, &[]).unwrap();
         assert_eq!(slot, 1);
         let r = record("c1", "veth1", slot);
         store.insert(&lock, &r).unwrap();
         assert_eq!(store.get("c1", "eth0").unwrap(), Some(r.clone()));
         assert_eq!(store.by_slot(1).unwrap(), Some(r.clone()));
-        assert_eq!(store.free_slot(&lock, 511).unwrap(), 2);
+        assert_eq!(store.free_slot(&lock, 511, &[]).unwrap(), 2);
         assert_eq!(store.remove(&lock, "c1", "eth0").unwrap(), Some(r));
         assert_eq!(store.by_slot(1).unwrap(), None);
         assert_eq!(store.remove(&lock, "c1", "eth0").unwrap(), None, "DEL is idempotent");
@@ -263,7 +273,11 @@ mod tests {
         for slot in 1..=3 {
             store.insert(&lock, &record(&format!("c{slot}"), "v", slot)).unwrap();
         }
-        assert!(matches!(store.free_slot(&lock, 3), Err(StoreError::Full(3))));
+        assert!(matches!(store.free_slot(&lock, 3, &[]), Err(StoreError::Full(3))));
+        let fresh = tempfile::tempdir().unwrap();
+        let empty = Store::open(fresh.path()).unwrap();
+        let lock = empty.lock().unwrap();
+        assert_eq!(empty.free_slot(&lock, 3, &[1, 2]).unwrap(), 3, "slots the rule set uses are taken");
     }
 
     #[test]

@@ -21,6 +21,11 @@ use crate::imds;
 
 /// Slow clients must send their headers within this (slowloris).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// SDK requests are a few hundred bytes; larger heads are refused (431) before any work.
+const MAX_HEAD: usize = 16 * 1024;
+/// A pod over its rate waits this long for its 429: a flood costs the daemon little work per
+/// second and the pod's own connections, not the other pods' share.
+const RATE_LIMITED_DELAY: Duration = Duration::from_millis(200);
 const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
 /// Makes accepted sockets carry their SYN's mark; without it every connection is anonymous.
@@ -61,6 +66,8 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                 async move {
                     if !app.limits.allow_request(slot) {
                         debug!(%peer, slot, "rate limited");
+                        app.metrics.answer("rate limited");
+                        tokio::time::sleep(RATE_LIMITED_DELAY).await;
                         return Ok::<_, Infallible>(imds::rate_limited());
                     }
                     Ok(imds::answer(&app, &conn, &req).await)
@@ -69,6 +76,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
             if let Err(e) = served {

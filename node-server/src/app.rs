@@ -4,7 +4,10 @@ use iamlink_common::{PodRecord, Store};
 
 use crate::config::Config;
 use crate::credentials::{session_name, AssumeRole, Cache, SessionKey};
+use std::sync::Arc;
+
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::roles::{Role, Roles};
 use crate::tokens::Tokens;
@@ -17,14 +20,17 @@ pub struct App<S> {
     pub tokens: Tokens,
     pub upstream: Upstream,
     pub limits: Limits,
+    pub metrics: Arc<Metrics>,
     pub node_name: String,
 }
 
 impl<S: AssumeRole> App<S> {
     pub fn new(config: Config, store: Store, sts: S, tokens: Tokens, node_name: String) -> Self {
+        let metrics = Arc::new(Metrics::default());
         App {
             roles: Roles::new(config.roles.clone()),
-            cache: Cache::new(sts, config.sts.duration_seconds),
+            cache: Cache::new(sts, config.sts.duration_seconds, metrics.clone()),
+            metrics,
             upstream: Upstream::new(&config.upstream),
             limits: Limits::new(config.limits.clone()),
             store,

@@ -36,6 +36,9 @@ pub struct Config {
     pub roles: RolesConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Prometheus metrics, /healthz and /readyz; "" turns the listener off.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
     #[serde(default)]
     pub cni: CniConfig,
 }
@@ -145,6 +148,9 @@ fn default_proxy_allow() -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+fn default_metrics_listen() -> String {
+    "0.0.0.0:9101".into()
+}
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -179,6 +185,7 @@ impl Config {
             }
         }
         self.credentials_address()?;
+        self.metrics_listen()?;
         for path in &self.proxy_allow {
             if !path.starts_with('/') || path.contains("/..") || path.contains("iam/security-credentials") {
                 return Err(format!("proxy_allow path {path:?} must be absolute and may not name credentials"));
@@ -197,6 +204,13 @@ impl Config {
         match self.credentials_address.as_str() {
             "" => Ok(None),
             a => a.parse().map(Some).map_err(|e| format!("credentials_address {a:?}: {e}")),
+        }
+    }
+
+    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        match self.metrics_listen.as_str() {
+            "" => Ok(None),
+            a => a.parse().map(Some).map_err(|e| format!("metrics_listen {a:?}: {e}")),
         }
     }
 

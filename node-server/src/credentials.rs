@@ -12,6 +12,8 @@ use tracing::{debug, warn};
 
 use iamlink_common::PodRef;
 
+use crate::metrics::Metrics;
+
 /// Credentials with less than this left are treated as expired: a client would fail with them.
 pub const MIN_REMAINING: Duration = Duration::from_secs(60);
 /// SDKs refresh 15 minutes before expiry; answers should carry more than that.
@@ -49,8 +51,18 @@ impl Credentials {
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StsError(pub String);
+#[error("{message}")]
+pub struct StsError {
+    pub message: String,
+    /// The error of an earlier call, returned without calling STS while backing off.
+    pub backing_off: bool,
+}
+
+impl StsError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StsError { message: message.into(), backing_off: false }
+    }
+}
 
 /// The STS call, behind a trait so the cache is tested without a network.
 pub trait AssumeRole: Send + Sync + 'static {
@@ -120,18 +132,19 @@ pub struct Cache<S> {
     entries: Mutex<HashMap<SessionKey, Arc<Entry>>>,
     refresh_before: Duration,
     now: fn() -> SystemTime,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: AssumeRole> Cache<S> {
     /// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at
     /// least [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more).
-    pub fn new(sts: S, duration_seconds: u32) -> Self {
-        Self::with_clock(sts, duration_seconds, SystemTime::now)
+    pub fn new(sts: S, duration_seconds: u32, metrics: Arc<Metrics>) -> Self {
+        Cache { metrics, ..Self::with_clock(sts, duration_seconds, SystemTime::now) }
     }
 
     pub fn with_clock(sts: S, duration_seconds: u32, now: fn() -> SystemTime) -> Self {
         let refresh_before = (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(duration_seconds as u64 / 2));
-        Cache { sts, entries: Mutex::new(HashMap::new()), refresh_before, now }
+        Cache { sts, entries: Mutex::new(HashMap::new()), refresh_before, now, metrics: Arc::default() }
     }
 
     fn entry(&self, key: &SessionKey) -> Arc<Entry> {
@@ -147,9 +160,11 @@ impl<S: AssumeRole> Cache<S> {
         let now = (self.now)();
         if let Some(c) = entry.current() {
             if c.usable(now) {
+                self.metrics.cache_hits.inc();
                 return Ok((c.clone(), c.remaining(now) < self.refresh_before));
             }
         }
+        self.metrics.cache_misses.inc();
         let _fetching = entry.fetching.lock().await;
         // Whoever held the lock before us may have fetched already.
         if let Some(c) = entry.current().filter(|c| c.usable((self.now)())) {
@@ -164,10 +179,13 @@ impl<S: AssumeRole> Cache<S> {
         let failed = entry.state().failure.clone();
         if let Some(f) = &failed {
             if (self.now)() < f.retry_at {
-                return Err(f.error.clone());
+                return Err(StsError { backing_off: true, ..f.error.clone() });
             }
         }
-        match self.sts.assume_role(key).await {
+        let started = std::time::Instant::now();
+        let result = self.sts.assume_role(key).await;
+        self.metrics.sts_call(result.is_ok(), started.elapsed().as_secs_f64());
+        match result {
             Ok(c) => {
                 *entry.state() = State { creds: Some(c.clone()), failure: None };
                 Ok(c)
@@ -211,7 +229,6 @@ impl<S: AssumeRole> Cache<S> {
         entries.retain(|k, _| live.contains(k));
     }
 
-    #[cfg(test)]
     pub fn entry_count(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
     }
@@ -246,7 +263,7 @@ mod tests {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
             if self.down.load(Ordering::SeqCst) {
-                return Err(StsError("sts down".into()));
+                return Err(StsError::new("sts down"));
             }
             let now = if key.role_arn == "outage" { outage_now() } else { fake_now() };
             Ok(Credentials {

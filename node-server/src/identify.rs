@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use iamlink_common::{MarkMask, PodRecord, Store};
+use iamlink_common::{MarkMask, PodRecord, Store, StoreError};
 
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +22,10 @@ pub enum Unidentified {
     NoRecord(u32),
     #[error("connection predates the pod that now holds slot {0}")]
     Stale(u32),
+    #[error("the record linked from slot {0} holds slot {1}")]
+    WrongSlot(u32, u32),
+    #[error("pod record unreadable: {0}")]
+    Corrupt(String),
     #[error("pod store unreadable: {0}")]
     Store(String),
 }
@@ -33,8 +37,17 @@ pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord,
     if slot == 0 {
         return Err(Unidentified::NoMark);
     }
-    let record =
-        store.by_slot(slot).map_err(|e| Unidentified::Store(e.to_string()))?.ok_or(Unidentified::NoRecord(slot))?;
+    let record = store
+        .by_slot(slot)
+        .map_err(|e| match e {
+            StoreError::Corrupt { .. } => Unidentified::Corrupt(e.to_string()),
+            e => Unidentified::Store(e.to_string()),
+        })?
+        .ok_or(Unidentified::NoRecord(slot))?;
+    // A link that points at another slot's record is damage, not an identity.
+    if record.slot != slot {
+        return Err(Unidentified::WrongSlot(slot, record.slot));
+    }
     if record.created_boottime_ns > conn.accepted_at {
         return Err(Unidentified::Stale(slot));
     }

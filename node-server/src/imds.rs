@@ -65,8 +65,10 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         Ok(r) => r,
         Err(e) => {
             warn!(peer = %conn.peer, mark = conn.mark, %method, %path, reason = %e, "refused: unknown pod");
+            app.metrics.answer("unknown pod");
             return match e {
                 Unidentified::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "iamlink: pod store unreadable\n"),
+                Unidentified::Corrupt(_) => text(StatusCode::NOT_FOUND, "iamlink: no pod identity: pod record unreadable\n"),
                 _ => text(StatusCode::NOT_FOUND, format!("iamlink: no pod identity: {e}\n")),
             };
         }
@@ -85,6 +87,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         decide(&method, &path, req.headers(), &facts)
     };
     let (status, outcome, reply) = execute(app, &record, decision, &binding, now, &path).await;
+    app.metrics.answer(outcome);
     let role = role.map(|r| r.arn).unwrap_or_default();
     if status.is_server_error() {
         warn!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
@@ -227,7 +230,11 @@ async fn credentials<S: AssumeRole>(
             (StatusCode::OK, "credentials served", text(StatusCode::OK, render(&creds)))
         }
         Err(e) => {
-            warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn, error = %e, "cannot assume role");
+            // The STS error itself is logged once per call, where it happened; while backing off
+            // every request would repeat it.
+            if !e.backing_off {
+                warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn, error = %e.message, "cannot assume role");
+            }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sts error",

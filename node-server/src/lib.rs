@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod identify;
 pub mod imds;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod roles;
 pub mod sts;

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use iamlinkd::app::App;
 use iamlinkd::cniconfig::{self, Installer};
 use iamlinkd::config::{self, Config};
-use iamlinkd::{accept, sts, tokens, watch};
+use iamlinkd::{accept, metrics, sts, tokens, watch};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
@@ -31,6 +31,7 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   imdsv1              answer GETs without an IMDSv2 token (default true)
   upstream            the real metadata service (default http://169.254.169.254)
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
+  metrics_listen      ip:port for /metrics (Prometheus), /healthz and /readyz (default 0.0.0.0:9101; empty = off)
   [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); 0 = off
   [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
   [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}
@@ -190,6 +191,11 @@ async fn run(config: Config) -> Result<(), String> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     for listener in listeners {
         tokio::spawn(accept::serve(app.clone(), listener));
+    }
+    if let Some(addr) = app.config.metrics_listen().ok().flatten() {
+        if let Some(listener) = metrics::bind(addr).await {
+            tokio::spawn(metrics::serve(app.metrics.clone(), listener));
+        }
     }
     tokio::select! {
         _ = term.recv() => { info!("SIGTERM: stopping; pods stay intercepted"); Ok(()) }

@@ -35,7 +35,7 @@ impl AssumeRole for Sts {
             .iter()
             .map(|(k, v)| Tag::builder().key(k).value(v).build())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StsError(format!("session tag: {e}")))?;
+            .map_err(|e| StsError::new(format!("session tag: {e}")))?;
         let out = self
             .client
             .assume_role()
@@ -47,11 +47,11 @@ impl AssumeRole for Sts {
             .send()
             .await
             .map_err(|e| {
-                StsError(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
+                StsError::new(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
             })?;
-        let c = out.credentials.ok_or_else(|| StsError("AssumeRole answer has no credentials".into()))?;
+        let c = out.credentials.ok_or_else(|| StsError::new("AssumeRole answer has no credentials"))?;
         let expiration =
-            SystemTime::try_from(c.expiration).map_err(|e| StsError(format!("AssumeRole expiration: {e}")))?;
+            SystemTime::try_from(c.expiration).map_err(|e| StsError::new(format!("AssumeRole expiration: {e}")))?;
         Ok(Credentials {
             access_key_id: c.access_key_id,
             secret_access_key: c.secret_access_key,

@@ -12,7 +12,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use iamlink_common::PodRecord;
+use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
 use crate::credentials::AssumeRole;
@@ -71,9 +71,15 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
             }
         }
         known = records.iter().map(|r| (r.key(), r.created_boottime_ns)).collect();
+        app.metrics.store_records.set(records.len() as i64);
+        app.metrics.cache_entries.set(app.cache.entry_count() as i64);
+        app.metrics.set_ready();
         if last_refresh.elapsed() >= REFRESH_EVERY {
             last_refresh = Instant::now();
             refresh(&app, &records);
+            if let Ok(entries) = intercept::pod_entries() {
+                app.metrics.interception_entries.set(entries.len() as i64);
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ impl AssumeRole for FakeSts {
     async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         if key.role_arn.ends_with("/broken") {
-            return Err(StsError("AccessDenied".into()));
+            return Err(StsError::new("AccessDenied"));
         }
         Ok(Credentials {
             access_key_id: format!("ASIAFAKE{n}"),

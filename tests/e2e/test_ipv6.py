@@ -44,6 +44,11 @@ def test_ipv6_pods_get_their_own_role_or_nothing_never_the_nodes(make_bench, lis
     bench = dual_stack_bench(make_bench, listen6)
     web = bench.pods.add("team-a", "web")
     api = bench.pods.add("team-b", "api")
+    for pod in (web, api):
+        # The gateway address on the host veth is usable once its duplicate address detection
+        # is over (ptp's business, not iamlink's); until then the pod's IPv6 packets wait.
+        wait_until(lambda: not bench.node.exec(["ip", "-6", "addr", "show", "dev", pod.host_ifname, "tentative"]).stdout,
+                   10, f"duplicate address detection of {pod}'s gateway address")
     route = web.exec(["ip", "-6", "route", "get", "fd00:ec2::254"])
     assert route.returncode == 0 and "eth0" in route.stdout, route.stdout + route.stderr
 

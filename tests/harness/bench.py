@@ -17,10 +17,11 @@ class Bench(contextlib.ExitStack):
     pod_roles: [{"namespace", "name"?, "role"}] for iamlinkd's config; every role named there is
     created in moto. start_daemon=False leaves iamlinkd stopped (bootstrap tests).
     pods_options: passed to Pods (subnet, range_start, range_end, with_iamlink, netconf).
+    daemon_sts: [sts] keys for iamlinkd (e.g. an endpoint other than moto's).
     """
 
     def __init__(self, pod_roles=(), default_role=None, start_daemon=True, daemon_settings=None,
-                 pods_options=None, with_daemon=True):
+                 pods_options=None, with_daemon=True, daemon_sts=None):
         super().__init__()
         self.pod_roles = list(pod_roles)
         self.default_role = default_role
@@ -28,6 +29,7 @@ class Bench(contextlib.ExitStack):
         self.daemon_settings = daemon_settings
         self.pods_options = pods_options or {}
         self.with_daemon = with_daemon
+        self.daemon_sts = daemon_sts
         self.node = self.moto = self.upstream = self.daemon = self.pods = None
 
     def __enter__(self):
@@ -44,7 +46,8 @@ class Bench(contextlib.ExitStack):
             self.callback(self.upstream.stop)
             if self.with_daemon:
                 self.daemon = Daemon(self.node, self.moto, self.store_dir, self.pod_roles,
-                                     default_role=self.default_role, settings=self.daemon_settings)
+                                     default_role=self.default_role, settings=self.daemon_settings,
+                                     sts=self.daemon_sts)
                 self.callback(self.daemon.stop)
                 if self.start_daemon:
                     self.daemon.start()

@@ -26,8 +26,12 @@ def _toml_value(v):
 
 
 def to_toml(top, sts, roles_base, pod_roles, default_role=None):
-    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None]
+    """The daemon's config file. A dict among `top`'s values is a table of its own (`[limits]`)."""
+    tables = {k: v for k, v in top.items() if isinstance(v, dict)}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None and k not in tables]
     lines += ["", "[sts]"] + [f"{k} = {_toml_value(v)}" for k, v in sts.items() if v is not None]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     lines += ["", "[roles]", f"base_arn = {_toml_value(roles_base)}"]
     if default_role:
         lines.append(f"default = {_toml_value(default_role)}")
@@ -41,20 +45,23 @@ class Daemon:
     """iamlinkd with a config of the bench's: listen 198.18.0.1:8181, STS at moto.
 
     `pod_roles`: a list of {"namespace", "name" (optional), "role"} as in `[[roles.pod]]`.
-    `settings`: top-level keys overriding the defaults (e.g. imdsv1=False); `sts`: [sts] keys.
+    `settings`: top-level keys overriding the defaults (e.g. imdsv1=False), a dict value being a
+    table (e.g. limits={"burst": 10}); `sts`: [sts] keys. `wrapper`: argv run in front of iamlinkd
+    (e.g. a private mount namespace), ending with something that execs its arguments.
     """
 
     LISTEN_HOST = "198.18.0.1"
     LISTEN_PORT = 8181
 
     def __init__(self, node, moto, store_dir, pod_roles, default_role=None, settings=None, sts=None,
-                 binary=IAMLINKD):
+                 binary=IAMLINKD, wrapper=None):
         self.node = node
         self.moto = moto
         self.store_dir = store_dir
         self.pod_roles = list(pod_roles)
         self.default_role = default_role
         self.binary = binary
+        self.wrapper = list(wrapper or [])
         self.settings = {
             "listen": f"{self.LISTEN_HOST}:{self.LISTEN_PORT}",
             "store_dir": store_dir,
@@ -97,7 +104,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         log.write(f"---- iamlinkd start #{self.starts} ----\n".encode())
         log.flush()
-        self.proc = self.node.spawn([self.binary, "--config", self.config_path],
+        self.proc = self.node.spawn(self.wrapper + [self.binary, "--config", self.config_path],
                                     env=self.environment(), stdout=log, stderr=log)
         log.close()
         if wait:

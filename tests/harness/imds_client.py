@@ -9,7 +9,8 @@
         IMDSv2 role listing + credentials in a loop until S seconds, N answers or SIGTERM, one
         new connection per request; prints one summary: answers counted per (listed role,
         AccessKeyId) with the full credentials of each key (to resolve it with STS), answers
-        without credentials, and errors by kind.
+        without credentials, and errors by kind; with --timeline also every outcome in order, as
+        runs [first, last, outcome, count] (CLOCK_MONOTONIC seconds, as time.monotonic()).
     common options: --host 169.254.169.254 --port 80 --source IP --timeout SECONDS
 """
 
@@ -95,8 +96,9 @@ class Stop(BaseException):
 
 
 class Loop:
-    def __init__(self, client, seconds, max_answers):
+    def __init__(self, client, seconds, max_answers, timeline=False):
         self.client = client
+        self.timeline = [] if timeline else None
         self.deadline = time.monotonic() + seconds
         self.max_answers = max_answers
         self.stop = False
@@ -110,12 +112,28 @@ class Loop:
 
     def error(self, kind):
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        if kind != "RuntimeError":  # a failed token request: in the timeline as its status
+            self.mark(kind)
+
+    def status(self, kind):
+        self.statuses[kind] = self.statuses.get(kind, 0) + 1
+        self.mark(kind)
+
+    def mark(self, outcome):
+        if self.timeline is None:
+            return
+        t = time.monotonic()
+        if self.timeline and self.timeline[-1][2] == outcome:
+            self.timeline[-1][1] = t
+            self.timeline[-1][3] += 1
+        else:
+            self.timeline.append([t, t, outcome, 1])
 
     def headers(self):
         if self.token is None or time.monotonic() > self.token_expires:
             r = get_token(self.client, 300)
             if r["status"] != 200:
-                self.statuses[f"token-{r['status']}"] = self.statuses.get(f"token-{r['status']}", 0) + 1
+                self.status(f"token-{r['status']}")
                 raise RuntimeError(f"token-{r['status']}")
             self.token, self.token_expires = r["body"], time.monotonic() + 240
         return {"X-aws-ec2-metadata-token": self.token}
@@ -126,16 +144,17 @@ class Loop:
         if r["status"] == 404:
             self.answers += 1
             self.no_credentials += 1
+            self.mark("no-credentials")
             return
         if r["status"] == 401:
             self.token = None
         if r["status"] != 200:
-            self.statuses[f"listing-{r['status']}"] = self.statuses.get(f"listing-{r['status']}", 0) + 1
+            self.status(f"listing-{r['status']}")
             return
         role = r["body"].strip()
         r = self.client.request("GET", CREDS_PATH + role, h)
         if r["status"] != 200:
-            self.statuses[f"credentials-{r['status']}"] = self.statuses.get(f"credentials-{r['status']}", 0) + 1
+            self.status(f"credentials-{r['status']}")
             return
         doc = json.loads(r["body"])
         akid = doc["AccessKeyId"]
@@ -145,6 +164,7 @@ class Loop:
                                        ("AccessKeyId", "SecretAccessKey", "Token", "Expiration")}}
         entry["roles"][role] = entry["roles"].get(role, 0) + 1
         self.answers += 1
+        self.mark("ok")
 
     def run(self):
         try:
@@ -157,8 +177,11 @@ class Loop:
                         self.token = None
         except Stop:
             pass  # the request in flight is not counted
-        return {"answers": self.answers, "no_credentials": self.no_credentials, "errors": self.errors,
-                "statuses": self.statuses, "keys": self.keys}
+        out = {"answers": self.answers, "no_credentials": self.no_credentials, "errors": self.errors,
+               "statuses": self.statuses, "keys": self.keys}
+        if self.timeline is not None:
+            out["timeline"] = self.timeline
+        return out
 
 
 def main():
@@ -174,6 +197,7 @@ def main():
     ap.add_argument("--ttl", type=int, default=21600)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-answers", type=int, default=1_000_000)
+    ap.add_argument("--timeline", action="store_true")
     a = ap.parse_args()
     client = Client(a.host, a.port, a.source, a.timeout)
     if a.command == "request":
@@ -184,7 +208,7 @@ def main():
     elif a.command == "creds":
         out = creds(client, a.v1, a.ttl)
     else:
-        loop = Loop(client, a.seconds, a.max_answers)
+        loop = Loop(client, a.seconds, a.max_answers, timeline=a.timeline)
 
         def on_term(signum, frame):
             if not loop.stop:

@@ -114,9 +114,11 @@ var _ = Describe("iamlink chained after ptp", func() {
 			Expect(n.podEntries()).To(Equal(map[string]string{veth: slotChain}))
 
 			chains, rules := n.table()
-			Expect(chains).To(HaveKey("intercept"))
-			Expect(chains).To(HaveKeyWithValue("prerouting", nftChain{
-				Name: "prerouting", Type: "nat", Hook: "prerouting", Prio: -110, Policy: "accept"}))
+			Expect(chains).To(HaveKeyWithValue("identify", nftChain{
+				Name: "identify", Type: "filter", Hook: "prerouting", Prio: -150, Policy: "accept"}))
+			Expect(chains).To(HaveKey("identify-pod"))
+			Expect(chains).To(HaveKeyWithValue("intercept", nftChain{
+				Name: "intercept", Type: "nat", Hook: "prerouting", Prio: -110, Policy: "accept"}))
 			Expect(chains).To(HaveKey(slotChain))
 			Expect(rules[slotChain]).To(HaveLen(1))
 			Expect(string(rules[slotChain][0].Expr[0])).To(MatchJSON(fmt.Sprintf(
@@ -125,7 +127,9 @@ var _ = Describe("iamlink chained after ptp", func() {
 			intercept, err := json.Marshal(rules["intercept"])
 			Expect(err).NotTo(HaveOccurred())
 			Expect(string(intercept)).To(ContainSubstring(`{"dnat":{"family":"ip","addr":"198.18.0.1","port":8181}}`))
-			Expect(string(intercept)).To(ContainSubstring(`"data":"@pods"`))
+			identifyPod, err := json.Marshal(rules["identify-pod"])
+			Expect(err).NotTo(HaveOccurred())
+			Expect(string(identifyPod)).To(ContainSubstring(`"data":"@pods"`))
 		})
 
 		It(fmt.Sprintf("[%s] routes the metadata and credentials addresses via the pod's gateway", ver), func() {
@@ -231,13 +235,15 @@ var _ = Describe("iamlink chained after ptp", func() {
 		slotRule, err := json.Marshal(rules[fmt.Sprintf("slot-%d", rec.Slot)])
 		Expect(err).NotTo(HaveOccurred())
 		Expect(string(slotRule)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, slotMark(rec.Slot, 0xf000))))
-		intercept, err := json.Marshal(rules["intercept"])
+		identifyPod, err := json.Marshal(rules["identify-pod"])
 		Expect(err).NotTo(HaveOccurred())
-		Expect(string(intercept)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, ^uint32(0xf000))))
-		prerouting, err := json.Marshal(rules["prerouting"])
-		Expect(err).NotTo(HaveOccurred())
-		Expect(string(prerouting)).To(ContainSubstring(metadataIP))
-		Expect(string(prerouting)).NotTo(ContainSubstring(credentialsIP))
+		Expect(string(identifyPod)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, ^uint32(0xf000))))
+		for _, chain := range []string{"identify", "intercept"} {
+			matches, err := json.Marshal(rules[chain])
+			Expect(err).NotTo(HaveOccurred())
+			Expect(string(matches)).To(ContainSubstring(metadataIP), chain)
+			Expect(string(matches)).NotTo(ContainSubstring(credentialsIP), chain)
+		}
 	})
 
 	// ADD, DEL and GC run in parallel on a node; the store lock must keep slots unique.

@@ -1,0 +1,164 @@
+//! Prometheus metrics and the health endpoints, served on their own port so that probes and
+//! scrapes never share a budget with pods.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric iamlinkd exports; the handles are cheap clones sharing one value.
+pub struct Metrics {
+    registry: Registry,
+    answers: Family<Labels, Counter>,
+    pub sts_calls: Family<Labels, Counter>,
+    pub sts_seconds: Histogram,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_entries: Gauge,
+    pub store_records: Gauge,
+    pub interception_entries: Gauge,
+    pub last_refresh: Gauge,
+    /// Rule set installed and store read once: what `/readyz` reports.
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("iamlink"),
+            answers: Family::default(),
+            sts_calls: Family::default(),
+            sts_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_entries: Gauge::default(),
+            store_records: Gauge::default(),
+            interception_entries: Gauge::default(),
+            last_refresh: Gauge::default(),
+            ready: AtomicBool::new(false),
+        };
+        let r = &mut m.registry;
+        r.register("answers", "Metadata answers to pods by outcome", m.answers.clone());
+        r.register("sts_calls", "AssumeRole calls by result", m.sts_calls.clone());
+        r.register("sts_call_seconds", "AssumeRole call latency", m.sts_seconds.clone());
+        r.register("credential_cache_hits", "Credential requests answered from the cache", m.cache_hits.clone());
+        r.register("credential_cache_misses", "Credential requests that had to wait for STS", m.cache_misses.clone());
+        r.register("credential_cache_entries", "Cached AssumeRole sessions", m.cache_entries.clone());
+        r.register("store_records", "Pod records in the store", m.store_records.clone());
+        r.register("interception_entries", "Host interfaces in the interception map", m.interception_entries.clone());
+        r.register(
+            "last_refresh_success_timestamp_seconds",
+            "When a credential refresh last succeeded (unix seconds)",
+            m.last_refresh.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    pub fn answer(&self, outcome: &str) {
+        self.answers.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
+    }
+
+    pub fn sts_call(&self, ok: bool, seconds: f64) {
+        let result = if ok { "ok" } else { "error" };
+        self.sts_calls.get_or_create(&vec![("result", result.to_string())]).inc();
+        self.sts_seconds.observe(seconds);
+        if ok {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            self.last_refresh.set(now as i64);
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set installed, store read).
+pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, metrics.render()),
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                        "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
+                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready: store not read yet\n".to_string()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = status;
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// Binds the metrics port; a failure is logged, not fatal: pods matter more than scrapes.
+pub async fn bind(addr: SocketAddr) -> Option<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot listen for metrics and health checks");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_series() {
+        let m = Metrics::default();
+        m.answer("credentials served");
+        m.sts_call(true, 0.02);
+        m.cache_hits.inc();
+        let text = m.render();
+        for series in [
+            "iamlink_answers_total{outcome=\"credentials served\"} 1",
+            "iamlink_sts_calls_total{result=\"ok\"} 1",
+            "iamlink_sts_call_seconds_count 1",
+            "iamlink_credential_cache_hits_total 1",
+            "iamlink_store_records",
+            "iamlink_interception_entries",
+            "iamlink_last_refresh_success_timestamp_seconds",
+        ] {
+            assert!(text.contains(series), "{series} missing in:\n{text}");
+        }
+    }
+}
