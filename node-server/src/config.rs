@@ -187,8 +187,12 @@ impl Config {
         self.credentials_address()?;
         self.metrics_listen()?;
         for path in &self.proxy_allow {
-            if !path.starts_with('/') || path.contains("/..") || path.contains("iam/security-credentials") {
-                return Err(format!("proxy_allow path {path:?} must be absolute and may not name credentials"));
+            // The node's credentials and user data never reach pods, whatever the config says.
+            let secret = path.contains("/iam/") || path.contains("user-data") || path.contains("/api/token");
+            if !path.starts_with('/') || path.contains("/..") || secret {
+                return Err(format!(
+                    "proxy_allow path {path:?} must be absolute and may not name the node's IAM data, user data or tokens"
+                ));
             }
         }
         if self.roles.base_arn.is_none() {
@@ -263,5 +267,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("proxy_allow"), "{e}");
+        for secret in ["/latest/user-data", "/latest/meta-data/iam/info", "/latest/api/token"] {
+            let e = Config::parse(&format!("listen = \"198.18.0.1:80\"\nproxy_allow = [\"{secret}\"]")).unwrap_err();
+            assert!(e.contains("proxy_allow"), "{secret}: {e}");
+        }
     }
 }

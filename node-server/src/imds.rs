@@ -144,6 +144,11 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
+    let no_role = || refuse(StatusCode::NOT_FOUND, "no role", "this pod has no role");
+    // The container-credentials protocol has no IMDSv2 tokens: SDKs never send one.
+    if path == CONTAINER_CREDENTIALS_PATH {
+        return facts.role.clone().map(Decision::ContainerCredentials).unwrap_or_else(no_role);
+    }
     match headers.get(TOKEN_HEADER).map(|v| v.to_str().unwrap_or("")) {
         Some(token) => match (facts.verify_token)(token) {
             Ok(()) => {}
@@ -157,7 +162,6 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     }
 
     let role = facts.role.clone();
-    let no_role = || refuse(StatusCode::NOT_FOUND, "no role", "this pod has no role");
     if path == CREDENTIALS_PATH || path.strip_prefix(CREDENTIALS_PATH) == Some("/") {
         return role.map(Decision::RoleName).unwrap_or_else(no_role);
     }
@@ -169,9 +173,6 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     }
     if path == INFO_PATH {
         return role.map(Decision::Info).unwrap_or_else(no_role);
-    }
-    if path == CONTAINER_CREDENTIALS_PATH {
-        return role.map(Decision::ContainerCredentials).unwrap_or_else(no_role);
     }
     if facts.proxy_allow.iter().any(|p| p == path) {
         return Decision::Proxy;

@@ -220,6 +220,8 @@ async fn imdsv1_can_be_refused() {
     let b = bench_with("imdsv1 = false\n", "");
     let web = b.pod(1, "team-a", "web");
     assert_eq!(b.call(&web, Method::GET, CREDS, &[]).await.0, StatusCode::UNAUTHORIZED);
+    // Container-credentials clients send no IMDSv2 token; that endpoint does not ask for one.
+    assert_eq!(b.call(&web, Method::GET, "/v1/credentials", &[]).await.0, StatusCode::OK);
     let token = b.token(&web).await;
     assert_eq!(b.call(&web, Method::GET, CREDS, &[("x-aws-ec2-metadata-token", &token)]).await.0, StatusCode::OK);
 }
