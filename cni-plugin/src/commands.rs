@@ -19,7 +19,8 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let pod = env.pod()?;
     let store = Store::open(conf.store_dir())?;
     let lock = store.lock()?;
-    rules.ensure(&lock)?;
+    // One listing of the pods map serves the whole ADD; `None`: the rule set is not there yet.
+    let entries = intercept::current_entries()?;
 
     let pod_net = Netlink::in_netns(&env.netns)?;
     let node_net = Netlink::here()?;
@@ -33,7 +34,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let slot = match store.get(&env.container_id, &env.ifname)? {
         Some(old) => old.slot,
         None => {
-            let in_use: Vec<u32> = intercept::pod_entries()?.into_iter().map(|(_, slot)| slot).collect();
+            let in_use: Vec<u32> = entries.iter().flatten().map(|(_, slot)| *slot).collect();
             store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
         }
     };
@@ -51,7 +52,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     };
     store.insert(&lock, &record)?;
     let routed = async {
-        rules.add_pod(&lock, &record.host_interface.name, slot)?;
+        rules.add_pod(&lock, &record.host_interface.name, slot, entries.as_deref())?;
         ensure_pod_routes(&pod_net, &routed_addresses(&rules, &prev), container.index, &prev, &env.ifname).await
     }
     .await;

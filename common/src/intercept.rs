@@ -76,14 +76,6 @@ impl RuleSet {
         list.join(", ")
     }
 
-    /// Creates the table when it is missing; leaves an existing one alone (the daemon owns it).
-    pub fn ensure(&self, lock: &StoreLock) -> Result<(), InterceptError> {
-        if nft_ok(&["list", "table", "inet", TABLE])? {
-            return Ok(());
-        }
-        self.install(lock)
-    }
-
     /// Creates the table if needed and replaces the base chains' rules in one transaction;
     /// pod entries and slot chains are kept.
     pub fn install(&self, _lock: &StoreLock) -> Result<(), InterceptError> {
@@ -162,28 +154,41 @@ impl RuleSet {
         }
         for (name, r) in want {
             if !have.iter().any(|(n, s)| n == name && *s == r.slot) {
-                self.add_pod(lock, name, r.slot)?;
+                self.add_pod(lock, name, r.slot, Some(&have))?;
             }
         }
         Ok(())
     }
 
     /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
-    /// whose DEL never came).
-    pub fn add_pod(&self, _lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
+    /// whose DEL never came). `entries` is the map as the caller just read it (one `nft` run per
+    /// ADD is the plugin's biggest cost); `None` means the table is missing: then the base rule
+    /// set is created in the same transaction, so a pod is never in the map without the rules.
+    pub fn add_pod(
+        &self,
+        _lock: &StoreLock,
+        ifname: &str,
+        slot: u32,
+        entries: Option<&[(String, u32)]>,
+    ) -> Result<(), InterceptError> {
         validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
         let t = format!("inet {TABLE}");
-        let mut script = format!(
+        let mut script = if entries.is_none() { self.base_script() } else { String::new() };
+        script.push_str(&format!(
             "add chain {t} slot-{slot}\n\
              flush chain {t} slot-{slot}\n\
              add rule {t} slot-{slot} meta mark set meta mark or {mark:#x}\n",
             mark = self.mask.mark_for(slot),
-        );
-        if pod_entry(ifname)?.is_some() {
+        ));
+        if entries.unwrap_or_default().iter().any(|(n, _)| n == ifname) {
             script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
         }
         script.push_str(&format!("add element {t} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
-        nft_script(&format!("add entry for {ifname}"), &script)
+        nft_script(&format!("add entry for {ifname}"), &script)?;
+        if entries.is_none() {
+            self.forget_connections();
+        }
+        Ok(())
     }
 }
 
@@ -192,16 +197,16 @@ impl RuleSet {
 /// chain. Absent pieces are fine: DEL is idempotent.
 pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
     validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
-    if !nft_ok(&["list", "table", "inet", TABLE])? {
+    let Some(entries) = current_entries()? else {
         return Ok(());
-    }
+    };
     let t = format!("inet {TABLE}");
     let mut script = String::new();
-    if pod_entry(ifname)? == Some(slot) {
+    if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
         script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
     }
     // Only delete the slot chain when no other entry still jumps to it.
-    if !pod_entries()?.iter().any(|(name, s)| *s == slot && name != ifname) {
+    if !entries.iter().any(|(name, s)| *s == slot && name != ifname) {
         script.push_str(&format!("add chain {t} slot-{slot}\ndelete chain {t} slot-{slot}\n"));
     }
     nft_script(&format!("remove entry for {ifname}"), &script)
@@ -214,11 +219,16 @@ pub fn pod_entry(ifname: &str) -> Result<Option<u32>, InterceptError> {
 
 /// Every (host interface, slot) entry of the map; empty when the table does not exist.
 pub fn pod_entries() -> Result<Vec<(String, u32)>, InterceptError> {
+    Ok(current_entries()?.unwrap_or_default())
+}
+
+/// The map's entries, or `None` when the table (or its map) does not exist.
+pub fn current_entries() -> Result<Option<Vec<(String, u32)>>, InterceptError> {
     let out = nft(&["-j", "list", "map", "inet", TABLE, PODS_MAP], None)?;
     if !out.status.success() {
-        return Ok(vec![]);
+        return Ok(None);
     }
-    parse_entries(&String::from_utf8_lossy(&out.stdout))
+    parse_entries(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
 /// Removes the whole rule set (uninstall; tests).
@@ -281,10 +291,6 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, Inter
     run(&find_tool("nft"), args, stdin)
 }
 
-fn nft_ok(args: &[&str]) -> Result<bool, InterceptError> {
-    Ok(nft(args, None)?.status.success())
-}
-
 /// Runs a script as one nft transaction: all of it applies or none.
 fn nft_script(what: &str, script: &str) -> Result<(), InterceptError> {
     let out = nft(&["-f", "-"], Some(script))?;
@@ -314,7 +320,9 @@ mod tests {
         assert!(s.contains("identify ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 jump identify-pod"));
         assert!(s.contains("identify ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 jump identify-pod"));
         assert!(s.contains("identify-pod meta mark set meta mark and 0xffffcf80"));
-        assert!(s.contains("ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new dnat ip to 198.18.0.1:8181"));
+        assert!(s.contains(
+            "ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new dnat ip to 198.18.0.1:8181"
+        ));
         assert!(
             s.contains("ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 ct state new drop"),
             "no IPv6 daemon: IPv6 metadata traffic is dropped"

@@ -68,7 +68,9 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
             app.metrics.answer("unknown pod");
             return match e {
                 Unidentified::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "iamlink: pod store unreadable\n"),
-                Unidentified::Corrupt(_) => text(StatusCode::NOT_FOUND, "iamlink: no pod identity: pod record unreadable\n"),
+                Unidentified::Corrupt(_) => {
+                    text(StatusCode::NOT_FOUND, "iamlink: no pod identity: pod record unreadable\n")
+                }
                 _ => text(StatusCode::NOT_FOUND, format!("iamlink: no pod identity: {e}\n")),
             };
         }

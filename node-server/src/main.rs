@@ -15,6 +15,7 @@ use iamlink_common::{intercept, Store};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 
 use iamlinkd::app::App;
 use iamlinkd::cniconfig::{self, Installer};
@@ -82,7 +83,7 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let _log_writer = init_logging(cli.log_format);
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -203,12 +204,17 @@ async fn run(config: Config) -> Result<(), String> {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// One line per answer is the audit trail; a writer thread takes the write syscalls off the
+/// request path. It blocks rather than drops when it falls behind: no line is lost. The guard
+/// flushes on exit, so it lives as long as `main`.
+fn init_logging(format: LogFormat) -> WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IAMLINKD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(false).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    guard
 }

@@ -125,7 +125,7 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
     let pod = record.pod.clone();
     tokio::spawn(async move {
         if let Err(e) = app.cache.get(&key).await {
-            warn!(pod = %pod, role = %key.role_arn, error = %e, "prefetch failed; will retry on request and refresh");
+            warn!(pod = %pod, role = %key.role_arn, error = %e, during = "prefetch", "cannot assume role");
         }
     });
 }
