@@ -1,0 +1,132 @@
+"""Part 5, memory: iamlinkd's resident set with 250 pods of 50 roles, every pod's credentials
+cached, against a freshly started iamlinkd with no pods. VmRSS from /proc/<pid>/status.
+
+iamlinkd is restarted first (no pods exist then), so the baseline is a fresh process with the
+same config. The pods come through the real chain; each pod's prefetch fills its cache entry
+(waited for at the STS proxy), and one request per pod checks that every answer is the pod's own.
+"""
+
+import json
+import os
+import time
+
+from .node import REPO
+
+ROLES = 50
+PER_ROLE = 5
+
+
+def spec(quick):
+    roles, per = (5, 4) if quick else (ROLES, PER_ROLE)
+    return [{"namespace": f"mem-{r:02d}", "name": f"pod-{i}", "role": f"mem-role-{r:02d}"}
+            for r in range(roles) for i in range(per)]
+
+
+def pod_roles():
+    return [{"namespace": f"mem-{r:02d}", "role": f"mem-role-{r:02d}"} for r in range(ROLES)]
+
+
+def role_names():
+    return [f"mem-role-{r:02d}" for r in range(ROLES)]
+
+
+def mib(kb):
+    return kb / 1024 if kb is not None else None
+
+
+def run(b, quick, want_profile):
+    pods = spec(quick)
+    answered0 = sum(1 for c in b.sts_calls() if "answered" in c)
+    worn = b.daemon.status()  # the daemon that served every earlier part, before its restart
+    b.daemon.restart()
+    time.sleep(1.0)  # let the fresh process settle (first scan, runtime threads)
+    fresh = b.daemon.status()
+    path = os.path.join(b.node.workdir, "memory-spec.json")
+    with open(path, "w") as f:
+        json.dump(pods, f)
+    hold = b.cnibench_interactive("hold", ["--conflist", b.conflists["iamlink"], "--spec", path,
+                                           "--parallelism", 2, "--deadline", "600s"])
+    try:
+        ready = hold.next(300)
+        calls = b.wait_sts_answers(answered0 + len(pods), 120, f"{len(pods)} prefetches answered")
+        hold.send("request")
+        answers = hold.next(120)
+        time.sleep(0.5)
+        loaded = b.daemon.status()
+        smaps = smaps_rollup(b.daemon.pid)
+    finally:
+        hold.close()
+    owner = {c.get("akid"): c["session"] for c in calls if c.get("akid")}
+    wrong = sum(1 for t in answers["pods"]
+                if t["statuses"] != {"200": 1} or any(owner.get(k) != f"{t['namespace']}.{t['name']}" for k in t["akids"]))
+    nroles = len({p["role"] for p in pods})
+    rows = [
+        {"metric": f"iamlinkd VmRSS, {len(pods)} pods / {nroles} roles cached",
+         "value": f"{mib(loaded['VmRSS']):.2f} MiB ({loaded['VmRSS'] * 1024 / 1e6:.2f} MB)", "unit": "",
+         "baseline": f"{mib(fresh['VmRSS']):.2f} MiB", "ratio": loaded["VmRSS"] / fresh["VmRSS"], "target": "≤ 15 MB",
+         "met": loaded["VmRSS"] * 1024 <= 15e6},
+        {"metric": "iamlinkd VmHWM (peak RSS)", "value": mib(loaded["VmHWM"]), "unit": "MiB",
+         "baseline": mib(fresh["VmHWM"]), "ratio": loaded["VmHWM"] / fresh["VmHWM"]},
+        {"metric": "anonymous memory (RssAnon)", "value": mib(loaded.get("RssAnon")), "unit": "MiB",
+         "baseline": mib(fresh.get("RssAnon")), "ratio": None},
+        {"metric": "file-backed (RssFile: the binary's pages)", "value": mib(loaded.get("RssFile")), "unit": "MiB",
+         "baseline": mib(fresh.get("RssFile")), "ratio": None},
+        {"metric": "iamlinkd VmRSS / VmHWM after the earlier parts (load, 1,000 connections, churn), 0 pods",
+         "value": f"{mib(worn['VmRSS']):.1f} / {mib(worn['VmHWM']):.1f}", "unit": "MiB", "baseline": None, "ratio": None},
+        {"metric": "pods whose answer was not 200 with their own key", "value": wrong, "unit": f"of {len(pods)}",
+         "baseline": None, "ratio": None, "target": "0", "met": wrong == 0, "check": True},
+    ]
+    return {"title": "Memory (iamlinkd RSS)", "rows": rows, "met": all(r.get("met", True) for r in rows),
+            "fresh": fresh, "loaded": loaded, "worn": worn, "smaps": smaps, "pods": len(pods), "roles": nroles,
+            "add_seconds": ready.get("seconds"), "threads": loaded.get("Threads")}
+
+
+def smaps_rollup(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if v.strip().endswith("kB"):
+                    out[k.strip()] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def explain(r):
+    f, l = r["fresh"], r["loaded"]
+    per_pod = (l["RssAnon"] - f["RssAnon"]) / r["pods"]
+    lines = [f"**Result.** {r['pods']} pods of {r['roles']} roles with credentials cached add "
+             f"{(l['VmRSS'] - f['VmRSS']) / 1024:.1f} MiB to a fresh iamlinkd ({f['VmRSS'] / 1024:.1f} → "
+             f"{l['VmRSS'] / 1024:.1f} MiB; {l['VmRSS'] * 1024 / 1e6:.1f} MB), ≈ {per_pod:.1f} KiB of heap per pod. "
+             f"Most of the resident set is file-backed: {l['RssFile'] / 1024:.1f} MiB of the binary's pages (its .text "
+             "is ≈ 11 MB, mostly the AWS SDK; these pages are shared page cache, not private memory), against "
+             f"{l['RssAnon'] / 1024:.1f} MiB of anonymous memory. {l.get('Threads')} threads."]
+    w = r.get("worn")
+    if w:
+        lines.append("")
+        lines.append(f"The daemon that served the earlier parts had grown to {w['VmRSS'] / 1024:.1f} MiB "
+                     f"(peak {w['VmHWM'] / 1024:.1f} MiB) with no pods left: the allocator keeps what the load and "
+                     "the 1,000 concurrent connections of part 4 took (hyper buffers per connection), and it does "
+                     "not shrink. A node that sees bursts will sit above the 15 MB line; capping concurrent "
+                     "connections per node (not only per pod) or `malloc_trim` after bursts would bound it.")
+    src = os.path.join(REPO, "node-server", "src", "main.rs")
+    appender = os.path.exists(src) and "NonBlockingBuilder" in open(src).read() \
+        and "buffered_lines_limit" not in open(src).read()
+    if appender and f["RssAnon"] > 3 * 1024:
+        lines.append("")
+        lines.append(f"A fresh iamlinkd already holds {f['RssAnon'] / 1024:.1f} MiB of anonymous memory (1.6 MiB before "
+                     "the non-blocking log writer): `tracing-appender`'s `NonBlocking` preallocates its bounded channel, "
+                     "128,000 lines × 32 B ≈ 3.9 MiB, all touched at start. `NonBlockingBuilder::default()"
+                     ".buffered_lines_limit(4_096)` (`node-server/src/main.rs` `init_logging`) keeps the writer off "
+                     "the request path for ≈ 130 KiB; it still blocks rather than drops when full.")
+    if not r["met"]:
+        lines.append("")
+        lines.append("**Proposed fix.** Shrink the file-backed part, the binary's resident text: "
+                     "`[profile.release]` `lto = true`, `codegen-units = 1`, `opt-level = \"s\"`, "
+                     "`panic = \"abort\"` halve .text (11.6 → 5.4 MB) and, measured with this bench "
+                     "(`bench/proposals/README.md`), take RssFile from 11.3 to 7.6 MiB at 250 pods. Replacing "
+                     "`aws-sdk-sts` (one call, AssumeRole) by a small SigV4-signed query over the hyper client already "
+                     "in the binary would remove most of the rest.")
+    return "\n".join(lines)
