@@ -153,7 +153,9 @@ def explain(r):
             "the same machine. On 2 cores the churn is CPU-bound, and the largest single cost iamlink adds per pod "
             "is part 1's `nft` runs (process start-up and a ruleset dump each); they also run under the store's "
             "`flock`, so iamlink's part of every ADD and DEL is serialized node-wide — the rate can never exceed "
-            "1 / (iamlink ADD + DEL time), however many workers run. Part 1's fix (one listing and one script per "
-            "command, then nf_tables netlink instead of `nft` processes) is the fix here too; holding the lock only "
-            "around the store and map updates, not around the pod's route setup, shortens the serialized part.")
+            "1 / (iamlink ADD + DEL time), however many workers run. Part 1's fix (nf_tables netlink instead of "
+            "`nft` processes) is the fix here too; holding the lock only around the store and map updates, not "
+            "around the pod's route setup, shortens the serialized part. The rest of the per-pod CPU is the "
+            "machine's (namespace teardown in `kworker`, the reference plugins, the runtime) and the STS call "
+            "each new pod's prefetch makes (moto and the proxy here).")
     return "\n".join(lines)

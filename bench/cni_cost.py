@@ -156,25 +156,20 @@ def explain(r):
                 lines.append("Top of `nft`'s own samples (share of all samples): process start-up — page faults and the "
                              "dynamic loader — not rule work:\n\n```\n" + "\n".join(d["nft_top"][:8]) + "\n```")
     if not r["met"]:
-        per = d.get("nft_ms_per_call", 0)
+        per = d.get("nft_ms_per_call") or 0
+        runs = d.get("nft_calls_per_pod") or 0
+        budget = 0.25 * r["chains"]["plain"]["both_p50"]
         lines.append("")
         lines.append(
-            "**Proposed fix** (`common/src/intercept.rs`; the plugin holds the store lock through all of it, so it "
-            "also caps churn, part 6):\n\n"
-            "1. Today ADD runs `nft list table` (`RuleSet::ensure`), `nft -j list map` for the slots in use "
-            "(`free_slot`'s `in_use`), `nft -j list map` again (`add_pod` → `pod_entry`) and the script; DEL runs "
-            "`nft list table`, `nft -j list map` twice (`remove_pod` → `pod_entry`, `pod_entries`) and the script. "
-            "One listing per command answers every question (a failed listing means no table), and `add_pod` "
-            "can try its script first and fall back only on EEXIST (an element that exists with another verdict) "
-            "or a missing table: 8 runs → 4 per pod. Prototype and its measured effect: "
-            "`bench/proposals/` (plugin ADD+DEL ≈ −12 ms there).\n"
-            "2. A second process per command is still ≈ the cost measured above; so:\n"
-            "3. The structural fix: speak nf_tables netlink from the process (one batch per ADD/DEL: add/delete "
-            "element + slot chain, e.g. with the `rustables` or `nftnl` crates or a small NFNL batch writer) "
-            "instead of spawning `nft` — no process and no full-ruleset dump per step.\n\n"
-            + (f"Expected effect, from the measured {per:.1f} ms per `nft` run: (1) saves 4 runs ≈ {4 * per:.0f} ms "
-               f"per ADD+DEL; (3) saves ≈ {d.get('nft_calls_per_pod', 0) * per:.0f} ms, which leaves the plugin's "
-               "netlink and store work (a few ms) and brings the overhead within the 25 % target."
-               if d else "Expected effect: each `nft` run saved is one process start plus a ruleset dump "
-               "(the full run measures it)."))
+            "**Proposed fix.** Stop spawning `nft`. Every run is a process start (dynamic loading and page faults, "
+            "the top of the profile above) plus a dump of the ruleset, and runs under the store's `flock`, so it "
+            "also serializes churn (part 6). `common/src/intercept.rs` is the only code that runs `nft`: let it send "
+            "each command's changes as one nf_tables netlink batch (add/delete the map element and the slot chain; "
+            "the map listing becomes one element dump) over a netlink socket — e.g. the `rustables` or `nftnl` "
+            "crates, or a small NFNL batch writer next to the rtnetlink code the plugin already has. "
+            + (f"Expected effect: ≈ {runs:.0f} × {per:.1f} ms ≈ {runs * per:.0f} ms off the plugin's "
+               f"{plugin_ms:.0f} ms per ADD+DEL. The target allows iamlink {budget:.0f} ms (25 % of the plain "
+               f"chain's {r['chains']['plain']['both_p50']:.0f} ms); what remains after that is the plugin's "
+               "process start, netlink, store writes and libcni's handling of one more plugin."
+               if d else "The full run measures the runs per pod and their cost."))
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def render(info, results):
     if missed:
         L.append("Targets missed: " + ", ".join(f"part {n} ({results[n]['title']})" for n in missed)
                  + ". Each part's section below shows the profile and the proposed fix; "
-                 "`bench/proposals/` holds a prototype of two of the fixes and its measured effect.")
+                 "`bench/proposals/` holds prototypes of proposed fixes and their measured effect.")
     else:
         L.append("Every target was met.")
     L.append("")

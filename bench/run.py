@@ -45,7 +45,16 @@ def main():
     ap.add_argument("--parts", default="1,2,3,4,5,6")
     ap.add_argument("--no-profile", action="store_true", help="skip the perf diagnosis of missed targets")
     ap.add_argument("--command", default="scripts/bench", help="the command line to print as the reproduction")
+    ap.add_argument("--render-from", metavar="JSON", help="only write the report again from a run's raw numbers")
     a = ap.parse_args()
+    if a.render_from:
+        with open(a.render_from) as f:
+            raw = json.load(f)
+        out = a.out or os.path.join(REPO, ".build/bench-quick.md" if raw["machine"].get("quick") else "BENCHMARKS.md")
+        with open(out, "w") as f:
+            f.write(report.render(raw["machine"], {int(k): v for k, v in raw["results"].items()}))
+        print(f"bench: wrote {out} from {a.render_from}")
+        return 0
     out = a.out or os.path.join(REPO, ".build/bench-quick.md" if a.quick else "BENCHMARKS.md")
     want = [int(x) for x in a.parts.split(",") if x.strip()]
     profile = not a.quick and not a.no_profile

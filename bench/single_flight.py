@@ -9,7 +9,6 @@ be answered from that one call. iamlinkd's session name is `<namespace>.<name>`,
 its own key: the count is per pod (key), with all pods sharing one role.
 """
 
-import json
 import subprocess
 import time
 
