@@ -16,15 +16,13 @@ use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde_json::{Map, Value};
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::watch::watch_dir;
 
 pub const PLUGIN_NAME: &str = "iamlink";
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
@@ -348,36 +346,11 @@ impl Installer {
     }
 }
 
-/// Wakes the keeper whenever a file in the config directory is written, renamed or removed.
-/// The reader thread ends with the keeper (it holds only a weak reference).
-fn watch_dir(dir: &Path) -> Option<Arc<Notify>> {
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
-    let flags = AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE;
-    inotify.add_watch(dir, flags).ok()?;
-    let notify = Arc::new(Notify::new());
-    let waker: Weak<Notify> = Arc::downgrade(&notify);
-    std::thread::Builder::new()
-        .name("cni-conf-watch".into())
-        .spawn(move || {
-            while inotify.read_events().is_ok() {
-                match waker.upgrade() {
-                    Some(n) => n.notify_one(),
-                    None => break,
-                }
-            }
-        })
-        .ok()?;
-    Some(notify)
-}
-
 /// Keeps iamlink chained: re-inserts it within moments of a primary plugin rewriting its file
 /// (inotify, and a check every second as a safety net). Writes only when the entry is missing or
 /// wrong; each distinct error is logged once.
 pub async fn keep_chained(installer: Installer) {
-    let watch = watch_dir(&installer.conf_dir);
+    let watch = watch_dir(&installer.conf_dir, "cni-conf-watch");
     if watch.is_none() {
         warn!(dir = %installer.conf_dir.display(), "cannot watch the CNI config directory; checking it every second");
     }

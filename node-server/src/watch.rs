@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use nix::net::if_::if_nametoindex;
@@ -20,22 +20,26 @@ use crate::credentials::AssumeRole;
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
-/// Wakes the view whenever a record file appears or goes. A blocking reader thread keeps the
-/// code free of raw-fd registration; `Notify` coalesces bursts into one rescan.
-fn watch_records(dir: &Path) -> Option<Arc<Notify>> {
+/// Wakes its owner whenever a file in `dir` is written, renamed or removed. A blocking reader
+/// thread keeps the code free of raw-fd registration; `Notify` coalesces bursts into one wake-up.
+/// The thread holds only a weak reference and ends with its owner. `None`: no inotify.
+pub fn watch_dir(dir: &Path, thread_name: &str) -> Option<Arc<Notify>> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
-    let flags = AddWatchFlags::IN_MOVED_TO
+    let flags = AddWatchFlags::IN_CLOSE_WRITE
+        | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_CLOSE_WRITE;
+        | AddWatchFlags::IN_DELETE;
     inotify.add_watch(dir, flags).ok()?;
     let notify = Arc::new(Notify::new());
-    let waker = notify.clone();
+    let waker: Weak<Notify> = Arc::downgrade(&notify);
     std::thread::Builder::new()
-        .name("store-watch".into())
+        .name(thread_name.into())
         .spawn(move || {
             while inotify.read_events().is_ok() {
-                waker.notify_one();
+                match waker.upgrade() {
+                    Some(n) => n.notify_one(),
+                    None => break,
+                }
             }
         })
         .ok()?;
@@ -44,7 +48,7 @@ fn watch_records(dir: &Path) -> Option<Arc<Notify>> {
 
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     let dir = app.store.dir().join("records");
-    let watch = watch_records(&dir);
+    let watch = watch_dir(&dir, "store-watch");
     if watch.is_none() {
         warn!(dir = %dir.display(), "inotify unavailable; new pods are seen by the 1 s rescan only");
     }
