@@ -49,6 +49,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         ips: prev.addresses(),
         created: now_rfc3339(),
         created_boottime_ns: boottime_ns(),
+        runtime_annotations: conf.iam_annotations(),
     };
     store.insert(&lock, &record)?;
     let routed = async {

@@ -1,10 +1,11 @@
 //! Turning the runtime's stdin and environment into typed input.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 
 use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
+use iamlink_common::record::POD_ANNOTATIONS;
 use iamlink_common::{MarkMask, PodRef};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -35,6 +36,16 @@ pub struct NetConf {
     pub credentials_address: Option<String>,
     #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
+    #[serde(default)]
+    pub runtime_config: RuntimeConfig,
+}
+
+/// What the runtime fills in for the capabilities the conflist entry declares.
+#[derive(Debug, Default, Deserialize)]
+pub struct RuntimeConfig {
+    /// containerd's `io.kubernetes.cri.pod-annotations`: every annotation of the pod.
+    #[serde(rename = "io.kubernetes.cri.pod-annotations")]
+    pub pod_annotations: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq, Hash)]
@@ -116,6 +127,12 @@ impl NetConf {
                 "iamlink must run chained after a plugin that sets up the pod's interface: no prevResult",
             )
         })
+    }
+
+    /// The pod's IAM annotations for its record; `None` when the runtime passed no annotations.
+    pub fn iam_annotations(&self) -> Option<BTreeMap<String, String>> {
+        let all = self.runtime_config.pod_annotations.as_ref()?;
+        Some(POD_ANNOTATIONS.iter().filter_map(|k| all.get(*k).map(|v| (k.to_string(), v.clone()))).collect())
     }
 
     pub fn version_at_least(&self, major: u32, minor: u32) -> bool {
@@ -311,6 +328,27 @@ mod tests {
         assert_eq!(prev.gateway("eth0", false), Some(IpAddr::V4(Ipv4Addr::new(198, 18, 64, 1))));
         assert_eq!(prev.gateway("eth0", true), None);
         assert_eq!(prev.addresses(), vec!["198.18.64.2/24".to_string()]);
+    }
+
+    #[test]
+    fn only_the_iam_annotations_of_the_runtime_are_kept() {
+        let base = r#"{"cniVersion":"1.0.0","name":"n","type":"iamlink""#;
+        let conf = parse(format!("{base}}}").as_bytes()).unwrap();
+        assert_eq!(conf.iam_annotations(), None, "no capability: nothing known");
+        let conf = parse(
+            format!(
+                r#"{base},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{{
+                    "iam.amazonaws.com/role":"web","kubernetes.io/config.seen":"x"}},"portMappings":[]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let kept = conf.iam_annotations().unwrap();
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), [("iam.amazonaws.com/role".to_string(), "web".to_string())]);
+        let e =
+            parse(format!(r#"{base},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{{"a":1}}}}}}"#).as_bytes())
+                .unwrap_err();
+        assert_eq!(e.code, Code::InvalidNetConf);
     }
 
     #[test]

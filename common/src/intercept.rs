@@ -231,6 +231,40 @@ pub fn current_entries() -> Result<Option<Vec<(String, u32)>>, InterceptError> {
     parse_entries(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
+/// What the kernel holds of the rule set, for operators (`iamlinkd explain`, `status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// The base chains that are missing (`identify`, `identify-pod`, `intercept`); empty when
+    /// the rule set is whole.
+    pub missing_chains: Vec<String>,
+    /// The pods map's (host interface, slot) entries.
+    pub entries: Vec<(String, u32)>,
+}
+
+/// The rule set as installed, from one `nft` run; `None` when the table does not exist.
+pub fn installed() -> Result<Option<Installed>, InterceptError> {
+    let out = nft(&["-j", "list", "table", "inet", TABLE], None)?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    parse_installed(&String::from_utf8_lossy(&out.stdout)).map(Some)
+}
+
+fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    let chains: Vec<&str> = items.iter().filter_map(|i| i["chain"]["name"].as_str()).collect();
+    let missing_chains = ["identify", "identify-pod", "intercept"]
+        .into_iter()
+        .filter(|c| !chains.contains(c))
+        .map(String::from)
+        .collect();
+    let map_only: Vec<serde_json::Value> =
+        items.iter().filter(|i| i["map"]["name"].as_str() == Some(PODS_MAP)).cloned().collect();
+    let entries = parse_entries(&serde_json::json!({ "nftables": map_only }).to_string())?;
+    Ok(Installed { missing_chains, entries })
+}
+
 /// Removes the whole rule set (uninstall; tests).
 pub fn remove_all(_lock: &StoreLock) -> Result<(), InterceptError> {
     nft_script("delete table", &format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"))
@@ -340,5 +374,18 @@ mod tests {
         let empty = r#"{"nftables": [{"map": {"name": "pods"}}]}"#;
         assert!(parse_entries(empty).unwrap().is_empty());
         assert!(parse_entries(r#"{"nftables": [{"map": {"elem": [["x", {"accept": null}]]}}]}"#).is_err());
+    }
+
+    #[test]
+    fn installed_names_missing_base_chains_and_reads_the_pods_map() {
+        let json = r#"{"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "iamlink"}},
+            {"map": {"family": "inet", "name": "pods", "table": "iamlink", "type": "ifname", "map": "verdict",
+                     "elem": [["vethA", {"jump": {"target": "slot-3"}}]]}},
+            {"chain": {"family": "inet", "table": "iamlink", "name": "identify"}},
+            {"chain": {"family": "inet", "table": "iamlink", "name": "slot-3"}},
+            {"chain": {"family": "inet", "table": "iamlink", "name": "intercept"}}]}"#;
+        let got = parse_installed(json).unwrap();
+        assert_eq!(got.missing_chains, vec!["identify-pod".to_string()]);
+        assert_eq!(got.entries, vec![("vethA".to_string(), 3)]);
     }
 }

@@ -1,13 +1,15 @@
 //! What the iamlink CNI plugin and iamlinkd share.
 //!
 //! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
-//! nftables rule set. Nobody else touches the store directory or runs `nft`.
+//! nftables rule set. Nobody else touches the store directory or runs `nft`. [`netlink`] reads
+//! links and routes in the node's and pods' namespaces (no writes).
 
 pub mod intercept;
 pub mod mark;
+pub mod netlink;
 pub mod record;
 pub mod store;
 
 pub use mark::MarkMask;
-pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef};
+pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 pub use store::{Store, StoreError, StoreLock};

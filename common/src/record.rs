@@ -1,5 +1,6 @@
 //! The pod record: what ADD writes and the daemon reads, defined once for both.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use nix::time::{clock_gettime, ClockId};
@@ -24,7 +25,18 @@ pub struct PodRecord {
     pub created: String,
     /// CLOCK_BOOTTIME at creation: a connection accepted before this cannot belong to this pod.
     pub created_boottime_ns: u64,
+    /// The pod's IAM annotations ([`POD_ANNOTATIONS`]) as the runtime passed them at ADD; `None`
+    /// when it passed no annotations at all (no `io.kubernetes.cri.pod-annotations` capability).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_annotations: Option<BTreeMap<String, String>>,
 }
+
+/// The pod annotation naming its role (a name or an ARN), as kube2iam and kiam read it.
+pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+/// The pod annotation giving the ExternalId of its AssumeRole calls.
+pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// The only pod annotations a record keeps: the rest are none of iamlink's business.
+pub const POD_ANNOTATIONS: [&str; 2] = [ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -140,10 +152,12 @@ mod tests {
             ips: vec!["198.18.64.2/24".into()],
             created: now_rfc3339(),
             created_boottime_ns: boottime_ns(),
+            runtime_annotations: None,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"containerId\":\"c1\""));
         assert!(json.contains("\"source\":\"peer-ifindex\""));
         assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), r);
+        assert!(!json.contains("runtimeAnnotations"), "absent, not null: records of older plugins read the same");
     }
 }

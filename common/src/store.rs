@@ -3,7 +3,8 @@
 //! Layout under the store directory:
 //! - `lock`: exclusive `flock` held by every writer (ADD, DEL and GC run in parallel on a node);
 //! - `records/<containerID>.<ifname>.json`: one record per attachment, replaced atomically;
-//! - `slots/<n>`: symlink to the record that holds slot `n`; a slot is free iff its link is absent.
+//! - `slots/<n>`: symlink to the record that holds slot `n`; a slot is free iff its link is absent;
+//! - `iamlinkd.sock`: the running daemon's local API (`iamlinkd explain`, `iamlinkd status`).
 //!
 //! Readers (the daemon) take no lock: every file appears and disappears by an atomic rename.
 
@@ -70,12 +71,30 @@ impl Store {
         self.dir.join("slots")
     }
 
-    fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+    /// Where one attachment's record lives (operators are shown the file).
+    pub fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
         self.records_dir().join(format!("{}.json", record_key(container_id, ifname)))
     }
 
     fn slot_path(&self, slot: u32) -> PathBuf {
         self.slots_dir().join(slot.to_string())
+    }
+
+    /// The Unix socket on which iamlinkd answers operators (`iamlinkd explain`, `status`):
+    /// inside the store, so it is as root-only as the records it describes.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("iamlinkd.sock")
+    }
+
+    /// Removes the socket an iamlinkd that did not exit cleanly left behind. Anything that is
+    /// not a socket stays (binding then fails and names the path).
+    pub fn remove_stale_api_socket(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = self.api_socket();
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_socket() => fs::remove_file(&path).map_err(io_err(&path)),
+            _ => Ok(()),
+        }
     }
 
     /// Takes the exclusive write lock, waiting for other writers.
@@ -230,6 +249,7 @@ mod tests {
             ips: vec![],
             created: now_rfc3339(),
             created_boottime_ns: boottime_ns(),
+            runtime_annotations: None,
         }
     }
 

@@ -8,7 +8,8 @@
 //! x-aws-ec2-metadata-token: @token
 //! ```
 //!
-//! Facts words: `v1` (IMDSv1 allowed, else only v2), `role=<arn>` (else no role), `allow=<paths>`
+//! Facts words: `v1` (IMDSv1 allowed, else only v2), `role=<arn>` (else no role), `denied` (the
+//! role is refused by policy), `pending` (the pod is not known yet), `allow=<paths>`
 //! (comma-separated proxy_allow; absent: the config's default list). The head is parsed with
 //! httparse and turned into hyper's types as hyper does, skipping what hyper would refuse. A header
 //! value starting with `@token`, `@other`, `@expired` or `@forged` is replaced by a real token:
@@ -24,7 +25,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 use iamlinkd::config::Config;
 use iamlinkd::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
-use iamlinkd::roles::Role;
+use iamlinkd::roles::{Grant, Resolution, Role, Source};
 use iamlinkd::tokens::{parse_ttl, TokenError, Tokens};
 use libfuzzer_sys::fuzz_target;
 
@@ -84,10 +85,15 @@ fuzz_target!(|data: &[u8]| {
 
     let mut imdsv1 = false;
     let mut role = None;
+    let (mut denied, mut pending) = (false, false);
     let mut proxy_allow = f.default_allow.clone();
     for word in facts_line.split(' ') {
         if word == "v1" {
             imdsv1 = true;
+        } else if word == "denied" {
+            denied = true;
+        } else if word == "pending" {
+            pending = true;
         } else if let Some(arn) = word.strip_prefix("role=") {
             role = Some(Role { arn: arn.to_string() });
         } else if let Some(list) = word.strip_prefix("allow=") {
@@ -123,7 +129,23 @@ fuzz_target!(|data: &[u8]| {
         accepted.set(Some(accepted.get().unwrap_or(true) && r.is_ok()));
         r
     };
-    let facts = Facts { imdsv1, proxy_allow: &proxy_allow, role: role.clone(), verify_token: &verify };
+    let resolution = match (&role, denied, pending) {
+        (_, _, true) => Resolution::Pending("not listed yet".into()),
+        (Some(r), true, _) => {
+            Resolution::Denied { outcome: "denied by policy", requested: r.arn.clone(), reason: "policy".into() }
+        }
+        (Some(r), false, _) => Resolution::Granted(Grant {
+            role: r.clone(),
+            source: Source::Config,
+            requested: r.arn.clone(),
+            external_id: None,
+            duration_seconds: None,
+        }),
+        (None, _, _) => Resolution::NoRole,
+    };
+    // Only a granted role may ever reach an answer.
+    let role = if let Resolution::Granted(_) = resolution { role } else { None };
+    let facts = Facts { imdsv1, proxy_allow: &proxy_allow, role: &resolution, verify_token: &verify };
     let decision = decide(&method, path, &headers, &facts);
 
     if debug() {
@@ -151,13 +173,16 @@ fuzz_target!(|data: &[u8]| {
     if path.contains("user-data") {
         let explicitly_allowed = match &decision {
             Decision::Proxy => proxy_allow.iter().any(|p| p.contains("user-data")),
-            Decision::Credentials(r) => r.name().contains("user-data"),
+            Decision::Credentials(g) => g.role.name().contains("user-data"),
             _ => false,
         };
         assert!(matches!(decision, Decision::Refuse { .. }) || explicitly_allowed, "{method} {path} got {decision:?}");
     }
     match &decision {
-        Decision::Refuse { status, .. } => assert!(status.is_client_error(), "refused with {status}"),
+        Decision::Refuse { status, .. } => {
+            let expected_5xx = pending && *status == hyper::StatusCode::SERVICE_UNAVAILABLE;
+            assert!(status.is_client_error() || expected_5xx, "refused with {status}");
+        }
         Decision::Token { ttl } => {
             assert_eq!(method, Method::PUT);
             assert_eq!(path, TOKEN_PATH);
@@ -171,12 +196,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(path == CREDENTIALS_PATH || path == format!("{CREDENTIALS_PATH}/"), "role listed at {path}");
             assert_eq!(Some(r), role.as_ref());
         }
-        Decision::Credentials(r) => {
+        Decision::Credentials(Grant { role: r, .. }) => {
             assert!(get_or_head, "{method} got credentials");
             assert_eq!(Some(r), role.as_ref(), "credentials of a role that is not the pod's");
             assert_eq!(path, format!("{CREDENTIALS_PATH}/{}", r.name()), "credentials at {path}");
         }
-        Decision::ContainerCredentials(r) => {
+        Decision::ContainerCredentials(Grant { role: r, .. }) => {
             assert!(get_or_head, "{method} got container credentials");
             assert_eq!(Some(r), role.as_ref(), "credentials of a role that is not the pod's");
             assert_eq!(path, CONTAINER_CREDENTIALS_PATH, "container credentials at {path}");

@@ -29,7 +29,13 @@ const RATE_LIMITED_DELAY: Duration = Duration::from_millis(200);
 const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
 /// Makes accepted sockets carry their SYN's mark; without it every connection is anonymous.
+///
+/// A value already 1 is left alone: in the DaemonSet `/proc/sys` is read-only and the privileged
+/// init container has set it.
 pub fn enable_fwmark_accept() -> std::io::Result<()> {
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
     std::fs::write(SYSCTL, b"1")
 }
 

@@ -1,15 +1,18 @@
 //! The daemon's shared state on the request path, each piece owned here once.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use iamlink_common::{PodRecord, Store};
 
 use crate::config::Config;
 use crate::credentials::{session_name, AssumeRole, Cache, SessionKey};
-use std::sync::Arc;
+use crate::kube_view::View;
 
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
-use crate::roles::{Role, Roles};
+use crate::roles::{ApiPod, Grant, PodFacts, Resolution, Roles};
 use crate::tokens::Tokens;
 
 pub struct App<S> {
@@ -22,13 +25,17 @@ pub struct App<S> {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub node_name: String,
+    /// Pods, namespaces and service accounts from the API; `None`: roles from the config only.
+    pub kube: Option<View>,
 }
 
 impl<S: AssumeRole> App<S> {
-    pub fn new(config: Config, store: Store, sts: S, tokens: Tokens, node_name: String) -> Self {
+    pub fn new(config: Config, store: Store, sts: S, tokens: Tokens, node_name: String, kube: Option<View>) -> Self {
         let metrics = Arc::new(Metrics::default());
+        let require_permission = config.kubernetes.as_ref().is_some_and(|k| k.require_namespace_permission);
         App {
-            roles: Roles::new(config.roles.clone()),
+            roles: Roles::new(config.roles.clone(), require_permission),
+            kube,
             cache: Cache::new(sts, config.sts.duration_seconds, metrics.clone()),
             metrics,
             upstream: Upstream::new(&config.upstream),
@@ -40,13 +47,64 @@ impl<S: AssumeRole> App<S> {
         }
     }
 
-    /// The role of a recorded pod, if it has one.
-    pub fn role_of(&self, record: &PodRecord) -> Option<Role> {
-        self.roles.resolve(&record.pod)
+    /// The role of a recorded pod, read from the current view on every call: an annotation
+    /// changed on a running pod applies to its next request.
+    pub fn resolve(&self, record: &PodRecord) -> Resolution {
+        let pod = &record.pod;
+        let Some(view) = &self.kube else {
+            return self.roles.resolve(&PodFacts { pod, runtime: None, api: ApiPod::Off, namespace: None });
+        };
+        let trust_runtime = self.config.kubernetes.as_ref().is_some_and(|k| k.runtime_annotations);
+        let runtime = record.runtime_annotations.as_ref().filter(|_| trust_runtime);
+        let synced = view.synced();
+        let empty = BTreeMap::new();
+        let object = view.pod(&pod.namespace, &pod.name);
+        let service_account = object
+            .as_ref()
+            .map(|o| o.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()));
+        let sa_object = service_account.as_ref().and_then(|sa| view.service_account(&pod.namespace, sa));
+        let reason;
+        // A pod object is this record's pod only when namespace, name and UID all match.
+        let api = match (&object, &service_account) {
+            (Some(o), Some(sa)) if !pod.uid.is_empty() && o.metadata.uid.as_deref() == Some(&pod.uid) => {
+                ApiPod::Bound {
+                    annotations: o.metadata.annotations.as_ref().unwrap_or(&empty),
+                    service_account: sa,
+                    service_account_annotations: sa_object
+                        .as_ref()
+                        .map(|s| s.metadata.annotations.as_ref().unwrap_or(&empty)),
+                }
+            }
+            (Some(o), _) => {
+                reason = match pod.uid.as_str() {
+                    "" => "the runtime passed no K8S_POD_UID, so no pod object can vouch for the record".into(),
+                    uid => format!(
+                        "the API's pod {pod} has UID {}, the network's has {uid}",
+                        o.metadata.uid.as_deref().unwrap_or("(none)")
+                    ),
+                };
+                ApiPod::OtherUid(&reason)
+            }
+            (None, _) => {
+                reason = match synced.pods {
+                    false => "the API view has not listed this node's pods yet".to_string(),
+                    true => format!("pod {pod} is not in the API view yet"),
+                };
+                ApiPod::Unbound(&reason)
+            }
+        };
+        let ns_object = view.namespace(&pod.namespace);
+        // Before the first namespace list the policy cannot be known: the runtime's annotation is
+        // served unchecked (the API being down must not take pods' roles away); afterwards a
+        // namespace missing from the view has no policy annotations.
+        let namespace = synced
+            .namespaces
+            .then(|| ns_object.as_ref().and_then(|n| n.metadata.annotations.as_ref()).unwrap_or(&empty));
+        self.roles.resolve(&PodFacts { pod, runtime, api, namespace })
     }
 
-    /// The AssumeRole request for a pod and role; equal requests share cached credentials.
-    pub fn session_key(&self, record: &PodRecord, role: &Role) -> SessionKey {
+    /// The AssumeRole request for a pod and its role; equal requests share cached credentials.
+    pub fn session_key(&self, record: &PodRecord, grant: &Grant) -> SessionKey {
         let sts = &self.config.sts;
         let tags = if sts.session_tags {
             let pod = &record.pod;
@@ -64,10 +122,10 @@ impl<S: AssumeRole> App<S> {
             vec![]
         };
         SessionKey {
-            role_arn: role.arn.clone(),
+            role_arn: grant.role.arn.clone(),
             session_name: session_name(&record.pod),
-            duration_seconds: sts.duration_seconds,
-            external_id: sts.external_id.clone(),
+            duration_seconds: grant.duration_seconds.unwrap_or(sts.duration_seconds),
+            external_id: grant.external_id.clone().or_else(|| sts.external_id.clone()),
             tags,
         }
     }

@@ -28,8 +28,18 @@ pub const PLUGIN_NAME: &str = "iamlink";
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
 const CONFIG_EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
 /// The netconf keys iamlinkd derives; any other key in an existing entry is left alone.
-const MANAGED_KEYS: [&str; 7] =
-    ["type", "daemonAddress", "daemonAddress6", "storeDir", "markMask", "credentialsAddress", "logFile"];
+const MANAGED_KEYS: [&str; 8] = [
+    "type",
+    "daemonAddress",
+    "daemonAddress6",
+    "storeDir",
+    "markMask",
+    "credentialsAddress",
+    "logFile",
+    "capabilities",
+];
+/// containerd passes a plugin that declares it the pod's annotations (`runtimeConfig`) at ADD.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 /// Safety net behind inotify (unavailable, overflowed, or the directory appeared late).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -75,6 +85,8 @@ pub fn iamlink_entry(config: &Config) -> Map<String, Value> {
     if let Some(log_file) = &config.cni.log_file {
         entry.insert("logFile".into(), log_file.to_string_lossy().into());
     }
+    // Always declared: the plugin keeps only the IAM annotations, and iamlinkd decides whether to trust them.
+    entry.insert("capabilities".into(), serde_json::json!({ POD_ANNOTATIONS_CAPABILITY: true }));
     entry
 }
 

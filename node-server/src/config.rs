@@ -41,6 +41,26 @@ pub struct Config {
     pub metrics_listen: String,
     #[serde(default)]
     pub cni: CniConfig,
+    /// Roles from the Kubernetes API and the runtime's pod annotations; unset: static roles only.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// A file for the audit trail: one JSON line per credential answer and per refusal.
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Where pod, namespace and service-account objects come from, and how far they are trusted.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The node whose pods are watched; unset: `$NODE_NAME`.
+    pub node_name: Option<String>,
+    /// A kubeconfig file; unset: the in-cluster service account, else `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Honour `iam.amazonaws.com/role` and `external-id` that the runtime passed at ADD.
+    #[serde(default = "yes")]
+    pub runtime_annotations: bool,
+    /// A namespace without a policy annotation permits no role (kiam) rather than any (kube2iam).
+    #[serde(default)]
+    pub require_namespace_permission: bool,
 }
 
 /// Where the node's CNI runtime looks for configs and plugins; `install-cni` and `manage`
@@ -111,6 +131,17 @@ pub struct RolesConfig {
     pub default: Option<String>,
     #[serde(default)]
     pub pod: Vec<PodRole>,
+    /// (namespace, service account) → role, like EKS Pod Identity associations.
+    #[serde(default)]
+    pub association: Vec<Association>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Association {
+    pub namespace: String,
+    pub service_account: String,
+    pub role: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -178,9 +209,7 @@ impl Config {
             return Err(format!("sts.duration_seconds {} must be 900..=43200", self.sts.duration_seconds));
         }
         if let Some(id) = &self.sts.external_id {
-            let ok = (2..=1224).contains(&id.len())
-                && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c));
-            if !ok {
+            if !crate::roles::valid_external_id(id) {
                 return Err("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into());
             }
         }
@@ -195,9 +224,11 @@ impl Config {
                 ));
             }
         }
-        if self.roles.base_arn.is_none() {
-            let names_without_arn = self.roles.pod.iter().map(|p| &p.role).chain(self.roles.default.iter());
-            if let Some(r) = names_without_arn.into_iter().find(|r| !r.starts_with("arn:")) {
+        // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
+        if self.roles.base_arn.is_none() && self.kubernetes.is_none() {
+            let roles = &self.roles;
+            let names = roles.pod.iter().map(|p| &p.role).chain(roles.association.iter().map(|a| &a.role));
+            if let Some(r) = names.chain(roles.default.iter()).find(|r| !r.starts_with("arn:")) {
                 return Err(format!("role {r:?} is a name, so roles.base_arn is required"));
             }
         }

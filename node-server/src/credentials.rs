@@ -50,6 +50,22 @@ impl Credentials {
     }
 }
 
+/// One cache entry as [`Cache::peek`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheState {
+    /// Of the cached credentials, if any.
+    pub expiration: Option<SystemTime>,
+    pub last_updated: Option<SystemTime>,
+    /// Cached credentials that are still handed out (more than [`MIN_REMAINING`] left).
+    pub usable: bool,
+    /// The last STS failure since the last success, and when the next call may be made.
+    pub error: Option<String>,
+    pub failed_attempts: u32,
+    pub retry_at: Option<SystemTime>,
+    /// An STS call for this key is under way.
+    pub fetching: bool,
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StsError {
@@ -232,6 +248,29 @@ impl<S: AssumeRole> Cache<S> {
     pub fn entry_count(&self) -> usize {
         self.entries.lock().map(|e| e.len()).unwrap_or(0)
     }
+
+    /// What the cache holds for `key`, for operators: no entry is created, STS is not called,
+    /// no secret leaves. `None`: nothing cached or tried for this key.
+    pub fn peek(&self, key: &SessionKey) -> Option<CacheState> {
+        let entry = self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()?;
+        let now = (self.now)();
+        let fetching = entry.fetching.try_lock().is_err();
+        let state = entry.state();
+        Some(CacheState {
+            expiration: state.creds.as_ref().map(|c| c.expiration),
+            last_updated: state.creds.as_ref().map(|c| c.last_updated),
+            usable: state.creds.as_ref().is_some_and(|c| c.usable(now)),
+            error: state.failure.as_ref().map(|f| f.error.message.clone()),
+            failed_attempts: state.failure.as_ref().map_or(0, |f| f.attempts),
+            retry_at: state.failure.as_ref().map(|f| f.retry_at),
+            fetching,
+        })
+    }
+
+    /// The STS client, for calls that are not cached (the daemon's own identity).
+    pub fn sts(&self) -> &S {
+        &self.sts
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +393,23 @@ mod tests {
         assert_eq!(sts.calls.load(Ordering::SeqCst), 2, "fresh entries are not refreshed");
         cache.retain(&HashSet::from([key("keep")]));
         assert_eq!(cache.entry_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn peek_reports_cached_and_failing_entries_without_calling_sts() {
+        let sts = Arc::new(FakeSts::default());
+        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        assert_eq!(cache.peek(&key("ok")), None);
+        assert_eq!(cache.entry_count(), 0, "peeking creates no entry");
+        cache.get(&key("ok")).await.unwrap();
+        let ok = cache.peek(&key("ok")).unwrap();
+        assert!(ok.usable && ok.error.is_none() && !ok.fetching);
+        assert_eq!(ok.expiration, Some(fake_now() + Duration::from_secs(3600)));
+        sts.down.store(true, Ordering::SeqCst);
+        assert!(cache.get(&key("down")).await.is_err());
+        let down = cache.peek(&key("down")).unwrap();
+        assert_eq!((down.usable, down.error.as_deref(), down.failed_attempts), (false, Some("sts down"), 1));
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use iamlink_common::PodRecord;
 use crate::app::App;
 use crate::credentials::{AssumeRole, Credentials};
 use crate::identify::{identify, Conn, Unidentified};
-use crate::roles::Role;
+use crate::roles::{Grant, Resolution, Role};
 use crate::tokens::{parse_ttl, TokenError};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
@@ -64,7 +64,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     let record = match identify(&app.store, app.config.mark_mask, conn) {
         Ok(r) => r,
         Err(e) => {
-            warn!(peer = %conn.peer, mark = conn.mark, %method, %path, reason = %e, "refused: unknown pod");
+            warn!(target: "audit", peer = %conn.peer, mark = conn.mark, %method, %path, reason = %e, outcome = "unknown pod", "refused");
             app.metrics.answer("unknown pod");
             return match e {
                 Unidentified::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "iamlink: pod store unreadable\n"),
@@ -75,7 +75,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
             };
         }
     };
-    let role = app.role_of(&record);
+    let resolution = app.resolve(&record);
     let binding = token_binding(&record);
     let now = unix_now();
     let decision = {
@@ -83,20 +83,33 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         let facts = Facts {
             imdsv1: app.config.imdsv1,
             proxy_allow: &app.config.proxy_allow,
-            role: role.clone(),
+            role: &resolution,
             verify_token: &verify_token,
         };
         decide(&method, &path, req.headers(), &facts)
     };
+    let audited =
+        matches!(decision, Decision::Credentials(_) | Decision::ContainerCredentials(_) | Decision::Refuse { .. });
+    let reason = match &decision {
+        Decision::Refuse { reason, .. } => reason.clone(),
+        _ => String::new(),
+    };
     let (status, outcome, reply) = execute(app, &record, decision, &binding, now, &path).await;
     app.metrics.answer(outcome);
-    let role = role.map(|r| r.arn).unwrap_or_default();
-    if status.is_server_error() {
-        warn!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
-              %method, %path, %role, status = status.as_u16(), outcome, "answer");
+    let (role, source) = match &resolution {
+        Resolution::Granted(g) => (g.role.arn.as_str(), g.source.as_str()),
+        Resolution::Denied { requested, .. } => (requested.as_str(), ""),
+        _ => ("", ""),
+    };
+    let pod = &record.pod;
+    let interface = &record.host_interface.name;
+    let status = status.as_u16();
+    // The audit trail: every credential answer and every refusal, on its own target so that it
+    // can go to a file of its own (`audit_log`).
+    if audited {
+        info!(target: "audit", pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, reason, "answer");
     } else {
-        info!(pod = %record.pod, uid = %record.pod.uid, interface = %record.host_interface.name,
-              %method, %path, %role, status = status.as_u16(), outcome, "answer");
+        info!(pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, "answer");
     }
     reply
 }
@@ -105,7 +118,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
 pub struct Facts<'a> {
     pub imdsv1: bool,
     pub proxy_allow: &'a [String],
-    pub role: Option<Role>,
+    pub role: &'a Resolution,
     /// Checks a token against the pod the connection belongs to.
     pub verify_token: &'a dyn Fn(&str) -> Result<(), TokenError>,
 }
@@ -116,15 +129,27 @@ pub struct Facts<'a> {
 pub enum Decision {
     Token { ttl: u32 },
     RoleName(Role),
-    Credentials(Role),
-    ContainerCredentials(Role),
+    Credentials(Grant),
+    ContainerCredentials(Grant),
     Info(Role),
     Proxy,
-    Refuse { status: StatusCode, outcome: &'static str, reason: &'static str },
+    Refuse { status: StatusCode, outcome: &'static str, reason: String },
 }
 
-fn refuse(status: StatusCode, outcome: &'static str, reason: &'static str) -> Decision {
-    Decision::Refuse { status, outcome, reason }
+fn refuse(status: StatusCode, outcome: &'static str, reason: impl Into<String>) -> Decision {
+    Decision::Refuse { status, outcome, reason: reason.into() }
+}
+
+/// The pod's role, or the refusal that stands in for it on every path that needs a role.
+fn role_or_refusal(resolution: &Resolution) -> Result<&Grant, Decision> {
+    match resolution {
+        Resolution::Granted(grant) => Ok(grant),
+        Resolution::NoRole => Err(refuse(StatusCode::NOT_FOUND, "no role", "this pod has no role")),
+        Resolution::Denied { outcome, reason, .. } => Err(refuse(StatusCode::FORBIDDEN, outcome, reason.as_str())),
+        Resolution::Pending(reason) => {
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "pod not known yet", format!("pod not known yet: {reason}")))
+        }
+    }
 }
 
 pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -> Decision {
@@ -146,10 +171,10 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
-    let no_role = || refuse(StatusCode::NOT_FOUND, "no role", "this pod has no role");
+    let grant = role_or_refusal(facts.role);
     // The container-credentials protocol has no IMDSv2 tokens: SDKs never send one.
     if path == CONTAINER_CREDENTIALS_PATH {
-        return facts.role.clone().map(Decision::ContainerCredentials).unwrap_or_else(no_role);
+        return grant.map(|g| Decision::ContainerCredentials(g.clone())).unwrap_or_else(|refusal| refusal);
     }
     match headers.get(TOKEN_HEADER).map(|v| v.to_str().unwrap_or("")) {
         Some(token) => match (facts.verify_token)(token) {
@@ -163,18 +188,18 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
         None => {}
     }
 
-    let role = facts.role.clone();
     if path == CREDENTIALS_PATH || path.strip_prefix(CREDENTIALS_PATH) == Some("/") {
-        return role.map(Decision::RoleName).unwrap_or_else(no_role);
+        return grant.map(|g| Decision::RoleName(g.role.clone())).unwrap_or_else(|refusal| refusal);
     }
     if let Some(name) = path.strip_prefix(CREDENTIALS_PATH).and_then(|p| p.strip_prefix('/')) {
-        return match role.filter(|r| r.name() == name) {
-            Some(role) => Decision::Credentials(role),
-            None => refuse(StatusCode::NOT_FOUND, "no such role", "not this pod's role"),
+        return match grant {
+            Ok(g) if g.role.name() == name => Decision::Credentials(g.clone()),
+            Ok(_) => refuse(StatusCode::NOT_FOUND, "no such role", "not this pod's role"),
+            Err(refusal) => refusal,
         };
     }
     if path == INFO_PATH {
-        return role.map(Decision::Info).unwrap_or_else(no_role);
+        return grant.map(|g| Decision::Info(g.role.clone())).unwrap_or_else(|refusal| refusal);
     }
     if facts.proxy_allow.iter().any(|p| p == path) {
         return Decision::Proxy;
@@ -200,9 +225,9 @@ async fn execute<S: AssumeRole>(
         }
         Decision::RoleName(role) => ok("role listed", role.name().to_string()),
         Decision::Info(role) => ok("info", render_info(&role)),
-        Decision::Credentials(role) => credentials(app, record, &role, render_credentials).await,
-        Decision::ContainerCredentials(role) => {
-            credentials(app, record, &role, |c| render_container_credentials(c, &role)).await
+        Decision::Credentials(grant) => credentials(app, record, &grant, render_credentials).await,
+        Decision::ContainerCredentials(grant) => {
+            credentials(app, record, &grant, |c| render_container_credentials(c, &grant.role)).await
         }
         Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
@@ -218,10 +243,11 @@ async fn execute<S: AssumeRole>(
 async fn credentials<S: AssumeRole>(
     app: &Arc<App<S>>,
     record: &PodRecord,
-    role: &Role,
+    grant: &Grant,
     render: impl FnOnce(&Credentials) -> String,
 ) -> (StatusCode, &'static str, Answer) {
-    let key = app.session_key(record, role);
+    let role = &grant.role;
+    let key = app.session_key(record, grant);
     match app.cache.get(&key).await {
         Ok((creds, due)) => {
             if due {

@@ -6,21 +6,25 @@
 //!
 //! `install-cni` and `uninstall-cni` chain the plugin into (and out of) the node's CNI config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use iamlink_common::{intercept, Store};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Level};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use iamlinkd::app::App;
 use iamlinkd::cniconfig::{self, Installer};
 use iamlinkd::config::{self, Config};
-use iamlinkd::{accept, metrics, sts, tokens, watch};
+use iamlinkd::{accept, explain, kube_view, local_api, metrics, sts, tokens, watch};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
@@ -33,9 +37,13 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   upstream            the real metadata service (default http://169.254.169.254)
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
   metrics_listen      ip:port for /metrics (Prometheus), /healthz and /readyz (default 0.0.0.0:9101; empty = off)
+  audit_log           file for JSON audit lines, one per credential answer and refusal (default: stderr only)
   [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); 0 = off
   [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
-  [roles] base_arn, default, and [[roles.pod]] entries {namespace, name (optional), role}
+  [roles] base_arn, default, [[roles.pod]] entries {namespace, name (optional), role} and
+          [[roles.association]] entries {namespace, service_account, role}
+  [kubernetes] node_name ($NODE_NAME), kubeconfig (in-cluster), runtime_annotations (true),
+          require_namespace_permission (false); unset: roles from [roles] only
   [cni]   conf_dir (/etc/cni/net.d), bin_dir (/opt/cni/bin), plugin_path (default: iamlink next to iamlinkd),
           log_file (the plugin's logFile), manage (false; true: keep iamlink chained while iamlinkd runs)
 
@@ -72,6 +80,27 @@ enum Command {
     /// Pods keep their network: routes and the primary plugin's rules are not touched. Stop the
     /// daemon first when [cni] manage is set, or it chains iamlink again.
     UninstallCni,
+    /// Explain one pod: record, host interface, pod routes, interception entry, role, credentials
+    ///
+    /// TARGET is a network namespace (a path, or a name as `ip netns` lists it), a host interface
+    /// or namespace/pod. Reads the store and the kernel, so it works while the daemon is down (role
+    /// and credentials are then unknown). Exit code 0: nothing wrong, 1: problems (each named),
+    /// 2: nothing matches TARGET.
+    Explain {
+        target: String,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Summarise the node: records, interception entries, rule set, the daemon, every problem
+    ///
+    /// Works while the daemon is down. Exit code 0: nothing wrong, 1: problems (a daemon that does
+    /// not answer is one).
+    Status {
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,8 +112,10 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_writer = init_logging(cli.log_format);
-    let config = match Config::load(&cli.config) {
+    let config = Config::load(&cli.config);
+    let audit_log = config.as_ref().ok().and_then(|c| c.audit_log.clone());
+    let _log_writers = init_logging(cli.log_format, audit_log.as_deref());
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "invalid configuration");
@@ -98,6 +129,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::InstallCni) => install_cni(&config),
         Some(Command::UninstallCni) => uninstall_cni(&config),
+        Some(Command::Explain { target, json }) => {
+            return ExitCode::from(explain::explain(&config, &target, json).await)
+        }
+        Some(Command::Status { json }) => return ExitCode::from(explain::status(&config, json).await),
         None => return daemon(config).await,
     };
     match result {
@@ -151,7 +186,10 @@ async fn daemon(config: Config) -> ExitCode {
 
 async fn run(config: Config) -> Result<(), String> {
     accept::enable_fwmark_accept().map_err(|e| {
-        format!("cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace): {e}")
+        format!(
+            "cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace and a writable \
+             /proc/sys, or the value set beforehand as the DaemonSet's init container does): {e}"
+        )
     })?;
     let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
     let rules = config.rule_set();
@@ -184,9 +222,24 @@ async fn run(config: Config) -> Result<(), String> {
         .or_else(|| std::env::var("NODE_NAME").ok())
         .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
         .unwrap_or_default();
+    let (kube, pod_changes) = match &config.kubernetes {
+        Some(k) => {
+            let node = kube_view::node_name(k)?;
+            let client = kube_view::client(k).await?;
+            info!(node = %node, "watching this node's pods, namespaces and service accounts");
+            let (view, changes) = kube_view::View::start(client, &node);
+            (Some(view), Some(changes))
+        }
+        None => (None, None),
+    };
+    let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
-    let app = Arc::new(App::new(config, store, sts, tokens, node_name));
-    tokio::spawn(watch::run(app.clone()));
+    let app = Arc::new(App::new(config, store, sts, tokens, node_name, kube));
+    if discover_base_arn {
+        tokio::spawn(discover_role_prefix(app.clone()));
+    }
+    tokio::spawn(watch::run(app.clone(), pod_changes));
+    local_api::spawn(app.clone());
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -204,19 +257,65 @@ async fn run(config: Config) -> Result<(), String> {
     }
 }
 
-/// One line per answer is the audit trail; a writer thread takes the write syscalls off the
-/// request path. It blocks rather than drops when it falls behind: no line is lost. The guard
-/// flushes on exit, so it lives as long as `main`.
-fn init_logging(format: LogFormat) -> WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IAMLINKD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+/// Role names in annotations need a base ARN; without `roles.base_arn` it is the daemon's own
+/// account's, asked of STS until it answers. Until then such pods get 503 and retry.
+async fn discover_role_prefix(app: Arc<App<sts::Sts>>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match app.cache.sts().own_role_prefix().await {
+            Ok(prefix) => {
+                info!(base_arn = %prefix, "role names join the base ARN of iamlinkd's own account");
+                app.roles.discovered_base_arn(prefix);
+                return;
+            }
+            Err(e) => warn!(error = %e, retry_in = ?delay, "cannot discover the base ARN for role names"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Logs go to stderr; audit lines (target `audit`: every credential answer and refusal) also
+/// to `audit_log` as JSON lines when it is set. Writer threads take the write syscalls off the
+/// request path; they block rather than drop when behind, so no line is lost. The guards flush
+/// on exit, so they live as long as `main`.
+fn init_logging(format: LogFormat, audit_log: Option<&Path>) -> Vec<WorkerGuard> {
+    // netlink_packet_route warns about every attribute newer than itself (explain's link reads).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IAMLINKD_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,aws_config=warn,aws_smithy_runtime=warn,netlink_packet_route=error,kube_client::client::builder=off",
+        )
+    });
     // 4,096 buffered lines: the default 128,000 costs ~4 MiB of resident memory up front.
-    let (writer, guard) =
-        NonBlockingBuilder::default().lossy(false).buffered_lines_limit(4096).finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let writer = |w| NonBlockingBuilder::default().lossy(false).buffered_lines_limit(4096).finish(w);
+    let (stderr, stderr_guard) = writer(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>);
+    let mut guards = vec![stderr_guard];
+    let stderr_layer = match format {
+        LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_ansi(false).with_target(false).with_writer(stderr).boxed()
+        }
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_target(false).with_writer(stderr).boxed(),
     };
-    guard
+    let mut audit_error = None;
+    let audit_layer = audit_log.and_then(|path| {
+        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(file) => {
+                let (file, guard) = writer(Box::new(file));
+                guards.push(guard);
+                let only_audit = tracing_subscriber::filter::Targets::new().with_target("audit", Level::INFO);
+                // Flat lines: {"timestamp", "level", "message", "pod", "uid", "interface", "role", ...}.
+                let layer = tracing_subscriber::fmt::layer().json().flatten_event(true).with_target(false);
+                Some(layer.with_current_span(false).with_span_list(false).with_writer(file).with_filter(only_audit))
+            }
+            Err(e) => {
+                audit_error = Some(format!("cannot open audit_log {}: {e}", path.display()));
+                None
+            }
+        }
+    });
+    let _ = tracing_subscriber::registry().with(stderr_layer.with_filter(filter)).with(audit_layer).try_init();
+    if let Some(e) = audit_error {
+        error!(error = %e, "audit lines go to stderr only");
+    }
+    guards
 }

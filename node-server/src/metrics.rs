@@ -92,7 +92,8 @@ impl Metrics {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    fn render(&self) -> String {
+    /// The Prometheus text exposition `/metrics` serves.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -1,9 +1,28 @@
-//! Which role a pod gets: the static pod → role map from the config (the embedded source that
-//! needs no Kubernetes API).
+//! Which role a pod gets, decided from facts gathered elsewhere (the pod record, the Kubernetes
+//! view, the config) without I/O, so that every precedence rule is cheap to test.
+//!
+//! Precedence, first match wins:
+//! 1. the pod's `iam.amazonaws.com/role` annotation (kube2iam, kiam), from the API or, until the
+//!    API has the pod, from the runtime at ADD;
+//! 2. its service account's `eks.amazonaws.com/role-arn` annotation (IRSA);
+//! 3. a `[[roles.association]]` for its namespace and service account (EKS Pod Identity style);
+//! 4. a `[[roles.pod]]` entry for its namespace and name, then for its namespace;
+//! 5. `roles.default`.
+//!
+//! The namespace policy then applies to the chosen role, whatever its source.
 
-use iamlink_common::PodRef;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::RolesConfig;
+use crate::policy;
+
+/// The IRSA service-account annotation: the role's full ARN.
+pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+/// The IRSA token lifetime in seconds, used here as the session duration.
+pub const IRSA_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
 
 /// A role as STS wants it (ARN) and as IMDS names it (the last path element).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -22,66 +41,485 @@ impl Role {
     }
 }
 
+/// Where a pod's role came from, logged and audited with every answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    PodAnnotation,
+    RuntimeAnnotation,
+    ServiceAccount,
+    Association,
+    Config,
+    Default,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::PodAnnotation => "pod annotation",
+            Source::RuntimeAnnotation => "runtime pod annotation",
+            Source::ServiceAccount => "service account annotation",
+            Source::Association => "association",
+            Source::Config => "config",
+            Source::Default => "default role",
+        }
+    }
+}
+
+/// A role a pod may have, and how to assume it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub role: Role,
+    pub source: Source,
+    /// As the source wrote it (a name or an ARN): what the namespace policy matches.
+    pub requested: String,
+    /// The pod's `iam.amazonaws.com/external-id`; unset: the config's.
+    pub external_id: Option<String>,
+    /// The service account's token expiration; unset: the config's.
+    pub duration_seconds: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Granted(Grant),
+    /// Nothing names a role for this pod.
+    NoRole,
+    /// A rule forbids the answer (403): namespace policy, sources that disagree, a bad annotation.
+    Denied {
+        outcome: &'static str,
+        requested: String,
+        reason: String,
+    },
+    /// Not decidable yet (503, SDKs retry): the API view has not bound the pod.
+    Pending(String),
+}
+
+/// What the Kubernetes API view says about the pod behind a record.
+#[derive(Clone, Copy, Debug)]
+pub enum ApiPod<'a> {
+    /// No Kubernetes source configured: roles come from the config only.
+    Off,
+    /// The view holds no object for this record (not listed yet); the reason.
+    Unbound(&'a str),
+    /// The view's object of that namespace and name has another UID: it is another pod (deleted
+    /// and recreated, or the view lags behind); the reason.
+    OtherUid(&'a str),
+    /// The object whose namespace, name and UID match the record.
+    Bound {
+        annotations: &'a BTreeMap<String, String>,
+        service_account: &'a str,
+        /// `None`: the service account is not in the view.
+        service_account_annotations: Option<&'a BTreeMap<String, String>>,
+    },
+}
+
+/// Everything [`Roles::resolve`] looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct PodFacts<'a> {
+    pub pod: &'a PodRef,
+    /// The IAM annotations the runtime passed at ADD, when it passed any and they are trusted.
+    pub runtime: Option<&'a BTreeMap<String, String>>,
+    pub api: ApiPod<'a>,
+    /// The namespace's annotations; `None` when no namespace view exists yet (policy unchecked).
+    pub namespace: Option<&'a BTreeMap<String, String>>,
+}
+
 pub struct Roles {
     config: RolesConfig,
+    require_namespace_permission: bool,
+    /// `roles.base_arn`, or the daemon's own account's role prefix once discovered.
+    base_arn: OnceLock<String>,
 }
 
 impl Roles {
-    pub fn new(config: RolesConfig) -> Self {
-        Roles { config }
+    pub fn new(config: RolesConfig, require_namespace_permission: bool) -> Self {
+        let base_arn = OnceLock::new();
+        if let Some(base) = &config.base_arn {
+            let _ = base_arn.set(base.clone());
+        }
+        Roles { config, require_namespace_permission, base_arn }
     }
 
-    /// The most specific entry wins: namespace and name, then namespace, then the default.
-    pub fn resolve(&self, pod: &PodRef) -> Option<Role> {
-        let exact =
-            self.config.pod.iter().find(|p| p.namespace == pod.namespace && p.name.as_deref() == Some(&pod.name));
-        let namespace = || self.config.pod.iter().find(|p| p.namespace == pod.namespace && p.name.is_none());
-        exact.or_else(namespace).map(|p| p.role.as_str()).or(self.config.default.as_deref()).map(|r| self.to_arn(r))
+    /// Sets the base ARN discovered from the daemon's identity; a configured one stays.
+    pub fn discovered_base_arn(&self, base: String) {
+        let _ = self.base_arn.set(base);
     }
 
-    fn to_arn(&self, role: &str) -> Role {
-        if role.starts_with("arn:") {
-            Role { arn: role.to_string() }
-        } else {
-            let base = self.config.base_arn.as_deref().unwrap_or_default();
-            Role { arn: format!("{}{}", base, role) }
+    pub fn base_arn(&self) -> Option<&str> {
+        self.base_arn.get().map(String::as_str)
+    }
+
+    pub fn resolve(&self, facts: &PodFacts) -> Resolution {
+        let grant = match self.choose(facts) {
+            Ok(Some(grant)) => grant,
+            Ok(None) => return Resolution::NoRole,
+            Err(refusal) => return refusal,
+        };
+        if let Some(namespace) = facts.namespace {
+            let to_arn = |name: &str| self.base_arn().map(|b| format!("{b}{name}"));
+            if let Err(denied) =
+                policy::permits(namespace, &grant.role, &grant.requested, self.require_namespace_permission, to_arn)
+            {
+                return Resolution::Denied {
+                    outcome: "denied by policy",
+                    requested: grant.requested,
+                    reason: denied.0,
+                };
+            }
+        }
+        Resolution::Granted(grant)
+    }
+
+    fn choose(&self, facts: &PodFacts) -> Result<Option<Grant>, Resolution> {
+        match facts.api {
+            ApiPod::Off => self.configured(facts.pod),
+            ApiPod::OtherUid(why) => Err(Resolution::Pending(why.to_string())),
+            // Only the pod's own annotation outranks what the view would add; anything else is a guess.
+            ApiPod::Unbound(why) => match facts.runtime.and_then(|a| a.get(ROLE_ANNOTATION)) {
+                Some(role) => self.grant(Source::RuntimeAnnotation, role, external_id(facts.runtime), None).map(Some),
+                None => Err(Resolution::Pending(why.to_string())),
+            },
+            ApiPod::Bound { annotations, service_account, service_account_annotations } => {
+                if let Some(runtime) = facts.runtime {
+                    disagreement(runtime, annotations)?;
+                }
+                if let Some(role) = annotations.get(ROLE_ANNOTATION) {
+                    return self.grant(Source::PodAnnotation, role, external_id(Some(annotations)), None).map(Some);
+                }
+                let sa = service_account_annotations;
+                if let Some(arn) = sa.and_then(|a| a.get(IRSA_ROLE_ANNOTATION)) {
+                    let duration = sa.and_then(|a| a.get(IRSA_EXPIRATION_ANNOTATION)).and_then(|d| session_duration(d));
+                    return self.grant(Source::ServiceAccount, arn, None, duration).map(Some);
+                }
+                let association = self
+                    .config
+                    .association
+                    .iter()
+                    .find(|a| a.namespace == facts.pod.namespace && a.service_account == service_account);
+                if let Some(a) = association {
+                    return self.grant(Source::Association, &a.role, None, None).map(Some);
+                }
+                self.configured(facts.pod)
+            }
         }
     }
+
+    /// The most specific `[[roles.pod]]` entry: namespace and name, then namespace; then the default.
+    fn configured(&self, pod: &PodRef) -> Result<Option<Grant>, Resolution> {
+        let pods = &self.config.pod;
+        let exact = pods.iter().find(|p| p.namespace == pod.namespace && p.name.as_deref() == Some(&pod.name));
+        let namespace = || pods.iter().find(|p| p.namespace == pod.namespace && p.name.is_none());
+        match exact.or_else(namespace) {
+            Some(entry) => self.grant(Source::Config, &entry.role, None, None).map(Some),
+            None => match &self.config.default {
+                Some(role) => self.grant(Source::Default, role, None, None).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn grant(
+        &self,
+        source: Source,
+        requested: &str,
+        external_id: Option<&String>,
+        duration_seconds: Option<u32>,
+    ) -> Result<Grant, Resolution> {
+        let denied =
+            |reason: String| Resolution::Denied { outcome: "invalid role", requested: requested.into(), reason };
+        let role = self.to_role(requested).map_err(|e| match e {
+            RoleError::Invalid(reason) => denied(reason),
+            RoleError::NoBase => Resolution::Pending(format!(
+                "role {requested:?} is a name and the base ARN is not known yet (roles.base_arn unset, \
+                 sts:GetCallerIdentity not answered)"
+            )),
+        })?;
+        if let Some(id) = external_id.filter(|id| !valid_external_id(id)) {
+            return Err(Resolution::Denied {
+                outcome: "invalid external id",
+                requested: requested.into(),
+                reason: format!("{EXTERNAL_ID_ANNOTATION} {id:?} must be 2-1224 characters of [\\w+=,.@:/-]"),
+            });
+        }
+        Ok(Grant {
+            role,
+            source,
+            requested: requested.to_string(),
+            external_id: external_id.cloned(),
+            duration_seconds,
+        })
+    }
+
+    /// A role name joins the base ARN; an ARN is taken as it is. Both are checked against IAM's
+    /// grammar, so that an annotation never reaches STS as anything but a role.
+    fn to_role(&self, requested: &str) -> Result<Role, RoleError> {
+        let arn = if requested.starts_with("arn:") {
+            requested.to_string()
+        } else {
+            let base = self.base_arn().ok_or(RoleError::NoBase)?;
+            format!("{base}{requested}")
+        };
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let path = parts.get(5).and_then(|p| p.strip_prefix("role/")).unwrap_or_default();
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[1].starts_with("aws")
+            && parts[2] == "iam"
+            && parts[3].is_empty()
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && (1..=64).contains(&name.len())
+            && path.len() <= 512
+            && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+            && path.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
+        if ok {
+            Ok(Role { arn })
+        } else {
+            Err(RoleError::Invalid(format!("{requested:?} is not an IAM role name or role ARN")))
+        }
+    }
+}
+
+enum RoleError {
+    Invalid(String),
+    NoBase,
+}
+
+fn external_id(annotations: Option<&BTreeMap<String, String>>) -> Option<&String> {
+    annotations.and_then(|a| a.get(EXTERNAL_ID_ANNOTATION))
+}
+
+/// STS's grammar for ExternalId; the config's is checked the same way.
+pub fn valid_external_id(id: &str) -> bool {
+    (2..=1224).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c))
+}
+
+/// The runtime's snapshot and the API must name the same role and external ID, or neither is believed.
+fn disagreement(runtime: &BTreeMap<String, String>, api: &BTreeMap<String, String>) -> Result<(), Resolution> {
+    for key in [ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION] {
+        let (at_add, now) = (runtime.get(key), api.get(key));
+        if at_add != now {
+            return Err(Resolution::Denied {
+                outcome: "annotations disagree",
+                requested: now.or(at_add).cloned().unwrap_or_default(),
+                reason: format!(
+                    "the runtime passed {key}={} at network setup and the API says {}; recreate the pod to change it",
+                    at_add.map_or("(none)".into(), |v| format!("{v:?}")),
+                    now.map_or("(none)".into(), |v| format!("{v:?}")),
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// IRSA token lifetimes are 3600..=86400 s; STS sessions last 900..=43200 s.
+fn session_duration(seconds: &str) -> Option<u32> {
+    seconds.trim().parse::<u32>().ok().map(|s| s.clamp(900, 43200))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PodRole;
+    use crate::config::{Association, PodRole};
+
+    const BASE: &str = "arn:aws:iam::123456789012:role/";
 
     fn pod(ns: &str, name: &str) -> PodRef {
-        PodRef { namespace: ns.into(), name: name.into(), uid: String::new() }
+        PodRef { namespace: ns.into(), name: name.into(), uid: "u1".into() }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn roles() -> Roles {
+        Roles::new(
+            RolesConfig {
+                base_arn: Some(BASE.into()),
+                default: None,
+                pod: vec![
+                    PodRole { namespace: "a".into(), name: None, role: "ns-a".into() },
+                    PodRole { namespace: "a".into(), name: Some("web".into()), role: "web".into() },
+                    PodRole { namespace: "b".into(), name: None, role: "arn:aws:iam::123456789012:role/path/b".into() },
+                ],
+                association: vec![Association {
+                    namespace: "a".into(),
+                    service_account: "builder".into(),
+                    role: "assoc".into(),
+                }],
+            },
+            false,
+        )
+    }
+
+    fn static_only(pod: &PodRef) -> PodFacts<'_> {
+        PodFacts { pod, runtime: None, api: ApiPod::Off, namespace: None }
+    }
+
+    fn granted(r: Resolution) -> Grant {
+        match r {
+            Resolution::Granted(g) => g,
+            other => panic!("expected a grant, got {other:?}"),
+        }
     }
 
     #[test]
-    fn most_specific_entry_wins_and_names_join_the_base_arn() {
-        let roles = Roles::new(RolesConfig {
-            base_arn: Some("arn:aws:iam::123456789012:role/".into()),
-            default: None,
-            pod: vec![
-                PodRole { namespace: "a".into(), name: None, role: "ns-a".into() },
-                PodRole { namespace: "a".into(), name: Some("web".into()), role: "web".into() },
-                PodRole { namespace: "b".into(), name: None, role: "arn:aws:iam::1:role/path/b".into() },
-            ],
-        });
-        assert_eq!(roles.resolve(&pod("a", "web")).unwrap().arn, "arn:aws:iam::123456789012:role/web");
-        assert_eq!(roles.resolve(&pod("a", "other")).unwrap().name(), "ns-a");
-        assert_eq!(roles.resolve(&pod("b", "x")).unwrap().name(), "b");
-        assert_eq!(roles.resolve(&pod("c", "x")), None, "no default configured: no role");
+    fn most_specific_config_entry_wins_and_names_join_the_base_arn() {
+        let r = roles();
+        let web = pod("a", "web");
+        assert_eq!(granted(r.resolve(&static_only(&web))).role.arn, format!("{BASE}web"));
+        let other = pod("a", "other");
+        assert_eq!(granted(r.resolve(&static_only(&other))).role.name(), "ns-a");
+        let b = pod("b", "x");
+        let g = granted(r.resolve(&static_only(&b)));
+        assert_eq!((g.role.name(), g.source), ("b", Source::Config));
+        assert_eq!(r.resolve(&static_only(&pod("c", "x"))), Resolution::NoRole, "no default configured");
     }
 
     #[test]
     fn default_role_applies_only_when_configured() {
-        let roles = Roles::new(RolesConfig {
-            base_arn: Some("arn:aws:iam::1:role/".into()),
-            default: Some("d".into()),
-            pod: vec![],
-        });
-        assert_eq!(roles.resolve(&pod("x", "y")).unwrap().arn, "arn:aws:iam::1:role/d");
+        let r = Roles::new(
+            RolesConfig { base_arn: Some(BASE.into()), default: Some("d".into()), ..Default::default() },
+            false,
+        );
+        let p = pod("x", "y");
+        let g = granted(r.resolve(&static_only(&p)));
+        assert_eq!((g.role.arn.as_str(), g.source), ("arn:aws:iam::123456789012:role/d", Source::Default));
+    }
+
+    #[test]
+    fn precedence_pod_annotation_then_service_account_then_association_then_config() {
+        let r = roles();
+        let web = pod("a", "web");
+        let irsa = map(&[(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/irsa")]);
+        let pod_ann = map(&[(ROLE_ANNOTATION, "annotated")]);
+        let none = BTreeMap::new();
+        let facts = |annotations, service_account, sa| PodFacts {
+            pod: &web,
+            runtime: None,
+            api: ApiPod::Bound { annotations, service_account, service_account_annotations: sa },
+            namespace: None,
+        };
+        let g = granted(r.resolve(&facts(&pod_ann, "builder", Some(&irsa))));
+        assert_eq!((g.role.name(), g.source), ("annotated", Source::PodAnnotation));
+        let g = granted(r.resolve(&facts(&none, "builder", Some(&irsa))));
+        assert_eq!((g.role.name(), g.source), ("irsa", Source::ServiceAccount));
+        let g = granted(r.resolve(&facts(&none, "builder", Some(&none))));
+        assert_eq!((g.role.name(), g.source), ("assoc", Source::Association));
+        let g = granted(r.resolve(&facts(&none, "default", None)));
+        assert_eq!((g.role.name(), g.source), ("web", Source::Config));
+    }
+
+    #[test]
+    fn irsa_token_expiration_becomes_the_session_duration() {
+        let r = roles();
+        let p = pod("z", "p");
+        let none = BTreeMap::new();
+        for (expiration, want) in [("7200", Some(7200)), ("86400", Some(43200)), ("60", Some(900)), ("soon", None)] {
+            let sa = map(&[
+                (IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/irsa"),
+                (IRSA_EXPIRATION_ANNOTATION, expiration),
+            ]);
+            let api =
+                ApiPod::Bound { annotations: &none, service_account: "sa", service_account_annotations: Some(&sa) };
+            let g = granted(r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None }));
+            assert_eq!(g.duration_seconds, want, "{expiration}");
+        }
+    }
+
+    #[test]
+    fn unbound_pod_is_pending_unless_the_runtime_named_its_role() {
+        let r = roles();
+        let web = pod("a", "web");
+        let unbound = ApiPod::Unbound("pod not in the API view yet");
+        let facts = PodFacts { pod: &web, runtime: None, api: unbound, namespace: None };
+        assert_eq!(
+            r.resolve(&facts),
+            Resolution::Pending("pod not in the API view yet".into()),
+            "never the config's guess"
+        );
+        let runtime = map(&[(ROLE_ANNOTATION, "from-runtime"), (EXTERNAL_ID_ANNOTATION, "ext-1")]);
+        let g = granted(r.resolve(&PodFacts { runtime: Some(&runtime), ..facts }));
+        assert_eq!(
+            (g.role.name(), g.source, g.external_id.as_deref()),
+            ("from-runtime", Source::RuntimeAnnotation, Some("ext-1"))
+        );
+        let empty = BTreeMap::new();
+        assert!(matches!(r.resolve(&PodFacts { runtime: Some(&empty), ..facts }), Resolution::Pending(_)));
+        // An object of another UID is another pod: not even the runtime's annotation is served.
+        let other = PodFacts { runtime: Some(&runtime), api: ApiPod::OtherUid("UID differs"), ..facts };
+        assert_eq!(r.resolve(&other), Resolution::Pending("UID differs".into()));
+    }
+
+    #[test]
+    fn runtime_and_api_must_agree() {
+        let r = roles();
+        let web = pod("a", "web");
+        let runtime = map(&[(ROLE_ANNOTATION, "old")]);
+        let api = map(&[(ROLE_ANNOTATION, "new")]);
+        let bound = ApiPod::Bound { annotations: &api, service_account: "default", service_account_annotations: None };
+        let facts = PodFacts { pod: &web, runtime: Some(&runtime), api: bound, namespace: None };
+        match r.resolve(&facts) {
+            Resolution::Denied { outcome, reason, .. } => {
+                assert_eq!(outcome, "annotations disagree");
+                assert!(reason.contains("\"old\"") && reason.contains("\"new\""), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let same = PodFacts { runtime: Some(&api), ..facts };
+        assert_eq!(granted(r.resolve(&same)).source, Source::PodAnnotation);
+    }
+
+    #[test]
+    fn namespace_policy_applies_to_every_source() {
+        let r = roles();
+        let web = pod("a", "web");
+        let policy = map(&[(policy::PERMITTED_ANNOTATION, "ns-a")]);
+        let facts = PodFacts { pod: &web, runtime: None, api: ApiPod::Off, namespace: Some(&policy) };
+        match r.resolve(&facts) {
+            Resolution::Denied { outcome, requested, reason } => {
+                assert_eq!((outcome, requested.as_str()), ("denied by policy", "web"));
+                assert!(reason.contains("ns-a"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = pod("a", "other");
+        assert_eq!(granted(r.resolve(&PodFacts { pod: &other, ..facts })).role.name(), "ns-a");
+    }
+
+    #[test]
+    fn annotations_that_are_not_roles_are_refused() {
+        let r = roles();
+        let p = pod("x", "p");
+        for bad in [
+            "../admin",
+            "a b",
+            "arn:aws:iam::123:role/x",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::123456789012:user/u",
+            "",
+        ] {
+            let ann = map(&[(ROLE_ANNOTATION, bad)]);
+            let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
+            let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None });
+            assert!(matches!(res, Resolution::Denied { outcome: "invalid role", .. }), "{bad:?}: {res:?}");
+        }
+        let ann = map(&[(ROLE_ANNOTATION, "ok"), (EXTERNAL_ID_ANNOTATION, "x")]);
+        let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
+        let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None });
+        assert!(matches!(res, Resolution::Denied { outcome: "invalid external id", .. }), "{res:?}");
+    }
+
+    #[test]
+    fn names_wait_for_a_discovered_base_arn() {
+        let r = Roles::new(RolesConfig::default(), false);
+        let p = pod("x", "p");
+        let ann = map(&[(ROLE_ANNOTATION, "web")]);
+        let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
+        let facts = PodFacts { pod: &p, runtime: None, api, namespace: None };
+        assert!(matches!(r.resolve(&facts), Resolution::Pending(_)));
+        r.discovered_base_arn(BASE.into());
+        assert_eq!(granted(r.resolve(&facts)).role.arn, format!("{BASE}web"));
     }
 }

@@ -26,6 +26,28 @@ impl Sts {
         }
         Sts { client: aws_sdk_sts::Client::from_conf(builder.build()) }
     }
+
+    /// `arn:<partition>:iam::<account>:role/`, from the daemon's own identity: role names in
+    /// annotations are roles of the node's account, as kube2iam assumes.
+    pub async fn own_role_prefix(&self) -> Result<String, StsError> {
+        let out =
+            self.client.get_caller_identity().send().await.map_err(|e| {
+                StsError::new(format!("GetCallerIdentity: {}", aws_sdk_sts::error::DisplayErrorContext(e)))
+            })?;
+        let arn = out.arn.unwrap_or_default();
+        role_prefix(&arn).ok_or_else(|| StsError::new(format!("GetCallerIdentity: unexpected ARN {arn:?}")))
+    }
+}
+
+/// The role prefix of the account an identity ARN belongs to.
+fn role_prefix(identity_arn: &str) -> Option<String> {
+    let parts: Vec<&str> = identity_arn.splitn(6, ':').collect();
+    match parts[..] {
+        ["arn", partition, _, _, account, _] if account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(format!("arn:{partition}:iam::{account}:role/"))
+        }
+        _ => None,
+    }
 }
 
 impl AssumeRole for Sts {
@@ -59,5 +81,16 @@ impl AssumeRole for Sts {
             expiration,
             last_updated: SystemTime::now(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn role_prefix_comes_from_the_identity_account() {
+        let arn = "arn:aws-cn:sts::123456789012:assumed-role/node/i-0abc";
+        assert_eq!(super::role_prefix(arn).as_deref(), Some("arn:aws-cn:iam::123456789012:role/"));
+        assert_eq!(super::role_prefix("arn:aws:sts::12:assumed-role/x/y"), None);
+        assert_eq!(super::role_prefix("nonsense"), None);
     }
 }

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use nix::net::if_::if_nametoindex;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tokio::sync::Notify;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info, warn};
 
 use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
 use crate::credentials::AssumeRole;
+use crate::kube_view::PodChange;
+use crate::roles::Resolution;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
@@ -46,7 +48,9 @@ pub fn watch_dir(dir: &Path, thread_name: &str) -> Option<Arc<Notify>> {
     Some(notify)
 }
 
-pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
+/// `pod_changes`: pod objects from the API view, so that a pod the view learns about after its
+/// record appeared (or whose annotations changed) has its credentials fetched at once too.
+pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::Receiver<PodChange>>) {
     let dir = app.store.dir().join("records");
     let watch = watch_dir(&dir, "store-watch");
     if watch.is_none() {
@@ -58,13 +62,18 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     let mut last_refresh = Instant::now();
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     loop {
-        match &watch {
-            Some(w) => tokio::select! {
-                _ = w.notified() => {}
-                _ = tick.tick() => {}
-            },
-            None => {
-                tick.tick().await;
+        let store_changed = async {
+            match &watch {
+                Some(w) => w.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = store_changed => {}
+            _ = tick.tick() => {}
+            Some(change) = next_change(&mut pod_changes) => {
+                prefetch_pod(&app, &change, &known_records(&app, &known));
+                continue;
             }
         }
         let records = live(scan(&app, &mut reported_bad), &mut reported_gone);
@@ -74,13 +83,21 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
                 prefetch(&app, r);
             }
         }
-        known = records.iter().map(|r| (r.key(), r.created_boottime_ns)).collect();
+        let current: HashMap<String, u64> = records.iter().map(|r| (r.key(), r.created_boottime_ns)).collect();
+        // The map is listed when pods come or go (and at each refresh), not on every rescan.
+        let changed = current != known;
+        known = current;
         app.metrics.store_records.set(records.len() as i64);
         app.metrics.cache_entries.set(app.cache.entry_count() as i64);
-        app.metrics.set_ready();
-        if last_refresh.elapsed() >= REFRESH_EVERY {
+        if app.kube.as_ref().is_none_or(|view| view.all_synced()) {
+            app.metrics.set_ready();
+        }
+        let refresh_due = last_refresh.elapsed() >= REFRESH_EVERY;
+        if refresh_due {
             last_refresh = Instant::now();
             refresh(&app, &records);
+        }
+        if refresh_due || changed {
             if let Ok(entries) = intercept::pod_entries() {
                 app.metrics.interception_entries.set(entries.len() as i64);
             }
@@ -121,10 +138,40 @@ fn live(records: Vec<PodRecord>, reported_gone: &mut HashSet<String>) -> Vec<Pod
         .collect()
 }
 
-/// Starts the STS call for a new pod so that its first request finds credentials cached.
+/// The next pod object change; never, without a Kubernetes view.
+async fn next_change(changes: &mut Option<mpsc::Receiver<PodChange>>) -> Option<PodChange> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The live records the loop knows, read again so that the pod change is matched against the
+/// store as it is now.
+fn known_records<S: AssumeRole>(app: &App<S>, known: &HashMap<String, u64>) -> Vec<PodRecord> {
+    let (records, _) = app.store.list().unwrap_or_default();
+    records.into_iter().filter(|r| known.contains_key(&r.key())).collect()
+}
+
+/// A pod object changed: prefetch for the records it vouches for (same namespace, name and UID).
+fn prefetch_pod<S: AssumeRole>(app: &Arc<App<S>>, change: &PodChange, records: &[PodRecord]) {
+    let pod =
+        |r: &&PodRecord| r.pod.namespace == change.namespace && r.pod.name == change.name && r.pod.uid == change.uid;
+    for record in records.iter().filter(pod) {
+        prefetch(app, record);
+    }
+}
+
+/// Starts the STS call for a pod so that its first request finds credentials cached.
 fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
-    let Some(role) = app.role_of(record) else { return };
-    let key = app.session_key(record, &role);
+    let grant = match app.resolve(record) {
+        Resolution::Granted(grant) => grant,
+        other => {
+            debug!(pod = %record.pod, resolution = ?other, "nothing to prefetch");
+            return;
+        }
+    };
+    let key = app.session_key(record, &grant);
     let app = app.clone();
     let pod = record.pod.clone();
     tokio::spawn(async move {
@@ -136,8 +183,13 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.
 fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
-    let live: HashSet<_> =
-        records.iter().filter_map(|r| app.role_of(r).map(|role| app.session_key(r, &role))).collect();
+    let live: HashSet<_> = records
+        .iter()
+        .filter_map(|r| match app.resolve(r) {
+            Resolution::Granted(grant) => Some(app.session_key(r, &grant)),
+            _ => None,
+        })
+        .collect();
     app.cache.retain(&live);
     for key in live {
         let app = app.clone();

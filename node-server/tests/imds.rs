@@ -72,7 +72,7 @@ fn bench_with(top: &str, extra: &str) -> Bench {
     let text = format!("{top}{}{extra}", CONFIG.replace("STORE", &dir.path().display().to_string()));
     let config = Config::parse(&text).unwrap();
     let store = Store::open(&config.store_dir).unwrap();
-    let app = App::new(config, store, FakeSts::default(), Tokens::new().unwrap(), "node-1".into());
+    let app = App::new(config, store, FakeSts::default(), Tokens::new().unwrap(), "node-1".into(), None);
     Bench { app: Arc::new(app), _dir: dir }
 }
 
@@ -94,6 +94,7 @@ impl Bench {
             ips: vec!["198.18.64.2/24".into()],
             created: now_rfc3339(),
             created_boottime_ns: boottime_ns(),
+            runtime_annotations: None,
         };
         let store = &self.app.store;
         let lock = store.lock().unwrap();

@@ -4,6 +4,7 @@ import contextlib
 import os
 
 from .daemon import Daemon
+from .kube_api import KubeApi
 from .moto import Moto
 from .netns import Node
 from .pods import Pods
@@ -18,10 +19,14 @@ class Bench(contextlib.ExitStack):
     created in moto. start_daemon=False leaves iamlinkd stopped (bootstrap tests).
     pods_options: passed to Pods (subnet, range_start, range_end, with_iamlink, netconf).
     daemon_sts: [sts] keys for iamlinkd (e.g. an endpoint other than moto's).
+    associations: [{"namespace", "service_account", "role"}] for iamlinkd's config (roles created in moto).
+    kubernetes: a dict of [kubernetes] keys: an emulated API server (`bench.kube`, a KubeApi) is made
+    before iamlinkd, which reads it through a kubeconfig; kube_api_up=False leaves it stopped.
     """
 
     def __init__(self, pod_roles=(), default_role=None, start_daemon=True, daemon_settings=None,
-                 pods_options=None, with_daemon=True, daemon_sts=None):
+                 pods_options=None, with_daemon=True, daemon_sts=None, associations=(), kubernetes=None,
+                 kube_api_up=True):
         super().__init__()
         self.pod_roles = list(pod_roles)
         self.default_role = default_role
@@ -30,6 +35,10 @@ class Bench(contextlib.ExitStack):
         self.pods_options = pods_options or {}
         self.with_daemon = with_daemon
         self.daemon_sts = daemon_sts
+        self.associations = list(associations)
+        self.kubernetes = kubernetes
+        self.kube_api_up = kube_api_up
+        self.kube = None
         self.node = self.moto = self.upstream = self.daemon = self.pods = None
 
     def __enter__(self):
@@ -40,14 +49,20 @@ class Bench(contextlib.ExitStack):
             os.makedirs(self.store_dir, exist_ok=True)
             self.moto = Moto(self.node)
             self.callback(self.moto.stop)
-            for role in sorted({e["role"] for e in self.pod_roles} | ({self.default_role} - {None})):
+            named = {e["role"] for e in self.pod_roles + self.associations}
+            for role in sorted(named | ({self.default_role} - {None})):
                 self.moto.create_role(role)
             self.upstream = FakeUpstream(self.node, self.moto)
             self.callback(self.upstream.stop)
+            settings = dict(self.daemon_settings or {})
+            if self.kubernetes is not None:
+                self.kube = KubeApi(self.node, start=self.kube_api_up)
+                self.callback(self.kube.stop)
+                settings["kubernetes"] = {"kubeconfig": self.kube.kubeconfig_path, **self.kubernetes}
             if self.with_daemon:
                 self.daemon = Daemon(self.node, self.moto, self.store_dir, self.pod_roles,
-                                     default_role=self.default_role, settings=self.daemon_settings,
-                                     sts=self.daemon_sts)
+                                     default_role=self.default_role, settings=settings,
+                                     sts=self.daemon_sts, associations=self.associations)
                 self.callback(self.daemon.stop)
                 if self.start_daemon:
                     self.daemon.start()
@@ -66,7 +81,8 @@ class Bench(contextlib.ExitStack):
         for label, path in (("iamlinkd", self.daemon.log_path if self.daemon else None),
                             ("iamlink CNI plugin", self.pods.plugin_log if self.pods else None),
                             ("moto", self.moto.log_path if self.moto else None),
-                            ("fake upstream requests", self.upstream.log_path if self.upstream else None)):
+                            ("fake upstream requests", self.upstream.log_path if self.upstream else None),
+                            ("emulated Kubernetes API", self.kube.stderr_path if self.kube else None)):
             if path and os.path.exists(path):
                 parts.append(f"==== {label} ({path}) ====\n{tail(path, lines)}")
         return "\n".join(parts)

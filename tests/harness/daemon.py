@@ -1,9 +1,10 @@
 """Daemon: iamlinkd from target/release, configured and run inside the node."""
 
+import json
 import os
 import signal
 
-from .moto import TEST_KEYS
+from .moto import BASE_ARN, TEST_KEYS
 from .util import Fatal, BASE_PATH, IAMLINKD, stop_process, tail, wait_until
 
 DEFAULT_PROXY_ALLOW = [
@@ -25,7 +26,7 @@ def _toml_value(v):
     raise TypeError(f"no TOML for {v!r}")
 
 
-def to_toml(top, sts, roles_base, pod_roles, default_role=None):
+def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=()):
     """The daemon's config file. A dict among `top`'s values is a table of its own (`[limits]`)."""
     tables = {k: v for k, v in top.items() if isinstance(v, dict)}
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None and k not in tables]
@@ -38,13 +39,17 @@ def to_toml(top, sts, roles_base, pod_roles, default_role=None):
     for entry in pod_roles:
         lines += ["", "[[roles.pod]]"]
         lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "name", "role") if entry.get(k)]
+    for entry in associations:
+        lines += ["", "[[roles.association]]"]
+        lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "service_account", "role")]
     return "\n".join(lines) + "\n"
 
 
 class Daemon:
     """iamlinkd with a config of the bench's: listen 198.18.0.1:8181, STS at moto.
 
-    `pod_roles`: a list of {"namespace", "name" (optional), "role"} as in `[[roles.pod]]`.
+    `pod_roles`: a list of {"namespace", "name" (optional), "role"} as in `[[roles.pod]]`;
+    `associations`: {"namespace", "service_account", "role"} as in `[[roles.association]]`.
     `settings`: top-level keys overriding the defaults (e.g. imdsv1=False), a dict value being a
     table (e.g. limits={"burst": 10}); `sts`: [sts] keys. `wrapper`: argv run in front of iamlinkd
     (e.g. a private mount namespace), ending with something that execs its arguments.
@@ -54,12 +59,13 @@ class Daemon:
     LISTEN_PORT = 8181
 
     def __init__(self, node, moto, store_dir, pod_roles, default_role=None, settings=None, sts=None,
-                 binary=IAMLINKD, wrapper=None):
+                 binary=IAMLINKD, wrapper=None, associations=()):
         self.node = node
         self.moto = moto
         self.store_dir = store_dir
         self.pod_roles = list(pod_roles)
         self.default_role = default_role
+        self.associations = list(associations)
         self.binary = binary
         self.wrapper = list(wrapper or [])
         self.settings = {
@@ -68,6 +74,7 @@ class Daemon:
             "imdsv1": True,
             "upstream": "http://169.254.169.254",
             "proxy_allow": DEFAULT_PROXY_ALLOW,
+            "audit_log": os.path.join(node.workdir, "audit.jsonl"),
         }
         self.settings.update(settings or {})
         self.sts = {"endpoint": moto.endpoint, "region": "us-east-1"}
@@ -78,8 +85,8 @@ class Daemon:
         self.starts = 0
 
     def write_config(self):
-        text = to_toml(self.settings, self.sts, "arn:aws:iam::123456789012:role/", self.pod_roles,
-                       self.default_role)
+        text = to_toml(self.settings, self.sts, BASE_ARN, self.pod_roles,
+                       self.default_role, self.associations)
         with open(self.config_path, "w") as f:
             f.write(text)
         return text
@@ -159,6 +166,14 @@ class Daemon:
                 return f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
+
+    def audit_lines(self):
+        """The audit log's JSON lines (credential answers and refusals), oldest first."""
+        try:
+            with open(self.settings["audit_log"]) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def log_tail(self, lines=40):
         return tail(self.log_path, lines)

@@ -1,13 +1,21 @@
-"""moto_server inside the node, standing in for IAM and STS."""
+"""moto_server inside the node, standing in for IAM and STS.
+
+The bench's roles are made from the documents in deploy/iam/, so that the IAM setup the README
+tells operators to apply is the one every end-to-end test runs against: pod roles live under the
+path `/iamlink/` and trust the node role (pod-role-trust-policy.json); the node role carries
+node-role-permissions.json. moto does not enforce IAM policies unless asked to (see
+tests/e2e/test_iam_docs.py, which does ask).
+"""
 
 import http.client
 import json
 import os
+import re
 
 import boto3
 import botocore.config
 
-from .util import Fatal, BASE_PATH, stop_process, tail, tool, wait_until
+from .util import Fatal, BASE_PATH, REPO, stop_process, tail, tool, wait_until
 
 ACCOUNT = "123456789012"
 TEST_KEYS = {
@@ -17,15 +25,49 @@ TEST_KEYS = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+# The node role stands in for the nodes' instance profile role: the harness assumes it with moto's
+# test keys to make the "instance" credentials the fake upstream serves.
+NODE_ROLE = "iamlink-node-role"
 TRUST_ANYONE = json.dumps({
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
                    "Action": ["sts:AssumeRole", "sts:TagSession"]}],
 })
+IAM_DOCS = os.path.join(REPO, "deploy", "iam")
+# The path node-role-permissions.json lets the node role assume; iamlinkd's [roles] base_arn.
+POD_ROLE_PATH = "/iamlink/"
+BASE_ARN = f"arn:aws:iam::{ACCOUNT}:role{POD_ROLE_PATH}"
+NODE_ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{NODE_ROLE}"
+NODE_POLICY_NAME = "iamlink-assume-pod-roles"
+_PLACEHOLDER = re.compile(r"\b(ACCOUNT_ID|NODE_ROLE_NAME|EXTERNAL_ID)\b")
 
 
 def role_arn(name):
-    return f"arn:aws:iam::{ACCOUNT}:role/{name}"
+    """The ARN of the bench's pod role `name` (what iamlinkd's base_arn + name gives)."""
+    return BASE_ARN + name
+
+
+def iam_document(filename, **values):
+    """deploy/iam/<filename> with its placeholders filled in, as JSON text.
+
+    Placeholders: ACCOUNT_ID (default: moto's account), NODE_ROLE_NAME (default: the bench's node
+    role), EXTERNAL_ID (no default). A placeholder left without a value is an error.
+    """
+    values = {"ACCOUNT_ID": ACCOUNT, "NODE_ROLE_NAME": NODE_ROLE, **values}
+    with open(os.path.join(IAM_DOCS, filename)) as f:
+        text = f.read()
+
+    def fill(m):
+        if m.group(1) not in values:
+            raise KeyError(f"deploy/iam/{filename}: no value for placeholder {m.group(1)}")
+        return values[m.group(1)]
+
+    text = _PLACEHOLDER.sub(fill, text)
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"deploy/iam/{filename} is not JSON: {e}") from None
+    return text
 
 
 class Moto:
@@ -39,7 +81,8 @@ class Moto:
         self.endpoint = f"http://{self.HOST}:{self.PORT}"
         self.log_path = os.path.join(node.workdir, "moto.log")
         self.proc = None
-        self.roles = []
+        self.roles = {}  # name -> create_role arguments, to make them again after a restart
+        self.arns = {}
         self._clients = {}
         if start:
             self.start()
@@ -60,8 +103,8 @@ class Moto:
 
         wait_until(ready, timeout, "moto_server on 198.18.0.2:5000", interval=0.1)
         # State is lost with the process: a restarted moto needs its roles again.
-        for name in list(self.roles):
-            self._create_role(name)
+        for name, spec in list(self.roles.items()):
+            self._create_role(name, **spec)
 
     def _http_ok(self):
         try:
@@ -93,28 +136,46 @@ class Moto:
             config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=20),
         )
 
-    def create_role(self, name):
-        """Create IAM role `name` (idempotent); returns its ARN."""
-        if name not in self.roles:
-            self.roles.append(name)
-        return self._create_role(name)
+    def create_role(self, name, trust=None, path=POD_ROLE_PATH):
+        """Create pod role `name` (idempotent) under `path` with the trust policy of
+        deploy/iam/pod-role-trust-policy.json, or `trust` (JSON text); returns its ARN."""
+        self.roles[name] = {"trust": trust, "path": path}
+        return self._create_role(name, trust=trust, path=path)
 
-    def _create_role(self, name):
+    def create_node_role(self, name=NODE_ROLE):
+        """Create the node role (idempotent) with deploy/iam/node-role-permissions.json as its
+        inline policy; returns its ARN."""
+        self.roles[name] = {"node": True}
+        return self._create_role(name, node=True)
+
+    def _create_role(self, name, trust=None, path=POD_ROLE_PATH, node=False):
         iam = self.client("iam")
+        if node:
+            trust, path = TRUST_ANYONE, "/"
+        elif trust is None:
+            trust = iam_document("pod-role-trust-policy.json")
 
         def create():
             try:
-                return iam.create_role(RoleName=name, AssumeRolePolicyDocument=TRUST_ANYONE,
-                                       MaxSessionDuration=43200)["Role"]["Arn"]
+                arn = iam.create_role(RoleName=name, Path=path, AssumeRolePolicyDocument=trust,
+                                      MaxSessionDuration=43200)["Role"]["Arn"]
             except iam.exceptions.EntityAlreadyExistsException:
-                return iam.get_role(RoleName=name)["Role"]["Arn"]
+                arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+            if node:
+                iam.put_role_policy(RoleName=name, PolicyName=NODE_POLICY_NAME,
+                                    PolicyDocument=iam_document("node-role-permissions.json"))
+            return arn
 
-        return self.node.call(create)
+        self.arns[name] = self.node.call(create)
+        return self.arns[name]
 
-    def assume_role(self, name, session="iamlink-bench", duration=3600):
-        sts = self.client("sts")
-        out = self.node.call(lambda: sts.assume_role(RoleArn=role_arn(name), RoleSessionName=session,
-                                                     DurationSeconds=duration))
+    def assume_role(self, name, session="iamlink-bench", duration=3600, creds=None, **params):
+        """AssumeRole of role `name` (a role of ours, a pod role name or an ARN) with moto's test
+        keys or `creds`; `params` go to the call as they are (ExternalId=...)."""
+        arn = name if name.startswith("arn:") else self.arns.get(name, role_arn(name))
+        sts = self.client("sts", creds)
+        out = self.node.call(lambda: sts.assume_role(RoleArn=arn, RoleSessionName=session,
+                                                     DurationSeconds=duration, **params))
         c = out["Credentials"]
         return {"AccessKeyId": c["AccessKeyId"], "SecretAccessKey": c["SecretAccessKey"],
                 "Token": c["SessionToken"], "Expiration": c["Expiration"]}

@@ -78,7 +78,8 @@ class Node:
     SIGTERM/SIGHUP, and is idempotent.
     """
 
-    LO_ADDRESSES = ("198.18.0.1/32", "198.18.0.2/32", "169.254.169.254/32")
+    # iamlinkd, moto (STS), the emulated Kubernetes API (kube_api.py), the fake metadata service.
+    LO_ADDRESSES = ("198.18.0.1/32", "198.18.0.2/32", "198.18.0.5/32", "169.254.169.254/32")
 
     def __init__(self, prefix="iamlink-node", keep_workdir=None):
         _install_cleanup_hooks()

@@ -37,8 +37,9 @@ class CniError(RuntimeError):
 
 
 class Pod:
-    def __init__(self, pods, namespace, name, uid, cid, netns):
+    def __init__(self, pods, namespace, name, uid, cid, netns, annotations=None):
         self.pods = pods
+        self.annotations = annotations
         self.node = pods.node
         self.namespace = namespace
         self.name = name
@@ -130,8 +131,9 @@ class Pods:
                      "routes": [{"dst": "198.18.0.0/24"}]},
         }]
         if with_iamlink:
+            # The capability makes libcni (as containerd) pass the pod's annotations in runtimeConfig.
             iamlink = {"type": "iamlink", "daemonAddress": daemon_address, "storeDir": store_dir,
-                       "logFile": self.plugin_log}
+                       "logFile": self.plugin_log, "capabilities": {"io.kubernetes.cri.pod-annotations": True}}
             iamlink.update(netconf or {})
             plugins.append(iamlink)
         self.conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins}
@@ -147,12 +149,17 @@ class Pods:
         argv = [self.cnirt, cmd, "--conflist", self.conflist_path, "--bin-dir", self.bin_dirs,
                 "--netns", pod.netns_path if netns is None else netns, "--cid", pod.cid,
                 "--ifname", "eth0", "--args", pod.cni_args(), "--cache-dir", self.cache_dir] + list(extra)
+        if pod.annotations is not None:
+            argv += ["--pod-annotations", json.dumps(pod.annotations)]
         return self.node.exec(argv, timeout=timeout, check=False)
 
-    def add(self, namespace, name, uid=None, cid=None):
-        """ip netns add + CNI ADD; returns the Pod (its IP and host interface from the result)."""
+    def add(self, namespace, name, uid=None, cid=None, annotations=None):
+        """ip netns add + CNI ADD; returns the Pod (its IP and host interface from the result).
+        `annotations`: the pod's annotations, passed by the runtime as containerd does; None: the
+        runtime passes none (like a runtime without the capability)."""
         netns = self.node.new_netns()
-        pod = Pod(self, namespace, name, uid or str(uuid.uuid4()), cid or secrets.token_hex(32), netns)
+        pod = Pod(self, namespace, name, uid or str(uuid.uuid4()), cid or secrets.token_hex(32), netns,
+                  annotations=annotations)
         p = self.cnirt_run("add", pod)
         if p.returncode != 0:
             self.node.delete_netns(netns)

@@ -5,9 +5,10 @@ import http.client
 import json
 import os
 
+from .moto import NODE_ROLE
 from .util import Fatal, BASE_PATH, FAKE_IMDS_SERVER, PYTHON, stop_process, tail, wait_until
 
-NODE_ROLE = "iamlink-node-role"
+__all__ = ["FakeUpstream", "NODE_ROLE"]
 
 
 class FakeUpstream:
@@ -22,7 +23,7 @@ class FakeUpstream:
         self.log_path = os.path.join(node.workdir, "upstream-requests.jsonl")
         self.stderr_path = os.path.join(node.workdir, "upstream.log")
         self.creds_path = os.path.join(node.workdir, "node-role-creds.json")
-        self.node_role_arn = moto.create_role(NODE_ROLE)
+        self.node_role_arn = moto.create_node_role(NODE_ROLE)
         c = moto.assume_role(NODE_ROLE, session="i-0fakeiamlinknode", duration=43200)
         exp = c["Expiration"]
         if isinstance(exp, datetime.datetime):

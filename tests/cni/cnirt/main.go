@@ -81,6 +81,8 @@ func run(argv []string) error {
 	cacheDir := fs.String("cache-dir", libcni.CacheDir, "libcni result cache directory")
 	noCache := fs.Bool("no-cache", false, "use a throw-away empty cache (no prevResult on check/del)")
 	timeout := fs.Duration("timeout", 60*time.Second, "overall deadline for the plugin calls")
+	annotations := fs.String("pod-annotations", "", "pod annotations as a JSON object, passed as containerd "+
+		"passes them: capability io.kubernetes.cri.pod-annotations (runtimeConfig of plugins that declare it)")
 	if err := fs.Parse(argv[1:]); err != nil {
 		return usageError(err.Error())
 	}
@@ -113,6 +115,14 @@ func run(argv []string) error {
 	}
 	cni := libcni.NewCNIConfigWithCacheDir(filepath.SplitList(*binDir), *cacheDir, nil)
 	rt := &libcni.RuntimeConf{ContainerID: *cid, NetNS: *netns, IfName: *ifname, Args: args}
+	if *annotations != "" {
+		var pod map[string]string
+		if err := json.Unmarshal([]byte(*annotations), &pod); err != nil {
+			return usageError(fmt.Sprintf("--pod-annotations: %v", err))
+		}
+		// containerd (go-cni WithCapability) hands libcni the pod's annotations the same way.
+		rt.CapabilityArgs = map[string]interface{}{"io.kubernetes.cri.pod-annotations": pod}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 

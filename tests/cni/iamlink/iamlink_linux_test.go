@@ -1,6 +1,7 @@
 package iamlink_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -200,6 +201,47 @@ var _ = Describe("iamlink chained after ptp", func() {
 			Expect(n.podEntries()).NotTo(HaveKey(veth))
 		})
 	}
+
+	// containerd hands libcni the pod's annotations as the capability io.kubernetes.cri.pod-annotations;
+	// libcni puts them into runtimeConfig only for plugins that declare the capability.
+	It("records the pod's IAM annotations that the runtime passes, and only those", func() {
+		annotations := map[string]string{
+			"iam.amazonaws.com/role":        "web",
+			"iam.amazonaws.com/external-id": "ext-1",
+			"kubernetes.io/config.source":   "api",
+		}
+		withCapability := n.iamlinkConf()
+		withCapability["capabilities"] = map[string]bool{"io.kubernetes.cri.pod-annotations": true}
+		declared := conflist("1.0.0", n.ptpConf(), withCapability)
+
+		p := n.newPod("annotated")
+		var err error
+		n.do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+			defer cancel()
+			rt := p.rt(p.netnsPath)
+			rt.CapabilityArgs = map[string]interface{}{"io.kubernetes.cri.pod-annotations": annotations}
+			_, err = n.cni.AddNetworkList(ctx, declared, rt)
+		})
+		Expect(err).NotTo(HaveOccurred())
+		Expect(string(n.exec.lastCall("iamlink", "ADD").stdin)).To(ContainSubstring("runtimeConfig"))
+		rec, _ := n.readRecord(p)
+		Expect(rec.RuntimeAnnotations).To(Equal(map[string]string{
+			"iam.amazonaws.com/role": "web", "iam.amazonaws.com/external-id": "ext-1"}))
+
+		// Without the capability libcni passes nothing, and the record says the runtime told nothing.
+		q := n.newPod("undeclared")
+		n.do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+			defer cancel()
+			rt := q.rt(q.netnsPath)
+			rt.CapabilityArgs = map[string]interface{}{"io.kubernetes.cri.pod-annotations": annotations}
+			_, err = n.cni.AddNetworkList(ctx, n.chain("1.0.0"), rt)
+		})
+		Expect(err).NotTo(HaveOccurred())
+		_, keys := n.readRecord(q)
+		Expect(keys).NotTo(HaveKey("runtimeAnnotations"))
+	})
 
 	It("gives two pods different slots and map entries, and keeps one when the other is deleted", func() {
 		list := n.chain("1.0.0")

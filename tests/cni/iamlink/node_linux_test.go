@@ -279,9 +279,10 @@ type record struct {
 		Name      string `json:"name"`
 		UID       string `json:"uid"`
 	} `json:"pod"`
-	IPs               []string `json:"ips"`
-	Created           string   `json:"created"`
-	CreatedBoottimeNs uint64   `json:"createdBoottimeNs"`
+	IPs                []string          `json:"ips"`
+	Created            string            `json:"created"`
+	CreatedBoottimeNs  uint64            `json:"createdBoottimeNs"`
+	RuntimeAnnotations map[string]string `json:"runtimeAnnotations"`
 }
 
 // recordFields are the keys ARCHITECTURE.md gives a record.

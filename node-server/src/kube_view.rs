@@ -1,0 +1,460 @@
+//! The daemon's view of the Kubernetes API: this node's pods, every namespace and every service
+//! account, each kept in a `kube::runtime` reflector store that follows a list-watch.
+//!
+//! The stores are what role resolution reads on each request, so they must never go empty
+//! because the API server does: a watch that fails reconnects with backoff and the store keeps
+//! the last good view, and a relist (after a 410 Gone or a restart) swaps the new list in only
+//! once it is complete. Pods are watched for this node only (`spec.nodeName` field selector), so
+//! the node holds its own pods and nobody else's.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::KubernetesConfig;
+
+/// Room for pod changes between the reflector and the daemon; beyond it changes are dropped
+/// (prefetch is an optimisation: a pod whose change was dropped is fetched on its first request).
+pub const POD_CHANGES: usize = 1024;
+
+/// A client for the API server: the kubeconfig file when configured, else the in-cluster service
+/// account, else `$KUBECONFIG` (`kube::Config::infer`).
+pub async fn client(config: &KubernetesConfig) -> Result<Client, String> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes API configuration (not in a pod, no $KUBECONFIG, no [kubernetes] kubeconfig): {e}")
+        })?,
+    };
+    Client::try_from(kube_config).map_err(|e| format!("Kubernetes API client: {e}"))
+}
+
+/// The node whose pods are watched: `[kubernetes] node_name`, else `$NODE_NAME` (the downward
+/// API's `spec.nodeName` in a DaemonSet). Without one the field selector would match every pod
+/// of the cluster, so it is an error.
+pub fn node_name(config: &KubernetesConfig) -> Result<String, String> {
+    let name = match &config.node_name {
+        Some(n) => n.clone(),
+        None => std::env::var("NODE_NAME").unwrap_or_default(),
+    };
+    if name.is_empty() {
+        return Err("no node name: set [kubernetes] node_name or $NODE_NAME".into());
+    }
+    Ok(name)
+}
+
+/// A pod object was added or changed (also each pod of a (re)list), so the daemon can prefetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodChange {
+    pub namespace: String,
+    pub name: String,
+    /// Empty when the object has none (the API server always sets it).
+    pub uid: String,
+}
+
+impl PodChange {
+    fn of(pod: &Pod) -> Option<PodChange> {
+        let meta = &pod.metadata;
+        Some(PodChange {
+            namespace: meta.namespace.clone()?,
+            name: meta.name.clone()?,
+            uid: meta.uid.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Which stores have completed an initial list at least once, i.e. hold a view to answer from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Synced {
+    pub pods: bool,
+    pub namespaces: bool,
+    pub service_accounts: bool,
+}
+
+impl Synced {
+    pub fn all(&self) -> bool {
+        self.pods && self.namespaces && self.service_accounts
+    }
+}
+
+#[derive(Default)]
+struct SyncFlags {
+    pods: AtomicBool,
+    namespaces: AtomicBool,
+    service_accounts: AtomicBool,
+}
+
+struct Inner {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    service_accounts: Store<ServiceAccount>,
+    synced: Arc<SyncFlags>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// The watches live as long as some clone of the view does.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Read side of the three stores; clones share them.
+#[derive(Clone)]
+pub struct View {
+    inner: Arc<Inner>,
+}
+
+impl View {
+    /// Starts watching (on the current tokio runtime): pods of `node_name`, all namespaces, all
+    /// service accounts. Pod changes arrive on the receiver; when it is full or gone they are
+    /// dropped, so a slow consumer never stalls the stores.
+    pub fn start(client: Client, node_name: &str) -> (View, mpsc::Receiver<PodChange>) {
+        let (tx, rx) = mpsc::channel(POD_CHANGES);
+        let synced = Arc::new(SyncFlags::default());
+        let (pods, pod_writer) = reflector::store();
+        let (namespaces, namespace_writer) = reflector::store();
+        let (service_accounts, sa_writer) = reflector::store();
+        let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let mut dropped = 0u64;
+        let tasks = vec![
+            tokio::spawn(follow(
+                "pods",
+                Api::<Pod>::all(client.clone()),
+                pod_config,
+                pod_writer,
+                Arc::clone(&synced),
+                |s| &s.pods,
+                move |pod: &Pod| notify(&tx, pod, &mut dropped),
+            )),
+            tokio::spawn(follow(
+                "namespaces",
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+                namespace_writer,
+                Arc::clone(&synced),
+                |s| &s.namespaces,
+                |_: &Namespace| {},
+            )),
+            tokio::spawn(follow(
+                "serviceaccounts",
+                Api::<ServiceAccount>::all(client),
+                watcher::Config::default(),
+                sa_writer,
+                Arc::clone(&synced),
+                |s| &s.service_accounts,
+                |_: &ServiceAccount| {},
+            )),
+        ];
+        let view = View { inner: Arc::new(Inner { pods, namespaces, service_accounts, synced, tasks }) };
+        (view, rx)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        self.inner.pods.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
+        self.inner.namespaces.get(&ObjectRef::new(name))
+    }
+
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Arc<ServiceAccount>> {
+        self.inner.service_accounts.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Snapshots of the stores, for diagnostics and the probe; lookups should use the getters.
+    pub fn pods(&self) -> Vec<Arc<Pod>> {
+        self.inner.pods.state()
+    }
+
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.inner.namespaces.state()
+    }
+
+    pub fn service_accounts(&self) -> Vec<Arc<ServiceAccount>> {
+        self.inner.service_accounts.state()
+    }
+
+    /// Flags stay true once set: a later outage keeps the last good view, it does not unsync it.
+    pub fn synced(&self) -> Synced {
+        let s = &self.inner.synced;
+        Synced {
+            pods: s.pods.load(Ordering::Acquire),
+            namespaces: s.namespaces.load(Ordering::Acquire),
+            service_accounts: s.service_accounts.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn all_synced(&self) -> bool {
+        self.synced().all()
+    }
+}
+
+fn notify(tx: &mpsc::Sender<PodChange>, pod: &Pod, dropped: &mut u64) {
+    let Some(change) = PodChange::of(pod) else { return };
+    match tx.try_send(change) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(change)) => {
+            *dropped += 1;
+            // Once per power of two: a stuck consumer must not flood the log.
+            if dropped.is_power_of_two() {
+                warn!(pod = %format!("{}/{}", change.namespace, change.name), dropped = *dropped,
+                      "pod change queue full; dropping (credentials are fetched on first request instead)");
+            }
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Runs one list-watch into its store until the view is dropped (the watcher never ends).
+async fn follow<K, F>(
+    resource: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    synced: Arc<SyncFlags>,
+    flag: fn(&SyncFlags) -> &AtomicBool,
+    mut on_apply: F,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+    F: FnMut(&K) + Send,
+{
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let mut stream = std::pin::pin!(stream);
+    let mut health = Health::default();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                // `Init` opens a (re)list before any answer has come: not a sign of recovery.
+                if !matches!(event, watcher::Event::Init) {
+                    health.ok(resource, Instant::now());
+                }
+                match &event {
+                    watcher::Event::InitDone => {
+                        if !flag(&synced).swap(true, Ordering::AcqRel) {
+                            info!(resource, "Kubernetes API: initial list complete");
+                        }
+                    }
+                    watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => on_apply(obj),
+                    watcher::Event::Init | watcher::Event::Delete(_) => {}
+                }
+            }
+            Err(err) => {
+                health.failed(resource, &err, Instant::now());
+            }
+        }
+    }
+}
+
+/// Turns the watcher's stream of errors into one warning per outage and one line on recovery.
+#[derive(Debug, Default)]
+struct Health {
+    /// Start of the current outage and the errors seen in it.
+    outage: Option<(Instant, u64)>,
+}
+
+impl Health {
+    /// Returns whether this error started an outage (and was logged as a warning).
+    fn failed(&mut self, resource: &'static str, err: &watcher::Error, now: Instant) -> bool {
+        if let watcher::Error::WatchError(status) = err {
+            if status.code == 410 {
+                // Not an outage: the server no longer has our resource version, kube relists.
+                info!(resource, reason = %status.reason, "Kubernetes API: resource version expired; relisting");
+                return false;
+            }
+        }
+        match &mut self.outage {
+            Some((_, errors)) => {
+                *errors += 1;
+                debug!(resource, error = %err, errors = *errors, "Kubernetes API still failing");
+                false
+            }
+            None => {
+                warn!(resource, error = %err,
+                      "Kubernetes API watch failed; keeping the last view and retrying with backoff");
+                self.outage = Some((now, 1));
+                true
+            }
+        }
+    }
+
+    /// Called on every event; returns the outage's length when this event ended one. The first
+    /// event after an outage may come only with the next change or relist.
+    fn ok(&mut self, resource: &'static str, now: Instant) -> Option<Duration> {
+        let (since, errors) = self.outage.take()?;
+        let outage = now.saturating_duration_since(since);
+        info!(resource, outage_ms = outage.as_millis() as u64, errors, "Kubernetes API watch recovered");
+        Some(outage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::core::Status;
+    use std::collections::BTreeMap;
+
+    fn pod(ns: &str, name: &str, uid: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                uid: Some(uid.into()),
+                resource_version: Some("1".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn namespace(name: &str, annotations: &[(&str, &str)]) -> Namespace {
+        let annotations: BTreeMap<String, String> =
+            annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Namespace {
+            metadata: ObjectMeta { name: Some(name.into()), annotations: Some(annotations), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    /// A view over stores fed by hand, as the reflector would feed them.
+    fn view() -> (View, Writer<Pod>, Writer<Namespace>, Writer<ServiceAccount>) {
+        let (pods, pw) = reflector::store();
+        let (namespaces, nw) = reflector::store();
+        let (service_accounts, sw) = reflector::store();
+        let inner = Inner { pods, namespaces, service_accounts, synced: Arc::default(), tasks: vec![] };
+        (View { inner: Arc::new(inner) }, pw, nw, sw)
+    }
+
+    #[test]
+    fn lookups_find_namespaced_and_cluster_scoped_objects() {
+        let (view, mut pw, mut nw, mut sw) = view();
+        pw.apply_watcher_event(&watcher::Event::Apply(pod("team-a", "web", "u1")));
+        nw.apply_watcher_event(&watcher::Event::Apply(namespace("team-a", &[("iam.amazonaws.com/permitted", ".*")])));
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                namespace: Some("team-a".into()),
+                name: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        sw.apply_watcher_event(&watcher::Event::Apply(sa));
+
+        assert_eq!(view.pod("team-a", "web").and_then(|p| p.metadata.uid.clone()).as_deref(), Some("u1"));
+        assert!(view.pod("team-b", "web").is_none(), "a pod is found in its own namespace only");
+        let ns = view.namespace("team-a").expect("namespace");
+        assert_eq!(
+            ns.metadata.annotations.as_ref().and_then(|a| a.get("iam.amazonaws.com/permitted")).map(String::as_str),
+            Some(".*")
+        );
+        assert!(view.service_account("team-a", "default").is_some());
+        assert!(view.service_account("team-b", "default").is_none());
+    }
+
+    #[test]
+    fn a_relist_in_progress_keeps_the_last_good_view() {
+        let (view, mut pw, _, _) = view();
+        pw.apply_watcher_event(&watcher::Event::Init);
+        pw.apply_watcher_event(&watcher::Event::InitApply(pod("a", "old", "u1")));
+        pw.apply_watcher_event(&watcher::Event::InitDone);
+        // The API server came back: a relist starts but has not completed.
+        pw.apply_watcher_event(&watcher::Event::Init);
+        pw.apply_watcher_event(&watcher::Event::InitApply(pod("a", "new", "u2")));
+        assert!(view.pod("a", "old").is_some(), "the last good view stays until the relist completes");
+        assert!(view.pod("a", "new").is_none());
+        pw.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(view.pod("a", "old").is_none(), "a pod missing from the new list is gone");
+        assert!(view.pod("a", "new").is_some());
+    }
+
+    #[test]
+    fn synced_reports_each_store_and_all() {
+        let (view, ..) = view();
+        assert_eq!(view.synced(), Synced::default());
+        assert!(!view.all_synced());
+        view.inner.synced.pods.store(true, Ordering::Release);
+        view.inner.synced.namespaces.store(true, Ordering::Release);
+        assert_eq!(view.synced(), Synced { pods: true, namespaces: true, service_accounts: false });
+        view.inner.synced.service_accounts.store(true, Ordering::Release);
+        assert!(view.all_synced());
+    }
+
+    #[test]
+    fn pod_changes_are_dropped_when_the_queue_is_full_never_blocking() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut dropped = 0;
+        notify(&tx, &pod("a", "one", "u1"), &mut dropped);
+        notify(&tx, &pod("a", "two", "u2"), &mut dropped);
+        assert_eq!(dropped, 1);
+        assert_eq!(rx.try_recv().ok(), Some(PodChange { namespace: "a".into(), name: "one".into(), uid: "u1".into() }));
+        drop(rx);
+        notify(&tx, &pod("a", "three", "u3"), &mut dropped); // a gone receiver is not an error
+        assert_eq!(dropped, 1);
+    }
+
+    #[test]
+    fn a_pod_without_namespace_or_name_is_no_change() {
+        let mut p = pod("a", "b", "u");
+        p.metadata.namespace = None;
+        assert_eq!(PodChange::of(&p), None);
+        let mut p = pod("a", "b", "u");
+        p.metadata.uid = None;
+        assert_eq!(PodChange::of(&p).map(|c| c.uid), Some(String::new()));
+    }
+
+    #[test]
+    fn one_warning_per_outage_and_gone_is_no_outage() {
+        let mut health = Health::default();
+        let t0 = Instant::now();
+        assert_eq!(health.ok("pods", t0), None, "no outage, nothing to report");
+        let down = watcher::Error::NoResourceVersion;
+        assert!(health.failed("pods", &down, t0));
+        assert!(!health.failed("pods", &down, t0 + Duration::from_secs(1)));
+        assert_eq!(health.ok("pods", t0 + Duration::from_secs(3)), Some(Duration::from_secs(3)));
+        assert!(health.failed("pods", &down, t0 + Duration::from_secs(4)), "a new outage warns again");
+        health.ok("pods", t0 + Duration::from_secs(5));
+
+        let gone =
+            watcher::Error::WatchError(Box::new(Status { code: 410, reason: "Expired".into(), ..Default::default() }));
+        assert!(!health.failed("pods", &gone, t0));
+        assert_eq!(health.ok("pods", t0), None);
+    }
+
+    #[test]
+    fn node_name_comes_from_config_and_is_required() {
+        let config = |node_name: Option<&str>| KubernetesConfig {
+            node_name: node_name.map(String::from),
+            kubeconfig: None,
+            runtime_annotations: true,
+            require_namespace_permission: false,
+        };
+        assert_eq!(node_name(&config(Some("ip-10-0-0-1"))).as_deref(), Ok("ip-10-0-0-1"));
+        if std::env::var_os("NODE_NAME").is_none() {
+            assert!(node_name(&config(None)).is_err());
+            assert!(node_name(&config(Some(""))).is_err());
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The daemon's answers to operators: what only the running iamlinkd knows (a pod's role as it
+//! resolves now, the state of its cached credentials), on a root-only Unix socket in the store
+//! (`Store::api_socket`). `iamlinkd explain` and `iamlinkd status` are its clients; they read
+//! everything else from the store and the kernel themselves.
+//!
+//! - `GET /v1/pods/<record key>`: [`PodAnswer`] (404 when no record has that key);
+//! - `GET /v1/status`: [`StatusAnswer`].
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use iamlink_common::PodRecord;
+
+use crate::app::App;
+use crate::credentials::{AssumeRole, CacheState};
+use crate::roles::{Grant, Resolution};
+
+/// The role and credentials of one pod, as the daemon sees them now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodAnswer {
+    pub pod: String,
+    /// The role ARN the pod is granted; `None`: no role (see `resolution`).
+    pub role: Option<String>,
+    /// How the role was decided, in words: its source, or why there is none.
+    pub resolution: String,
+    /// `None`: the pod has no role, or nothing was cached or tried for it yet.
+    pub credentials: Option<CredentialState>,
+}
+
+/// A cache entry without its secrets; times are RFC 3339 UTC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialState {
+    pub cached: bool,
+    /// Cached credentials that are still handed out.
+    pub usable: bool,
+    pub expiration: Option<String>,
+    pub last_updated: Option<String>,
+    /// The last STS failure since the last success.
+    pub error: Option<String>,
+    pub failed_attempts: u32,
+    /// While backing off after a failure: the earliest next STS call.
+    pub retry_at: Option<String>,
+    pub fetching: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusAnswer {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_seconds: u64,
+    /// Readable records in the store.
+    pub records: usize,
+    pub with_role: usize,
+    /// Pods whose role has credentials cached and still handed out.
+    pub credentials_usable: usize,
+    /// Pods whose role's last STS call failed.
+    pub credentials_failing: usize,
+    pub cache_entries: usize,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl From<CacheState> for CredentialState {
+    fn from(s: CacheState) -> Self {
+        CredentialState {
+            cached: s.expiration.is_some(),
+            usable: s.usable,
+            expiration: s.expiration.map(rfc3339),
+            last_updated: s.last_updated.map(rfc3339),
+            error: s.error,
+            failed_attempts: s.failed_attempts,
+            retry_at: s.retry_at.map(rfc3339),
+            fetching: s.fetching,
+        }
+    }
+}
+
+fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
+    let pod = record.pod.to_string();
+    match app.resolve(record) {
+        Resolution::Granted(grant) => {
+            let key = app.session_key(record, &grant);
+            PodAnswer {
+                pod,
+                role: Some(grant.role.arn.clone()),
+                resolution: granted_text(&grant),
+                credentials: app.cache.peek(&key).map(CredentialState::from),
+            }
+        }
+        Resolution::NoRole => PodAnswer {
+            pod,
+            role: None,
+            resolution: "no role: no role source names one for this pod (its credential requests get 404)".into(),
+            credentials: None,
+        },
+        Resolution::Denied { requested, reason, .. } => PodAnswer {
+            pod,
+            role: None,
+            resolution: format!("denied {requested}: {reason} (its credential requests get 403)"),
+            credentials: None,
+        },
+        Resolution::Pending(why) => PodAnswer {
+            pod,
+            role: None,
+            resolution: format!("not decided yet: {why} (its credential requests get 503 and retry)"),
+            credentials: None,
+        },
+    }
+}
+
+/// The role's source, and how it was written there when that is not the role's plain name.
+fn granted_text(grant: &Grant) -> String {
+    let as_written = &grant.requested;
+    if as_written == &grant.role.arn || as_written == grant.role.name() {
+        format!("granted by {}", grant.source.as_str())
+    } else {
+        format!("granted by {} as {as_written:?}", grant.source.as_str())
+    }
+}
+
+fn status_answer<S: AssumeRole>(app: &App<S>, started: Instant) -> StatusAnswer {
+    let records = app.store.list().map(|(r, _)| r).unwrap_or_default();
+    let answers: Vec<PodAnswer> = records.iter().map(|r| pod_answer(app, r)).collect();
+    let creds = || answers.iter().filter_map(|a| a.credentials.as_ref());
+    StatusAnswer {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: started.elapsed().as_secs(),
+        records: records.len(),
+        with_role: answers.iter().filter(|a| a.role.is_some()).count(),
+        credentials_usable: creds().filter(|c| c.usable).count(),
+        credentials_failing: creds().filter(|c| c.error.is_some()).count(),
+        cache_entries: app.cache.entry_count(),
+    }
+}
+
+fn json_reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, "application/json".parse().expect("static header"));
+    r
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn route<S: AssumeRole>(app: &App<S>, started: Instant, path: &str) -> Response<Full<Bytes>> {
+    if path == "/v1/status" {
+        return json_reply(StatusCode::OK, to_json(&status_answer(app, started)));
+    }
+    if let Some(key) = path.strip_prefix("/v1/pods/") {
+        let records = app.store.list().map(|(r, _)| r).unwrap_or_default();
+        return match records.iter().find(|r| r.key() == key) {
+            Some(r) => json_reply(StatusCode::OK, to_json(&pod_answer(app, r))),
+            None => json_reply(StatusCode::NOT_FOUND, format!("{{\"error\":\"no readable record {key:?}\"}}")),
+        };
+    }
+    json_reply(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}".into())
+}
+
+/// Binds the socket (root-only, replacing a stale one) and serves it for the daemon's lifetime.
+/// A failure is logged, not fatal: pods matter more than operators' questions.
+pub fn spawn<S: AssumeRole>(app: Arc<App<S>>) {
+    let path = app.store.api_socket();
+    let bound = app.store.remove_stale_api_socket().map_err(|e| e.to_string()).and_then(|()| {
+        let listener = UnixListener::bind(&path).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        Ok(listener)
+    });
+    match bound {
+        Ok(listener) => {
+            info!(socket = %path.display(), "answering `iamlinkd explain` and `status`");
+            tokio::spawn(serve(app, listener));
+        }
+        Err(e) => warn!(socket = %path.display(), error = %e, "cannot serve `iamlinkd explain` and `status`"),
+    }
+}
+
+async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
+    let started = Instant::now();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let reply = if req.method() == hyper::Method::GET {
+                    route(&app, started, req.uri().path())
+                } else {
+                    json_reply(StatusCode::METHOD_NOT_ALLOWED, "{\"error\":\"GET only\"}".into())
+                };
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// What a client got: the answer, "no such record" (the daemon does not know the key), or
+/// why the daemon could not be asked.
+#[derive(Debug)]
+pub enum Asked<T> {
+    Answer(T),
+    NotFound,
+    NotAnswering(String),
+}
+
+/// `GET path` on the daemon's socket, bounded by `timeout` as a whole.
+pub async fn ask<T: serde::de::DeserializeOwned>(socket: &Path, path: &str, timeout: Duration) -> Asked<T> {
+    let exchange = async {
+        let stream = UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(hyper::header::HOST, "iamlinkd")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Asked::NotAnswering(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Asked::NotAnswering(e),
+        Ok(Ok((StatusCode::NOT_FOUND, _))) => Asked::NotFound,
+        Ok(Ok((status, body))) if status.is_success() => match serde_json::from_slice(&body) {
+            Ok(v) => Asked::Answer(v),
+            Err(e) => Asked::NotAnswering(format!("unreadable answer: {e}")),
+        },
+        Ok(Ok((status, body))) => {
+            Asked::NotAnswering(format!("answered {status}: {}", String::from_utf8_lossy(&body).trim()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_state_shows_times_and_errors_but_no_secrets() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let s = CredentialState::from(CacheState {
+            expiration: Some(t),
+            last_updated: Some(t - Duration::from_secs(60)),
+            usable: true,
+            error: Some("sts down".into()),
+            failed_attempts: 2,
+            retry_at: None,
+            fetching: false,
+        });
+        assert!(s.cached && s.usable);
+        assert_eq!(s.expiration.as_deref(), Some("2023-11-14T22:13:20Z"));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"lastUpdated\":\"2023-11-14T22:12:20Z\"") && json.contains("\"failedAttempts\":2"));
+    }
+}

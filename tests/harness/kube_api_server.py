@@ -1,0 +1,432 @@
+"""An emulated Kubernetes API server for the bench, run inside the node namespace.
+
+There is no Kubernetes on these machines: this program stands in for kube-apiserver. It speaks the
+real API's JSON wire format over plain HTTP, no auth: `/api/v1/...` and `/apis/<group>/<version>/...`
+paths, list (`{"kind": "PodList", "metadata": {"resourceVersion"}, "items"}`), get, create
+(POST), merge/JSON patch (PATCH), delete, and watch (`?watch=true`: a chunked stream of JSON lines
+`{"type": "ADDED"|"MODIFIED"|"DELETED"|"ERROR", "object": ...}`), with metav1 `Status` errors.
+That is what kube-rs (`kube` 5) and client-go use for typed list-watch.
+
+    python3 kube_api_server.py --listen 198.18.0.5:6443 --state FILE --log FILE
+
+What is kmock's (`kmock==0.8`, `KubernetesEmulator`): the aiohttp server, request parsing and
+routing into actions, the per-object store with merge/JSON patch and history (`objects`), the
+rendering of dicts and async generators as JSON and JSON-lines streams, discovery (`/api`,
+`/api/v1`, `/version`) and the Status error body.
+
+What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
+- `/api/v1/namespaces[/<name>]` is parsed as cluster-scoped Namespace objects (kmock reads the
+  `namespaces` segment as a namespace: 500 on list, 404 on get). Done by wrapping kmock's path
+  parser.
+- Every change gets the next `metadata.resourceVersion` of one global counter, and lists carry it
+  (kmock stamps none, and kube's watcher relists in a loop without one).
+- `fieldSelector` (any dotted path with `=`, `==`, `!=`, e.g. `spec.nodeName=n1`) and
+  `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, exists, `!`) filter lists and watches. In a
+  watch an object that starts or stops matching arrives as ADDED or DELETED, as the real watch
+  cache does (kmock ignores selectors).
+- Watches resume: `resourceVersion=N` replays the changes after N from an in-memory history
+  that starts when the process starts; an N older than that (or newer than now) gets an ERROR
+  event with a 410 `Expired` Status in a 200 stream, as kube-apiserver does, so clients relist.
+  kmock's watch replays every object as ADDED on each (re)watch instead. `resourceVersion` ""
+  or "0" starts with ADDED for the current objects. `timeoutSeconds` ends a watch.
+- 404 and 409 bodies carry the real reasons `NotFound` and `AlreadyExists` (kube's
+  `is_not_found()` compares the reason).
+- Creation stamps `uid`, `creationTimestamp`, `apiVersion` and `kind` unless given.
+- State survives a restart: every change rewrites the `--state` file (objects and the counter),
+  loaded at start like etcd. The event history does not survive (see above). While the process is
+  down the harness may edit the file; such changes produce no events (a relist shows them).
+- Control endpoints under `/_emulator/`: `GET status` (resourceVersion, history start, open
+  watches by resource), `POST break-watches` (ends every open watch stream cleanly, like a
+  server-side timeout), `POST expire-history` (forgets the history, as an etcd compaction: every
+  resumed watch gets 410).
+- Every request is appended to the `--log` file as a JSON line (method, path, query, action).
+
+Not emulated: auth, admission, namespace existence checks on create, PUT (replace),
+strategic-merge semantics (treated as merge patch), paging (`limit` is ignored, lists are whole),
+bookmarks, server-side apply, graceful deletion (a delete removes at once).
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+
+import kmock
+from kmock._internal import apps, parsing
+
+# Resources whose objects live outside namespaces; the rest are namespaced.
+CLUSTER_SCOPED = {"namespaces", "nodes", "persistentvolumes", "clusterroles", "clusterrolebindings",
+                  "storageclasses", "customresourcedefinitions", "priorityclasses"}
+KINDS = {"pods": "Pod", "namespaces": "Namespace", "serviceaccounts": "ServiceAccount", "nodes": "Node",
+         "configmaps": "ConfigMap", "secrets": "Secret", "services": "Service", "endpoints": "Endpoints"}
+
+_NAMESPACE_PATH = re.compile(r"^/api/(?P<version>[^/]+)/namespaces(?:/(?P<name>[^/]+)(?:/(?P<sub>status|finalize))?)?/?$")
+_kmock_parse_path = parsing.parse_path
+
+
+def parse_path(path):
+    """kmock's parser, except that `/api/v1/namespaces[/<name>]` names Namespace objects."""
+    m = _NAMESPACE_PATH.match(path)
+    if m:
+        return parsing.ParsedPath(group="", version=m["version"], plural="namespaces", namespace=None,
+                                  name=m["name"], subresource=m["sub"])
+    return _kmock_parse_path(path)
+
+
+parsing.parse_path = parse_path  # kmock's Request._parse looks it up on the module
+
+
+def now_rfc3339():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def kind_of(plural):
+    return KINDS.get(plural) or (plural[:-1] if plural.endswith("s") else plural).capitalize()
+
+
+def api_version_of(resource):
+    return resource.version if not resource.group else f"{resource.group}/{resource.version}"
+
+
+class ApiError(kmock.KubernetesError):
+    """A metav1 Status with the reason kube-apiserver gives (kube matches on `reason`)."""
+
+
+def not_found(resource, name):
+    return ApiError(status=404, reason="NotFound", message=f'{resource.plural} "{name}" not found',
+                    details={"name": name or "", "kind": resource.plural})
+
+
+def status(code, reason, message):
+    return {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "code": code, "reason": reason, "message": message}
+
+
+# -- selectors ------------------------------------------------------------------------------
+def _field(obj, path):
+    cur = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return ""
+        cur = cur.get(part)
+    return "" if cur is None else str(cur)
+
+
+def parse_field_selector(text):
+    """[(path, op, value)] with op '=' or '!='; a missing field compares as ""."""
+    terms = []
+    for term in filter(None, (t.strip() for t in (text or "").split(","))):
+        m = re.fullmatch(r"([^=!]+?)\s*(==|=|!=)\s*(.*)", term)
+        if not m:
+            raise ApiError(status=400, reason="BadRequest", message=f"invalid field selector: {term!r}")
+        terms.append((m[1], "!=" if m[2] == "!=" else "=", m[3]))
+    return terms
+
+
+def parse_label_selector(text):
+    """[(key, op, values)] with op in '=', '!=', 'in', 'notin', 'exists', '!'."""
+    terms = []
+    # Split on commas that are not inside parentheses.
+    for term in filter(None, (t.strip() for t in re.split(r",(?![^()]*\))", text or ""))):
+        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", term):
+            terms.append((m[1], m[2], {v.strip() for v in m[3].split(",") if v.strip()}))
+        elif m := re.fullmatch(r"([^=!\s]+)\s*(==|=|!=)\s*(\S*)", term):
+            terms.append((m[1], "!=" if m[2] == "!=" else "=", {m[3]}))
+        elif m := re.fullmatch(r"!\s*(\S+)", term):
+            terms.append((m[1], "!", set()))
+        elif re.fullmatch(r"\S+", term):
+            terms.append((term, "exists", set()))
+        else:
+            raise ApiError(status=400, reason="BadRequest", message=f"invalid label selector: {term!r}")
+    return terms
+
+
+class Want:
+    """What one list or watch asks for: resource, namespace, name and selectors."""
+
+    def __init__(self, request):
+        self.resource = request.resource
+        self.namespace = None if request.resource.plural in CLUSTER_SCOPED else request.namespace
+        self.name = request.name
+        self.fields = parse_field_selector(request.params.get("fieldSelector"))
+        self.labels = parse_label_selector(request.params.get("labelSelector"))
+
+    def matches(self, obj):
+        if obj is None:
+            return False
+        meta = obj.get("metadata") or {}
+        if self.namespace is not None and meta.get("namespace") != self.namespace:
+            return False
+        if self.name is not None and meta.get("name") != self.name:
+            return False
+        for path, op, value in self.fields:
+            if (_field(obj, path) == value) != (op == "="):
+                return False
+        labels = meta.get("labels") or {}
+        for key, op, values in self.labels:
+            present = key in labels
+            ok = {"=": present and labels[key] in values,
+                  "!=": not present or labels[key] not in values,
+                  "in": present and labels[key] in values,
+                  "notin": not present or labels[key] not in values,
+                  "exists": present,
+                  "!": not present}[op]
+            if not ok:
+                return False
+        return True
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's KubernetesEmulator with resourceVersions, selectors, resumable watches and
+    persistence; see the module docstring for the split."""
+
+    def __init__(self, state_path, log_path):
+        super().__init__()
+        self.state_path = state_path
+        self.log = open(log_path, "a", buffering=1)
+        self.rv = 0
+        self.first_rv = 0  # the history holds every change after this resourceVersion
+        self.history = []  # (rv, resource, type, obj, prev)
+        self.watches = {}  # asyncio.Queue -> resource plural
+        self._load()
+        self["post /_emulator/break-watches"] << self._break_watches
+        self["post /_emulator/expire-history"] << self._expire_history
+        self["get /_emulator/status"] << self._status
+
+    # -- persistence --------------------------------------------------------------------------
+    def _load(self):
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return
+        for o in state["objects"]:
+            res = kmock.resource(group=o["group"], version=o["version"], plural=o["plural"])
+            self.objects[res, o["namespace"], o["name"]] = o["object"]
+        self.rv = self.first_rv = int(state["resourceVersion"])
+
+    def _save(self):
+        objects = [{"group": res.group, "version": res.version, "plural": res.plural, "namespace": ns,
+                    "name": name, "object": obj.raw}
+                   for (res, ns, name), obj in self.objects.items() if not obj.deleted]
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"resourceVersion": str(self.rv), "objects": objects}, f)
+        os.replace(tmp, self.state_path)
+
+    # -- requests -----------------------------------------------------------------------------
+    async def _handle(self, request):
+        """Logs the request, then routes it with kmock's dispatcher. KubernetesEmulator's own
+        prelude (which changes objects without resourceVersions) is skipped on purpose: our
+        `_serve_*` handlers own every change."""
+        self.log.write(json.dumps({"t": time.time(), "method": request.method, "path": request.url.path,
+                                   "query": request.params,
+                                   "action": request.action.value if request.action else None}) + "\n")
+        return await apps.RawHandler._handle(self, request)
+
+    def _live(self, resource, namespace, name):
+        key = (resource, namespace, name)
+        if key in self.objects and not self.objects[key].deleted:
+            return self.objects[key]
+        return None
+
+    def _key(self, request, name=None):
+        ns = None if request.resource.plural in CLUSTER_SCOPED else request.namespace
+        return request.resource, ns, name or request.name
+
+    def _record(self, resource, type_, obj, prev):
+        self.history.append((self.rv, resource, type_, obj, prev))
+        for queue, plural in self.watches.items():
+            if plural == resource.plural:
+                queue.put_nowait((self.rv, resource, type_, obj, prev))
+        self._save()
+
+    async def _serve_list(self, request):
+        want = Want(request)
+        items = [obj.raw for (res, _, _), obj in self.objects.items()
+                 if res == want.resource and not obj.deleted and want.matches(obj.raw)]
+        items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+        return {"apiVersion": api_version_of(want.resource), "kind": kind_of(want.resource.plural) + "List",
+                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+
+    async def _serve_fetch(self, request):
+        obj = self._live(*self._key(request))
+        if obj is None:
+            raise not_found(request.resource, request.name)
+        return obj.raw
+
+    async def _serve_create(self, request):
+        data = request.data
+        if not isinstance(data, dict):
+            raise ApiError(status=400, reason="BadRequest", message="the body must be a JSON object")
+        obj = json.loads(json.dumps(data))
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            raise ApiError(status=422, reason="Invalid", message="metadata.name: Required value")
+        resource, ns, name = self._key(request, meta["name"])
+        if resource.plural not in CLUSTER_SCOPED:
+            if not ns:
+                raise ApiError(status=400, reason="BadRequest", message="a namespaced object needs a namespace")
+            meta["namespace"] = ns
+        if self._live(resource, ns, name) is not None:
+            raise ApiError(status=409, reason="AlreadyExists", message=f'{resource.plural} "{name}" already exists',
+                           details={"name": name, "kind": resource.plural})
+        obj.setdefault("apiVersion", api_version_of(resource))
+        obj.setdefault("kind", kind_of(resource.plural))
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", now_rfc3339())
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        key = (resource, ns, name)
+        if key in self.objects:
+            self.objects[key].create(obj)
+        else:
+            self.objects[key] = obj
+        self._record(resource, "ADDED", obj, None)
+        return kmock.Response(status=201, payload=obj)
+
+    async def _serve_update(self, request):
+        key = self._key(request)
+        current = self._live(*key)
+        if current is None:
+            raise not_found(request.resource, request.name)
+        patch = request.data
+        if not isinstance(patch, (dict, list)):
+            raise ApiError(status=400, reason="BadRequest", message="the body must be a merge or JSON patch")
+        prev = json.loads(json.dumps(current.raw))
+        wanted_rv = patch.get("metadata", {}).get("resourceVersion") if isinstance(patch, dict) else None
+        if wanted_rv and wanted_rv != prev["metadata"]["resourceVersion"]:
+            raise ApiError(status=409, reason="Conflict",
+                           message=f'the object has been modified; resourceVersion is {prev["metadata"]["resourceVersion"]}')
+        try:
+            current.patch(patch)
+        except Exception as e:
+            raise ApiError(status=422, reason="Invalid", message=f"patch failed: {e}")
+        obj = current.raw
+        meta = obj.setdefault("metadata", {})
+        for immutable in ("name", "namespace", "uid", "creationTimestamp"):
+            if immutable in prev["metadata"]:
+                meta[immutable] = prev["metadata"][immutable]
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        self._record(key[0], "MODIFIED", obj, prev)
+        return obj
+
+    async def _serve_delete(self, request):
+        key = self._key(request)
+        current = self._live(*key)
+        if current is None:
+            raise not_found(request.resource, request.name)
+        prev = json.loads(json.dumps(current.raw))
+        self.rv += 1
+        obj = json.loads(json.dumps(prev))
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        current.delete()
+        self._record(key[0], "DELETED", obj, prev)
+        return obj
+
+    async def _serve_watch(self, request):
+        want = Want(request)
+        since = request.params.get("resourceVersion", "")
+        timeout = request.params.get("timeoutSeconds")
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        yield b""  # headers now: a quiet watch is still an open watch
+        queue = asyncio.Queue()
+        if since in ("", "0"):
+            backlog = [{"type": "ADDED", "object": obj.raw} for (res, _, _), obj in self.objects.items()
+                       if res == want.resource and not obj.deleted and want.matches(obj.raw)]
+        elif not since.isdigit() or not self.first_rv <= int(since) <= self.rv:
+            yield {"type": "ERROR", "object": status(
+                410, "Expired", f"too old resource version: {since} ({self.first_rv})")}
+            return
+        else:
+            backlog = [e for e in (self._event(want, *h) for h in self.history if h[0] > int(since)) if e]
+        self.watches[queue] = want.resource.plural  # no await since the backlog: nothing is missed
+        try:
+            for event in backlog:
+                yield event
+            while True:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return
+                try:
+                    item = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    return
+                if item is None:  # break-watches
+                    return
+                event = self._event(want, *item)
+                if event:
+                    yield event
+        finally:
+            self.watches.pop(queue, None)
+
+    @staticmethod
+    def _event(want, rv, resource, type_, obj, prev):
+        """The event one watcher sees, as the watch cache filters it: an object that starts
+        matching is ADDED, one that stops matching is DELETED (its previous state, new version)."""
+        if resource != want.resource:
+            return None
+        was = want.matches(prev)
+        now = type_ != "DELETED" and want.matches(obj)
+        if type_ == "DELETED":
+            return {"type": "DELETED", "object": obj} if was else None
+        if now:
+            return {"type": "MODIFIED" if was else "ADDED", "object": obj}
+        if was:
+            gone = json.loads(json.dumps(prev))
+            gone["metadata"]["resourceVersion"] = str(rv)
+            return {"type": "DELETED", "object": gone}
+        return None
+
+    # -- control ------------------------------------------------------------------------------
+    def _status(self, request):
+        by = {}
+        for plural in self.watches.values():
+            by[plural] = by.get(plural, 0) + 1
+        return {"resourceVersion": str(self.rv), "historyStart": str(self.first_rv), "watches": by}
+
+    def _break_watches(self, request):
+        n = len(self.watches)
+        for queue in list(self.watches):
+            queue.put_nowait(None)
+        return {"broken": n}
+
+    def _expire_history(self, request):
+        self.history.clear()
+        self.first_rv = self.rv
+        return self._break_watches(request)
+
+
+async def serve(host, port, state, log):
+    emulator = Emulator(state, log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with emulator, kmock.Server(emulator, host=host, port=port):
+        print(f"kube_api_server: listening on http://{host}:{port} at resourceVersion {emulator.rv}",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--listen", required=True, help="IP:PORT")
+    ap.add_argument("--state", required=True, help="JSON file of objects, kept across restarts")
+    ap.add_argument("--log", required=True, help="JSON-lines request log (appended)")
+    args = ap.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    asyncio.run(serve(host, int(port), args.state, args.log))
+
+
+if __name__ == "__main__":
+    main()
