@@ -36,7 +36,7 @@ impl<S: AssumeRole> App<S> {
         App {
             roles: Roles::new(config.roles.clone(), require_permission),
             kube,
-            cache: Cache::new(sts, config.sts.duration_seconds, metrics.clone()),
+            cache: Cache::new(sts, metrics.clone()),
             metrics,
             upstream: Upstream::new(&config.upstream),
             limits: Limits::new(config.limits.clone()),

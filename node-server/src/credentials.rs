@@ -103,6 +103,13 @@ pub fn session_name(pod: &PodRef) -> String {
     name
 }
 
+/// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at least
+/// [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more). Per key: an
+/// IRSA token expiration can make one pod's sessions shorter than the config's.
+fn refresh_before(key: &SessionKey) -> Duration {
+    (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(key.duration_seconds as u64 / 2))
+}
+
 /// What one key's entry knows: the current credentials and the last STS failure.
 #[derive(Default)]
 struct State {
@@ -146,21 +153,17 @@ impl Entry {
 pub struct Cache<S> {
     sts: S,
     entries: Mutex<HashMap<SessionKey, Arc<Entry>>>,
-    refresh_before: Duration,
     now: fn() -> SystemTime,
     metrics: Arc<Metrics>,
 }
 
 impl<S: AssumeRole> Cache<S> {
-    /// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at
-    /// least [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more).
-    pub fn new(sts: S, duration_seconds: u32, metrics: Arc<Metrics>) -> Self {
-        Cache { metrics, ..Self::with_clock(sts, duration_seconds, SystemTime::now) }
+    pub fn new(sts: S, metrics: Arc<Metrics>) -> Self {
+        Cache { metrics, ..Self::with_clock(sts, SystemTime::now) }
     }
 
-    pub fn with_clock(sts: S, duration_seconds: u32, now: fn() -> SystemTime) -> Self {
-        let refresh_before = (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(duration_seconds as u64 / 2));
-        Cache { sts, entries: Mutex::new(HashMap::new()), refresh_before, now, metrics: Arc::default() }
+    pub fn with_clock(sts: S, now: fn() -> SystemTime) -> Self {
+        Cache { sts, entries: Mutex::new(HashMap::new()), now, metrics: Arc::default() }
     }
 
     fn entry(&self, key: &SessionKey) -> Arc<Entry> {
@@ -177,7 +180,7 @@ impl<S: AssumeRole> Cache<S> {
         if let Some(c) = entry.current() {
             if c.usable(now) {
                 self.metrics.cache_hits.inc();
-                return Ok((c.clone(), c.remaining(now) < self.refresh_before));
+                return Ok((c.clone(), c.remaining(now) < refresh_before(key)));
             }
         }
         self.metrics.cache_misses.inc();
@@ -223,7 +226,7 @@ impl<S: AssumeRole> Cache<S> {
             return Ok(());
         };
         if let Some(c) = entry.current() {
-            if c.remaining((self.now)()) >= self.refresh_before {
+            if c.remaining((self.now)()) >= refresh_before(key) {
                 return Ok(());
             }
         }
@@ -328,7 +331,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_cold_requests_make_one_sts_call() {
         let sts = Arc::new(FakeSts::default());
-        let cache = Arc::new(Cache::with_clock(sts.clone(), 3600, fake_now));
+        let cache = Arc::new(Cache::with_clock(sts.clone(), fake_now));
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let cache = cache.clone();
@@ -344,7 +347,7 @@ mod tests {
     #[tokio::test]
     async fn sts_outage_serves_cached_until_expiry_and_never_after() {
         let sts = Arc::new(FakeSts::default());
-        let cache = Cache::with_clock(sts.clone(), 3600, outage_now);
+        let cache = Cache::with_clock(sts.clone(), outage_now);
         let (first, _) = cache.get(&key("outage")).await.unwrap();
         sts.down.store(true, Ordering::SeqCst);
 
@@ -371,7 +374,7 @@ mod tests {
     async fn after_a_failure_callers_fail_fast_until_the_backoff_passes() {
         let sts = Arc::new(FakeSts::default());
         sts.down.store(true, Ordering::SeqCst);
-        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        let cache = Cache::with_clock(sts.clone(), fake_now);
         assert!(cache.get(&key("down")).await.is_err());
         assert!(cache.get(&key("down")).await.is_err());
         assert!(cache.refresh(&key("down")).await.is_err());
@@ -384,9 +387,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn short_sessions_are_not_due_for_refresh_when_fresh() {
+        let sts = Arc::new(FakeSts::default());
+        let cache = Cache::with_clock(sts.clone(), fake_now);
+        let short = SessionKey { duration_seconds: 900, ..key("short") };
+        let (_, due) = cache.get(&short).await.unwrap();
+        assert!(!due);
+        let (_, due) = cache.get(&short).await.unwrap();
+        assert!(!due, "a fresh 15-minute session is served, not refreshed on every request");
+        cache.refresh(&short).await.unwrap();
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn refresh_skips_fresh_entries_and_retain_evicts_gone_pods() {
         let sts = Arc::new(FakeSts::default());
-        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        let cache = Cache::with_clock(sts.clone(), fake_now);
         cache.get(&key("keep")).await.unwrap();
         cache.get(&key("gone")).await.unwrap();
         cache.refresh(&key("keep")).await.unwrap();
@@ -398,7 +414,7 @@ mod tests {
     #[tokio::test]
     async fn peek_reports_cached_and_failing_entries_without_calling_sts() {
         let sts = Arc::new(FakeSts::default());
-        let cache = Cache::with_clock(sts.clone(), 3600, fake_now);
+        let cache = Cache::with_clock(sts.clone(), fake_now);
         assert_eq!(cache.peek(&key("ok")), None);
         assert_eq!(cache.entry_count(), 0, "peeking creates no entry");
         cache.get(&key("ok")).await.unwrap();

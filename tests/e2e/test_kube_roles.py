@@ -145,6 +145,11 @@ def test_each_source_and_their_precedence(bench):
                       (configured, "configured")]:
         wait_for_role(pod, role)
         assert_cli_role(pod, role)
+    served = [a for a in bench.daemon.audit_lines()
+              if a.get("pod") == "team-sa/sa-only" and a.get("outcome") == "credentials served"]
+    assert served, f"no audit line for the credentials served: {bench.daemon.audit_lines()[-5:]}"
+    assert served[-1]["role"] == role_arn("irsa") and served[-1]["source"] == "service account annotation", served[-1]
+    assert served[-1]["uid"] == sa_only.uid and served[-1]["interface"] == sa_only.host_ifname, served[-1]
     wait_until(lambda: listing(nothing)[0] == 404, 15, f"{nothing} bound and found to have no role")
     rc, out, err = nothing.caller_arn()
     assert rc != 0 and "Unable to locate credentials" in err, (out, err)
@@ -164,6 +169,18 @@ def test_role_names_and_arns_and_external_id(bench):
                               ("bad-id", {"iam.amazonaws.com/role": "web", "iam.amazonaws.com/external-id": "x"})]:
         pod = kube_pod(bench, "team-arn", name, annotations)
         wait_until(lambda: listing(pod)[0] == 403, 15, f"{pod} refused: {listing(pod)}")
+
+
+def test_role_names_join_the_discovered_base_arn_when_none_is_configured(make_bench):
+    bench = make(make_bench, pod_roles=[], associations=[])
+    bench.daemon.roles_base = None
+    bench.daemon.restart()
+    pod = kube_pod(bench, "team-disc", "p", {"iam.amazonaws.com/role": "discovered"})
+    # moto's caller identity is in account 123456789012: the name joins arn:aws:iam::123456789012:role/.
+    wait_for_role(pod, "discovered")
+    assert_cli_role(pod, "discovered")
+    assert re.search(r"base_arn=arn:aws:iam::123456789012:role/$", bench.daemon.log_text(), re.M), \
+        bench.daemon.log_tail()
 
 
 # -- namespace policy -----------------------------------------------------------------------------

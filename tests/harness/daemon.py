@@ -33,7 +33,7 @@ def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=())
     lines += ["", "[sts]"] + [f"{k} = {_toml_value(v)}" for k, v in sts.items() if v is not None]
     for name, table in tables.items():
         lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-    lines += ["", "[roles]", f"base_arn = {_toml_value(roles_base)}"]
+    lines += ["", "[roles]"] + ([f"base_arn = {_toml_value(roles_base)}"] if roles_base else [])
     if default_role:
         lines.append(f"default = {_toml_value(default_role)}")
     for entry in pod_roles:
@@ -66,6 +66,8 @@ class Daemon:
         self.pod_roles = list(pod_roles)
         self.default_role = default_role
         self.associations = list(associations)
+        # [roles] base_arn; None: unset (with [kubernetes], iamlinkd discovers its account's).
+        self.roles_base = BASE_ARN
         self.binary = binary
         self.wrapper = list(wrapper or [])
         self.settings = {
@@ -85,7 +87,7 @@ class Daemon:
         self.starts = 0
 
     def write_config(self):
-        text = to_toml(self.settings, self.sts, BASE_ARN, self.pod_roles,
+        text = to_toml(self.settings, self.sts, self.roles_base, self.pod_roles,
                        self.default_role, self.associations)
         with open(self.config_path, "w") as f:
             f.write(text)
