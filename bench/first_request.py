@@ -12,6 +12,7 @@ STS call of its own (it would be a second call for the key).
 import json
 
 from .latency import BARE_VIP, BareServer
+from .node import role_arn
 from .stats import median, percentile, ratio
 
 ROLE = "bench-first"
@@ -42,7 +43,7 @@ def run(b, quick, want_profile):
         bare.close()
     bare_first = [s["first_ms"] for s in bare_out["samples"]]
     bare_cached = [x for s in bare_out["samples"] for x in s["cached_ms"]]
-    calls = [c for c in b.sts_calls() if c["role"].endswith(f":role/{ROLE}")]
+    calls = [c for c in b.sts_calls() if c["role"] == role_arn(ROLE)]
     by_session = {}
     for c in calls:
         by_session.setdefault(c["session"], []).append(c)

@@ -27,7 +27,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from harness import Daemon, FakeUpstream, Moto, Node  # noqa: E402
+# role_arn: the parts match STS calls against the ARNs the bench's daemon assumes.
+from harness import Daemon, FakeUpstream, Moto, Node, role_arn  # noqa: E402,F401
 from harness.util import BASE_PATH, PYTHON, REFERENCE_PLUGINS, RELEASE, REPO, stop_process, tail, wait_until  # noqa: E402
 
 CNIBENCH = os.path.join(REPO, ".build", "bin", "cnibench")

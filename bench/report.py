@@ -7,7 +7,7 @@ import sys
 from .node import REPO
 from .stats import fmt
 
-ORDER = [1, 2, 3, 4, 5, 6]
+ORDER = [1, 2, 3, 4, 5, 6, 7]
 
 
 def _v(x, unit=""):
@@ -42,8 +42,8 @@ def _method(mod):
 
 
 def render(info, results):
-    from . import churn, cni_cost, first_request, latency, memory, single_flight
-    mods = {1: cni_cost, 2: latency, 3: first_request, 4: single_flight, 5: memory, 6: churn}
+    from . import churn, cni_cost, first_request, latency, memory, resolve, single_flight
+    mods = {1: cni_cost, 2: latency, 3: first_request, 4: single_flight, 5: memory, 6: churn, 7: resolve}
     quick = info.get("quick")
     L = []
     L.append("# iamlink benchmarks" + (" (quick run: small counts, numbers not meaningful)" if quick else ""))
@@ -133,9 +133,8 @@ def render(info, results):
     L.append("## Notes")
     L.append("")
     L.append("- No `cargo bench` target: the costs that matter here are processes, namespaces and sockets, which a "
-             "micro-benchmark does not see; the one in-process hot spot (`identify` reading and parsing the record "
-             "per request) would fit a `node-server/benches/` target with `harness = false`, which needs a "
-             "`[[bench]]` entry in node-server/Cargo.toml.")
+             "micro-benchmark does not see; the in-process ones (part 7) run as an example binary from this driver, "
+             "so that they land in this report with their baseline.")
     L.append("- `scripts/bench --quick` proves every part still works with small counts (≈ 40 s) and exits non-zero "
              "only when a part cannot run or a correctness check fails (wrong answer, > 1 STS call per key, a "
              "retransmitted SYN losing its identity); it asserts no timing.")

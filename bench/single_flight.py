@@ -12,6 +12,8 @@ its own key: the count is per pod (key), with all pods sharing one role.
 import subprocess
 import time
 
+from .node import role_arn
+
 ROLE = "bench-burst"
 NAMESPACE = "bench-burst"
 GATE_LIMIT = 8.0  # iamlinkd's STS timeout is 10 s: never hold a call long enough to time it out
@@ -119,7 +121,7 @@ def run(b, quick, want_profile):
         while read < total and time.monotonic() < deadline:
             time.sleep(0.1)
             read = _read_by_daemon(b)
-        held = [c for c in b.sts_calls() if c["role"].endswith(f":role/{ROLE}")]
+        held = [c for c in b.sts_calls() if c["role"] == role_arn(ROLE)]
         gate_open_at = time.monotonic()
         b.sts_gate(True)
         result = burst.finish(120)
@@ -128,7 +130,7 @@ def run(b, quick, want_profile):
         if burst is not None:
             burst.close()
     tcp = {k: v - tcp0[k] for k, v in _tcp_counters(b).items()}
-    calls = [c for c in b.sts_calls() if c["role"].endswith(f":role/{ROLE}")]
+    calls = [c for c in b.sts_calls() if c["role"] == role_arn(ROLE)]
     akid_owner = {c.get("akid"): c["session"] for c in calls if c.get("akid")}
     per_key = {}
     for c in calls:

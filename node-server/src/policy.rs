@@ -2,7 +2,8 @@
 //! way kiam (`iam.amazonaws.com/permitted`, a regex) and kube2iam (`iam.amazonaws.com/allowed-roles`,
 //! a JSON list of names, ARNs or globs) write it. Applied to every answer, whatever the role's source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use regex::Regex;
 
@@ -16,10 +17,37 @@ pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
 #[error("{0}")]
 pub struct Denied(pub String);
 
+/// Compiled policy regexes by source text: policies change rarely, and compiling a namespace's
+/// costs as much as several whole answers (`scripts/bench` part 7). Shared, not cloned: a cloned `Regex` starts with an
+/// empty match cache, which costs microseconds to warm up on every use. Bounded: full, it starts over.
+#[derive(Default)]
+pub struct Compiled {
+    regexes: Mutex<HashMap<String, Option<Arc<Regex>>>>,
+}
+
+impl Compiled {
+    const MAX: usize = 1024;
+
+    /// `None`: the source is not a valid regex.
+    fn regex(&self, source: &str) -> Option<Arc<Regex>> {
+        let mut regexes = self.regexes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(compiled) = regexes.get(source) {
+            return compiled.clone();
+        }
+        if regexes.len() >= Self::MAX {
+            regexes.clear();
+        }
+        let compiled = Regex::new(source).ok().map(Arc::new);
+        regexes.insert(source.to_string(), compiled.clone());
+        compiled
+    }
+}
+
 /// Whether a namespace with `annotations` permits `role`, which the pod asked for as `requested`
 /// (a name or an ARN, as written). Both annotations, when present, must permit it; a policy that
 /// does not parse permits nothing. `to_arn` joins a role name to the base ARN.
 pub fn permits(
+    compiled: &Compiled,
     annotations: &BTreeMap<String, String>,
     role: &Role,
     requested: &str,
@@ -30,8 +58,9 @@ pub fn permits(
     let allowed = annotations.get(ALLOWED_ROLES_ANNOTATION);
     if let Some(pattern) = permitted {
         // Anchored: kiam's unanchored match lets "web" permit "web-admin".
-        let re = Regex::new(&format!("^(?:{pattern})$"))
-            .map_err(|_| Denied(format!("namespace annotation {PERMITTED_ANNOTATION} is not a valid regex")))?;
+        let re = compiled
+            .regex(&format!("^(?:{pattern})$"))
+            .ok_or_else(|| Denied(format!("namespace annotation {PERMITTED_ANNOTATION} is not a valid regex")))?;
         if !re.is_match(requested) && !re.is_match(&role.arn) {
             return Err(Denied(format!("role {requested} does not match {PERMITTED_ANNOTATION} {pattern:?}")));
         }
@@ -42,7 +71,7 @@ pub fn permits(
         })?;
         let matches = |entry: &String| {
             let arn = if entry.starts_with("arn:") { Some(entry.clone()) } else { to_arn(entry) };
-            arn.is_some_and(|arn| glob(&arn).is_some_and(|g| g.is_match(&role.arn)))
+            arn.is_some_and(|arn| compiled.regex(&glob(&arn)).is_some_and(|g| g.is_match(&role.arn)))
         };
         if !entries.iter().any(matches) {
             return Err(Denied(format!("role {requested} is not in {ALLOWED_ROLES_ANNOTATION} {list}")));
@@ -56,10 +85,10 @@ pub fn permits(
     Ok(())
 }
 
-/// kube2iam's glob: `*` matches any run of characters, everything else itself.
-fn glob(pattern: &str) -> Option<Regex> {
+/// kube2iam's glob as a regex: `*` matches any run of characters, everything else itself.
+fn glob(pattern: &str) -> String {
     let body = pattern.split('*').map(regex::escape).collect::<Vec<_>>().join(".*");
-    Regex::new(&format!("^{body}$")).ok()
+    format!("^{body}$")
 }
 
 #[cfg(test)]
@@ -74,7 +103,7 @@ mod tests {
 
     fn check(annotations: &[(&str, &str)], name: &str, require: bool) -> Result<(), Denied> {
         let annotations = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        permits(&annotations, &role(name), name, require, |n| Some(format!("{BASE}{n}")))
+        permits(&Compiled::default(), &annotations, &role(name), name, require, |n| Some(format!("{BASE}{n}")))
     }
 
     #[test]
@@ -119,7 +148,19 @@ mod tests {
 
     #[test]
     fn glob_escapes_regex_characters() {
-        let g = glob("a.b*").unwrap();
+        let g = Regex::new(&glob("a.b*")).unwrap();
         assert!(g.is_match("a.bc") && !g.is_match("axbc"));
+    }
+
+    #[test]
+    fn compiled_regexes_are_reused_and_bounded() {
+        let compiled = Compiled::default();
+        assert!(compiled.regex("^a$").is_some());
+        assert!(compiled.regex("(").is_none(), "an invalid source is remembered as invalid");
+        assert_eq!(compiled.regexes.lock().unwrap().len(), 2);
+        for i in 0..Compiled::MAX + 10 {
+            compiled.regex(&format!("^{i}$"));
+        }
+        assert!(compiled.regexes.lock().unwrap().len() <= Compiled::MAX);
     }
 }

@@ -128,6 +128,7 @@ pub struct Roles {
     require_namespace_permission: bool,
     /// `roles.base_arn`, or the daemon's own account's role prefix once discovered.
     base_arn: OnceLock<String>,
+    policies: policy::Compiled,
 }
 
 impl Roles {
@@ -136,7 +137,7 @@ impl Roles {
         if let Some(base) = &config.base_arn {
             let _ = base_arn.set(base.clone());
         }
-        Roles { config, require_namespace_permission, base_arn }
+        Roles { config, require_namespace_permission, base_arn, policies: policy::Compiled::default() }
     }
 
     /// Sets the base ARN discovered from the daemon's identity; a configured one stays.
@@ -156,8 +157,9 @@ impl Roles {
         };
         if let Some(namespace) = facts.namespace {
             let to_arn = |name: &str| self.base_arn().map(|b| format!("{b}{name}"));
+            let require = self.require_namespace_permission;
             if let Err(denied) =
-                policy::permits(namespace, &grant.role, &grant.requested, self.require_namespace_permission, to_arn)
+                policy::permits(&self.policies, namespace, &grant.role, &grant.requested, require, to_arn)
             {
                 return Resolution::Denied {
                     outcome: "denied by policy",
