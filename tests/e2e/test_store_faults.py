@@ -18,8 +18,6 @@ import os
 import shutil
 import time
 
-import pytest
-
 from harness import is_assumed_role, wait_until
 from harness.netns_threads import NetnsThreads
 from harness.rawhttp import request

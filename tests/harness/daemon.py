@@ -1,11 +1,10 @@
 """Daemon: iamlinkd from target/release, configured and run inside the node."""
 
-import json
 import os
 import signal
 
 from .moto import BASE_ARN, TEST_KEYS
-from .util import Fatal, BASE_PATH, IAMLINKD, stop_process, tail, wait_until
+from .util import Fatal, BASE_PATH, IAMLINKD, json_lines, stop_process, tail, wait_until
 
 DEFAULT_PROXY_ALLOW = [
     "/latest/meta-data/placement/region",
@@ -171,11 +170,7 @@ class Daemon:
 
     def audit_lines(self):
         """The audit log's JSON lines (credential answers and refusals), oldest first."""
-        try:
-            with open(self.settings["audit_log"]) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
+        return json_lines(self.settings["audit_log"])
 
     def log_tail(self, lines=40):
         return tail(self.log_path, lines)

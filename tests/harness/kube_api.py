@@ -23,7 +23,7 @@ import json
 import os
 import uuid
 
-from .util import BASE_PATH, REPO, Fatal, stop_process, tail, wait_until
+from .util import BASE_PATH, REPO, Fatal, json_lines, stop_process, tail, wait_until
 
 KUBE_API_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kube_api_server.py")
 # kmock lives in a venv of its own (scripts/setup): its pytest plugin would break the test runner's.
@@ -245,11 +245,7 @@ class KubeApi:
 
     def requests(self):
         """Every request the server received, oldest first: {t, method, path, query, action}."""
-        try:
-            with open(self.log_path) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
+        return json_lines(self.log_path)
 
     def log_tail(self, lines=40):
         return tail(self.stderr_path, lines)

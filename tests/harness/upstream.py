@@ -6,7 +6,7 @@ import json
 import os
 
 from .moto import NODE_ROLE
-from .util import Fatal, BASE_PATH, FAKE_IMDS_SERVER, PYTHON, stop_process, tail, wait_until
+from .util import Fatal, BASE_PATH, FAKE_IMDS_SERVER, PYTHON, json_lines, stop_process, tail, wait_until
 
 __all__ = ["FakeUpstream", "NODE_ROLE"]
 
@@ -68,11 +68,7 @@ class FakeUpstream:
 
     def requests(self):
         """Every request the fake upstream answered, as dicts (method, path, client, status)."""
-        try:
-            with open(self.log_path) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
+        return json_lines(self.log_path)
 
     def credential_requests(self):
         """Requests for the node's credentials: none may come from anybody in the bench."""

@@ -1,5 +1,6 @@
 """Paths, polling and process helpers shared by the bench pieces."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,15 @@ def tail(path, lines=40):
         return f"<{path}: {e}>"
     text = data.decode("utf-8", "replace").splitlines()
     return "\n".join(text[-lines:])
+
+
+def json_lines(path):
+    """The JSON objects of a JSON-lines log, oldest first; none while the file does not exist."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def run(argv, timeout=60, check=True, env=None, input=None):
