@@ -57,6 +57,8 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
         warn!(dir = %dir.display(), "inotify unavailable; new pods are seen by the 1 s rescan only");
     }
     let mut known: HashMap<String, u64> = HashMap::new();
+    // The live records of the last scan: what pod changes are matched against.
+    let mut live_records: Vec<PodRecord> = vec![];
     let mut reported_bad: HashSet<String> = HashSet::new();
     let mut reported_gone: HashSet<String> = HashSet::new();
     let mut last_refresh = Instant::now();
@@ -72,7 +74,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
             _ = store_changed => {}
             _ = tick.tick() => {}
             Some(change) = next_change(&mut pod_changes) => {
-                prefetch_pod(&app, &change, &known_records(&app, &known));
+                prefetch_pod(&app, &change, &live_records);
                 continue;
             }
         }
@@ -102,6 +104,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
                 app.metrics.interception_entries.set(entries.len() as i64);
             }
         }
+        live_records = records;
     }
 }
 
@@ -144,13 +147,6 @@ async fn next_change(changes: &mut Option<mpsc::Receiver<PodChange>>) -> Option<
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// The live records the loop knows, read again so that the pod change is matched against the
-/// store as it is now.
-fn known_records<S: AssumeRole>(app: &App<S>, known: &HashMap<String, u64>) -> Vec<PodRecord> {
-    let (records, _) = app.store.list().unwrap_or_default();
-    records.into_iter().filter(|r| known.contains_key(&r.key())).collect()
 }
 
 /// A pod object changed: prefetch for the records it vouches for (same namespace, name and UID).

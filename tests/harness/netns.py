@@ -7,7 +7,6 @@ per thread, so the rest of the process stays where it was.
 """
 
 import atexit
-import concurrent.futures
 import ctypes
 import os
 import secrets
@@ -93,7 +92,7 @@ class Node:
         self._netns = []  # pod namespaces, in creation order
         self._closed = False
         self._lock = threading.Lock()
-        self._pool = None
+        self._threads = None
         with _live_lock:
             _live_nodes.add(self)
         try:
@@ -101,10 +100,9 @@ class Node:
             self.exec(["ip", "link", "set", "lo", "up"])
             for addr in self.LO_ADDRESSES:
                 self.exec(["ip", "addr", "add", addr, "dev", "lo"])
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=self.name, initializer=_enter_netns, initargs=(self.path,)
-            )
-            self.call(lambda: None)  # fail now if the worker cannot enter the namespace
+            from .netns_threads import NetnsThreads  # it builds on this module
+
+            self._threads = NetnsThreads(self.name)  # fails now if the worker cannot enter the namespace
         except BaseException:
             self.close()
             raise
@@ -119,9 +117,9 @@ class Node:
     # -- running things in the node -------------------------------------------------------
     def call(self, fn, *args, timeout=120, **kwargs):
         """Run fn(*args, **kwargs) on the worker thread that lives in the node namespace."""
-        if self._closed or self._pool is None:
+        if self._closed or self._threads is None:
             raise RuntimeError(f"node {self.name} is closed")
-        return self._pool.submit(fn, *args, **kwargs).result(timeout=timeout)
+        return self._threads.call(fn, *args, timeout=timeout, **kwargs)
 
     def can_connect(self, host, port, timeout=0.5):
         """True when a TCP connection to host:port from inside the node succeeds."""
@@ -207,8 +205,8 @@ class Node:
                 stop_process(proc, timeout=5)
             except Exception as e:
                 errors.append(e)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.close()
         for ns in reversed(namespaces):
             try:
                 self._kill_netns_pids(ns)
