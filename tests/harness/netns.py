@@ -77,8 +77,9 @@ class Node:
     SIGTERM/SIGHUP, and is idempotent.
     """
 
-    # iamlinkd, moto (STS), the emulated Kubernetes API (kube_api.py), the fake metadata service.
-    LO_ADDRESSES = ("198.18.0.1/32", "198.18.0.2/32", "198.18.0.5/32", "169.254.169.254/32")
+    # iamlinkd, moto (STS), the emulated Kubernetes API (kube_api.py). The fake metadata service has
+    # a namespace of its own (upstream.py).
+    LO_ADDRESSES = ("198.18.0.1/32", "198.18.0.2/32", "198.18.0.5/32")
 
     def __init__(self, prefix="iamlink-node", keep_workdir=None):
         _install_cleanup_hooks()
@@ -161,6 +162,22 @@ class Node:
         with self._lock:
             if proc in self._procs:
                 self._procs.remove(proc)
+
+    def ip_rules(self, prefs):
+        """The node's routing-policy rules (both families) at the given preferences, as `ip rule` prints them."""
+        lines = []
+        for family in ("-4", "-6"):
+            out = self.exec(["ip", family, "rule", "show"]).stdout
+            lines += [line.strip() for line in out.splitlines() if line.split(":")[0].strip() in map(str, prefs)]
+        return lines
+
+    def delete_ip_rules(self, prefs):
+        """Deletes every rule at the given preferences, both families (bounded: 16 per preference)."""
+        for family in ("-4", "-6"):
+            for pref in prefs:
+                for _ in range(16):
+                    if self.exec(["ip", family, "rule", "del", "pref", str(pref)], check=False).returncode != 0:
+                        break
 
     # -- pod namespaces -------------------------------------------------------------------
     def new_netns(self, prefix="iamlink-pod"):

@@ -12,14 +12,31 @@ __all__ = ["FakeUpstream", "NODE_ROLE"]
 
 
 class FakeUpstream:
-    """fake_imds_server.py on 169.254.169.254:80 in the node, with moto credentials of the node role."""
+    """fake_imds_server.py on 169.254.169.254:80, with moto credentials of the node role.
+
+    It runs in a namespace of its own behind a veth, as the real service sits behind the node's
+    ENI: pods reach it only through the node's forwarding path (routing, the FORWARD hook), never
+    by local delivery, so a leak through that path is visible.
+    """
 
     HOST = "169.254.169.254"
     PORT = 80
+    NODE_SIDE = "198.18.1.1"
+    UPSTREAM_SIDE = "198.18.1.2"
 
     def __init__(self, node, moto, start=True):
         self.node = node
         self.moto = moto
+        self.netns = node.new_netns("iamlink-pod-imds")
+        node.exec(["ip", "link", "add", "imds0", "type", "veth", "peer", "name", "eth0", "netns", self.netns])
+        node.exec(["ip", "addr", "add", f"{self.NODE_SIDE}/30", "dev", "imds0"])
+        node.exec(["ip", "link", "set", "imds0", "up"])
+        node.exec(["ip", "route", "add", f"{self.HOST}/32", "via", self.UPSTREAM_SIDE, "dev", "imds0"])
+        for argv in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{self.HOST}/32", "dev", "lo"],
+                     ["ip", "addr", "add", f"{self.UPSTREAM_SIDE}/30", "dev", "eth0"],
+                     ["ip", "link", "set", "eth0", "up"],
+                     ["ip", "route", "add", "default", "via", self.NODE_SIDE]):
+            node.exec(argv, netns=self.netns)
         self.log_path = os.path.join(node.workdir, "upstream-requests.jsonl")
         self.stderr_path = os.path.join(node.workdir, "upstream.log")
         self.creds_path = os.path.join(node.workdir, "node-role-creds.json")
@@ -40,7 +57,7 @@ class FakeUpstream:
         self.proc = self.node.spawn(
             [PYTHON, FAKE_IMDS_SERVER, "--listen", f"{self.HOST}:{self.PORT}",
              "--creds", self.creds_path, "--log", self.log_path],
-            env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, stdout=err, stderr=err)
+            netns=self.netns, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, stdout=err, stderr=err)
         err.close()
 
         def ready():
