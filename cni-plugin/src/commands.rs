@@ -19,11 +19,20 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let pod = env.pod()?;
     let store = Store::open(conf.store_dir())?;
     let lock = store.lock()?;
-    // One listing of the pods map serves the whole ADD; `None`: the rule set is not there yet.
-    let entries = intercept::current_entries()?;
+    // One reading of the rule set serves the whole ADD; `None`: it is not there yet. A table laid
+    // out for another mark mask is refused: a slot chain written into it would be read as
+    // another slot.
+    let installed = intercept::installed()?;
+    if let Some(installed) = &installed {
+        rules.check_layout(installed)?;
+    }
+    let entries = installed.map(|i| i.entries);
 
     let pod_net = Netlink::in_netns(&env.netns)?;
     let node_net = Netlink::here()?;
+    // The second layer, which a firewall reload cannot remove, is in place before the pod has a
+    // path to the metadata addresses.
+    node_net.ensure_policy_rules(&rules.addresses).await?;
     let container =
         pod_net.link_by_name(&env.ifname).await?.map(|m| LinkFacts::from(&m)).ok_or_else(|| {
             CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))

@@ -46,6 +46,17 @@ impl Netlink {
         netlink::Netlink::in_netns(path).map(|inner| Netlink { inner }).map_err(cni_error)
     }
 
+    /// The routing-policy rules that refuse forwarded traffic to `addresses` (added if missing).
+    pub async fn ensure_policy_rules(&self, addresses: &[IpAddr]) -> Result<()> {
+        self.inner.ensure_policy_rules(addresses).await.map(|_| ()).map_err(|e| {
+            CniError::new(
+                Code::Interception,
+                "cannot add the routing-policy rules that refuse forwarded metadata traffic",
+            )
+            .with_details(e)
+        })
+    }
+
     pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>> {
         self.inner.link_by_name(name).await.map_err(cni_error)
     }

@@ -2,14 +2,21 @@
 //!
 //! One definition serves the plugin (which creates it when missing, so that a pod is intercepted
 //! before ADD returns even if iamlinkd never started) and the daemon (which installs its own
-//! config over the base chains at start). Pod entries are changed under the store's lock.
+//! config over the base chains at start and keeps the whole table as the store says it should
+//! be). Pod entries are changed under the store's lock.
 //!
 //! ```text
-//! prerouting: ip daddr {metadata addresses} tcp dport 80 -> jump intercept
-//! intercept:  clear our mark bits; iifname vmap @pods (-> jump slot-N: set N's bits); DNAT to iamlinkd
+//! identify  (prerouting, mangle): to a metadata address -> identify-pod
+//! identify-pod: clear our mark bits; iifname vmap @pods (-> jump slot-N: set N's bits)
+//! intercept (prerouting, dstnat - 10): new connections to a metadata address -> DNAT to iamlinkd
+//! refuse    (forward, filter): whatever is still addressed to a metadata address -> reject
 //! ```
+//!
+//! The table records its own [`Layout`] (version and mark mask) in a rule comment, so that a
+//! table written under another mask is rebuilt, never read with the wrong one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -30,6 +37,13 @@ pub const DEFAULT_CREDENTIALS_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 2
 pub const METADATA_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 pub const CREDENTIALS_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23);
 
+/// The layout this code writes. 1: the layout before it was recorded (no comment, no `refuse`
+/// chain); 2: recorded layout, `refuse` chain.
+pub const LAYOUT_VERSION: u32 = 2;
+/// The base chains of [`LAYOUT_VERSION`].
+const BASE_CHAINS: [&str; 4] = ["identify", "identify-pod", "intercept", "refuse"];
+const LAYOUT_PREFIX: &str = "iamlink layout ";
+
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
     #[error("cannot run {path}: {source}; install nftables on the node")]
@@ -40,6 +54,43 @@ pub enum InterceptError {
     Parse(String),
     #[error("{0}")]
     InvalidName(String),
+    #[error(
+        "the interception rule set has {found}, this configuration wants {wanted}: marks written under one mask \
+         would be read as other slots under the other; iamlinkd rebuilds the rule set when it starts with the \
+         new mark_mask (set markMask and mark_mask together, e.g. with `iamlinkd install-cni`, then restart iamlinkd)"
+    )]
+    LayoutMismatch { found: String, wanted: Layout },
+}
+
+/// How a rule set lays slots into marks: a table of another layout must be rebuilt before any
+/// mark it sets is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub version: u32,
+    pub mask: MarkMask,
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layout {} with mark mask {}", self.version, self.mask)
+    }
+}
+
+impl Layout {
+    /// `iamlink layout 2 mask 0x307f base <hash>` → the layout and the base chains' hash.
+    fn parse_comment(comment: &str) -> Option<(Layout, String)> {
+        let mut words = comment.strip_prefix(LAYOUT_PREFIX)?.split(' ');
+        let version = words.next()?.parse().ok()?;
+        let mask = match (words.next()?, words.next()?) {
+            ("mask", m) => u32::from_str_radix(m.strip_prefix("0x")?, 16).ok().and_then(|m| MarkMask::new(m).ok())?,
+            _ => return None,
+        };
+        let base = match (words.next(), words.next()) {
+            (Some("base"), Some(h)) => h.to_string(),
+            _ => String::new(),
+        };
+        Some((Layout { version, mask }, base))
+    }
 }
 
 /// The parameters of the rule set; the plugin's netconf and the daemon's config must agree.
@@ -53,6 +104,50 @@ pub struct RuleSet {
     pub mask: MarkMask,
     /// Destinations (port 80) whose traffic from pods is intercepted, both families.
     pub addresses: Vec<IpAddr>,
+}
+
+/// One thing [`RuleSet::ensure`] found wrong and put right.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// The table was missing: rebuilt whole from the records.
+    Created,
+    /// The table had another layout (or none recorded): rebuilt whole in one transaction.
+    Migrated { from: String },
+    /// Base chains missing, flushed, or written for another config: rewritten.
+    BaseChains,
+    /// A record's entry was missing or pointed elsewhere: restored.
+    Entry { ifname: String, slot: u32 },
+    /// An entry without a record (or superseded by a newer record): removed.
+    StaleEntry { ifname: String, slot: u32 },
+    /// A slot chain set other bits than its slot's under the current mask: rewritten.
+    SlotChain { slot: u32 },
+}
+
+impl Repair {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Repair::Created => "table",
+            Repair::Migrated { .. } => "layout",
+            Repair::BaseChains => "base chains",
+            Repair::Entry { .. } => "entry",
+            Repair::StaleEntry { .. } => "stale entry",
+            Repair::SlotChain { .. } => "slot chain",
+        }
+    }
+}
+
+impl fmt::Display for Repair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Repair::Created => write!(f, "table inet {TABLE} was missing: rebuilt from the store"),
+            Repair::Migrated { from } => write!(f, "table inet {TABLE} had {from}: rebuilt from the store"),
+            Repair::BaseChains => write!(f, "base chains were missing or altered: rewritten"),
+            Repair::Entry { ifname, slot } => write!(f, "entry {ifname} → slot-{slot} restored"),
+            Repair::StaleEntry { ifname, slot } => write!(f, "entry {ifname} → slot-{slot} without a record removed"),
+            Repair::SlotChain { slot } => write!(f, "chain slot-{slot} set another slot's mark: rewritten"),
+        }
+    }
 }
 
 impl RuleSet {
@@ -71,17 +166,111 @@ impl RuleSet {
         RuleSet { daemon, daemon6, mask, addresses }
     }
 
+    pub fn layout(&self) -> Layout {
+        Layout { version: LAYOUT_VERSION, mask: self.mask }
+    }
+
+    /// Refuses a table laid out for another mask or version: the plugin writes slot chains only
+    /// into a table whose marks iamlinkd reads the same way.
+    pub fn check_layout(&self, installed: &Installed) -> Result<(), InterceptError> {
+        match installed.layout {
+            Some(l) if l == self.layout() => Ok(()),
+            _ => Err(InterceptError::LayoutMismatch { found: installed.layout_text(), wanted: self.layout() }),
+        }
+    }
+
     fn family(&self, v6: bool) -> String {
         let list: Vec<String> = self.addresses.iter().filter(|a| a.is_ipv6() == v6).map(|a| a.to_string()).collect();
         list.join(", ")
     }
 
-    /// Creates the table if needed and replaces the base chains' rules in one transaction;
-    /// pod entries and slot chains are kept.
-    pub fn install(&self, _lock: &StoreLock) -> Result<(), InterceptError> {
-        nft_script("install rule set", &self.base_script())?;
-        self.forget_connections();
-        Ok(())
+    /// Makes the table what this config and the records say, in one transaction, whatever the
+    /// kernel holds now: a missing table or one of another layout is rebuilt whole (slot chains
+    /// included, so no mark is ever read under another mask); damaged or outdated base chains
+    /// are rewritten; entries and slot chains are compared with the records by content.
+    pub fn ensure(&self, _lock: &StoreLock, records: &[PodRecord]) -> Result<Vec<Repair>, InterceptError> {
+        let installed = installed()?;
+        let (script, repairs) = self.repair_script(installed.as_ref(), records);
+        if script.is_empty() {
+            return Ok(repairs);
+        }
+        nft_script("repair rule set", &script)?;
+        if repairs.iter().any(|r| matches!(r, Repair::Created | Repair::Migrated { .. } | Repair::BaseChains)) {
+            self.forget_connections();
+        }
+        Ok(repairs)
+    }
+
+    /// The transaction that turns `installed` into what the records want (pure, for tests).
+    fn repair_script(&self, installed: Option<&Installed>, records: &[PodRecord]) -> (String, Vec<Repair>) {
+        let t = format!("inet {TABLE}");
+        let mut script = String::new();
+        let mut repairs = vec![];
+        let empty = Installed::default();
+        let have = match installed {
+            None => {
+                repairs.push(Repair::Created);
+                script.push_str(&self.base_script());
+                &empty
+            }
+            Some(i) if i.layout != Some(self.layout()) => {
+                repairs.push(Repair::Migrated { from: i.layout_text() });
+                script.push_str(&format!("add table {t}\ndelete table {t}\n"));
+                script.push_str(&self.base_script());
+                &empty
+            }
+            Some(i) => {
+                if i.base_hash != self.base_hash() || !i.damaged_chains(self).is_empty() {
+                    repairs.push(Repair::BaseChains);
+                    script.push_str(&self.base_script());
+                }
+                i
+            }
+        };
+        // The newest record wins a shared host interface name (a late DEL has not come yet).
+        let mut want: BTreeMap<&str, &PodRecord> = BTreeMap::new();
+        for r in records {
+            let name = r.host_interface.name.as_str();
+            if validate_ifname(name).is_err() {
+                continue;
+            }
+            if want.get(name).is_none_or(|old| old.created_boottime_ns < r.created_boottime_ns) {
+                want.insert(name, r);
+            }
+        }
+        let mut removed = vec![];
+        for (name, slot) in &have.entries {
+            if want.get(name.as_str()).map(|r| r.slot) != Some(*slot) {
+                script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{name}\" }}\n"));
+                removed.push(name.as_str());
+                if !want.contains_key(name.as_str()) {
+                    repairs.push(Repair::StaleEntry { ifname: name.clone(), slot: *slot });
+                }
+            }
+        }
+        let rebuilt = installed.is_none() || matches!(repairs.first(), Some(Repair::Migrated { .. }));
+        let wanted_slots: Vec<u32> = want.values().map(|r| r.slot).collect();
+        for &slot in &wanted_slots {
+            if have.slot_marks.get(&slot) != Some(&Some(self.mask.mark_for(slot))) {
+                script.push_str(&self.slot_chain_script(slot));
+                if !rebuilt {
+                    repairs.push(Repair::SlotChain { slot });
+                }
+            }
+        }
+        for (name, r) in &want {
+            let present = have.entries.iter().any(|(n, s)| n == name && *s == r.slot) && !removed.contains(name);
+            if !present {
+                script.push_str(&format!("add element {t} {PODS_MAP} {{ \"{name}\" : jump slot-{} }}\n", r.slot));
+                if !rebuilt {
+                    repairs.push(Repair::Entry { ifname: name.to_string(), slot: r.slot });
+                }
+            }
+        }
+        for slot in have.slot_marks.keys().filter(|s| !wanted_slots.contains(s)) {
+            script.push_str(&format!("delete chain {t} slot-{slot}\n"));
+        }
+        (script, repairs)
     }
 
     /// Connections opened to the real metadata service before the rule set existed keep their
@@ -103,13 +292,36 @@ impl RuleSet {
         }
     }
 
-    /// Two base chains. `identify` (filter, before NAT) marks *every* packet to a metadata
+    /// Four base chains. `identify` (filter, before NAT) marks *every* packet to a metadata
     /// address with its pod's slot: a SYN that conntrack files under an old entry (a reused
     /// 4-tuple under a flood) skips NAT chains, and must still carry its identity. `intercept`
     /// (nat) sends new connections to iamlinkd. Its `ct state new` is always true there; the
     /// `ct` expression makes the kernel track both families in this namespace (NAT sees only
     /// tracked packets; a lone `dnat ip` would leave IPv6 untracked and unintercepted).
+    /// `refuse` (forward, after NAT) rejects what NAT never saw (`notrack`, a SYN conntrack
+    /// judged invalid): forwarded, it would reach the real service untouched.
     fn base_script(&self) -> String {
+        let t = format!("inet {TABLE}");
+        let mut script = self.base_rules();
+        let layout = format!("{LAYOUT_PREFIX}{} mask {} base {}", LAYOUT_VERSION, self.mask, self.base_hash());
+        script = script.replace("@LAYOUT@", &layout);
+        format!(
+            "add table {t}\n\
+             add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
+             add chain {t} identify {{ type filter hook prerouting priority mangle; policy accept; }}\n\
+             add chain {t} identify-pod\n\
+             add chain {t} intercept {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
+             add chain {t} refuse {{ type filter hook forward priority filter; policy accept; }}\n\
+             flush chain {t} identify\n\
+             flush chain {t} identify-pod\n\
+             flush chain {t} intercept\n\
+             flush chain {t} refuse\n\
+             {script}"
+        )
+    }
+
+    /// The base chains' rules; `@LAYOUT@` stands for the layout comment, which names their hash.
+    fn base_rules(&self) -> String {
         let t = format!("inet {TABLE}");
         let (v4, v6) = (self.family(false), self.family(true));
         let dnat6 = match self.daemon6 {
@@ -117,47 +329,46 @@ impl RuleSet {
             None => "drop".to_string(),
         };
         format!(
-            "add table {t}\n\
-             add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
-             add chain {t} identify {{ type filter hook prerouting priority mangle; policy accept; }}\n\
-             add chain {t} identify-pod\n\
-             add chain {t} intercept {{ type nat hook prerouting priority dstnat - 10; policy accept; }}\n\
-             flush chain {t} identify\n\
-             flush chain {t} identify-pod\n\
-             flush chain {t} intercept\n\
-             add rule {t} identify ip daddr {{ {v4} }} tcp dport 80 jump identify-pod\n\
+            "add rule {t} identify ip daddr {{ {v4} }} tcp dport 80 jump identify-pod\n\
              add rule {t} identify ip6 daddr {{ {v6} }} tcp dport 80 jump identify-pod\n\
-             add rule {t} identify-pod meta mark set meta mark and {keep:#x}\n\
+             add rule {t} identify-pod meta mark set meta mark and {keep:#x} comment \"@LAYOUT@\"\n\
              add rule {t} identify-pod iifname vmap @{PODS_MAP}\n\
              add rule {t} intercept ip daddr {{ {v4} }} tcp dport 80 ct state new dnat ip to {daemon}\n\
-             add rule {t} intercept ip6 daddr {{ {v6} }} tcp dport 80 ct state new {dnat6}\n",
+             add rule {t} intercept ip6 daddr {{ {v6} }} tcp dport 80 ct state new {dnat6}\n\
+             add rule {t} refuse ip daddr {{ {v4} }} meta l4proto tcp reject with tcp reset\n\
+             add rule {t} refuse ip daddr {{ {v4} }} reject with icmpx admin-prohibited\n\
+             add rule {t} refuse ip6 daddr {{ {v6} }} meta l4proto tcp reject with tcp reset\n\
+             add rule {t} refuse ip6 daddr {{ {v6} }} reject with icmpx admin-prohibited\n",
             keep = !self.mask.bits(),
             daemon = self.daemon,
         )
     }
 
-    /// Makes the pod entries match the records: each record's host interface jumps to its slot
-    /// (the newest record wins a shared name) and entries without a record go.
-    pub fn reconcile(&self, lock: &StoreLock, records: &[PodRecord]) -> Result<(), InterceptError> {
-        let mut want: HashMap<&str, &PodRecord> = HashMap::new();
-        for r in records {
-            let name = r.host_interface.name.as_str();
-            if want.get(name).is_none_or(|old| old.created_boottime_ns < r.created_boottime_ns) {
-                want.insert(name, r);
-            }
-        }
-        let have = pod_entries()?;
-        for (name, slot) in &have {
-            if want.get(name.as_str()).map(|r| r.slot) != Some(*slot) {
-                remove_pod(lock, name, *slot)?;
-            }
-        }
-        for (name, r) in want {
-            if !have.iter().any(|(n, s)| n == name && *s == r.slot) {
-                self.add_pod(lock, name, r.slot, Some(&have))?;
-            }
-        }
-        Ok(())
+    /// Names the base rules' content, so that a table written for another daemon address or
+    /// another set of addresses is rewritten (FNV-1a: stable across builds).
+    fn base_hash(&self) -> String {
+        let hash =
+            self.base_rules().bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        format!("{:08x}", hash >> 32)
+    }
+
+    /// How many rules each base chain has when whole.
+    fn base_rule_counts(&self) -> HashMap<&'static str, usize> {
+        let rules = self.base_rules();
+        BASE_CHAINS
+            .into_iter()
+            .map(|c| (c, rules.lines().filter(|l| l.starts_with(&format!("add rule inet {TABLE} {c} "))).count()))
+            .collect()
+    }
+
+    fn slot_chain_script(&self, slot: u32) -> String {
+        let t = format!("inet {TABLE}");
+        format!(
+            "add chain {t} slot-{slot}\n\
+             flush chain {t} slot-{slot}\n\
+             add rule {t} slot-{slot} meta mark set meta mark or {mark:#x}\n",
+            mark = self.mask.mark_for(slot),
+        )
     }
 
     /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
@@ -174,12 +385,7 @@ impl RuleSet {
         validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
         let t = format!("inet {TABLE}");
         let mut script = if entries.is_none() { self.base_script() } else { String::new() };
-        script.push_str(&format!(
-            "add chain {t} slot-{slot}\n\
-             flush chain {t} slot-{slot}\n\
-             add rule {t} slot-{slot} meta mark set meta mark or {mark:#x}\n",
-            mark = self.mask.mark_for(slot),
-        ));
+        script.push_str(&self.slot_chain_script(slot));
         if entries.unwrap_or_default().iter().any(|(n, _)| n == ifname) {
             script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
         }
@@ -231,14 +437,45 @@ pub fn current_entries() -> Result<Option<Vec<(String, u32)>>, InterceptError> {
     parse_entries(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
-/// What the kernel holds of the rule set, for operators (`iamlinkd explain`, `status`).
+/// What the kernel holds of the rule set: what the daemon repairs from and what operators see
+/// (`iamlinkd explain`, `status`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Installed {
-    /// The base chains that are missing (`identify`, `identify-pod`, `intercept`); empty when
-    /// the rule set is whole.
+    /// The layout the table records; `None`: none (layout 1, or not iamlink's).
+    pub layout: Option<Layout>,
+    /// The hash of the base rules the layout comment names.
+    pub base_hash: String,
+    /// The base chains that are missing; empty when the rule set is whole.
     pub missing_chains: Vec<String>,
+    /// How many rules each base chain present has.
+    pub rule_counts: BTreeMap<String, usize>,
     /// The pods map's (host interface, slot) entries.
     pub entries: Vec<(String, u32)>,
+    /// Each slot chain and the mark bits its rule sets (`None`: it has no such rule): read from
+    /// the chain itself, never computed from a config.
+    pub slot_marks: BTreeMap<u32, Option<u32>>,
+}
+
+impl Installed {
+    /// The layout in words, for errors and logs.
+    pub fn layout_text(&self) -> String {
+        match self.layout {
+            Some(l) => l.to_string(),
+            None => "no recorded layout (layout 1 or not iamlink's)".to_string(),
+        }
+    }
+
+    /// Base chains that are missing or whose rules were flushed or added to.
+    pub fn damaged_chains(&self, rules: &RuleSet) -> Vec<String> {
+        let counts = rules.base_rule_counts();
+        let mut damaged = self.missing_chains.clone();
+        for (chain, want) in counts {
+            if self.rule_counts.get(chain).is_some_and(|have| *have != want) {
+                damaged.push(chain.to_string());
+            }
+        }
+        damaged
+    }
 }
 
 /// The rule set as installed, from one `nft` run; `None` when the table does not exist.
@@ -253,16 +490,50 @@ pub fn installed() -> Result<Option<Installed>, InterceptError> {
 fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    let chains: Vec<&str> = items.iter().filter_map(|i| i["chain"]["name"].as_str()).collect();
-    let missing_chains = ["identify", "identify-pod", "intercept"]
-        .into_iter()
-        .filter(|c| !chains.contains(c))
-        .map(String::from)
-        .collect();
+    let mut installed = Installed::default();
+    for item in &items {
+        if let Some(name) = item["chain"]["name"].as_str() {
+            if BASE_CHAINS.contains(&name) {
+                installed.rule_counts.entry(name.to_string()).or_default();
+            } else if let Some(slot) = name.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+                installed.slot_marks.entry(slot).or_default();
+            }
+        }
+        let rule = &item["rule"];
+        let Some(chain) = rule["chain"].as_str() else { continue };
+        if let Some(count) = installed.rule_counts.get_mut(chain) {
+            *count += 1;
+        }
+        if let Some((layout, base)) = rule["comment"].as_str().and_then(Layout::parse_comment) {
+            if chain == "identify-pod" {
+                installed.layout = Some(layout);
+                installed.base_hash = base;
+            }
+        }
+        if let Some(slot) = chain.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+            installed.slot_marks.insert(slot, mark_set_by(rule));
+        }
+    }
+    installed.missing_chains =
+        BASE_CHAINS.into_iter().filter(|c| !installed.rule_counts.contains_key(*c)).map(String::from).collect();
     let map_only: Vec<serde_json::Value> =
         items.iter().filter(|i| i["map"]["name"].as_str() == Some(PODS_MAP)).cloned().collect();
-    let entries = parse_entries(&serde_json::json!({ "nftables": map_only }).to_string())?;
-    Ok(Installed { missing_chains, entries })
+    installed.entries = parse_entries(&serde_json::json!({ "nftables": map_only }).to_string())?;
+    Ok(installed)
+}
+
+/// The bits of `meta mark set meta mark or <bits>`, the one rule of a slot chain; `None` for
+/// anything else.
+fn mark_set_by(rule: &serde_json::Value) -> Option<u32> {
+    let exprs = rule["expr"].as_array()?;
+    let [expr] = exprs.as_slice() else { return None };
+    let mangle = &expr["mangle"];
+    (mangle["key"]["meta"]["key"].as_str()? == "mark").then_some(())?;
+    let or = mangle["value"]["|"].as_array()?;
+    match or.as_slice() {
+        [lhs, bits] if lhs["meta"]["key"].as_str() == Some("mark") => bits.as_u64().and_then(|b| u32::try_from(b).ok()),
+        _ => None,
+    }
 }
 
 /// Removes the whole rule set (uninstall; tests).
@@ -342,18 +613,31 @@ fn nft_script(what: &str, script: &str) -> Result<(), InterceptError> {
 mod tests {
     use super::*;
 
+    fn rules() -> RuleSet {
+        RuleSet::new("198.18.0.1:8181".parse().unwrap(), None, MarkMask::default(), Some(DEFAULT_CREDENTIALS_ADDRESS))
+    }
+
+    fn record(ifname: &str, slot: u32, created: u64) -> PodRecord {
+        let mut r: PodRecord = serde_json::from_str(&format!(
+            r#"{{"containerId": "c{slot}", "ifname": "eth0", "network": "n", "slot": {slot},
+                "hostInterface": {{"name": "{ifname}", "index": 7, "source": "peer-ifindex"}},
+                "netns": "/var/run/netns/x", "pod": {{"namespace": "ns", "name": "p{slot}", "uid": "u"}},
+                "ips": [], "created": "2026-12-03T00:00:00Z", "createdBoottimeNs": {created}}}"#
+        ))
+        .unwrap();
+        r.created_boottime_ns = created;
+        r
+    }
+
     #[test]
     fn base_script_intercepts_both_addresses_and_clears_only_our_bits() {
-        let rs = RuleSet::new(
-            "198.18.0.1:8181".parse().unwrap(),
-            None,
-            MarkMask::default(),
-            Some(DEFAULT_CREDENTIALS_ADDRESS),
-        );
+        let rs = rules();
         let s = rs.base_script();
         assert!(s.contains("identify ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 jump identify-pod"));
         assert!(s.contains("identify ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 jump identify-pod"));
-        assert!(s.contains("identify-pod meta mark set meta mark and 0xffffcf80"));
+        assert!(s.contains(
+            "identify-pod meta mark set meta mark and 0xffffcf80 comment \"iamlink layout 2 mask 0x307f base "
+        ));
         assert!(s.contains(
             "ip daddr { 169.254.169.254, 169.254.170.23 } tcp dport 80 ct state new dnat ip to 198.18.0.1:8181"
         ));
@@ -361,8 +645,77 @@ mod tests {
             s.contains("ip6 daddr { fd00:ec2::254, fd00:ec2::23 } tcp dport 80 ct state new drop"),
             "no IPv6 daemon: IPv6 metadata traffic is dropped"
         );
-        let with6 = RuleSet { daemon6: Some("[fd12::1]:8181".parse().unwrap()), ..rs };
+        assert!(
+            s.contains("refuse ip daddr { 169.254.169.254, 169.254.170.23 } meta l4proto tcp reject with tcp reset")
+        );
+        assert!(s.contains("refuse ip6 daddr { fd00:ec2::254, fd00:ec2::23 } reject with icmpx admin-prohibited"));
+        let with6 = RuleSet { daemon6: Some("[fd12::1]:8181".parse().unwrap()), ..rs.clone() };
         assert!(with6.base_script().contains("dnat ip6 to [fd12::1]:8181"));
+        assert_ne!(with6.base_hash(), rs.base_hash(), "another daemon address is another base");
+    }
+
+    #[test]
+    fn a_missing_table_is_rebuilt_whole_from_the_records() {
+        let (script, repairs) = rules().repair_script(None, &[record("vethA", 1, 1), record("vethB", 2, 2)]);
+        assert_eq!(repairs, vec![Repair::Created]);
+        assert!(script.starts_with("add table inet iamlink\n"));
+        assert!(script.contains("add rule inet iamlink slot-2 meta mark set meta mark or 0x2\n"));
+        assert!(script.contains("add element inet iamlink pods { \"vethA\" : jump slot-1 }\n"));
+    }
+
+    #[test]
+    fn a_table_of_another_mask_is_replaced_in_the_same_transaction() {
+        let old = Installed {
+            layout: Some(Layout { version: 2, mask: MarkMask::new(0x3f).unwrap() }),
+            entries: vec![("vethA".into(), 1)],
+            slot_marks: BTreeMap::from([(1, Some(0x1))]),
+            ..Default::default()
+        };
+        let rs = RuleSet { mask: MarkMask::new(0x7e).unwrap(), ..rules() };
+        let (script, repairs) = rs.repair_script(Some(&old), &[record("vethA", 1, 1)]);
+        assert!(matches!(&repairs[..], [Repair::Migrated { from }] if from.contains("0x3f")), "{repairs:?}");
+        let delete = script.find("delete table inet iamlink\n").unwrap();
+        assert!(delete < script.find("add rule inet iamlink slot-1 meta mark set meta mark or 0x2\n").unwrap());
+        assert!(rs.check_layout(&old).is_err(), "the plugin refuses it");
+    }
+
+    #[test]
+    fn entries_and_slot_chains_are_compared_by_content_and_each_element_deleted_once() {
+        let rs = rules();
+        let whole = Installed {
+            layout: Some(rs.layout()),
+            base_hash: rs.base_hash(),
+            rule_counts: rs.base_rule_counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect(),
+            // vethA points at slot 9, which the newest record does not hold; ghost has no record;
+            // slot-2's chain sets slot 1's bits.
+            entries: vec![("vethA".into(), 9), ("ghost".into(), 4), ("vethB".into(), 2)],
+            slot_marks: BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
+            ..Default::default()
+        };
+        let records = [record("vethA", 3, 5), record("vethA", 1, 1), record("vethB", 2, 2)];
+        let (script, repairs) = rs.repair_script(Some(&whole), &records);
+        assert_eq!(script.matches("delete element inet iamlink pods { \"vethA\" }").count(), 1, "{script}");
+        assert!(script.contains("add element inet iamlink pods { \"vethA\" : jump slot-3 }"));
+        assert!(script.contains("add rule inet iamlink slot-2 meta mark set meta mark or 0x2\n"));
+        assert!(
+            script.contains("delete chain inet iamlink slot-9\n")
+                && script.contains("delete chain inet iamlink slot-4\n")
+        );
+        assert!(repairs.contains(&Repair::StaleEntry { ifname: "ghost".into(), slot: 4 }));
+        assert!(repairs.contains(&Repair::SlotChain { slot: 2 }));
+        assert!(repairs.contains(&Repair::Entry { ifname: "vethA".into(), slot: 3 }));
+        assert!(!repairs.contains(&Repair::BaseChains));
+        let (nothing, none) = rs.repair_script(
+            Some(&Installed {
+                entries: vec![("vethA".into(), 3), ("vethB".into(), 2)],
+                slot_marks: BTreeMap::from([(3, Some(0x3)), (2, Some(0x2))]),
+                ..whole.clone()
+            }),
+            &records,
+        );
+        assert!(nothing.is_empty() && none.is_empty(), "{nothing}");
+        let flushed = Installed { rule_counts: BTreeMap::from([("intercept".to_string(), 0)]), ..whole };
+        assert!(rs.repair_script(Some(&flushed), &records).1.contains(&Repair::BaseChains));
     }
 
     #[test]
@@ -377,6 +730,22 @@ mod tests {
     }
 
     #[test]
+    fn installed_reads_the_layout_and_each_slot_chains_mark() {
+        let json = r#"{"nftables": [{"table": {"family": "inet", "name": "iamlink"}},
+            {"chain": {"table": "iamlink", "name": "identify-pod"}},
+            {"chain": {"table": "iamlink", "name": "slot-2"}},
+            {"rule": {"table": "iamlink", "chain": "identify-pod", "comment": "iamlink layout 2 mask 0x307e base 0abc",
+                      "expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"meta": {"key": "mark"}}, 4294955137]}}}]}},
+            {"rule": {"table": "iamlink", "chain": "slot-2",
+                      "expr": [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 4]}}}]}}]}"#;
+        let got = parse_installed(json).unwrap();
+        assert_eq!(got.layout, Some(Layout { version: 2, mask: MarkMask::new(0x307e).unwrap() }));
+        assert_eq!(got.base_hash, "0abc");
+        assert_eq!(got.slot_marks, BTreeMap::from([(2, Some(4))]));
+        assert_eq!(got.rule_counts.get("identify-pod"), Some(&1));
+    }
+
+    #[test]
     fn installed_names_missing_base_chains_and_reads_the_pods_map() {
         let json = r#"{"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "iamlink"}},
             {"map": {"family": "inet", "name": "pods", "table": "iamlink", "type": "ifname", "map": "verdict",
@@ -385,7 +754,9 @@ mod tests {
             {"chain": {"family": "inet", "table": "iamlink", "name": "slot-3"}},
             {"chain": {"family": "inet", "table": "iamlink", "name": "intercept"}}]}"#;
         let got = parse_installed(json).unwrap();
-        assert_eq!(got.missing_chains, vec!["identify-pod".to_string()]);
+        assert_eq!(got.missing_chains, vec!["identify-pod".to_string(), "refuse".to_string()]);
         assert_eq!(got.entries, vec![("vethA".to_string(), 3)]);
+        assert_eq!(got.layout, None, "no comment: layout 1");
+        assert_eq!(got.slot_marks, BTreeMap::from([(3, None)]));
     }
 }

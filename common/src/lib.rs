@@ -1,12 +1,14 @@
 //! What the iamlink CNI plugin and iamlinkd share.
 //!
 //! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
-//! nftables rule set. Nobody else touches the store directory or runs `nft`. [`netlink`] reads
-//! links and routes in the node's and pods' namespaces (no writes).
+//! nftables rule set, [`policy_rules`] the ip rules of the second layer. Nobody else touches the
+//! store directory, runs `nft` or writes ip rules. [`netlink`] reads links and routes in the
+//! node's and pods' namespaces.
 
 pub mod intercept;
 pub mod mark;
 pub mod netlink;
+pub mod policy_rules;
 pub mod record;
 pub mod store;
 

@@ -3,6 +3,7 @@
 //! without a record, a host interface that is gone, routes missing in the pod. Nothing here
 //! writes; `iamlinkd explain` and `iamlinkd status` print it.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -34,24 +35,28 @@ pub struct NodeView {
     pub rule_set: RuleSetState,
     /// The pods map: host interface → slot.
     pub entries: Vec<(String, u32)>,
+    /// Each slot chain and the mark bits it sets, as the kernel has it.
+    pub slot_marks: BTreeMap<u32, Option<u32>>,
 }
 
 impl NodeView {
     /// Reads the store (without creating or locking anything) and the rule set.
     pub fn read(store: &Store) -> Result<Self, String> {
         let (records, bad) = store.list().map_err(|e| e.to_string())?;
-        let (rule_set, entries) = match intercept::installed() {
-            Ok(None) => (RuleSetState::Missing, vec![]),
-            Ok(Some(i)) if i.missing_chains.is_empty() => (RuleSetState::Installed, i.entries),
-            Ok(Some(i)) => (RuleSetState::Incomplete(i.missing_chains), i.entries),
-            Err(e) => (RuleSetState::Unreadable(e.to_string()), vec![]),
+        let (rule_set, installed) = match intercept::installed() {
+            Ok(None) => (RuleSetState::Missing, Default::default()),
+            Ok(Some(i)) if i.missing_chains.is_empty() => (RuleSetState::Installed, i),
+            Ok(Some(i)) => (RuleSetState::Incomplete(i.missing_chains.clone()), i),
+            Err(e) => (RuleSetState::Unreadable(e.to_string()), Default::default()),
         };
+        let intercept::Installed { entries, slot_marks, .. } = installed;
         Ok(NodeView {
             store_dir: store.dir().to_path_buf(),
             records,
             unreadable: bad.iter().map(|e| e.to_string()).collect(),
             rule_set,
             entries,
+            slot_marks,
         })
     }
 
@@ -144,7 +149,12 @@ pub struct Plumbing {
     pub record_file: PathBuf,
     /// `slots/<slot>` links to this record.
     pub slot_linked: bool,
-    pub mark: u32,
+    /// The bits the record's slot chain sets, read from the kernel (`None`: no such chain or rule).
+    pub mark: Option<u32>,
+    /// The bits of the record's slot under the configured mask.
+    pub expected_mark: u32,
+    /// The slot iamlinkd reads `mark` as.
+    pub mark_read_as: Option<u32>,
     /// The slot the pods map sends the host interface to.
     pub entry: Option<u32>,
     pub host: HostLink,
@@ -166,7 +176,9 @@ pub async fn plumbing(store: &Store, view: &NodeView, rules: &RuleSet, mask: Mar
     Plumbing {
         record_file: store.record_path(&record.container_id, &record.ifname),
         slot_linked,
-        mark: mask.mark_for(record.slot),
+        mark: view.slot_marks.get(&record.slot).copied().flatten(),
+        expected_mark: mask.mark_for(record.slot),
+        mark_read_as: view.slot_marks.get(&record.slot).copied().flatten().map(|m| mask.slot_of(m)),
         entry: view.entry_for(&record.host_interface.name),
         host,
         pod,
@@ -228,6 +240,19 @@ pub fn findings(p: &Plumbing, rule_set: &RuleSetState) -> Vec<String> {
              identify this pod",
             r.slot, r.slot
         ));
+    }
+    match (p.entry, p.mark) {
+        (Some(s), Some(m)) if s == r.slot && m == p.expected_mark => {}
+        (Some(s), Some(m)) if s == r.slot => out.push(format!(
+            "chain slot-{s} sets mark {m:#x}, not slot {s}'s {:#x} under the configured mark_mask: iamlinkd reads \
+             this pod's connections as slot {}; iamlinkd rewrites the chain when it runs",
+            p.expected_mark,
+            p.mark_read_as.unwrap_or(0)
+        )),
+        (Some(s), None) if s == r.slot => out.push(format!(
+            "chain slot-{s} is missing or sets no mark: the pod's connections carry no identity (iamlinkd answers 404)"
+        )),
+        _ => {}
     }
     match p.entry {
         Some(s) if s == r.slot => {}
@@ -390,7 +415,9 @@ mod tests {
             record: record(),
             record_file: "/run/iamlink/records/c1.eth0.json".into(),
             slot_linked: true,
-            mark: 3,
+            mark: Some(3),
+            expected_mark: 3,
+            mark_read_as: Some(3),
             entry: Some(3),
             host: HostLink { index_now: Some(7), name_of_index: None },
             pod: PodSide::Routes { routes: vec![route("169.254.169.254"), route("169.254.170.23")] },
@@ -477,6 +504,7 @@ mod tests {
             unreadable: vec![],
             rule_set: RuleSetState::Installed,
             entries: vec![("veth1".into(), 3), ("ghost0".into(), 4)],
+            slot_marks: BTreeMap::new(),
         };
         assert_eq!(view.orphan_entries(), vec![("ghost0".to_string(), 4)]);
         assert_eq!(view.entry_for("veth1"), Some(3));

@@ -257,9 +257,16 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         }
         let entry = match (p.entry, &report.rule_set) {
             (_, RuleSetState::Missing) => "MISSING: no rule set".to_string(),
-            (Some(s), _) if s == r.slot => {
-                format!("{} → slot-{s} (mark {:#x} of mask {mask}): ok", host.name, p.mark)
-            }
+            (Some(s), _) if s == r.slot => match p.mark {
+                Some(m) if m == p.expected_mark => format!("{} → slot-{s} (mark {m:#x} of mask {mask}): ok", host.name),
+                Some(m) => format!(
+                    "{} → slot-{s}: WRONG MARK (slot-{s} sets {m:#x}, read as slot {}; slot {s} is {:#x} of mask {mask})",
+                    host.name,
+                    p.mark_read_as.unwrap_or(0),
+                    p.expected_mark
+                ),
+                None => format!("{} → slot-{s}: MISSING slot chain", host.name),
+            },
             (Some(s), _) => format!("{} → slot-{s}: WRONG SLOT (the record holds slot-{})", host.name, r.slot),
             (None, _) => format!("MISSING: no entry for {} in the pods map", host.name),
         };
@@ -495,7 +502,9 @@ mod tests {
             record,
             record_file: "/run/iamlink/records/c1.eth0.json".into(),
             slot_linked: true,
-            mark: 1,
+            mark: Some(1),
+            expected_mark: 1,
+            mark_read_as: Some(1),
             entry,
             host: HostLink { index_now: Some(7), name_of_index: None },
             pod: PodSide::Routes {

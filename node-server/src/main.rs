@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use iamlink_common::netlink::Netlink;
 use iamlink_common::{intercept, Store};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -24,7 +25,7 @@ use tracing_subscriber::Layer;
 use iamlinkd::app::App;
 use iamlinkd::cniconfig::{self, Installer};
 use iamlinkd::config::{self, Config};
-use iamlinkd::{accept, explain, kube_view, local_api, metrics, sts, tokens, watch};
+use iamlinkd::{accept, explain, guard, kube_view, local_api, metrics, sts, tokens, watch};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
@@ -128,7 +129,7 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::InstallCni) => install_cni(&config),
-        Some(Command::UninstallCni) => uninstall_cni(&config),
+        Some(Command::UninstallCni) => uninstall_cni(&config).await,
         Some(Command::Explain { target, json }) => {
             return ExitCode::from(explain::explain(&config, &target, json).await)
         }
@@ -161,7 +162,7 @@ fn install_cni(config: &Config) -> Result<(), String> {
 
 /// In the reverse order of install: no new pod may meet an entry whose binary is gone. The rule
 /// set goes last, under the store lock; routes and the primary plugin's rules stay.
-fn uninstall_cni(config: &Config) -> Result<(), String> {
+async fn uninstall_cni(config: &Config) -> Result<(), String> {
     let installer = Installer::new(config).map_err(|e| e.to_string())?;
     for file in installer.uninstall().map_err(|e| e.to_string())? {
         info!(file = %file.display(), "removed iamlink from the CNI config");
@@ -171,6 +172,8 @@ fn uninstall_cni(config: &Config) -> Result<(), String> {
     let lock = store.lock().map_err(|e| e.to_string())?;
     intercept::remove_all(&lock).map_err(|e| e.to_string())?;
     info!(table = intercept::TABLE, "removed the interception rule set");
+    Netlink::here().map_err(|e| e.to_string())?.remove_policy_rules().await.map_err(|e| e.to_string())?;
+    info!("removed the routing-policy rules");
     Ok(())
 }
 
@@ -193,16 +196,19 @@ async fn run(config: Config) -> Result<(), String> {
     })?;
     let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
     let rules = config.rule_set();
-    let records = {
+    // Before any listener exists: no connection is accepted under a layout not yet verified.
+    let (records, start_repairs) = {
         let lock = store.lock().map_err(|e| e.to_string())?;
-        rules.install(&lock).map_err(|e| e.to_string())?;
         let (records, bad) = store.list().map_err(|e| e.to_string())?;
         for e in bad {
             warn!(error = %e, "skipping unreadable pod record");
         }
-        rules.reconcile(&lock, &records).map_err(|e| e.to_string())?;
-        records.len()
+        (records.len(), guard::ensure(&rules, &lock, &records)?)
     };
+    let node = Netlink::here().map_err(|e| e.to_string())?;
+    for rule in node.ensure_policy_rules(&rules.addresses).await.map_err(|e| e.to_string())? {
+        info!(rule = %rule, "added routing-policy rule");
+    }
     let mut listeners =
         vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
     if let Some(listen6) = config.listen6 {
@@ -235,6 +241,11 @@ async fn run(config: Config) -> Result<(), String> {
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
     let app = Arc::new(App::new(config, store, sts, tokens, node_name, kube));
+    for r in &start_repairs {
+        app.metrics.repaired(r.kind());
+    }
+    app.metrics.set_interception_verified(true);
+    tokio::spawn(guard::run(app.clone()));
     if discover_base_arn {
         tokio::spawn(discover_role_prefix(app.clone()));
     }

@@ -36,8 +36,11 @@ pub struct Metrics {
     pub store_records: Gauge,
     pub interception_entries: Gauge,
     pub last_refresh: Gauge,
-    /// Rule set installed and store read once: what `/readyz` reports.
+    interception_repairs: Family<Labels, Counter>,
+    /// Store read once (and the API view synced, with Kubernetes).
     ready: AtomicBool,
+    /// The rule set is as the store says, in the daemon's layout (false while it is replaced).
+    interception_verified: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -53,7 +56,9 @@ impl Default for Metrics {
             store_records: Gauge::default(),
             interception_entries: Gauge::default(),
             last_refresh: Gauge::default(),
+            interception_repairs: Family::default(),
             ready: AtomicBool::new(false),
+            interception_verified: AtomicBool::new(false),
         };
         let r = &mut m.registry;
         r.register("answers", "Metadata answers to pods by outcome", m.answers.clone());
@@ -64,6 +69,12 @@ impl Default for Metrics {
         r.register("credential_cache_entries", "Cached AssumeRole sessions", m.cache_entries.clone());
         r.register("store_records", "Pod records in the store", m.store_records.clone());
         r.register("interception_entries", "Host interfaces in the interception map", m.interception_entries.clone());
+        r.register(
+            "interception_repairs",
+            "Pieces of the interception (table, base chains, entries, slot chains, policy rules) found missing or \
+             altered and restored",
+            m.interception_repairs.clone(),
+        );
         r.register(
             "last_refresh_success_timestamp_seconds",
             "When a credential refresh last succeeded (unix seconds)",
@@ -92,6 +103,31 @@ impl Metrics {
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    pub fn repaired(&self, what: &'static str) {
+        self.interception_repairs.get_or_create(&vec![("what", what.to_string())]).inc();
+    }
+
+    pub fn set_interception_verified(&self, verified: bool) {
+        self.interception_verified.store(verified, Ordering::Release);
+    }
+
+    /// Whether a connection's mark can be read now: false from the moment the table is created
+    /// or deleted by anyone until the guard has checked its layout.
+    pub fn interception_verified(&self) -> bool {
+        self.interception_verified.load(Ordering::Acquire)
+    }
+
+    /// `None` when ready; else why not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.interception_verified() {
+            Some("not ready: the interception rule set is being restored\n")
+        } else if !self.ready.load(Ordering::Relaxed) {
+            Some("not ready: store not read yet (or the Kubernetes API view not synced)\n")
+        } else {
+            None
+        }
+    }
+
     /// The Prometheus text exposition `/metrics` serves.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -102,7 +138,7 @@ impl Metrics {
     }
 }
 
-/// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set installed, store read).
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
 pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -114,8 +150,10 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
                     let (status, body) = match req.uri().path() {
                         "/metrics" => (StatusCode::OK, metrics.render()),
                         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
-                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready: store not read yet\n".to_string()),
+                        "/readyz" => match metrics.not_ready() {
+                            None => (StatusCode::OK, "ready\n".to_string()),
+                            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
+                        },
                         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
                     };
                     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -149,6 +187,7 @@ mod tests {
         m.answer("credentials served");
         m.sts_call(true, 0.02);
         m.cache_hits.inc();
+        m.repaired("table");
         let text = m.render();
         for series in [
             "iamlink_answers_total{outcome=\"credentials served\"} 1",
@@ -157,6 +196,7 @@ mod tests {
             "iamlink_credential_cache_hits_total 1",
             "iamlink_store_records",
             "iamlink_interception_entries",
+            "iamlink_interception_repairs_total{what=\"table\"} 1",
             "iamlink_last_refresh_success_timestamp_seconds",
         ] {
             assert!(text.contains(series), "{series} missing in:\n{text}");

@@ -4,9 +4,9 @@ rule set instead of riding the old, un-NATed entry (aad-pod-identity's lesson).
 
 Real parts: namespaces and veths, ptp + host-local + the built iamlink plugin through libcni
 (`cnirt`), the kernel's conntrack and NAT, the built iamlinkd, a stdlib HTTP client in the pod.
-Emulated: the node's metadata service (the fake upstream on 169.254.169.254 in the node). To
+Emulated: the node's metadata service (the fake upstream on 169.254.169.254, behind the node). To
 reproduce a pod that was running before iamlink came to the node, the test deletes the
-interception table by hand before the pod connects. A real node always tracks connections
+interception table and iamlink's routing-policy rules by hand before the pod connects. A real node always tracks connections
 (kube-proxy, Calico and aws-vpc-cni all match on conntrack state), while a fresh namespace only
 starts tracking once a rule needs it: the test adds such a rule, as kube-proxy would.
 """
@@ -37,6 +37,7 @@ def test_connection_opened_before_interception_cannot_keep_reaching_the_upstream
     bench = make_bench(start_daemon=False)
     pod = bench.pods.add("team-a", "web")
     bench.node.exec(["nft", "delete", "table", "inet", "iamlink"])
+    bench.node.delete_ip_rules((60, 61, 62))  # iamlink's second layer, which the plugin added too
     bench.node.exec(["nft", "-f", "-"], input="table inet node-firewall {\n"
                     " chain forward { type filter hook forward priority 0; ct state established,related accept; }\n}\n")
 

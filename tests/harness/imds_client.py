@@ -96,8 +96,9 @@ class Stop(BaseException):
 
 
 class Loop:
-    def __init__(self, client, seconds, max_answers, timeline=False):
+    def __init__(self, client, seconds, max_answers, timeline=False, interval=0.0):
         self.client = client
+        self.interval = interval
         self.timeline = [] if timeline else None
         self.deadline = time.monotonic() + seconds
         self.max_answers = max_answers
@@ -169,12 +170,15 @@ class Loop:
     def run(self):
         try:
             while not self.stop and self.answers < self.max_answers and time.monotonic() < self.deadline:
+                started = time.monotonic()
                 try:
                     self.once()
                 except Exception as e:
                     self.error(error_kind(e))
                     if not isinstance(e, (RuntimeError,)):
                         self.token = None
+                # A pacing interval (one request per `interval`), not synchronisation.
+                time.sleep(max(0.0, started + self.interval - time.monotonic()))
         except Stop:
             pass  # the request in flight is not counted
         out = {"answers": self.answers, "no_credentials": self.no_credentials, "errors": self.errors,
@@ -198,6 +202,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-answers", type=int, default=1_000_000)
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--interval", type=float, default=0.0, help="loop: seconds from one request's start to the next")
     a = ap.parse_args()
     client = Client(a.host, a.port, a.source, a.timeout)
     if a.command == "request":
@@ -208,7 +213,7 @@ def main():
     elif a.command == "creds":
         out = creds(client, a.v1, a.ttl)
     else:
-        loop = Loop(client, a.seconds, a.max_answers, timeline=a.timeline)
+        loop = Loop(client, a.seconds, a.max_answers, timeline=a.timeline, interval=a.interval)
 
         def on_term(signum, frame):
             if not loop.stop:

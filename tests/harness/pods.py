@@ -138,9 +138,17 @@ class Pods:
             plugins.append(iamlink)
         self.conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins}
         self.conflist_path = os.path.join(self.dir, "10-iamlink-test.conflist")
+        self._write_conflist()
+        self.live = []
+
+    def _write_conflist(self):
         with open(self.conflist_path, "w") as f:
             json.dump(self.conflist, f, indent=2)
-        self.live = []
+
+    def set_netconf(self, **keys):
+        """Changes iamlink's entry in the conflist, as `iamlinkd install-cni` would on a node."""
+        self.conflist["plugins"][-1].update(keys)
+        self._write_conflist()
 
     def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60):
         """Run `cnirt cmd` for pod inside the node; netns defaults to the pod's (use "" for none)."""
