@@ -36,6 +36,7 @@ pub struct Metrics {
     pub store_records: Gauge,
     pub interception_entries: Gauge,
     pub last_refresh: Gauge,
+    kubernetes_synced: Family<Labels, Gauge>,
     /// Rule set installed and store read once: what `/readyz` reports.
     ready: AtomicBool,
 }
@@ -53,6 +54,7 @@ impl Default for Metrics {
             store_records: Gauge::default(),
             interception_entries: Gauge::default(),
             last_refresh: Gauge::default(),
+            kubernetes_synced: Family::default(),
             ready: AtomicBool::new(false),
         };
         let r = &mut m.registry;
@@ -68,6 +70,11 @@ impl Default for Metrics {
             "last_refresh_success_timestamp_seconds",
             "When a credential refresh last succeeded (unix seconds)",
             m.last_refresh.clone(),
+        );
+        r.register(
+            "kubernetes_synced",
+            "1 once the Kubernetes resource (pods, namespaces, service_accounts) was listed since the start, else 0",
+            m.kubernetes_synced.clone(),
         );
         m
     }
@@ -86,6 +93,11 @@ impl Metrics {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             self.last_refresh.set(now as i64);
         }
+    }
+
+    /// Whether the view listed `kind` since the start: a 0 that stays is a broken API or RBAC.
+    pub fn kubernetes_synced(&self, kind: &str, listed: bool) {
+        self.kubernetes_synced.get_or_create(&vec![("kind", kind.to_string())]).set(i64::from(listed));
     }
 
     pub fn set_ready(&self) {
@@ -149,6 +161,8 @@ mod tests {
         m.answer("credentials served");
         m.sts_call(true, 0.02);
         m.cache_hits.inc();
+        m.kubernetes_synced("service_accounts", false);
+        m.kubernetes_synced("pods", true);
         let text = m.render();
         for series in [
             "iamlink_answers_total{outcome=\"credentials served\"} 1",
@@ -158,6 +172,8 @@ mod tests {
             "iamlink_store_records",
             "iamlink_interception_entries",
             "iamlink_last_refresh_success_timestamp_seconds",
+            "iamlink_kubernetes_synced{kind=\"service_accounts\"} 0",
+            "iamlink_kubernetes_synced{kind=\"pods\"} 1",
         ] {
             assert!(text.contains(series), "{series} missing in:\n{text}");
         }
