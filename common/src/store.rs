@@ -4,7 +4,9 @@
 //! - `lock`: exclusive `flock` held by every writer (ADD, DEL and GC run in parallel on a node);
 //! - `records/<containerID>.<ifname>.json`: one record per attachment, replaced atomically;
 //! - `slots/<n>`: symlink to the record that holds slot `n`; a slot is free iff its link is absent;
-//! - `iamlinkd.sock`: the running daemon's local API (`iamlinkd explain`, `iamlinkd status`).
+//! - `iamlinkd.sock`: the running daemon's local API (`iamlinkd explain`, `iamlinkd status`);
+//! - `kube-snapshot.json`: the daemon's last view of namespace policies and service-account roles,
+//!   read at its next start so that a restart while the API server is down keeps enforcing them.
 //!
 //! Readers (the daemon) take no lock: every file appears and disappears by an atomic rename.
 
@@ -14,6 +16,8 @@ use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tracing::warn;
 
 use crate::record::{record_key, validate_key, PodRecord};
@@ -94,6 +98,31 @@ impl Store {
         match fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_socket() => fs::remove_file(&path).map_err(io_err(&path)),
             _ => Ok(()),
+        }
+    }
+
+    /// Where the daemon keeps its last Kubernetes view (namespace policies, service-account roles).
+    pub fn kube_snapshot_path(&self) -> PathBuf {
+        self.dir.join("kube-snapshot.json")
+    }
+
+    /// Replaces the daemon's Kubernetes snapshot atomically (0600, like the records): only the
+    /// daemon writes it, so it takes no store lock.
+    pub fn write_kube_snapshot<T: Serialize>(&self, snapshot: &T) -> Result<(), StoreError> {
+        let path = self.kube_snapshot_path();
+        let json = serde_json::to_vec(snapshot).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        write_atomic(&path, &json)
+    }
+
+    /// The daemon's last Kubernetes snapshot; `None` when it never wrote one.
+    pub fn read_kube_snapshot<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        let path = self.kube_snapshot_path();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path, source })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
         }
     }
 
@@ -313,6 +342,22 @@ mod tests {
         assert!(matches!(store.get("bad", "eth0"), Err(StoreError::Corrupt { .. })));
         assert_eq!(store.remove(&lock, "bad", "eth0").unwrap(), None);
         assert!(store.list().unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn kube_snapshot_round_trips_root_only_and_absent_is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_kube_snapshot::<Vec<String>>().unwrap(), None, "never written");
+        store.write_kube_snapshot(&vec!["a".to_string()]).unwrap();
+        store.write_kube_snapshot(&vec!["b".to_string()]).unwrap();
+        assert_eq!(store.read_kube_snapshot::<Vec<String>>().unwrap(), Some(vec!["b".to_string()]));
+        let mode = fs::metadata(store.kube_snapshot_path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(store.list().unwrap().0.is_empty(), "the snapshot is no pod record");
+        fs::write(store.kube_snapshot_path(), b"{").unwrap();
+        assert!(matches!(store.read_kube_snapshot::<Vec<String>>(), Err(StoreError::Corrupt { .. })));
     }
 
     #[test]

@@ -88,7 +88,7 @@ async fn main() {
             std::process::exit(1)
         }
     };
-    let (view, mut changes) = View::start(client, node);
+    let (view, mut changes) = View::start(client, node, None);
     let deadline = tokio::time::sleep(Duration::from_secs_f64(seconds));
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(20));

@@ -12,7 +12,7 @@ use std::time::Instant;
 use iamlink_common::PodRef;
 use iamlinkd::config::{PodRole, RolesConfig};
 use iamlinkd::policy::{self, Compiled};
-use iamlinkd::roles::{ApiPod, PodFacts, Resolution, Role, Roles};
+use iamlinkd::roles::{ApiPod, NamespaceFacts, PodFacts, Resolution, Role, Roles, ServiceAccountFacts};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/iamlink/";
 
@@ -46,25 +46,33 @@ fn main() {
     let granted = |r: Resolution| matches!(r, Resolution::Granted(_));
     let annotations = map(&[("iam.amazonaws.com/role", "web")]);
     let sa = map(&[]);
-    let bound =
-        ApiPod::Bound { annotations: &annotations, service_account: "default", service_account_annotations: Some(&sa) };
+    let bound = ApiPod::Bound {
+        annotations: &annotations,
+        service_account: "default",
+        service_account_annotations: ServiceAccountFacts::Known(&sa),
+    };
     let policy = map(&[
         ("iam.amazonaws.com/permitted", "web|batch-.*"),
         ("iam.amazonaws.com/allowed-roles", r#"["web", "batch-*"]"#),
     ]);
 
     let static_ns = best_ns_per_call(rounds, calls, || {
-        granted(roles.resolve(&PodFacts { pod: &pod, runtime: None, api: ApiPod::Off, namespace: None }))
+        granted(roles.resolve(&PodFacts { pod: &pod, runtime: None, api: ApiPod::Off, namespace: NamespaceFacts::Off }))
     });
     let annotation_ns = best_ns_per_call(rounds, calls, || {
-        granted(roles.resolve(&PodFacts { pod: &pod, runtime: Some(&annotations), api: bound, namespace: None }))
+        granted(roles.resolve(&PodFacts {
+            pod: &pod,
+            runtime: Some(&annotations),
+            api: bound,
+            namespace: NamespaceFacts::Off,
+        }))
     });
     let policy_ns = best_ns_per_call(rounds, calls, || {
         granted(roles.resolve(&PodFacts {
             pod: &pod,
             runtime: Some(&annotations),
             api: bound,
-            namespace: Some(&policy),
+            namespace: NamespaceFacts::View(&policy),
         }))
     });
     // The same policy check compiling its regexes on every call: what the cache saves.

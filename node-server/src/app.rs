@@ -12,7 +12,7 @@ use crate::kube_view::View;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
-use crate::roles::{ApiPod, Grant, PodFacts, Resolution, Roles};
+use crate::roles::{ApiPod, Grant, NamespaceFacts, PodFacts, Resolution, Roles, ServiceAccountFacts};
 use crate::tokens::Tokens;
 
 pub struct App<S> {
@@ -52,7 +52,12 @@ impl<S: AssumeRole> App<S> {
     pub fn resolve(&self, record: &PodRecord) -> Resolution {
         let pod = &record.pod;
         let Some(view) = &self.kube else {
-            return self.roles.resolve(&PodFacts { pod, runtime: None, api: ApiPod::Off, namespace: None });
+            return self.roles.resolve(&PodFacts {
+                pod,
+                runtime: None,
+                api: ApiPod::Off,
+                namespace: NamespaceFacts::Off,
+            });
         };
         let trust_runtime = self.config.kubernetes.as_ref().is_some_and(|k| k.runtime_annotations);
         let runtime = record.runtime_annotations.as_ref().filter(|_| trust_runtime);
@@ -63,16 +68,31 @@ impl<S: AssumeRole> App<S> {
             .as_ref()
             .map(|o| o.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()));
         let sa_object = service_account.as_ref().and_then(|sa| view.service_account(&pod.namespace, sa));
-        let reason;
+        let snapshot = view.snapshot();
+        let (reason, sa_reason);
         // A pod object is this record's pod only when namespace, name and UID all match.
         let api = match (&object, &service_account) {
             (Some(o), Some(sa)) if !pod.uid.is_empty() && o.metadata.uid.as_deref() == Some(&pod.uid) => {
+                // Before the first service-account list, the snapshot's or nobody's: never a guess.
+                let service_account_annotations = match (&sa_object, synced.service_accounts) {
+                    (Some(s), _) => ServiceAccountFacts::Known(s.metadata.annotations.as_ref().unwrap_or(&empty)),
+                    (None, true) => ServiceAccountFacts::Absent,
+                    (None, false) => match snapshot.and_then(|s| s.service_account(&pod.namespace, sa)) {
+                        Some(annotations) => ServiceAccountFacts::Known(annotations),
+                        None => {
+                            sa_reason = format!(
+                                "service accounts not listed since iamlinkd started (the API server is unreachable \
+                                 or forbids the list) and its snapshot has no service account {}/{sa}",
+                                pod.namespace
+                            );
+                            ServiceAccountFacts::Unknown(&sa_reason)
+                        }
+                    },
+                };
                 ApiPod::Bound {
                     annotations: o.metadata.annotations.as_ref().unwrap_or(&empty),
                     service_account: sa,
-                    service_account_annotations: sa_object
-                        .as_ref()
-                        .map(|s| s.metadata.annotations.as_ref().unwrap_or(&empty)),
+                    service_account_annotations,
                 }
             }
             (Some(o), _) => {
@@ -94,12 +114,15 @@ impl<S: AssumeRole> App<S> {
             }
         };
         let ns_object = view.namespace(&pod.namespace);
-        // Before the first namespace list the policy cannot be known: the runtime's annotation is
-        // served unchecked (the API being down must not take pods' roles away); afterwards a
-        // namespace missing from the view has no policy annotations.
-        let namespace = synced
-            .namespaces
-            .then(|| ns_object.as_ref().and_then(|n| n.metadata.annotations.as_ref()).unwrap_or(&empty));
+        // Before the first namespace list the policy is the snapshot's; without one it is unknown
+        // (`Roles::resolve` holds the rule). A namespace missing from the view has no policy.
+        let namespace = match (synced.namespaces, snapshot.and_then(|s| s.namespace(&pod.namespace))) {
+            (true, _) => {
+                NamespaceFacts::View(ns_object.as_ref().and_then(|n| n.metadata.annotations.as_ref()).unwrap_or(&empty))
+            }
+            (false, Some(annotations)) => NamespaceFacts::Snapshot(annotations),
+            (false, None) => NamespaceFacts::Unknown,
+        };
         self.roles.resolve(&PodFacts { pod, runtime, api, namespace })
     }
 

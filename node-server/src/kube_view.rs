@@ -6,7 +6,13 @@
 //! the last good view, and a relist (after a 410 Gone or a restart) swaps the new list in only
 //! once it is complete. Pods are watched for this node only (`spec.nodeName` field selector), so
 //! the node holds its own pods and nobody else's.
+//!
+//! A restart empties the stores, and the API server may be down or forbid a list for as long as
+//! it likes. So the view keeps a [`Snapshot`] of what must not be forgotten across a restart,
+//! namespace policies and service-account roles, in the store directory, rewritten (debounced)
+//! when they change; until a resource's first list the snapshot loaded at start stands in for it.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,16 +25,65 @@ use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use iamlink_common::record::now_rfc3339;
+use iamlink_common::Store as NodeStore;
+
 use crate::config::KubernetesConfig;
+use crate::policy::{ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTATION};
+use crate::roles::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION};
 
 /// Room for pod changes between the reflector and the daemon; beyond it changes are dropped
 /// (prefetch is an optimisation: a pod whose change was dropped is fetched on its first request).
 pub const POD_CHANGES: usize = 1024;
+
+/// Changes to namespaces and service accounts within this time make one snapshot write (a
+/// relist replays every object).
+const SNAPSHOT_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Annotation maps by object: `name` for namespaces, `namespace/name` for service accounts.
+type Annotations = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The namespace policies and service-account roles of the last view, kept on the node so that
+/// a daemon restarted while the API server is down or forbids a list still applies them.
+/// Only the annotations role resolution reads are kept; every object is listed, with an empty
+/// map when it has none, so that one created since the snapshot is told apart from one without
+/// a role.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// When it was written (RFC 3339 UTC), for operators.
+    pub taken: String,
+    /// Every namespace's policy annotations; `None`: namespaces were never listed.
+    pub namespaces: Option<Annotations>,
+    /// Every service account's IRSA annotations by `namespace/name`; `None`: never listed.
+    pub service_accounts: Option<Annotations>,
+}
+
+impl Snapshot {
+    /// The policy annotations of a namespace; `None`: the snapshot has no namespaces at all.
+    /// A namespace missing from it has none (empty).
+    pub fn namespace(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.namespaces.as_ref().map(|n| n.get(name).unwrap_or(&EMPTY))
+    }
+
+    /// The IRSA annotations of a service account, if the snapshot has it.
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.service_accounts.as_ref()?.get(&format!("{namespace}/{name}"))
+    }
+
+    fn same_view(&self, other: &Snapshot) -> bool {
+        self.namespaces == other.namespaces && self.service_accounts == other.service_accounts
+    }
+}
+
+fn kept<'a>(annotations: Option<&'a BTreeMap<String, String>>, keys: &'a [&'a str]) -> BTreeMap<String, String> {
+    keys.iter().filter_map(|k| annotations?.get(*k).map(|v| (k.to_string(), v.clone()))).collect()
+}
 
 /// A client for the API server: the kubeconfig file when configured, else the in-cluster service
 /// account, else `$KUBECONFIG` (`kube::Config::infer`).
@@ -108,6 +163,8 @@ struct Inner {
     namespaces: Store<Namespace>,
     service_accounts: Store<ServiceAccount>,
     synced: Arc<SyncFlags>,
+    /// The snapshot read at start: it answers for a resource until that resource's first list.
+    snapshot: Option<Arc<Snapshot>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -129,8 +186,9 @@ pub struct View {
 impl View {
     /// Starts watching (on the current tokio runtime): pods of `node_name`, all namespaces, all
     /// service accounts. Pod changes arrive on the receiver; when it is full or gone they are
-    /// dropped, so a slow consumer never stalls the stores.
-    pub fn start(client: Client, node_name: &str) -> (View, mpsc::Receiver<PodChange>) {
+    /// dropped, so a slow consumer never stalls the stores. With `store`, the snapshot kept
+    /// there is read now and rewritten as namespaces and service accounts change.
+    pub fn start(client: Client, node_name: &str, store: Option<NodeStore>) -> (View, mpsc::Receiver<PodChange>) {
         let (tx, rx) = mpsc::channel(POD_CHANGES);
         let synced = Arc::new(SyncFlags::default());
         let (pods, pod_writer) = reflector::store();
@@ -138,7 +196,10 @@ impl View {
         let (service_accounts, sa_writer) = reflector::store();
         let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
         let mut dropped = 0u64;
-        let tasks = vec![
+        let snapshot = store.as_ref().and_then(load_snapshot).map(Arc::new);
+        let changed = Arc::new(Notify::new());
+        let (ns_changed, sa_changed) = (Arc::clone(&changed), Arc::clone(&changed));
+        let mut tasks = vec![
             tokio::spawn(follow(
                 "pods",
                 Api::<Pod>::all(client.clone()),
@@ -146,7 +207,10 @@ impl View {
                 pod_writer,
                 Arc::clone(&synced),
                 |s| &s.pods,
-                move |pod: &Pod| notify(&tx, pod, &mut dropped),
+                move |event: &watcher::Event<Pod>| match event {
+                    watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => notify(&tx, pod, &mut dropped),
+                    _ => {}
+                },
             )),
             tokio::spawn(follow(
                 "namespaces",
@@ -155,7 +219,7 @@ impl View {
                 namespace_writer,
                 Arc::clone(&synced),
                 |s| &s.namespaces,
-                |_: &Namespace| {},
+                move |_: &watcher::Event<Namespace>| ns_changed.notify_one(),
             )),
             tokio::spawn(follow(
                 "serviceaccounts",
@@ -164,11 +228,26 @@ impl View {
                 sa_writer,
                 Arc::clone(&synced),
                 |s| &s.service_accounts,
-                |_: &ServiceAccount| {},
+                move |_: &watcher::Event<ServiceAccount>| sa_changed.notify_one(),
             )),
         ];
-        let view = View { inner: Arc::new(Inner { pods, namespaces, service_accounts, synced, tasks }) };
-        (view, rx)
+        let sources = SnapshotSources {
+            namespaces: namespaces.clone(),
+            service_accounts: service_accounts.clone(),
+            synced: Arc::clone(&synced),
+            loaded: snapshot.clone(),
+        };
+        if let Some(store) = store {
+            tasks.push(tokio::spawn(keep_snapshot(sources, store, changed)));
+        }
+        let inner = Inner { pods, namespaces, service_accounts, synced, snapshot, tasks };
+        (View { inner: Arc::new(inner) }, rx)
+    }
+
+    /// The snapshot read at start, if there was one. Only for resources not listed yet: the
+    /// stores are the truth once [`View::synced`] says so.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.inner.snapshot.as_deref()
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
@@ -227,7 +306,102 @@ fn notify(tx: &mpsc::Sender<PodChange>, pod: &Pod, dropped: &mut u64) {
     }
 }
 
+/// The snapshot read at start; `None` (with a log line) when there is none or it is unreadable.
+fn load_snapshot(store: &NodeStore) -> Option<Snapshot> {
+    let path = store.kube_snapshot_path();
+    match store.read_kube_snapshot::<Snapshot>() {
+        Ok(Some(s)) => {
+            info!(path = %path.display(), taken = %s.taken,
+                  namespaces = s.namespaces.as_ref().map(BTreeMap::len),
+                  service_accounts = s.service_accounts.as_ref().map(BTreeMap::len),
+                  "Kubernetes snapshot read: it stands in for namespaces and service accounts until they are listed");
+            Some(s)
+        }
+        Ok(None) => {
+            info!(path = %path.display(), "no Kubernetes snapshot: pods wait (503) for what the API has not listed yet");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "Kubernetes snapshot unreadable; ignoring it: pods wait (503) for what the API has not listed yet");
+            None
+        }
+    }
+}
+
+/// What a snapshot is made of: the live stores once listed, else the snapshot read at start.
+struct SnapshotSources {
+    namespaces: Store<Namespace>,
+    service_accounts: Store<ServiceAccount>,
+    synced: Arc<SyncFlags>,
+    loaded: Option<Arc<Snapshot>>,
+}
+
+impl SnapshotSources {
+    /// `None` until something was listed: rewriting the loaded snapshot would add nothing.
+    fn current(&self) -> Option<Snapshot> {
+        let namespaces_listed = self.synced.namespaces.load(Ordering::Acquire);
+        let service_accounts_listed = self.synced.service_accounts.load(Ordering::Acquire);
+        if !namespaces_listed && !service_accounts_listed {
+            return None;
+        }
+        let loaded = self.loaded.as_deref();
+        let namespaces = if namespaces_listed {
+            let policy = [PERMITTED_ANNOTATION, ALLOWED_ROLES_ANNOTATION];
+            let entries = self
+                .namespaces
+                .state()
+                .into_iter()
+                .filter_map(|n| Some((n.metadata.name.clone()?, kept(n.metadata.annotations.as_ref(), &policy))));
+            Some(entries.collect())
+        } else {
+            loaded.and_then(|l| l.namespaces.clone())
+        };
+        let service_accounts = if service_accounts_listed {
+            let irsa = [IRSA_ROLE_ANNOTATION, IRSA_EXPIRATION_ANNOTATION];
+            let entries = self.service_accounts.state().into_iter().filter_map(|sa| {
+                let key = format!("{}/{}", sa.metadata.namespace.as_deref()?, sa.metadata.name.as_deref()?);
+                Some((key, kept(sa.metadata.annotations.as_ref(), &irsa)))
+            });
+            Some(entries.collect())
+        } else {
+            loaded.and_then(|l| l.service_accounts.clone())
+        };
+        Some(Snapshot { taken: now_rfc3339(), namespaces, service_accounts })
+    }
+}
+
+/// Rewrites the snapshot when namespaces or service accounts changed, at most once per
+/// [`SNAPSHOT_DEBOUNCE`], and only when what it holds differs from the last one written.
+async fn keep_snapshot(sources: SnapshotSources, store: NodeStore, changed: Arc<Notify>) {
+    let mut last = sources.loaded.as_deref().cloned();
+    let mut failing = false;
+    loop {
+        changed.notified().await;
+        tokio::time::sleep(SNAPSHOT_DEBOUNCE).await;
+        let Some(now) = sources.current() else { continue };
+        if last.as_ref().is_some_and(|l| l.same_view(&now)) {
+            continue;
+        }
+        match store.write_kube_snapshot(&now) {
+            Ok(()) => {
+                if std::mem::take(&mut failing) {
+                    info!("Kubernetes snapshot written again");
+                }
+                debug!(taken = %now.taken, "Kubernetes snapshot written");
+                last = Some(now);
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    warn!(error = %e, "cannot write the Kubernetes snapshot; a restart while the API is down \
+                                       will wait for it (503) instead; retrying at the next change");
+                }
+            }
+        }
+    }
+}
+
 /// Runs one list-watch into its store until the view is dropped (the watcher never ends).
+/// `on_event` sees every event after the store applied it.
 async fn follow<K, F>(
     resource: &'static str,
     api: Api<K>,
@@ -235,11 +409,11 @@ async fn follow<K, F>(
     writer: Writer<K>,
     synced: Arc<SyncFlags>,
     flag: fn(&SyncFlags) -> &AtomicBool,
-    mut on_apply: F,
+    mut on_event: F,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
-    F: FnMut(&K) + Send,
+    F: FnMut(&watcher::Event<K>) + Send,
 {
     let stream = watcher(api, config).default_backoff().reflect(writer);
     let mut stream = std::pin::pin!(stream);
@@ -251,18 +425,13 @@ async fn follow<K, F>(
                 if !matches!(event, watcher::Event::Init) {
                     health.ok(resource, Instant::now());
                 }
-                match &event {
-                    watcher::Event::InitDone => {
-                        if !flag(&synced).swap(true, Ordering::AcqRel) {
-                            info!(resource, "Kubernetes API: initial list complete");
-                        }
-                    }
-                    watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => on_apply(obj),
-                    watcher::Event::Init | watcher::Event::Delete(_) => {}
+                if matches!(event, watcher::Event::InitDone) && !flag(&synced).swap(true, Ordering::AcqRel) {
+                    info!(resource, "Kubernetes API: initial list complete");
                 }
+                on_event(&event);
             }
             Err(err) => {
-                health.failed(resource, &err, Instant::now());
+                health.failed(resource, &err, flag(&synced).load(Ordering::Acquire), Instant::now());
             }
         }
     }
@@ -276,8 +445,9 @@ struct Health {
 }
 
 impl Health {
-    /// Returns whether this error started an outage (and was logged as a warning).
-    fn failed(&mut self, resource: &'static str, err: &watcher::Error, now: Instant) -> bool {
+    /// Returns whether this error started an outage (and was logged as a warning). `listed`:
+    /// the resource was listed since the start; if not, the warning says what waits for it.
+    fn failed(&mut self, resource: &'static str, err: &watcher::Error, listed: bool, now: Instant) -> bool {
         if let watcher::Error::WatchError(status) = err {
             if status.code == 410 {
                 // Not an outage: the server no longer has our resource version, kube relists.
@@ -290,6 +460,13 @@ impl Health {
                 *errors += 1;
                 debug!(resource, error = %err, errors = *errors, "Kubernetes API still failing");
                 false
+            }
+            None if !listed => {
+                warn!(resource, error = %err,
+                      "Kubernetes API watch failed before the first list; retrying with backoff. Until it lists, \
+                       the snapshot stands in for it or pods that depend on it wait (503), and /readyz stays false");
+                self.outage = Some((now, 1));
+                true
             }
             None => {
                 warn!(resource, error = %err,
@@ -344,7 +521,7 @@ mod tests {
         let (pods, pw) = reflector::store();
         let (namespaces, nw) = reflector::store();
         let (service_accounts, sw) = reflector::store();
-        let inner = Inner { pods, namespaces, service_accounts, synced: Arc::default(), tasks: vec![] };
+        let inner = Inner { pods, namespaces, service_accounts, synced: Arc::default(), snapshot: None, tasks: vec![] };
         (View { inner: Arc::new(inner) }, pw, nw, sw)
     }
 
@@ -391,6 +568,33 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_keeps_listed_policies_and_the_loaded_rest() {
+        let (view, _, mut nw, _) = view();
+        nw.apply_watcher_event(&watcher::Event::Apply(namespace(
+            "locked",
+            &[("iam.amazonaws.com/permitted", "web"), ("team", "a")],
+        )));
+        nw.apply_watcher_event(&watcher::Event::Apply(namespace("open", &[])));
+        let loaded_sa = BTreeMap::from([("a/builder".to_string(), BTreeMap::new())]);
+        let loaded = Snapshot { taken: "t".into(), namespaces: None, service_accounts: Some(loaded_sa.clone()) };
+        let sources = SnapshotSources {
+            namespaces: view.inner.namespaces.clone(),
+            service_accounts: view.inner.service_accounts.clone(),
+            synced: Arc::clone(&view.inner.synced),
+            loaded: Some(Arc::new(loaded)),
+        };
+        assert_eq!(sources.current(), None, "nothing listed yet: nothing new to write");
+        view.inner.synced.namespaces.store(true, Ordering::Release);
+        let now = sources.current().expect("namespaces listed");
+        let policy = BTreeMap::from([("iam.amazonaws.com/permitted".to_string(), "web".to_string())]);
+        assert_eq!(now.namespace("locked"), Some(&policy), "only policy annotations are kept");
+        assert_eq!(now.namespace("open"), Some(&BTreeMap::new()));
+        assert_eq!(now.namespace("created-since"), Some(&BTreeMap::new()), "a missing namespace has no policy");
+        assert_eq!(now.service_accounts, Some(loaded_sa), "service accounts not listed: the loaded ones stay");
+        assert!(now.service_account("a", "builder").is_some() && now.service_account("a", "other").is_none());
+    }
+
+    #[test]
     fn synced_reports_each_store_and_all() {
         let (view, ..) = view();
         assert_eq!(view.synced(), Synced::default());
@@ -431,15 +635,15 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(health.ok("pods", t0), None, "no outage, nothing to report");
         let down = watcher::Error::NoResourceVersion;
-        assert!(health.failed("pods", &down, t0));
-        assert!(!health.failed("pods", &down, t0 + Duration::from_secs(1)));
+        assert!(health.failed("pods", &down, true, t0));
+        assert!(!health.failed("pods", &down, true, t0 + Duration::from_secs(1)));
         assert_eq!(health.ok("pods", t0 + Duration::from_secs(3)), Some(Duration::from_secs(3)));
-        assert!(health.failed("pods", &down, t0 + Duration::from_secs(4)), "a new outage warns again");
+        assert!(health.failed("pods", &down, true, t0 + Duration::from_secs(4)), "a new outage warns again");
         health.ok("pods", t0 + Duration::from_secs(5));
 
         let gone =
             watcher::Error::WatchError(Box::new(Status { code: 410, reason: "Expired".into(), ..Default::default() }));
-        assert!(!health.failed("pods", &gone, t0));
+        assert!(!health.failed("pods", &gone, true, t0));
         assert_eq!(health.ok("pods", t0), None);
     }
 

@@ -233,7 +233,7 @@ async fn run(config: Config) -> Result<(), String> {
             let node = kube_view::node_name(k)?;
             let client = kube_view::client(k).await?;
             info!(node = %node, "watching this node's pods, namespaces and service accounts");
-            let (view, changes) = kube_view::View::start(client, &node);
+            let (view, changes) = kube_view::View::start(client, &node, Some(store.clone()));
             (Some(view), Some(changes))
         }
         None => (None, None),

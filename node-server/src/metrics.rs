@@ -37,6 +37,7 @@ pub struct Metrics {
     pub interception_entries: Gauge,
     pub last_refresh: Gauge,
     interception_repairs: Family<Labels, Counter>,
+    kubernetes_synced: Family<Labels, Gauge>,
     /// Store read once (and the API view synced, with Kubernetes).
     ready: AtomicBool,
     /// The rule set is as the store says, in the daemon's layout (false while it is replaced).
@@ -57,6 +58,7 @@ impl Default for Metrics {
             interception_entries: Gauge::default(),
             last_refresh: Gauge::default(),
             interception_repairs: Family::default(),
+            kubernetes_synced: Family::default(),
             ready: AtomicBool::new(false),
             interception_verified: AtomicBool::new(false),
         };
@@ -80,6 +82,11 @@ impl Default for Metrics {
             "When a credential refresh last succeeded (unix seconds)",
             m.last_refresh.clone(),
         );
+        r.register(
+            "kubernetes_synced",
+            "1 once the Kubernetes resource (pods, namespaces, service_accounts) was listed since the start, else 0",
+            m.kubernetes_synced.clone(),
+        );
         m
     }
 }
@@ -97,6 +104,11 @@ impl Metrics {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             self.last_refresh.set(now as i64);
         }
+    }
+
+    /// Whether the view listed `kind` since the start: a 0 that stays is a broken API or RBAC.
+    pub fn kubernetes_synced(&self, kind: &str, listed: bool) {
+        self.kubernetes_synced.get_or_create(&vec![("kind", kind.to_string())]).set(i64::from(listed));
     }
 
     pub fn set_ready(&self) {
@@ -188,6 +200,8 @@ mod tests {
         m.sts_call(true, 0.02);
         m.cache_hits.inc();
         m.repaired("table");
+        m.kubernetes_synced("service_accounts", false);
+        m.kubernetes_synced("pods", true);
         let text = m.render();
         for series in [
             "iamlink_answers_total{outcome=\"credentials served\"} 1",
@@ -198,6 +212,8 @@ mod tests {
             "iamlink_interception_entries",
             "iamlink_interception_repairs_total{what=\"table\"} 1",
             "iamlink_last_refresh_success_timestamp_seconds",
+            "iamlink_kubernetes_synced{kind=\"service_accounts\"} 0",
+            "iamlink_kubernetes_synced{kind=\"pods\"} 1",
         ] {
             assert!(text.contains(series), "{series} missing in:\n{text}");
         }

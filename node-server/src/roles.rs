@@ -10,6 +10,10 @@
 //! 5. `roles.default`.
 //!
 //! The namespace policy then applies to the chosen role, whatever its source.
+//!
+//! Until the view has listed a resource since the daemon started, the facts come from the
+//! snapshot the daemon kept of its last view ([`crate::kube_view`]); what neither knows is never
+//! filled in by a lower-precedence source: the answer is pending (503) instead.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -107,9 +111,35 @@ pub enum ApiPod<'a> {
     Bound {
         annotations: &'a BTreeMap<String, String>,
         service_account: &'a str,
-        /// `None`: the service account is not in the view.
-        service_account_annotations: Option<&'a BTreeMap<String, String>>,
+        service_account_annotations: ServiceAccountFacts<'a>,
     },
+}
+
+/// What is known of a bound pod's service account.
+#[derive(Clone, Copy, Debug)]
+pub enum ServiceAccountFacts<'a> {
+    /// Its annotations, from the view or, before service accounts were first listed, the snapshot.
+    Known(&'a BTreeMap<String, String>),
+    /// Service accounts were listed and this one is not among them: it has no annotations.
+    Absent,
+    /// Service accounts not listed since the start and the snapshot lacks this one; the reason.
+    /// Its IRSA role may exist, so nothing below it may answer.
+    Unknown(&'a str),
+}
+
+/// What is known of the pod's namespace policy.
+#[derive(Clone, Copy, Debug)]
+pub enum NamespaceFacts<'a> {
+    /// No Kubernetes source configured: roles come from the config, no policy applies.
+    Off,
+    /// The namespace's annotations in the view (empty: none, or the namespace is not in it).
+    View(&'a BTreeMap<String, String>),
+    /// Namespaces not listed since the start: the annotations from the daemon's snapshot
+    /// (empty when the snapshot lacks the namespace, which then has no policy).
+    Snapshot(&'a BTreeMap<String, String>),
+    /// Namespaces not listed since the start and no snapshot: unchecked (the API being down must
+    /// not take roles away), except under `require_namespace_permission`: pending.
+    Unknown,
 }
 
 /// Everything [`Roles::resolve`] looks at.
@@ -119,8 +149,7 @@ pub struct PodFacts<'a> {
     /// The IAM annotations the runtime passed at ADD, when it passed any and they are trusted.
     pub runtime: Option<&'a BTreeMap<String, String>>,
     pub api: ApiPod<'a>,
-    /// The namespace's annotations; `None` when no namespace view exists yet (policy unchecked).
-    pub namespace: Option<&'a BTreeMap<String, String>>,
+    pub namespace: NamespaceFacts<'a>,
 }
 
 pub struct Roles {
@@ -155,20 +184,31 @@ impl Roles {
             Ok(None) => return Resolution::NoRole,
             Err(refusal) => return refusal,
         };
-        if let Some(namespace) = facts.namespace {
-            let to_arn = |name: &str| self.base_arn().map(|b| format!("{b}{name}"));
-            let require = self.require_namespace_permission;
-            if let Err(denied) =
-                policy::permits(&self.policies, namespace, &grant.role, &grant.requested, require, to_arn)
-            {
-                return Resolution::Denied {
-                    outcome: "denied by policy",
-                    requested: grant.requested,
-                    reason: denied.0,
-                };
+        let require = self.require_namespace_permission;
+        let (namespace, provenance) = match facts.namespace {
+            NamespaceFacts::Off => return Resolution::Granted(grant),
+            NamespaceFacts::View(annotations) => (annotations, ""),
+            NamespaceFacts::Snapshot(annotations) => {
+                (annotations, " (policy from iamlinkd's snapshot: namespaces not listed since it started)")
             }
+            NamespaceFacts::Unknown if require => {
+                return Resolution::Pending(
+                    "namespaces not listed since iamlinkd started and no snapshot of their policies; \
+                     require_namespace_permission holds every role until they are"
+                        .into(),
+                )
+            }
+            NamespaceFacts::Unknown => return Resolution::Granted(grant),
+        };
+        let to_arn = |name: &str| self.base_arn().map(|b| format!("{b}{name}"));
+        match policy::permits(&self.policies, namespace, &grant.role, &grant.requested, require, to_arn) {
+            Ok(()) => Resolution::Granted(grant),
+            Err(denied) => Resolution::Denied {
+                outcome: "denied by policy",
+                requested: grant.requested,
+                reason: format!("{}{provenance}", denied.0),
+            },
         }
-        Resolution::Granted(grant)
     }
 
     fn choose(&self, facts: &PodFacts) -> Result<Option<Grant>, Resolution> {
@@ -187,7 +227,11 @@ impl Roles {
                 if let Some(role) = annotations.get(ROLE_ANNOTATION) {
                     return self.grant(Source::PodAnnotation, role, external_id(Some(annotations)), None).map(Some);
                 }
-                let sa = service_account_annotations;
+                let sa = match service_account_annotations {
+                    ServiceAccountFacts::Known(annotations) => Some(annotations),
+                    ServiceAccountFacts::Absent => None,
+                    ServiceAccountFacts::Unknown(why) => return Err(Resolution::Pending(why.to_string())),
+                };
                 if let Some(arn) = sa.and_then(|a| a.get(IRSA_ROLE_ANNOTATION)) {
                     let duration = sa.and_then(|a| a.get(IRSA_EXPIRATION_ANNOTATION)).and_then(|d| session_duration(d));
                     return self.grant(Source::ServiceAccount, arn, None, duration).map(Some);
@@ -356,7 +400,7 @@ mod tests {
     }
 
     fn static_only(pod: &PodRef) -> PodFacts<'_> {
-        PodFacts { pod, runtime: None, api: ApiPod::Off, namespace: None }
+        PodFacts { pod, runtime: None, api: ApiPod::Off, namespace: NamespaceFacts::Off }
     }
 
     fn granted(r: Resolution) -> Grant {
@@ -397,11 +441,15 @@ mod tests {
         let irsa = map(&[(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/irsa")]);
         let pod_ann = map(&[(ROLE_ANNOTATION, "annotated")]);
         let none = BTreeMap::new();
-        let facts = |annotations, service_account, sa| PodFacts {
+        let facts = |annotations, service_account, sa: Option<_>| PodFacts {
             pod: &web,
             runtime: None,
-            api: ApiPod::Bound { annotations, service_account, service_account_annotations: sa },
-            namespace: None,
+            api: ApiPod::Bound {
+                annotations,
+                service_account,
+                service_account_annotations: sa.map_or(ServiceAccountFacts::Absent, ServiceAccountFacts::Known),
+            },
+            namespace: NamespaceFacts::Off,
         };
         let g = granted(r.resolve(&facts(&pod_ann, "builder", Some(&irsa))));
         assert_eq!((g.role.name(), g.source), ("annotated", Source::PodAnnotation));
@@ -423,9 +471,12 @@ mod tests {
                 (IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/irsa"),
                 (IRSA_EXPIRATION_ANNOTATION, expiration),
             ]);
-            let api =
-                ApiPod::Bound { annotations: &none, service_account: "sa", service_account_annotations: Some(&sa) };
-            let g = granted(r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None }));
+            let api = ApiPod::Bound {
+                annotations: &none,
+                service_account: "sa",
+                service_account_annotations: ServiceAccountFacts::Known(&sa),
+            };
+            let g = granted(r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off }));
             assert_eq!(g.duration_seconds, want, "{expiration}");
         }
     }
@@ -435,7 +486,7 @@ mod tests {
         let r = roles();
         let web = pod("a", "web");
         let unbound = ApiPod::Unbound("pod not in the API view yet");
-        let facts = PodFacts { pod: &web, runtime: None, api: unbound, namespace: None };
+        let facts = PodFacts { pod: &web, runtime: None, api: unbound, namespace: NamespaceFacts::Off };
         assert_eq!(
             r.resolve(&facts),
             Resolution::Pending("pod not in the API view yet".into()),
@@ -460,8 +511,12 @@ mod tests {
         let web = pod("a", "web");
         let runtime = map(&[(ROLE_ANNOTATION, "old")]);
         let api = map(&[(ROLE_ANNOTATION, "new")]);
-        let bound = ApiPod::Bound { annotations: &api, service_account: "default", service_account_annotations: None };
-        let facts = PodFacts { pod: &web, runtime: Some(&runtime), api: bound, namespace: None };
+        let bound = ApiPod::Bound {
+            annotations: &api,
+            service_account: "default",
+            service_account_annotations: ServiceAccountFacts::Absent,
+        };
+        let facts = PodFacts { pod: &web, runtime: Some(&runtime), api: bound, namespace: NamespaceFacts::Off };
         match r.resolve(&facts) {
             Resolution::Denied { outcome, reason, .. } => {
                 assert_eq!(outcome, "annotations disagree");
@@ -478,7 +533,7 @@ mod tests {
         let r = roles();
         let web = pod("a", "web");
         let policy = map(&[(policy::PERMITTED_ANNOTATION, "ns-a")]);
-        let facts = PodFacts { pod: &web, runtime: None, api: ApiPod::Off, namespace: Some(&policy) };
+        let facts = PodFacts { pod: &web, runtime: None, api: ApiPod::Off, namespace: NamespaceFacts::View(&policy) };
         match r.resolve(&facts) {
             Resolution::Denied { outcome, requested, reason } => {
                 assert_eq!((outcome, requested.as_str()), ("denied by policy", "web"));
@@ -488,6 +543,118 @@ mod tests {
         }
         let other = pod("a", "other");
         assert_eq!(granted(r.resolve(&PodFacts { pod: &other, ..facts })).role.name(), "ns-a");
+    }
+
+    /// `roles()` plus a default role: the lowest-precedence guess a pod must never get by accident.
+    fn roles_with_default(require_namespace_permission: bool) -> Roles {
+        let mut config = roles().config;
+        config.default = Some("guess".into());
+        Roles::new(config, require_namespace_permission)
+    }
+
+    #[test]
+    fn before_the_first_namespace_list_the_snapshot_policy_applies() {
+        let web = pod("locked", "web");
+        let runtime = map(&[(ROLE_ANNOTATION, "admin")]);
+        let policy = map(&[(policy::PERMITTED_ANNOTATION, "web")]);
+        let unbound = ApiPod::Unbound("pods not listed yet");
+        let facts =
+            PodFacts { pod: &web, runtime: Some(&runtime), api: unbound, namespace: NamespaceFacts::Snapshot(&policy) };
+        for require in [false, true] {
+            match roles_with_default(require).resolve(&facts) {
+                Resolution::Denied { outcome: "denied by policy", requested, reason } => {
+                    assert_eq!(requested, "admin");
+                    assert!(reason.contains("\"web\"") && reason.contains("snapshot"), "{reason}");
+                }
+                other => panic!("require={require}: {other:?}"),
+            }
+        }
+        let permitted = map(&[(ROLE_ANNOTATION, "web")]);
+        let g = granted(roles().resolve(&PodFacts { runtime: Some(&permitted), ..facts }));
+        assert_eq!((g.role.name(), g.source), ("web", Source::RuntimeAnnotation));
+    }
+
+    #[test]
+    fn a_namespace_missing_from_the_snapshot_has_no_policy_so_require_refuses() {
+        let p = pod("new-ns", "p");
+        let runtime = map(&[(ROLE_ANNOTATION, "web")]);
+        let empty = BTreeMap::new();
+        let facts = PodFacts {
+            pod: &p,
+            runtime: Some(&runtime),
+            api: ApiPod::Unbound("pods not listed yet"),
+            namespace: NamespaceFacts::Snapshot(&empty),
+        };
+        assert_eq!(granted(roles_with_default(false).resolve(&facts)).role.name(), "web");
+        assert!(matches!(
+            roles_with_default(true).resolve(&facts),
+            Resolution::Denied { outcome: "denied by policy", .. }
+        ));
+    }
+
+    #[test]
+    fn no_namespace_list_and_no_snapshot_is_unchecked_unless_permission_is_required() {
+        let p = pod("a", "p");
+        let runtime = map(&[(ROLE_ANNOTATION, "web")]);
+        let facts = PodFacts {
+            pod: &p,
+            runtime: Some(&runtime),
+            api: ApiPod::Unbound("pods not listed yet"),
+            namespace: NamespaceFacts::Unknown,
+        };
+        assert_eq!(granted(roles_with_default(false).resolve(&facts)).role.name(), "web");
+        match roles_with_default(true).resolve(&facts) {
+            Resolution::Pending(why) => assert!(why.contains("require_namespace_permission"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing to check when nothing names a role.
+        let none = BTreeMap::new();
+        let api = ApiPod::Bound {
+            annotations: &none,
+            service_account: "sa",
+            service_account_annotations: ServiceAccountFacts::Absent,
+        };
+        let nothing = PodFacts { pod: &pod("z", "p"), runtime: None, api, namespace: NamespaceFacts::Unknown };
+        assert_eq!(roles().resolve(&nothing), Resolution::NoRole);
+    }
+
+    #[test]
+    fn an_unknown_service_account_is_pending_never_the_association_config_or_default() {
+        let r = roles_with_default(false);
+        let none = BTreeMap::new();
+        // "builder" has an association, "a" a [[roles.pod]] entry, and there is a default: all guesses.
+        for (ns, name, sa) in [("a", "web", "builder"), ("a", "other", "x"), ("z", "p", "x")] {
+            let p = pod(ns, name);
+            let api = ApiPod::Bound {
+                annotations: &none,
+                service_account: sa,
+                service_account_annotations: ServiceAccountFacts::Unknown("service accounts not listed"),
+            };
+            let facts = PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off };
+            assert_eq!(r.resolve(&facts), Resolution::Pending("service accounts not listed".into()), "{ns}/{name}");
+        }
+        // The pod's own annotation outranks the service account: it still answers.
+        let p = pod("a", "web");
+        let ann = map(&[(ROLE_ANNOTATION, "annotated")]);
+        let api = ApiPod::Bound {
+            annotations: &ann,
+            service_account: "builder",
+            service_account_annotations: ServiceAccountFacts::Unknown("service accounts not listed"),
+        };
+        let g = granted(r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off }));
+        assert_eq!((g.role.name(), g.source), ("annotated", Source::PodAnnotation));
+    }
+
+    #[test]
+    fn a_known_service_account_without_irsa_falls_through_and_an_absent_one_too() {
+        let r = roles();
+        let p = pod("a", "web");
+        let none = BTreeMap::new();
+        for sa in [ServiceAccountFacts::Known(&none), ServiceAccountFacts::Absent] {
+            let api = ApiPod::Bound { annotations: &none, service_account: "builder", service_account_annotations: sa };
+            let g = granted(r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off }));
+            assert_eq!((g.role.name(), g.source), ("assoc", Source::Association), "{sa:?}");
+        }
     }
 
     #[test]
@@ -503,13 +670,21 @@ mod tests {
             "",
         ] {
             let ann = map(&[(ROLE_ANNOTATION, bad)]);
-            let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
-            let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None });
+            let api = ApiPod::Bound {
+                annotations: &ann,
+                service_account: "sa",
+                service_account_annotations: ServiceAccountFacts::Absent,
+            };
+            let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off });
             assert!(matches!(res, Resolution::Denied { outcome: "invalid role", .. }), "{bad:?}: {res:?}");
         }
         let ann = map(&[(ROLE_ANNOTATION, "ok"), (EXTERNAL_ID_ANNOTATION, "x")]);
-        let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
-        let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: None });
+        let api = ApiPod::Bound {
+            annotations: &ann,
+            service_account: "sa",
+            service_account_annotations: ServiceAccountFacts::Absent,
+        };
+        let res = r.resolve(&PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off });
         assert!(matches!(res, Resolution::Denied { outcome: "invalid external id", .. }), "{res:?}");
     }
 
@@ -518,8 +693,12 @@ mod tests {
         let r = Roles::new(RolesConfig::default(), false);
         let p = pod("x", "p");
         let ann = map(&[(ROLE_ANNOTATION, "web")]);
-        let api = ApiPod::Bound { annotations: &ann, service_account: "sa", service_account_annotations: None };
-        let facts = PodFacts { pod: &p, runtime: None, api, namespace: None };
+        let api = ApiPod::Bound {
+            annotations: &ann,
+            service_account: "sa",
+            service_account_annotations: ServiceAccountFacts::Absent,
+        };
+        let facts = PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off };
         assert!(matches!(r.resolve(&facts), Resolution::Pending(_)));
         r.discovered_base_arn(BASE.into());
         assert_eq!(granted(r.resolve(&facts)).role.arn, format!("{BASE}web"));

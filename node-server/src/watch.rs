@@ -91,6 +91,16 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
         known = current;
         app.metrics.store_records.set(records.len() as i64);
         app.metrics.cache_entries.set(app.cache.entry_count() as i64);
+        if let Some(view) = &app.kube {
+            let synced = view.synced();
+            for (kind, listed) in [
+                ("pods", synced.pods),
+                ("namespaces", synced.namespaces),
+                ("service_accounts", synced.service_accounts),
+            ] {
+                app.metrics.kubernetes_synced(kind, listed);
+            }
+        }
         if app.kube.as_ref().is_none_or(|view| view.all_synced()) {
             app.metrics.set_ready();
         }

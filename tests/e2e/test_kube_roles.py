@@ -10,6 +10,8 @@ runs kmock's KubernetesEmulator (with the gaps listed in ../shared/REFERENCE.md 
 namespace; it speaks kube-apiserver's JSON list/watch/get wire format, which is what `kube` reads.
 """
 
+import http.client
+import json
 import os
 import re
 import uuid
@@ -310,3 +312,128 @@ def test_api_down_midway_keeps_the_last_view_and_catches_up(make_bench):
     bench.kube.start()
     wait_for_role(late, "batch")
     assert_cli_role(late, "batch")
+
+
+# -- the daemon restarting while the API server is down or half-broken ------------------------------
+
+METRICS = ("198.18.0.1", 9101)
+IRSA_SA = {"eks.amazonaws.com/role-arn": role_arn("irsa")}
+
+
+def metrics_get(bench, path):
+    """(status, body) of GET path on iamlinkd's metrics port, from inside the node."""
+
+    def get():
+        conn = http.client.HTTPConnection(*METRICS, timeout=5)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            conn.close()
+
+    return bench.node.call(get)
+
+
+def synced_gauge(bench, kind):
+    """iamlink_kubernetes_synced{kind=...} as iamlinkd exports it, or None when absent."""
+    m = re.search(r'^iamlink_kubernetes_synced\{kind="' + kind + r'"\} (\S+)$', metrics_get(bench, "/metrics")[1], re.M)
+    return None if m is None else float(m.group(1))
+
+
+def snapshot(bench):
+    """The view iamlinkd keeps on the node for its next start, or None before it wrote one."""
+    path = os.path.join(bench.store_dir, "kube-snapshot.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def assert_refused_cli(pod, *roles):
+    rc, out, err = pod.caller_arn()
+    assert rc != 0 and not any(f"assumed-role/{r}/" in out for r in roles), (out, err)
+
+
+def test_restart_with_the_api_down_keeps_the_namespace_policy_and_never_guesses(make_bench):
+    # The association (team-sa/builder → assoc) and the default role (configured) are the guesses
+    # an IRSA pod of "builder" must never get while its service account is unknown.
+    bench = make(make_bench, default_role="configured")
+    ensure_namespace(bench, "locked", {"iam.amazonaws.com/permitted": "web"})
+    ensure_namespace(bench, "team-sa")
+    bench.kube.create_service_account("team-sa", "builder", IRSA_SA)
+    greedy = kube_pod(bench, "locked", "greedy", {"iam.amazonaws.com/role": "admin"}, runtime=True)
+    allowed = kube_pod(bench, "locked", "allowed", {"iam.amazonaws.com/role": "web"}, runtime=True)
+    irsa = kube_pod(bench, "team-sa", "irsa", None, "builder")
+    wait_until(lambda: listing(greedy)[0] == 403, 15, f"{greedy} refused by policy: {listing(greedy)}")
+    wait_for_role(allowed, "web")
+    wait_for_role(irsa, "irsa")
+    # The view is kept on the node (debounced): wait until it holds what the restart will need.
+    path = os.path.join(bench.store_dir, "kube-snapshot.json")
+    wait_until(lambda: "locked" in json.dumps(snapshot(bench)) and "builder" in json.dumps(snapshot(bench)), 15,
+               f"{path} holding namespace locked and service account team-sa/builder: {snapshot(bench)}")
+    assert os.stat(path).st_mode & 0o777 == 0o600, oct(os.stat(path).st_mode)
+
+    bench.kube.stop()
+    bench.daemon.restart()
+    # No list has come, yet the locked namespace's policy holds: the runtime's annotation is refused.
+    status, body = listing(greedy)
+    assert status == 403 and "iam.amazonaws.com/permitted" in body and "snapshot" in body, (status, body)
+    assert_refused_cli(greedy, "admin")
+    wait_for_role(allowed, "web")
+    assert_cli_role(allowed, "web")
+    # The IRSA pod's object is not in the view: 503, neither the association nor the default role.
+    status, body = listing(irsa)
+    assert status == 503, (status, body)
+    assert_refused_cli(irsa, "assoc", "configured", "irsa")
+    refusals = [a for a in bench.daemon.audit_lines() if a.get("pod") == "locked/greedy" and a.get("status") == 403]
+    assert refusals and refusals[-1]["role"] == "admin", bench.daemon.audit_lines()[-5:]
+
+    bench.kube.start()
+    wait_for_role(irsa, "irsa")
+    assert listing(greedy)[0] == 403
+
+
+def test_service_accounts_that_never_list_hold_irsa_pods_at_503_until_they_do(make_bench):
+    bench = make(make_bench, default_role="configured", start_daemon=False,
+                 daemon_settings={"metrics_listen": "%s:%d" % METRICS})
+    ensure_namespace(bench, "team-sa")
+    bench.kube.create_service_account("team-sa", "builder", IRSA_SA)
+    irsa = kube_pod(bench, "team-sa", "irsa", None, "builder")
+    annotated = kube_pod(bench, "team-sa", "annotated", {"iam.amazonaws.com/role": "web"}, "builder")
+    # The daemon's RBAC lacks service accounts; pods and namespaces list fine. First start: no snapshot.
+    bench.kube.forbid("serviceaccounts")
+    bench.daemon.start()
+    wait_for_role(annotated, "web")  # the pod annotation outranks what the service account would say
+    wait_until(lambda: listing(irsa)[0] == 503 and "service account" in listing(irsa)[1], 15,
+               f"{irsa} waiting for its service account: {listing(irsa)}")
+    assert_refused_cli(irsa, "assoc", "configured", "irsa")
+    # Not ready, visible in a metric, and one warning for the whole outage however many retries.
+    sa_reads = lambda: sum(1 for r in bench.kube.requests() if "serviceaccounts" in r["path"])  # noqa: E731
+    wait_until(lambda: sa_reads() >= 3, 30, f"iamlinkd retrying the service-account list: {sa_reads()} reads")
+    assert metrics_get(bench, "/readyz")[0] == 503
+    wait_until(lambda: synced_gauge(bench, "pods") == 1, 5, "iamlink_kubernetes_synced{kind=\"pods\"} 1")
+    assert synced_gauge(bench, "service_accounts") == 0
+    warnings = [line for line in bench.daemon.log_text().splitlines()
+                if "WARN" in line and "serviceaccounts" in line and "watch failed" in line]
+    assert len(warnings) == 1, warnings
+
+    bench.kube.forbid()
+    wait_for_role(irsa, "irsa")
+    assert_cli_role(irsa, "irsa")
+    wait_until(lambda: synced_gauge(bench, "service_accounts") == 1, 5, "service accounts synced in the metric")
+    wait_until(lambda: metrics_get(bench, "/readyz")[0] == 200, 5, "ready once every resource listed")
+    wait_until(lambda: "builder" in json.dumps(snapshot(bench)), 15, f"snapshot with team-sa/builder: {snapshot(bench)}")
+
+    # Restarted with service accounts forbidden again: the snapshot's builder answers; a service
+    # account created since (not in the snapshot) still waits, never the default role.
+    bench.daemon.stop()
+    bench.kube.forbid("serviceaccounts")
+    bench.kube.create_service_account("team-sa", "late", IRSA_SA)
+    late = kube_pod(bench, "team-sa", "late", None, "late")
+    bench.daemon.start()
+    wait_for_role(irsa, "irsa")
+    assert_cli_role(irsa, "irsa")
+    wait_until(lambda: listing(late)[0] == 503, 15, f"{late} waiting for its service account: {listing(late)}")
+    assert_refused_cli(late, "configured", "irsa")

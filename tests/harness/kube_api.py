@@ -239,6 +239,11 @@ class KubeApi:
         """Ends every open watch stream (as a server-side timeout would); returns how many."""
         return self.api("POST", "/_emulator/break-watches")["broken"]
 
+    def forbid(self, *plurals):
+        """Reads (list, watch, get) of these resources answer 403 Forbidden, as for a client whose
+        RBAC lacks them, until `forbid()` with none; changes by the harness still go through."""
+        return self.api("POST", "/_emulator/forbid", {"plurals": list(plurals)})["forbidden"]
+
     def expire_history(self):
         """Forgets the event history (an etcd compaction): every resumed watch gets 410 Gone."""
         return self.api("POST", "/_emulator/expire-history")["broken"]

@@ -38,7 +38,9 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
 - Control endpoints under `/_emulator/`: `GET status` (resourceVersion, history start, open
   watches by resource), `POST break-watches` (ends every open watch stream cleanly, like a
   server-side timeout), `POST expire-history` (forgets the history, as an etcd compaction: every
-  resumed watch gets 410).
+  resumed watch gets 410), `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those
+  resources answer 403 Forbidden, as with a client whose RBAC lacks them; changes still go
+  through, as from another client; `[]` lifts it; not kept across a restart).
 - Every request is appended to the `--log` file as a JSON line (method, path, query, action).
 
 Not emulated: auth, admission, namespace existence checks on create, PUT (replace),
@@ -194,10 +196,12 @@ class Emulator(kmock.KubernetesEmulator):
         self.first_rv = 0  # the history holds every change after this resourceVersion
         self.history = []  # (rv, resource, type, obj, prev)
         self.watches = {}  # asyncio.Queue -> resource plural
+        self.forbidden = set()  # plurals whose reads answer 403 (POST /_emulator/forbid)
         self._load()
         self["post /_emulator/break-watches"] << self._break_watches
         self["post /_emulator/expire-history"] << self._expire_history
         self["get /_emulator/status"] << self._status
+        self["post /_emulator/forbid"] << self._forbid
 
     # -- persistence --------------------------------------------------------------------------
     def _load(self):
@@ -228,6 +232,11 @@ class Emulator(kmock.KubernetesEmulator):
         self.log.write(json.dumps({"t": time.time(), "method": request.method, "path": request.url.path,
                                    "query": request.params,
                                    "action": request.action.value if request.action else None}) + "\n")
+        resource = request.resource
+        if request.method == "GET" and resource is not None and resource.plural in self.forbidden:
+            raise ApiError(status=403, reason="Forbidden",
+                           message=f'{resource.plural} is forbidden: User "bench" cannot list resource '
+                                   f'"{resource.plural}" in API group "" at the cluster scope')
         return await apps.RawHandler._handle(self, request)
 
     def _live(self, resource, namespace, name):
@@ -399,6 +408,10 @@ class Emulator(kmock.KubernetesEmulator):
         for queue in list(self.watches):
             queue.put_nowait(None)
         return {"broken": n}
+
+    def _forbid(self, request):
+        self.forbidden = set((request.data or {}).get("plurals") or [])
+        return {"forbidden": sorted(self.forbidden)}
 
     def _expire_history(self, request):
         self.history.clear()
