@@ -201,6 +201,13 @@ impl RuleSet {
         Ok(repairs)
     }
 
+    /// Whether [`RuleSet::ensure`] would change anything, read without the store lock: a check
+    /// that finds nothing wrong never makes an ADD wait. A record caught mid-ADD reads as a
+    /// repair; the caller then takes the lock and ensures.
+    pub fn needs_repair(&self, records: &[PodRecord]) -> Result<bool, InterceptError> {
+        Ok(!self.repair_script(installed()?.as_ref(), records).0.is_empty())
+    }
+
     /// The transaction that turns `installed` into what the records want (pure, for tests).
     fn repair_script(&self, installed: Option<&Installed>, records: &[PodRecord]) -> (String, Vec<Repair>) {
         let t = format!("inet {TABLE}");

@@ -172,9 +172,14 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
 
 /// Makes the rule set what the store says, under the store lock; logs and counts each repair.
 fn check_rule_set<S>(app: &App<S>) -> Result<(), String> {
+    let rules = app.config.rule_set();
+    let (records, _) = app.store.list().map_err(|e| e.to_string())?;
+    if !rules.needs_repair(&records).map_err(|e| e.to_string())? {
+        return Ok(());
+    }
     let lock = app.store.lock().map_err(|e| e.to_string())?;
     let (records, _) = app.store.list().map_err(|e| e.to_string())?;
-    for r in ensure(&app.config.rule_set(), &lock, &records)? {
+    for r in ensure(&rules, &lock, &records)? {
         app.metrics.repaired(r.kind());
     }
     Ok(())

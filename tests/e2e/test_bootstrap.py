@@ -4,7 +4,7 @@ Real parts: namespaces and veths, ptp + host-local + the built iamlink plugin th
 (`cnirt`), the nftables interception the plugin installs on its own when the daemon is not there
 yet, the built iamlinkd started afterwards, the unmodified AWS CLI in the pods.
 Emulated: STS by moto; the node's metadata service by the fake upstream serving the node role on
-169.254.169.254 in the node, exactly where a missing interception would send the pods.
+169.254.169.254 behind the node, exactly where a missing interception would send the pods.
 """
 
 from conftest import add_standard_pods
