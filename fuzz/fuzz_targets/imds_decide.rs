@@ -25,6 +25,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 use iamlinkd::config::Config;
 use iamlinkd::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
+use iamlinkd::proxy::not_plain;
 use iamlinkd::roles::{Grant, Resolution, Role, Source};
 use iamlinkd::tokens::{parse_ttl, TokenError, Tokens};
 use libfuzzer_sys::fuzz_target;
@@ -214,6 +215,7 @@ fuzz_target!(|data: &[u8]| {
         Decision::Proxy => {
             assert!(get_or_head, "{method} proxied");
             assert!(proxy_allow.iter().any(|p| p == path), "{path} proxied but not in proxy_allow");
+            assert_eq!(not_plain(path), None, "{path} proxied but not plain");
         }
     }
 });

@@ -18,6 +18,7 @@ use iamlink_common::PodRecord;
 use crate::app::App;
 use crate::credentials::{AssumeRole, Credentials};
 use crate::identify::{identify, Conn, Unidentified};
+use crate::proxy::not_plain;
 use crate::roles::{Grant, Resolution, Role};
 use crate::tokens::{parse_ttl, TokenError};
 
@@ -201,7 +202,8 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if path == INFO_PATH {
         return grant.map(|g| Decision::Info(g.role.clone())).unwrap_or_else(|refusal| refusal);
     }
-    if facts.proxy_allow.iter().any(|p| p == path) {
+    // Byte for byte, and only plain paths: what the real service reads is what was allowed.
+    if facts.proxy_allow.iter().any(|p| p == path) && not_plain(path).is_none() {
         return Decision::Proxy;
     }
     refuse(StatusCode::NOT_FOUND, "not served", "not served to pods")
@@ -310,4 +312,36 @@ fn render_info(role: &Role) -> String {
         "InstanceProfileId": format!("AIPA{id}"),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide_with(allow: &[&str], method: Method, path: &str) -> Decision {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        let facts = Facts { imdsv1: true, proxy_allow: &allow, role: &Resolution::NoRole, verify_token: &|_| Ok(()) };
+        decide(&method, path, &HeaderMap::new(), &facts)
+    }
+
+    #[test]
+    fn only_a_plain_path_equal_to_an_entry_is_proxied() {
+        let region = "/latest/meta-data/placement/region";
+        assert_eq!(decide_with(&[region], Method::GET, region), Decision::Proxy);
+        for path in [
+            "/latest/meta-data/placement/%72egion",
+            "/latest/meta-data/placement/region/",
+            "/latest/meta-data//placement/region",
+            "/latest/meta-data/./placement/region",
+            "/latest/meta-data/placement",
+        ] {
+            let d = decide_with(&[region], Method::GET, path);
+            assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{path}: {d:?}");
+        }
+        // Even an entry that config validation would refuse never proxies an unplain path.
+        for entry in ["/latest/meta-data/%69am/info", "/latest/meta-data/placement/../iam/info"] {
+            let d = decide_with(&[entry], Method::GET, entry);
+            assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{entry}: {d:?}");
+        }
+    }
 }
