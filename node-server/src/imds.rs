@@ -65,7 +65,8 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     let record = match identify(&app.store, app.config.mark_mask, conn) {
         Ok(r) => r,
         Err(e) => {
-            warn!(target: "audit", peer = %conn.peer, mark = conn.mark, %method, %path, reason = %e, outcome = "unknown pod", "refused");
+            let original_dst = conn.original_dst.map(|a| a.to_string()).unwrap_or_else(|| "not NATed".into());
+            warn!(target: "audit", peer = %conn.peer, original_dst, mark = conn.mark, %method, %path, reason = %e, outcome = "unknown pod", "refused");
             app.metrics.answer("unknown pod");
             return match e {
                 Unidentified::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "iamlink: pod store unreadable\n"),

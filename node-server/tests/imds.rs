@@ -13,7 +13,7 @@ use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, PodRef, Stor
 use iamlinkd::app::App;
 use iamlinkd::config::Config;
 use iamlinkd::credentials::{AssumeRole, Credentials, SessionKey, StsError};
-use iamlinkd::identify::Conn;
+use iamlinkd::identify::{Conn, Destination};
 use iamlinkd::imds::answer;
 use iamlinkd::tokens::Tokens;
 
@@ -103,6 +103,8 @@ impl Bench {
             mark: self.app.config.mark_mask.mark_for(slot),
             accepted_at: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
+            original_dst: Some("169.254.169.254:80".parse().unwrap()),
+            to: Some(Destination::Metadata),
         }
     }
 
@@ -165,6 +167,26 @@ async fn the_container_credentials_endpoint_answers_for_the_same_pod() {
 }
 
 #[tokio::test]
+async fn a_connection_that_did_not_come_through_the_rule_is_nobody_whatever_its_mark() {
+    let b = bench("");
+    let web = b.pod(3, "team-a", "web");
+    let direct = Conn { original_dst: Some("198.18.0.1:8181".parse().unwrap()), to: None, ..web };
+    let not_natted = Conn { original_dst: None, to: None, ..web };
+    for conn in [direct, not_natted] {
+        for (method, path, headers) in [
+            (Method::GET, CREDS, &[][..]),
+            (Method::GET, "/latest/meta-data/iam/security-credentials/web-role", &[]),
+            (Method::GET, "/v1/credentials", &[("authorization", "t")]),
+            (Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "60")]),
+        ] {
+            let (status, body) = b.call(&conn, method.clone(), path, headers).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path} via {:?}", conn.original_dst);
+            assert!(body.contains("no pod identity") && body.contains("interception rule"), "{body}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn pods_never_see_each_others_roles_or_tokens() {
     let b = bench("");
     let web = b.pod(1, "team-a", "web");
@@ -180,7 +202,13 @@ async fn pods_never_see_each_others_roles_or_tokens() {
 #[tokio::test]
 async fn connections_without_a_current_pod_get_nothing() {
     let b = bench("");
-    let nobody = Conn { mark: 0, accepted_at: boottime_ns(), peer: "198.18.0.1:1".parse().unwrap() };
+    let nobody = Conn {
+        mark: 0,
+        accepted_at: boottime_ns(),
+        peer: "198.18.0.1:1".parse().unwrap(),
+        original_dst: Some("169.254.169.254:80".parse().unwrap()),
+        to: Some(Destination::Metadata),
+    };
     let (status, body) = b.call(&nobody, Method::GET, CREDS, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("no pod identity"), "{body}");
