@@ -9,7 +9,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::parse(text) else { return };
     assert!((900..=43200).contains(&config.sts.duration_seconds));
     for path in &config.proxy_allow {
-        assert!(path.starts_with('/') && !path.contains("iam/security-credentials"), "{path:?} accepted");
+        assert!(path.starts_with('/') && !path.contains('%'), "{path:?} accepted");
+        let lower = path.to_ascii_lowercase();
+        let secret = lower.split('/').any(|s| {
+            ["iam", "identity-credentials", "security-credentials", "user-data"].contains(&s)
+        }) || lower.contains("api/token");
+        assert!(!secret, "{path:?} accepted");
     }
     if config.roles.base_arn.is_none() {
         let mut roles = config.roles.pod.iter().map(|p| &p.role).chain(config.roles.default.iter());

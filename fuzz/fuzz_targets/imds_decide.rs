@@ -8,7 +8,8 @@
 //! x-aws-ec2-metadata-token: @token
 //! ```
 //!
-//! Facts words: `v1` (IMDSv1 allowed, else only v2), `role=<arn>` (else no role), `denied` (the
+//! Facts words: `cc` (the pod dialled the container-credentials address, else the metadata
+//! address), `v1` (IMDSv1 allowed, else only v2), `role=<arn>` (else no role), `denied` (the
 //! role is refused by policy), `pending` (the pod is not known yet), `allow=<paths>`
 //! (comma-separated proxy_allow; absent: the config's default list). The head is parsed with
 //! httparse and turned into hyper's types as hyper does, skipping what hyper would refuse. A header
@@ -24,7 +25,9 @@ use std::sync::OnceLock;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 use iamlinkd::config::Config;
+use iamlinkd::identify::Destination;
 use iamlinkd::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
+use iamlinkd::proxy::not_plain;
 use iamlinkd::roles::{Grant, Resolution, Role, Source};
 use iamlinkd::tokens::{parse_ttl, TokenError, Tokens};
 use libfuzzer_sys::fuzz_target;
@@ -84,12 +87,15 @@ fuzz_target!(|data: &[u8]| {
     let head = &data[nl + 1..];
 
     let mut imdsv1 = false;
+    let mut to = Destination::Metadata;
     let mut role = None;
     let (mut denied, mut pending) = (false, false);
     let mut proxy_allow = f.default_allow.clone();
     for word in facts_line.split(' ') {
         if word == "v1" {
             imdsv1 = true;
+        } else if word == "cc" {
+            to = Destination::Credentials;
         } else if word == "denied" {
             denied = true;
         } else if word == "pending" {
@@ -145,12 +151,12 @@ fuzz_target!(|data: &[u8]| {
     };
     // Only a granted role may ever reach an answer.
     let role = if let Resolution::Granted(_) = resolution { role } else { None };
-    let facts = Facts { imdsv1, proxy_allow: &proxy_allow, role: &resolution, verify_token: &verify };
+    let facts = Facts { to, imdsv1, proxy_allow: &proxy_allow, role: &resolution, verify_token: &verify };
     let decision = decide(&method, path, &headers, &facts);
 
     if debug() {
         eprintln!(
-            "{method} {path} imdsv1={imdsv1} role={:?} token={:?} -> {decision:?}",
+            "{method} {path} to={to:?} imdsv1={imdsv1} role={:?} token={:?} -> {decision:?}",
             role.as_ref().map(|r| &r.arn),
             accepted.get()
         );
@@ -159,8 +165,16 @@ fuzz_target!(|data: &[u8]| {
     let get_or_head = method == Method::GET || method == Method::HEAD;
     let token_sent = headers.contains_key(TOKEN_HEADER);
     let token_ok = accepted.get() == Some(true);
-    // The container-credentials protocol has no IMDSv2 tokens; every other GET passes the gate.
-    let imds_path = path != CONTAINER_CREDENTIALS_PATH;
+    // The container-credentials address answers only its own protocol, which has no IMDSv2
+    // tokens; every GET on the metadata address passes the token gate.
+    let imds_path = to == Destination::Metadata;
+    if to == Destination::Credentials {
+        let authorized = headers.get("authorization").is_some_and(|v| !v.as_bytes().trim_ascii().is_empty());
+        assert!(
+            matches!(decision, Decision::Refuse { .. }) || (authorized && path == CONTAINER_CREDENTIALS_PATH),
+            "{method} {path} on the credentials address (authorized: {authorized}) got {decision:?}"
+        );
+    }
     if token_sent && get_or_head && imds_path {
         assert!(accepted.get().is_some(), "{method} with a token but the token was not verified: {decision:?}");
     }
@@ -203,6 +217,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Decision::ContainerCredentials(Grant { role: r, .. }) => {
             assert!(get_or_head, "{method} got container credentials");
+            assert_eq!(to, Destination::Credentials, "container credentials on the metadata address");
             assert_eq!(Some(r), role.as_ref(), "credentials of a role that is not the pod's");
             assert_eq!(path, CONTAINER_CREDENTIALS_PATH, "container credentials at {path}");
         }
@@ -214,6 +229,7 @@ fuzz_target!(|data: &[u8]| {
         Decision::Proxy => {
             assert!(get_or_head, "{method} proxied");
             assert!(proxy_allow.iter().any(|p| p == path), "{path} proxied but not in proxy_allow");
+            assert_eq!(not_plain(path), None, "{path} proxied but not plain");
         }
     }
 });

@@ -1,22 +1,25 @@
 //! Accepting connections with the kernel's identity of their ingress interface: the SYN's mark,
-//! copied to the socket because `net.ipv4.tcp_fwmark_accept=1` in this namespace.
+//! copied to the socket because `net.ipv4.tcp_fwmark_accept=1` in this namespace, and the
+//! address the client dialled before the interception rule's DNAT (conntrack's original tuple).
 
 use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::errno::Errno;
 use nix::sys::socket::{getsockopt, sockopt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use iamlink_common::record::boottime_ns;
 
 use crate::app::App;
 use crate::credentials::AssumeRole;
-use crate::identify::Conn;
+use crate::identify::{Conn, Destination};
 use crate::imds;
 
 /// Slow clients must send their headers within this (slowloris).
@@ -39,7 +42,30 @@ pub fn enable_fwmark_accept() -> std::io::Result<()> {
     std::fs::write(SYSCTL, b"1")
 }
 
+/// The destination `stream`'s client dialled, before NAT: SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST
+/// for IPv6) reads conntrack's original tuple. ENOENT: conntrack has no entry, not NATed. Any
+/// other failure is logged and counts as not NATed too, so the connection carries no identity.
+fn original_destination(stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    let read = match peer {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst).map(|a| {
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port)))
+        }),
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst).map(|a| {
+            SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(a.sin6_addr.s6_addr), u16::from_be(a.sin6_port), 0, 0))
+        }),
+    };
+    match read {
+        Ok(addr) => Some(addr),
+        Err(Errno::ENOENT) => None,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot read the connection's original destination; it carries no identity");
+            None
+        }
+    }
+}
+
 pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
+    let intercepted: Vec<IpAddr> = app.config.rule_set().addresses;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -65,12 +91,15 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                 continue;
             }
         };
-        let slot = app.config.mark_mask.slot_of(mark);
+        let original_dst = original_destination(&stream, peer);
+        let to = Destination::of(original_dst, &intercepted);
+        // Not through the rule: nobody (slot 0), whatever the mark, for the limits too.
+        let slot = if to.is_some() { app.config.mark_mask.slot_of(mark) } else { 0 };
         let Some(place) = app.limits.admit_connection(slot) else {
             debug!(%peer, slot, "pod has too many open connections; closing");
             continue;
         };
-        let conn = Conn { mark, accepted_at, peer };
+        let conn = Conn { mark, accepted_at, peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
             let _place = place;

@@ -215,13 +215,10 @@ impl Config {
         }
         self.credentials_address()?;
         self.metrics_listen()?;
-        for path in &self.proxy_allow {
-            // The node's credentials and user data never reach pods, whatever the config says.
-            let secret = path.contains("/iam/") || path.contains("user-data") || path.contains("/api/token");
-            if !path.starts_with('/') || path.contains("/..") || secret {
-                return Err(format!(
-                    "proxy_allow path {path:?} must be absolute and may not name the node's IAM data, user data or tokens"
-                ));
+        // The node's credentials and user data never reach pods, whatever the config says.
+        for entry in &self.proxy_allow {
+            if let Some(why) = crate::proxy::allow_entry_refusal(entry) {
+                return Err(format!("proxy_allow entry {entry:?} refused: {why}"));
             }
         }
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
@@ -298,9 +295,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("proxy_allow"), "{e}");
-        for secret in ["/latest/user-data", "/latest/meta-data/iam/info", "/latest/api/token"] {
+        for secret in [
+            "/latest/user-data",
+            "/latest/meta-data/iam/info",
+            "/latest/api/token",
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/latest/meta-data/%69am/info",
+        ] {
             let e = Config::parse(&format!("listen = \"198.18.0.1:80\"\nproxy_allow = [\"{secret}\"]")).unwrap_err();
-            assert!(e.contains("proxy_allow"), "{secret}: {e}");
+            assert!(e.contains("proxy_allow") && e.contains(secret), "{secret}: {e}");
         }
     }
 }

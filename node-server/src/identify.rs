@@ -1,9 +1,42 @@
 //! Which pod is behind a connection: the socket's mark (set by the interception rule from the
 //! ingress interface) names a slot, the slot names the pod record. Never the source address.
+//! Only a connection the rule DNATed from a metadata address carries such a mark: any other
+//! (straight to the daemon's port, or NATed from elsewhere) is nobody, whatever its mark says.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
 use iamlink_common::{MarkMask, PodRecord, Store, StoreError};
+
+/// The intercepted address a connection was opened to: what it may ask for depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// 169.254.169.254 or fd00:ec2::254: the instance metadata API.
+    Metadata,
+    /// The container-credentials address (169.254.170.23, fd00:ec2::23): `/v1/credentials` only.
+    Credentials,
+}
+
+/// The only port the interception rule redirects.
+const INTERCEPTED_PORT: u16 = 80;
+
+impl Destination {
+    /// Which intercepted address `original` (the connection's destination before NAT, from
+    /// conntrack) is, among the rule set's `intercepted` addresses; None for anything else,
+    /// including a connection that was not NATed at all.
+    pub fn of(original: Option<SocketAddr>, intercepted: &[IpAddr]) -> Option<Destination> {
+        let original = original?;
+        let ip = original.ip();
+        if original.port() != INTERCEPTED_PORT || !intercepted.contains(&ip) {
+            return None;
+        }
+        match ip {
+            IpAddr::V4(a) if a == METADATA_ADDRESS => Some(Destination::Metadata),
+            IpAddr::V6(a) if a == METADATA_ADDRESS6 => Some(Destination::Metadata),
+            _ => Some(Destination::Credentials),
+        }
+    }
+}
 
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
@@ -12,10 +45,18 @@ pub struct Conn {
     /// CLOCK_BOOTTIME when accepted, compared with the record's creation.
     pub accepted_at: u64,
     pub peer: SocketAddr,
+    /// The destination the client dialled, before the DNAT (None: conntrack has no entry, so
+    /// the connection was not NATed), kept for the log.
+    pub original_dst: Option<SocketAddr>,
+    /// Which intercepted address that was; None: the connection did not come through the
+    /// interception rule, so its mark is nobody's.
+    pub to: Option<Destination>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Unidentified {
+    #[error("connection did not come through the interception rule")]
+    NotIntercepted,
     #[error("connection did not arrive through a pod interface")]
     NoMark,
     #[error("no pod holds slot {0}")]
@@ -32,7 +73,14 @@ pub enum Unidentified {
 
 /// The pod record behind `conn`, read from the store on every request, so that a record that
 /// changed owner is never answered from a stale view.
+///
+/// A connection that did not come through the rule is refused before its mark is read: the rule
+/// clears and sets iamlink's bits only on the way to the metadata addresses, so on any other
+/// connection those bits may have been set by another agent on the node.
 pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord, Unidentified> {
+    if conn.to.is_none() {
+        return Err(Unidentified::NotIntercepted);
+    }
     let slot = mask.slot_of(conn.mark);
     if slot == 0 {
         return Err(Unidentified::NoMark);
@@ -52,4 +100,26 @@ pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord,
         return Err(Unidentified::Stale(slot));
     }
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_port_80_of_an_intercepted_address_is_a_destination() {
+        let intercepted: Vec<IpAddr> =
+            ["169.254.169.254", "fd00:ec2::254", "169.254.170.23", "fd00:ec2::23"].map(|a| a.parse().unwrap()).to_vec();
+        let of = |a: &str| Destination::of(Some(a.parse().unwrap()), &intercepted);
+        assert_eq!(of("169.254.169.254:80"), Some(Destination::Metadata));
+        assert_eq!(of("[fd00:ec2::254]:80"), Some(Destination::Metadata));
+        assert_eq!(of("169.254.170.23:80"), Some(Destination::Credentials));
+        assert_eq!(of("[fd00:ec2::23]:80"), Some(Destination::Credentials));
+        for elsewhere in ["198.18.0.1:8181", "169.254.169.254:8181", "10.96.0.10:80", "169.254.170.2:80"] {
+            assert_eq!(of(elsewhere), None, "{elsewhere}");
+        }
+        assert_eq!(Destination::of(None, &intercepted), None, "not NATed");
+        // Without a credentials address, 169.254.170.23 is not intercepted.
+        assert_eq!(Destination::of(Some("169.254.170.23:80".parse().unwrap()), &intercepted[..2]), None);
+    }
 }

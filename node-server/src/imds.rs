@@ -1,13 +1,15 @@
 //! The instance metadata API as SDKs use it for credentials, answered for the pod behind the
 //! connection: identify → authorize (token) → credentials → render. Paths match exactly, so
-//! `..` and percent-encoding reach nothing but 404.
+//! `..` and percent-encoding reach nothing but 404. The container-credentials endpoint is served
+//! only on its own address and only to requests with an `Authorization` header; the metadata
+//! API only on the metadata address.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderMap, CONTENT_TYPE};
+use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -17,7 +19,8 @@ use iamlink_common::PodRecord;
 
 use crate::app::App;
 use crate::credentials::{AssumeRole, Credentials};
-use crate::identify::{identify, Conn, Unidentified};
+use crate::identify::{identify, Conn, Destination, Unidentified};
+use crate::proxy::not_plain;
 use crate::roles::{Grant, Resolution, Role};
 use crate::tokens::{parse_ttl, TokenError};
 
@@ -27,7 +30,9 @@ pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";
 const INFO_PATH: &str = "/latest/meta-data/iam/info";
 /// What SDKs call with `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials`
-/// (EKS Pod Identity's address and path); identity still comes from the interface.
+/// (EKS Pod Identity's address and path); identity still comes from the interface, and the
+/// `Authorization` header SDKs send (`AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]`) is required so
+/// that a GET-only request forgery in the pod cannot fetch credentials, as IMDSv2 tokens do.
 pub const CONTAINER_CREDENTIALS_PATH: &str = "/v1/credentials";
 
 pub type Answer = Response<Full<Bytes>>;
@@ -61,10 +66,15 @@ fn token_binding(r: &PodRecord) -> String {
 pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Request<B>) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let record = match identify(&app.store, app.config.mark_mask, conn) {
+    let identified = identify(&app.store, app.config.mark_mask, conn).and_then(|r| match conn.to {
+        Some(to) => Ok((r, to)),
+        None => Err(Unidentified::NotIntercepted),
+    });
+    let (record, to) = match identified {
         Ok(r) => r,
         Err(e) => {
-            warn!(target: "audit", peer = %conn.peer, mark = conn.mark, %method, %path, reason = %e, outcome = "unknown pod", "refused");
+            let original_dst = conn.original_dst.map(|a| a.to_string()).unwrap_or_else(|| "not NATed".into());
+            warn!(target: "audit", peer = %conn.peer, original_dst, mark = conn.mark, %method, %path, reason = %e, outcome = "unknown pod", "refused");
             app.metrics.answer("unknown pod");
             return match e {
                 Unidentified::Store(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "iamlink: pod store unreadable\n"),
@@ -81,6 +91,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     let decision = {
         let verify_token = |token: &str| app.tokens.verify(token, &binding, now);
         let facts = Facts {
+            to,
             imdsv1: app.config.imdsv1,
             proxy_allow: &app.config.proxy_allow,
             role: &resolution,
@@ -116,6 +127,8 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
 
 /// What iamlinkd needs to know about the pod to decide on a request.
 pub struct Facts<'a> {
+    /// The address the pod dialled: the metadata API, or the container-credentials endpoint.
+    pub to: Destination,
     pub imdsv1: bool,
     pub proxy_allow: &'a [String],
     pub role: &'a Resolution,
@@ -153,6 +166,9 @@ fn role_or_refusal(resolution: &Resolution) -> Result<&Grant, Decision> {
 }
 
 pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -> Decision {
+    if facts.to == Destination::Credentials {
+        return decide_container_credentials(method, path, headers, facts.role);
+    }
     if method == Method::PUT {
         if path != TOKEN_PATH {
             return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "PUT only for the token");
@@ -172,9 +188,12 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
     let grant = role_or_refusal(facts.role);
-    // The container-credentials protocol has no IMDSv2 tokens: SDKs never send one.
     if path == CONTAINER_CREDENTIALS_PATH {
-        return grant.map(|g| Decision::ContainerCredentials(g.clone())).unwrap_or_else(|refusal| refusal);
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not served",
+            "container credentials are served on the container-credentials address (169.254.170.23) only",
+        );
     }
     match headers.get(TOKEN_HEADER).map(|v| v.to_str().unwrap_or("")) {
         Some(token) => match (facts.verify_token)(token) {
@@ -201,10 +220,36 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if path == INFO_PATH {
         return grant.map(|g| Decision::Info(g.role.clone())).unwrap_or_else(|refusal| refusal);
     }
-    if facts.proxy_allow.iter().any(|p| p == path) {
+    // Byte for byte, and only plain paths: what the real service reads is what was allowed.
+    if facts.proxy_allow.iter().any(|p| p == path) && not_plain(path).is_none() {
         return Decision::Proxy;
     }
     refuse(StatusCode::NOT_FOUND, "not served", "not served to pods")
+}
+
+/// The container-credentials address serves `/v1/credentials` and nothing else, as the EKS Pod
+/// Identity agent does there. The protocol has no IMDSv2 tokens; its `Authorization` header
+/// plays their part: iamlinkd does not check the value (identity comes from the interface), only
+/// that the client could set a header at all, which a GET-only request forgery cannot.
+fn decide_container_credentials(method: &Method, path: &str, headers: &HeaderMap, role: &Resolution) -> Decision {
+    if path != CONTAINER_CREDENTIALS_PATH {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not served",
+            "only /v1/credentials is served on the container-credentials address",
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
+    }
+    if !headers.get(AUTHORIZATION).is_some_and(|v| !v.as_bytes().trim_ascii().is_empty()) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "authorization required",
+            "Authorization header required (set AWS_CONTAINER_AUTHORIZATION_TOKEN or AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)",
+        );
+    }
+    role_or_refusal(role).map(|g| Decision::ContainerCredentials(g.clone())).unwrap_or_else(|refusal| refusal)
 }
 
 async fn execute<S: AssumeRole>(
@@ -310,4 +355,40 @@ fn render_info(role: &Role) -> String {
         "InstanceProfileId": format!("AIPA{id}"),
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide_with(to: Destination, allow: &[&str], method: Method, path: &str) -> Decision {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        let facts =
+            Facts { to, imdsv1: true, proxy_allow: &allow, role: &Resolution::NoRole, verify_token: &|_| Ok(()) };
+        decide(&method, path, &HeaderMap::new(), &facts)
+    }
+
+    #[test]
+    fn only_a_plain_path_equal_to_an_entry_is_proxied() {
+        let region = "/latest/meta-data/placement/region";
+        assert_eq!(decide_with(Destination::Metadata, &[region], Method::GET, region), Decision::Proxy);
+        for path in [
+            "/latest/meta-data/placement/%72egion",
+            "/latest/meta-data/placement/region/",
+            "/latest/meta-data//placement/region",
+            "/latest/meta-data/./placement/region",
+            "/latest/meta-data/placement",
+        ] {
+            let d = decide_with(Destination::Metadata, &[region], Method::GET, path);
+            assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{path}: {d:?}");
+        }
+        // Even an entry that config validation would refuse never proxies an unplain path.
+        for entry in ["/latest/meta-data/%69am/info", "/latest/meta-data/placement/../iam/info"] {
+            let d = decide_with(Destination::Metadata, &[entry], Method::GET, entry);
+            assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{entry}: {d:?}");
+        }
+        // The credentials address proxies nothing.
+        let d = decide_with(Destination::Credentials, &[region], Method::GET, region);
+        assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{d:?}");
+    }
 }

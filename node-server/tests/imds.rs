@@ -13,7 +13,7 @@ use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, PodRef, Stor
 use iamlinkd::app::App;
 use iamlinkd::config::Config;
 use iamlinkd::credentials::{AssumeRole, Credentials, SessionKey, StsError};
-use iamlinkd::identify::Conn;
+use iamlinkd::identify::{Conn, Destination};
 use iamlinkd::imds::answer;
 use iamlinkd::tokens::Tokens;
 
@@ -103,7 +103,14 @@ impl Bench {
             mark: self.app.config.mark_mask.mark_for(slot),
             accepted_at: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
+            original_dst: Some("169.254.169.254:80".parse().unwrap()),
+            to: Some(Destination::Metadata),
         }
+    }
+
+    /// The same pod's connection to the container-credentials address.
+    fn to_credentials_address(conn: &Conn) -> Conn {
+        Conn { original_dst: Some("169.254.170.23:80".parse().unwrap()), to: Some(Destination::Credentials), ..*conn }
     }
 
     async fn call(&self, conn: &Conn, method: Method, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
@@ -152,6 +159,7 @@ async fn a_pod_gets_its_own_role_and_credentials_json() {
 async fn the_container_credentials_endpoint_answers_for_the_same_pod() {
     let b = bench("");
     let web = b.pod(3, "team-a", "web");
+    let web = Bench::to_credentials_address(&web);
     let (status, body) = b.call(&web, Method::GET, "/v1/credentials", &[("authorization", "anything")]).await;
     assert_eq!(status, StatusCode::OK);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -160,8 +168,53 @@ async fn the_container_credentials_endpoint_answers_for_the_same_pod() {
     for field in ["AccessKeyId", "SecretAccessKey", "Expiration"] {
         assert!(json.get(field).is_some(), "{field} missing in {body}");
     }
-    let lonely = b.pod(4, "team-z", "x");
-    assert_eq!(b.call(&lonely, Method::GET, "/v1/credentials", &[]).await.0, StatusCode::NOT_FOUND);
+    let lonely = Bench::to_credentials_address(&b.pod(4, "team-z", "x"));
+    let auth = [("authorization", "anything")];
+    assert_eq!(b.call(&lonely, Method::GET, "/v1/credentials", &auth).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn container_credentials_need_an_authorization_header_and_their_own_address() {
+    let b = bench("");
+    let on_metadata = b.pod(3, "team-a", "web");
+    let web = Bench::to_credentials_address(&on_metadata);
+    for headers in [&[][..], &[("authorization", "")], &[("authorization", "  ")]] {
+        let (status, body) = b.call(&web, Method::GET, "/v1/credentials", headers).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert!(body.contains("AWS_CONTAINER_AUTHORIZATION_TOKEN") && !body.contains("SecretAccessKey"), "{body}");
+    }
+    // A GET-only forgery through 169.254.169.254 reaches no container credentials either.
+    let auth = [("authorization", "t")];
+    let (status, body) = b.call(&on_metadata, Method::GET, "/v1/credentials", &auth).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("169.254.170.23"), "{body}");
+    // The credentials address serves nothing of the metadata API, as the EKS agent's.
+    assert_eq!(b.call(&web, Method::GET, CREDS, &auth).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(b.call(&web, Method::GET, &format!("{CREDS}web-role"), &auth).await.0, StatusCode::NOT_FOUND);
+    let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "60")];
+    assert_eq!(b.call(&web, Method::PUT, "/latest/api/token", &ttl).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(b.call(&web, Method::POST, "/v1/credentials", &auth).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b.call(&web, Method::GET, "/v1/credentials", &auth).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_connection_that_did_not_come_through_the_rule_is_nobody_whatever_its_mark() {
+    let b = bench("");
+    let web = b.pod(3, "team-a", "web");
+    let direct = Conn { original_dst: Some("198.18.0.1:8181".parse().unwrap()), to: None, ..web };
+    let not_natted = Conn { original_dst: None, to: None, ..web };
+    for conn in [direct, not_natted] {
+        for (method, path, headers) in [
+            (Method::GET, CREDS, &[][..]),
+            (Method::GET, "/latest/meta-data/iam/security-credentials/web-role", &[]),
+            (Method::GET, "/v1/credentials", &[("authorization", "t")]),
+            (Method::PUT, "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "60")]),
+        ] {
+            let (status, body) = b.call(&conn, method.clone(), path, headers).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path} via {:?}", conn.original_dst);
+            assert!(body.contains("no pod identity") && body.contains("interception rule"), "{body}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -180,7 +233,13 @@ async fn pods_never_see_each_others_roles_or_tokens() {
 #[tokio::test]
 async fn connections_without_a_current_pod_get_nothing() {
     let b = bench("");
-    let nobody = Conn { mark: 0, accepted_at: boottime_ns(), peer: "198.18.0.1:1".parse().unwrap() };
+    let nobody = Conn {
+        mark: 0,
+        accepted_at: boottime_ns(),
+        peer: "198.18.0.1:1".parse().unwrap(),
+        original_dst: Some("169.254.169.254:80".parse().unwrap()),
+        to: Some(Destination::Metadata),
+    };
     let (status, body) = b.call(&nobody, Method::GET, CREDS, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("no pod identity"), "{body}");
@@ -221,8 +280,10 @@ async fn imdsv1_can_be_refused() {
     let b = bench_with("imdsv1 = false\n", "");
     let web = b.pod(1, "team-a", "web");
     assert_eq!(b.call(&web, Method::GET, CREDS, &[]).await.0, StatusCode::UNAUTHORIZED);
-    // Container-credentials clients send no IMDSv2 token; that endpoint does not ask for one.
-    assert_eq!(b.call(&web, Method::GET, "/v1/credentials", &[]).await.0, StatusCode::OK);
+    // Container-credentials clients send no IMDSv2 token; that endpoint asks for its own header.
+    let container = Bench::to_credentials_address(&web);
+    assert_eq!(b.call(&container, Method::GET, "/v1/credentials", &[("authorization", "t")]).await.0, StatusCode::OK);
+    assert_eq!(b.call(&container, Method::GET, "/v1/credentials", &[]).await.0, StatusCode::UNAUTHORIZED);
     let token = b.token(&web).await;
     assert_eq!(b.call(&web, Method::GET, CREDS, &[("x-aws-ec2-metadata-token", &token)]).await.0, StatusCode::OK);
 }

@@ -3,10 +3,12 @@
 Real parts: namespaces and veths, ptp + host-local + the built iamlink plugin through libcni
 (`cnirt`), the nftables interception and packet marks, the built iamlinkd; the spoofing pod uses
 `ip addr add` on its own eth0 and binds its client to the borrowed address, as a root process in a
-pod could. Emulated: STS by moto; the node's metadata service by the fake upstream.
+pod could; another agent's packet marks are an nftables table of its own in the node namespace.
+Emulated: STS by moto; the node's metadata service by the fake upstream.
 """
 
 import json
+import os
 
 import pytest
 
@@ -69,20 +71,57 @@ def test_forwarded_for_headers_do_not_change_who_asks(bench, key):
         assert r.get("status") == 404, (header, r)
 
 
+@pytest.fixture
+def another_component_marks_traffic_to_the_daemon(bench):
+    """A packet filter of another agent on the node (its own table, as Calico, Cilium or
+    kube-proxy keep theirs) that marks pod traffic to the daemon's address and port, and the
+    node's own traffic to it, with bits inside iamlink's mask: exactly the mark of the slot that
+    team-a/batch holds. Such a mark must never be read as batch's identity."""
+    victim = bench.by_key["team-a/batch"]
+    with open(os.path.join(bench.store_dir, "records", f"{victim.cid}.eth0.json")) as f:
+        slot = json.load(f)["slot"]
+    assert 0 < slot < 0x80, slot  # the default mask 0x307f keeps slots below 128 in its low bits
+    rules = f"""
+table inet other-agent {{
+  chain pre {{
+    type filter hook prerouting priority mangle + 5; policy accept;
+    ip daddr 198.18.0.1 tcp dport 8181 meta mark set meta mark or {slot:#x}
+  }}
+  chain out {{
+    type route hook output priority mangle + 5; policy accept;
+    ip daddr 198.18.0.1 tcp dport 8181 meta mark set meta mark or {slot:#x}
+  }}
+}}
+"""
+    bench.node.exec(["nft", "-f", "-"], input=rules)
+    try:
+        yield victim
+    finally:
+        bench.node.exec(["nft", "delete", "table", "inet", "other-agent"])
+
+
+DIRECT = ("--host", "198.18.0.1", "--port", "8181", "--timeout", "2")
+
+
 @pytest.mark.parametrize("key", ["team-a/web", "team-c/norole"])
-def test_pod_connecting_to_the_daemon_directly_gets_its_own_role_or_nothing(bench, key):
+def test_pod_connecting_to_the_daemon_directly_gets_404_even_with_another_agents_mark(
+        bench, key, another_component_marks_traffic_to_the_daemon):
     pod = bench.by_key[key]
-    answer = pod.imds("creds", "--host", "198.18.0.1", "--port", "8181", "--timeout", "2")
-    assert_own_role_or_nothing(bench, pod, answer, "direct to 198.18.0.1:8181")
-    v1 = pod.imds("creds", "--v1", "--host", "198.18.0.1", "--port", "8181", "--timeout", "2")
-    assert_own_role_or_nothing(bench, pod, v1, "direct to 198.18.0.1:8181 (IMDSv1)")
-    for role in ALL_ROLES:
-        r = pod.imds("request", "GET", CREDS + role, "--host", "198.18.0.1", "--port", "8181", "--timeout", "2")
-        if r.get("status") == 200:
-            assert role == pod.role and not bench.upstream.leaked(r["body"]), r
+    for headers in ([], ["-H", "X-aws-ec2-metadata-token: x"]):
+        r = pod.imds("request", "GET", CREDS, *headers, *DIRECT)
+        assert r.get("status") == 404 and "no pod identity" in r.get("body", ""), r
+    t = pod.imds("request", "PUT", "/latest/api/token", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60", *DIRECT)
+    assert t.get("status") == 404, t
+    for path in [CREDS + role for role in ALL_ROLES] + ["/latest/meta-data/iam/info", "/v1/credentials"]:
+        r = pod.imds("request", "GET", path, "-H", "Authorization: x", *DIRECT)
+        assert r.get("status") == 404 and not bench.upstream.leaked(r.get("body", "")), (path, r)
+    # Through the metadata address the same pod is still itself.
+    answer = pod.imds("creds", "--timeout", "2")
+    assert_own_role_or_nothing(bench, pod, answer, "through 169.254.169.254")
+    assert answer.get("ok") == bool(pod.role), answer
 
 
-def test_process_in_the_node_connecting_to_the_daemon_gets_404(bench):
+def test_process_in_the_node_connecting_to_the_daemon_gets_404(bench, another_component_marks_traffic_to_the_daemon):
     def ask(*args):
         p = bench.node.exec([PYTHON, IMDS_CLIENT, *args, "--host", "198.18.0.1", "--port", "8181"], check=True)
         return json.loads(p.stdout)
@@ -92,6 +131,6 @@ def test_process_in_the_node_connecting_to_the_daemon_gets_404(bench):
         r = ask("request", "GET", CREDS + role)
         assert r.get("status") == 404, (role, r)
     t = ask("request", "PUT", "/latest/api/token", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60")
-    if t.get("status") == 200:
-        r = ask("request", "GET", CREDS, "-H", f"X-aws-ec2-metadata-token: {t['body']}")
-        assert r.get("status") in (401, 404), r
+    assert t.get("status") == 404, t
+    r = ask("request", "GET", "/v1/credentials", "-H", "Authorization: x")
+    assert r.get("status") == 404 and not bench.upstream.leaked(r.get("body", "")), r

@@ -44,8 +44,9 @@ def assert_gets_own_role(bench, pod, role):
 def assert_gets_no_identity(bench, pod, others):
     """No answer to `pod` names a role or carries credentials (its own, another pod's, the node's)."""
     paths = (CREDS, CREDS + "web", CREDS + "batch", "/v1/credentials", "/latest/meta-data/iam/info")
+    container = {"/v1/credentials": {"addr": ("169.254.170.23", 80), "headers": [("Authorization", "t")]}}
     with NetnsThreads(pod.netns) as t:
-        replies = [t.call(request, "GET", path) for path in paths]
+        replies = [t.call(request, "GET", path, **container.get(path, {})) for path in paths]
     for path, r in zip(paths, replies):
         assert r.status is not None and r.status >= 400, f"{pod} {path}: {r}"
         assert not bench.upstream.leaked(r.text), f"{pod} {path} leaked the node's identity: {r}"

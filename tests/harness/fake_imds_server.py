@@ -94,6 +94,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "Code": "Success", "LastUpdated": now, "Type": "AWS-HMAC",
                 "AccessKeyId": creds["AccessKeyId"], "SecretAccessKey": creds["SecretAccessKey"],
                 "Token": creds["Token"], "Expiration": creds["Expiration"]}), "application/json"),
+            # The instance's own identity credentials (what the EC2 agents use), the node's too.
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance": (json.dumps({
+                "Code": "Success", "LastUpdated": now, "Type": "AWS-HMAC",
+                "AccessKeyId": creds["AccessKeyId"], "SecretAccessKey": creds["SecretAccessKey"],
+                "Token": creds["Token"], "Expiration": creds["Expiration"]}), "application/json"),
             "/latest/meta-data/iam/info": (json.dumps({
                 "Code": "Success", "LastUpdated": now,
                 "InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/" + ROLE,

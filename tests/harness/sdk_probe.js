@@ -6,7 +6,9 @@
 //     default  the client's default chain (fromNodeProviderChain): env, files, then the container
 //              endpoint when AWS_CONTAINER_CREDENTIALS_FULL_URI is set, else instance metadata
 //     imds     fromInstanceMetadata (IMDSv2, falling back to v1 as the SDK does)
-//     http     fromHttp: AWS_CONTAINER_CREDENTIALS_FULL_URI (EKS Pod Identity's provider)
+//     http     fromHttp: AWS_CONTAINER_CREDENTIALS_FULL_URI with AWS_CONTAINER_AUTHORIZATION_TOKEN
+//              or AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE (EKS Pod Identity's provider; the older
+//              fromContainerMetadata accepts only loopback hosts in a full URI, so not 169.254.170.23)
 //
 // Modules come from NODE_PATH (scripts/setup installs them in .build/node).
 "use strict";
