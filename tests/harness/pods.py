@@ -162,11 +162,11 @@ class Pods:
         os.chmod(exe, 0o755)
         return bin_dir
 
-    def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60):
+    def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60, conflist=None):
         """Run `cnirt cmd` for pod inside the node; netns defaults to the pod's (use "" for none)."""
         if not os.access(self.cnirt, os.X_OK):
             raise FileNotFoundError(f"{self.cnirt} is not built: run scripts/setup")
-        argv = [self.cnirt, cmd, "--conflist", self.conflist_path, "--bin-dir", self.bin_dirs,
+        argv = [self.cnirt, cmd, "--conflist", conflist or self.conflist_path, "--bin-dir", self.bin_dirs,
                 "--netns", pod.netns_path if netns is None else netns, "--cid", pod.cid,
                 "--ifname", "eth0", "--args", pod.cni_args(), "--cache-dir", self.cache_dir] + list(extra)
         if pod.annotations is not None:
@@ -202,6 +202,17 @@ class Pods:
                 self.live.remove(pod)
         if remove_netns:
             self.node.delete_netns(pod.netns)
+
+    def del_iamlink_only(self, pod):
+        """The DEL of the chain's last plugin (iamlink) alone, with libcni's cached result: what
+        a node has between iamlink's DEL and the first plugin's (libcni runs DEL in reverse order,
+        and containerd retries a DEL whose first plugin failed), when the pod's interface is still
+        up. A later `delete` finishes the chain's DEL. Returns the run."""
+        only = dict(self.conflist, plugins=[p for p in self.conflist["plugins"] if p["type"] == "iamlink"])
+        path = os.path.join(self.dir, "iamlink-only.conflist")
+        with open(path, "w") as f:
+            json.dump(only, f, indent=2)
+        return self.cnirt_run("del", pod, conflist=path)
 
     def del_again(self, pod):
         """containerd's RemovePodSandbox DEL: empty CNI_NETNS and no prevResult. Returns the run."""
