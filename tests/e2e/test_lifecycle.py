@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from conftest import add_standard_pods
-from harness import PYTHON, is_assumed_role, parse_time
+from harness import PYTHON, is_assumed_role, parse_time, wait_until
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
 
@@ -182,3 +182,32 @@ def test_keep_alive_connection_held_across_its_slots_reuse_is_never_answered_for
     bench.pods.delete(web)
     mine = batch.imds("creds")
     assert mine["ok"] and mine["role"] == "batch", f"{batch} after web's full DEL: {mine}"
+
+
+@pytest.mark.xfail(strict=True, reason="defect: iamlinkd dates a connection at accept(), not at its handshake, so a "
+                   "connection queued before its pod's DEL is identified as the pod that reuses the slot")
+def test_connection_waiting_in_the_accept_queue_across_its_slots_reuse_is_never_answered_for_the_new_pod(make_bench):
+    """web's connection completes its handshake and sends its request while iamlinkd is slow to
+    accept (stopped here with SIGSTOP: the kernel still completes handshakes into the listen
+    queue); web's record goes and batch takes the same slot before iamlinkd accepts."""
+    bench = make_bench()
+    web = bench.pods.add("team-a", "web")
+    slot = record_of(bench, web)["slot"]
+    pid = bench.daemon.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client = bench.node.spawn([PYTHON, "-c", KEEPALIVE_CLIENT.replace("timeout=5", "timeout=30")],
+                                  netns=web.netns, env=web.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        wait_until(lambda: bench.node.exec(["ss", "-tnH", "state", "established", "sport", "= :8181"]).stdout.strip(),
+                   10, "web's connection in iamlinkd's listen queue")
+        gone = bench.pods.del_iamlink_only(web)
+        assert gone.returncode == 0, f"{gone.stdout} {gone.stderr}"
+        batch = bench.pods.add("team-a", "batch")
+        assert record_of(bench, batch)["slot"] == slot, "the lowest free slot, web's, was not reused"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    first = json.loads(client.stdout.readline())
+    assert first["listing"].get("status") != 200 and first["creds"].get("status") != 200, (
+        f"{web}'s connection, established before {batch} took slot {slot}, was answered: {first}")
+    client.stdin.close()
