@@ -1,7 +1,8 @@
 """A metadata-service client run inside a pod (standard library only), printing JSON.
 
     imds_client.py request METHOD PATH [-H 'Name: value']... [common options]
-        one raw request -> {"status", "headers", "body"} or {"error"}
+        one raw request -> {"status", "headers", "body"} or {"error"} ("connect-timeout" when
+        the handshake did not complete, "timeout" when an answer did not come)
     imds_client.py creds [--v1] [--ttl N] [common options]
         what an SDK does: token PUT (unless --v1), role listing, that role's credentials
         -> {"ok", "role", "creds", "steps": [...]} or {"ok": false, "error" | "status", ...}
@@ -25,6 +26,10 @@ import time
 CREDS_PATH = "/latest/meta-data/iam/security-credentials/"
 
 
+class ConnectTimeout(socket.timeout):
+    """The TCP handshake did not complete in time (no SYN-ACK came back)."""
+
+
 class Client:
     def __init__(self, host, port, source, timeout):
         self.host, self.port, self.timeout = host, port, timeout
@@ -34,6 +39,10 @@ class Client:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
                                           source_address=self.source)
         try:
+            try:
+                conn.connect()
+            except socket.timeout as e:
+                raise ConnectTimeout(str(e)) from e
             conn.request(method, path, headers=headers or {})
             r = conn.getresponse()
             body = r.read().decode("utf-8", "replace")
@@ -43,6 +52,8 @@ class Client:
 
 
 def error_kind(e):
+    if isinstance(e, ConnectTimeout):
+        return "connect-timeout"
     if isinstance(e, ConnectionRefusedError):
         return "refused"
     if isinstance(e, (socket.timeout, TimeoutError)):

@@ -4,11 +4,12 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import uuid
 
 from .netns import netns_path
-from .util import BASE_PATH, CNIRT, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS, RELEASE, tool
+from .util import AWS_VPC_CNI_SHAPED, BASE_PATH, CNIRT, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS, RELEASE, tool
 
 NETWORK = "iamlink-test"
 
@@ -99,16 +100,23 @@ class Pods:
 
     `subnet`, `range_start`, `range_end` set host-local's range (the churn test uses a tiny one so
     addresses are reused at once); `subnet6` adds an IPv6 range (dual-stack pods). `with_iamlink=False` gives a ptp-only chain (bench self-tests).
+    `chain="aws-vpc-cni"` puts aws_vpc_cni_shaped.py (host interfaces named after the pod, a
+    leftover of that name deleted by the next ADD, aws-vpc-cni's 0.4.0 result) where ptp is, with
+    the same host-local range.
     """
 
     def __init__(self, node, store_dir, subnet="198.18.64.0/24", range_start=None, range_end=None,
                  gateway=None, with_iamlink=True, daemon_address="198.18.0.1:8181", netconf=None, subnet6=None,
-                 cnirt=CNIRT, bin_dirs=(REFERENCE_PLUGINS, RELEASE)):
+                 cnirt=CNIRT, bin_dirs=(REFERENCE_PLUGINS, RELEASE), chain="ptp"):
         self.node = node
         self.store_dir = store_dir
         self.cnirt = cnirt
-        self.bin_dirs = ":".join(bin_dirs)
         self.dir = os.path.join(node.workdir, "cni")
+        if chain == "aws-vpc-cni":
+            bin_dirs = tuple(bin_dirs) + (self._aws_vpc_cni_shaped_bin(),)
+        elif chain != "ptp":
+            raise ValueError(f"unknown chain {chain!r}")
+        self.bin_dirs = ":".join(bin_dirs)
         self.cache_dir = os.path.join(self.dir, "cache")
         self.home = os.path.join(node.workdir, "pod-home")
         self.plugin_log = os.path.join(node.workdir, "iamlink-cni.log")
@@ -123,20 +131,22 @@ class Pods:
             rng["rangeEnd"] = range_end
         rng["gateway"] = gateway or str(net.network_address + 1)
         self.gateway = rng["gateway"]
-        plugins = [{
-            "type": "ptp",
-            "ipMasq": False,
-            "ipam": {"type": "host-local", "ranges": [[rng]] + ([[{"subnet": subnet6}]] if subnet6 else []),
-                     "dataDir": os.path.join(self.dir, "ipam"),
-                     "routes": [{"dst": "198.18.0.0/24"}]},
-        }]
+        ipam = {"type": "host-local", "ranges": [[rng]] + ([[{"subnet": subnet6}]] if subnet6 else []),
+                "dataDir": os.path.join(self.dir, "ipam"),
+                "routes": [{"dst": "198.18.0.0/24"}]}
+        if chain == "ptp":
+            plugins = [{"type": "ptp", "ipMasq": False, "ipam": ipam}]
+        else:
+            plugins = [{"type": "aws-vpc-cni-shaped", "ipam": ipam, "stateDir": os.path.join(self.dir, "aws-vpc-cni")}]
         if with_iamlink:
             # The capability makes libcni (as containerd) pass the pod's annotations in runtimeConfig.
             iamlink = {"type": "iamlink", "daemonAddress": daemon_address, "storeDir": store_dir,
                        "logFile": self.plugin_log, "capabilities": {"io.kubernetes.cri.pod-annotations": True}}
             iamlink.update(netconf or {})
             plugins.append(iamlink)
-        self.conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins}
+        # aws-vpc-cni's conflist is at 0.4.0 (REFERENCE.md), ours at 1.0.0.
+        version = "1.0.0" if chain == "ptp" else "0.4.0"
+        self.conflist = {"cniVersion": version, "name": NETWORK, "plugins": plugins}
         self.conflist_path = os.path.join(self.dir, "10-iamlink-test.conflist")
         self._write_conflist()
         self.live = []
@@ -150,11 +160,21 @@ class Pods:
         self.conflist["plugins"][-1].update(keys)
         self._write_conflist()
 
-    def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60):
+    def _aws_vpc_cni_shaped_bin(self):
+        """A bin dir holding the plugin `aws-vpc-cni-shaped` (aws_vpc_cni_shaped.py run by this Python)."""
+        bin_dir = os.path.join(self.dir, "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        exe = os.path.join(bin_dir, "aws-vpc-cni-shaped")
+        with open(exe, "w") as f:
+            f.write(f"#!/bin/sh\nexec {shlex.quote(PYTHON)} {shlex.quote(AWS_VPC_CNI_SHAPED)} \"$@\"\n")
+        os.chmod(exe, 0o755)
+        return bin_dir
+
+    def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60, conflist=None):
         """Run `cnirt cmd` for pod inside the node; netns defaults to the pod's (use "" for none)."""
         if not os.access(self.cnirt, os.X_OK):
             raise FileNotFoundError(f"{self.cnirt} is not built: run scripts/setup")
-        argv = [self.cnirt, cmd, "--conflist", self.conflist_path, "--bin-dir", self.bin_dirs,
+        argv = [self.cnirt, cmd, "--conflist", conflist or self.conflist_path, "--bin-dir", self.bin_dirs,
                 "--netns", pod.netns_path if netns is None else netns, "--cid", pod.cid,
                 "--ifname", "eth0", "--args", pod.cni_args(), "--cache-dir", self.cache_dir] + list(extra)
         if pod.annotations is not None:
@@ -190,6 +210,17 @@ class Pods:
                 self.live.remove(pod)
         if remove_netns:
             self.node.delete_netns(pod.netns)
+
+    def del_iamlink_only(self, pod):
+        """The DEL of the chain's last plugin (iamlink) alone, with libcni's cached result: what
+        a node has between iamlink's DEL and the first plugin's (libcni runs DEL in reverse order,
+        and containerd retries a DEL whose first plugin failed), when the pod's interface is still
+        up. A later `delete` finishes the chain's DEL. Returns the run."""
+        only = dict(self.conflist, plugins=[p for p in self.conflist["plugins"] if p["type"] == "iamlink"])
+        path = os.path.join(self.dir, "iamlink-only.conflist")
+        with open(path, "w") as f:
+            json.dump(only, f, indent=2)
+        return self.cnirt_run("del", pod, conflist=path)
 
     def del_again(self, pod):
         """containerd's RemovePodSandbox DEL: empty CNI_NETNS and no prevResult. Returns the run."""

@@ -14,6 +14,7 @@ IAMLINK_PLUGIN = os.path.join(RELEASE, "iamlink")
 CNIRT = os.path.join(REPO, ".build", "bin", "cnirt")
 REFERENCE_PLUGINS = "/usr/lib/cni"
 IMDS_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imds_client.py")
+AWS_VPC_CNI_SHAPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aws_vpc_cni_shaped.py")
 FAKE_IMDS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_imds_server.py")
 
 # The interpreter running the harness; its bin dir holds moto_server and aws (pyenv shims
