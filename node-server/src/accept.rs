@@ -3,7 +3,9 @@
 //! address the client dialled before the interception rule's DNAT (conntrack's original tuple).
 
 use std::convert::Infallible;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use nix::errno::Errno;
+use nix::libc;
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -64,6 +67,25 @@ fn original_destination(stream: &TcpStream, peer: SocketAddr) -> Option<SocketAd
     }
 }
 
+/// A CLOCK_BOOTTIME by which `stream` was established: the handshake came before the last data
+/// and the last ACK the kernel received (TCP_INFO gives their ages), so the earlier of the two
+/// bounds it from above. `now` when TCP_INFO cannot be read.
+fn last_heard(stream: &TcpStream, now: u64) -> u64 {
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a zeroed tcp_info and `len` its size; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    if rc != 0 {
+        return now;
+    }
+    // SAFETY: a tcp_info is plain integers; zeroed and partly overwritten by the kernel, it is valid.
+    let info = unsafe { info.assume_init() };
+    let age_ms = info.tcpi_last_data_recv.max(info.tcpi_last_ack_recv);
+    now.saturating_sub(u64::from(age_ms) * 1_000_000)
+}
+
 pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
     let intercepted: Vec<IpAddr> = app.config.rule_set().addresses;
     loop {
@@ -99,7 +121,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
             debug!(%peer, slot, "pod has too many open connections; closing");
             continue;
         };
-        let conn = Conn { mark, accepted_at, peer, original_dst, to };
+        let conn = Conn { mark, established_by: last_heard(&stream, accepted_at), peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
             let _place = place;

@@ -93,7 +93,8 @@ impl Bench {
             pod: PodRef { namespace: namespace.into(), name: name.into(), uid: format!("uid-{slot}") },
             ips: vec!["198.18.64.2/24".into()],
             created: now_rfc3339(),
-            created_boottime_ns: boottime_ns(),
+            // A pod whose record was written a second ago.
+            created_boottime_ns: boottime_ns() - 1_000_000_000,
             runtime_annotations: None,
         };
         let store = &self.app.store;
@@ -101,7 +102,7 @@ impl Bench {
         store.insert(&lock, &record).unwrap();
         Conn {
             mark: self.app.config.mark_mask.mark_for(slot),
-            accepted_at: boottime_ns(),
+            established_by: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
             original_dst: Some("169.254.169.254:80".parse().unwrap()),
             to: Some(Destination::Metadata),
@@ -235,7 +236,7 @@ async fn connections_without_a_current_pod_get_nothing() {
     let b = bench("");
     let nobody = Conn {
         mark: 0,
-        accepted_at: boottime_ns(),
+        established_by: boottime_ns(),
         peer: "198.18.0.1:1".parse().unwrap(),
         original_dst: Some("169.254.169.254:80".parse().unwrap()),
         to: Some(Destination::Metadata),
@@ -247,8 +248,9 @@ async fn connections_without_a_current_pod_get_nothing() {
     let empty_slot = Conn { mark: b.app.config.mark_mask.mark_for(9), ..nobody };
     assert_eq!(b.call(&empty_slot, Method::GET, CREDS, &[]).await.0, StatusCode::NOT_FOUND);
 
-    // A connection accepted before the record that now holds its slot was written.
-    let early = Conn { mark: b.app.config.mark_mask.mark_for(4), accepted_at: boottime_ns(), ..nobody };
+    // A connection heard from before the record that now holds its slot was written.
+    let early =
+        Conn { mark: b.app.config.mark_mask.mark_for(4), established_by: boottime_ns() - 2_000_000_000, ..nobody };
     b.pod(4, "team-a", "web");
     let (status, body) = b.call(&early, Method::GET, CREDS, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

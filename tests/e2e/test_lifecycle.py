@@ -184,8 +184,6 @@ def test_keep_alive_connection_held_across_its_slots_reuse_is_never_answered_for
     assert mine["ok"] and mine["role"] == "batch", f"{batch} after web's full DEL: {mine}"
 
 
-@pytest.mark.xfail(strict=True, reason="defect: iamlinkd dates a connection at accept(), not at its handshake, so a "
-                   "connection queued before its pod's DEL is identified as the pod that reuses the slot")
 def test_connection_waiting_in_the_accept_queue_across_its_slots_reuse_is_never_answered_for_the_new_pod(make_bench):
     """web's connection completes its handshake and sends its request while iamlinkd is slow to
     accept (stopped here with SIGSTOP: the kernel still completes handshakes into the listen
