@@ -67,9 +67,9 @@ fn original_destination(stream: &TcpStream, peer: SocketAddr) -> Option<SocketAd
     }
 }
 
-/// A CLOCK_BOOTTIME by which `stream` was established: the handshake came before the last data
-/// and the last ACK the kernel received (TCP_INFO gives their ages), so the earlier of the two
-/// bounds it from above. `now` when TCP_INFO cannot be read.
+/// The CLOCK_BOOTTIME of the last segment the kernel received of `stream` (TCP_INFO gives the
+/// ages of the last data and the last ACK; the handshake came before both). `now` when TCP_INFO
+/// cannot be read.
 fn last_heard(stream: &TcpStream, now: u64) -> u64 {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -82,7 +82,7 @@ fn last_heard(stream: &TcpStream, now: u64) -> u64 {
     }
     // SAFETY: a tcp_info is plain integers; zeroed and partly overwritten by the kernel, it is valid.
     let info = unsafe { info.assume_init() };
-    let age_ms = info.tcpi_last_data_recv.max(info.tcpi_last_ack_recv);
+    let age_ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
     now.saturating_sub(u64::from(age_ms) * 1_000_000)
 }
 
@@ -121,7 +121,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
             debug!(%peer, slot, "pod has too many open connections; closing");
             continue;
         };
-        let conn = Conn { mark, established_by: last_heard(&stream, accepted_at), peer, original_dst, to };
+        let conn = Conn { mark, accepted_at, heard_at: last_heard(&stream, accepted_at), peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
             let _place = place;

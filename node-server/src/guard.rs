@@ -21,6 +21,7 @@ use tracing::warn;
 use crate::app::App;
 use crate::credentials::AssumeRole;
 use crate::metrics::Metrics;
+use crate::watch::notified;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// `NFNLGRP_NFTABLES`: every committed nf_tables change.
@@ -140,14 +141,8 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     let addresses = app.config.rule_set().addresses;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
-        let changed = async {
-            match &events {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            _ = changed => {}
+            _ = notified(&events) => {}
             _ = tick.tick() => {}
         }
         let checker = app.clone();

@@ -38,20 +38,20 @@ impl Destination {
     }
 }
 
-/// TCP_INFO's ages count jiffies in milliseconds (a jiffy is up to 10 ms): a connection heard from
-/// less than this after its slot's record was written counts as older than the record. No real
-/// pod connects that soon after its record: ADD has routes to add and the runtime a container
-/// to start.
-pub const CLOCK_SLACK_NS: u64 = 25_000_000;
+/// TCP_INFO's ages count whole jiffies (a jiffy is up to 10 ms): the last segment was received
+/// up to this much later than they say.
+pub const JIFFY_SLACK_NS: u64 = 10_000_000;
 
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
     pub mark: u32,
-    /// CLOCK_BOOTTIME by which the connection was established: when the kernel last received a
-    /// segment of it before the accept. A connection that waited in the listen queue while its
-    /// pod went and another took the slot is dated by its client, not by the accept.
-    pub established_by: u64,
+    /// CLOCK_BOOTTIME when accepted, compared with the record's creation.
+    pub accepted_at: u64,
+    /// CLOCK_BOOTTIME of the last segment the kernel received of it before the accept (TCP_INFO,
+    /// jiffy precision): a connection that waited in the listen queue while its pod went and
+    /// another took the slot is dated by its client, not by the accept.
+    pub heard_at: u64,
     pub peer: SocketAddr,
     /// The destination the client dialled, before the DNAT (None: conntrack has no entry, so
     /// the connection was not NATed), kept for the log.
@@ -104,7 +104,8 @@ pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord,
     if record.slot != slot {
         return Err(Unidentified::WrongSlot(slot, record.slot));
     }
-    if record.created_boottime_ns.saturating_add(CLOCK_SLACK_NS) > conn.established_by {
+    let heard_by = conn.heard_at.saturating_add(JIFFY_SLACK_NS);
+    if record.created_boottime_ns > conn.accepted_at || record.created_boottime_ns > heard_by {
         return Err(Unidentified::Stale(slot));
     }
     Ok(record)

@@ -48,6 +48,14 @@ pub fn watch_dir(dir: &Path, thread_name: &str) -> Option<Arc<Notify>> {
     Some(notify)
 }
 
+/// The next wake-up of a watcher; never, without one (the caller's tick still runs).
+pub async fn notified(watcher: &Option<Arc<Notify>>) {
+    match watcher {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `pod_changes`: pod objects from the API view, so that a pod the view learns about after its
 /// record appeared (or whose annotations changed) has its credentials fetched at once too.
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::Receiver<PodChange>>) {
@@ -64,14 +72,8 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
     let mut last_refresh = Instant::now();
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     loop {
-        let store_changed = async {
-            match &watch {
-                Some(w) => w.notified().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            _ = store_changed => {}
+            _ = notified(&watch) => {}
             _ = tick.tick() => {}
             Some(change) = next_change(&mut pod_changes) => {
                 prefetch_pod(&app, &change, &live_records);

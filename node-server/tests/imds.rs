@@ -102,7 +102,8 @@ impl Bench {
         store.insert(&lock, &record).unwrap();
         Conn {
             mark: self.app.config.mark_mask.mark_for(slot),
-            established_by: boottime_ns(),
+            accepted_at: boottime_ns(),
+            heard_at: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
             original_dst: Some("169.254.169.254:80".parse().unwrap()),
             to: Some(Destination::Metadata),
@@ -236,7 +237,8 @@ async fn connections_without_a_current_pod_get_nothing() {
     let b = bench("");
     let nobody = Conn {
         mark: 0,
-        established_by: boottime_ns(),
+        accepted_at: boottime_ns(),
+        heard_at: boottime_ns(),
         peer: "198.18.0.1:1".parse().unwrap(),
         original_dst: Some("169.254.169.254:80".parse().unwrap()),
         to: Some(Destination::Metadata),
@@ -249,8 +251,12 @@ async fn connections_without_a_current_pod_get_nothing() {
     assert_eq!(b.call(&empty_slot, Method::GET, CREDS, &[]).await.0, StatusCode::NOT_FOUND);
 
     // A connection heard from before the record that now holds its slot was written.
-    let early =
-        Conn { mark: b.app.config.mark_mask.mark_for(4), established_by: boottime_ns() - 2_000_000_000, ..nobody };
+    let early = Conn {
+        mark: b.app.config.mark_mask.mark_for(4),
+        accepted_at: boottime_ns() - 2_000_000_000,
+        heard_at: boottime_ns() - 2_000_000_000,
+        ..nobody
+    };
     b.pod(4, "team-a", "web");
     let (status, body) = b.call(&early, Method::GET, CREDS, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
