@@ -3,7 +3,7 @@
 //! A firewall reload (`nft flush ruleset`), another agent deleting `table inet iamlink` or one of
 //! its map elements: nf_tables reports every change on its multicast group, and the change wakes
 //! a check that rebuilds what the store says should be there, under the store lock. A one-second
-//! tick covers the routing-policy rules (not nftables state) and a lost event. Each repair is
+//! tick covers the routing-policy rules (not nftables state); lost events count as a change. Each repair is
 //! logged and counted; while the table is being replaced `/readyz` is false and new connections
 //! are closed unanswered, so that no mark is read before its layout is verified.
 
@@ -141,15 +141,20 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     let addresses = app.config.rule_set().addresses;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
-        tokio::select! {
-            _ = notified(&events) => {}
-            _ = tick.tick() => {}
-        }
-        let checker = app.clone();
-        match tokio::task::spawn_blocking(move || check_rule_set(&checker)).await {
-            Ok(Ok(())) => app.metrics.set_interception_verified(true),
-            Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
-            Err(e) => warn!(error = %e, "rule set check did not finish"),
+        // The rule set is read (an `nft` run) when nf_tables says it changed, when events were
+        // lost (the reader reports ENOBUFS as a change), or every second while it is unverified
+        // or without events; the policy rules (one netlink dump) at every tick.
+        let changed = tokio::select! {
+            _ = notified(&events) => true,
+            _ = tick.tick() => events.is_none() || !app.metrics.interception_verified(),
+        };
+        if changed {
+            let checker = app.clone();
+            match tokio::task::spawn_blocking(move || check_rule_set(&checker)).await {
+                Ok(Ok(())) => app.metrics.set_interception_verified(true),
+                Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
+                Err(e) => warn!(error = %e, "rule set check did not finish"),
+            }
         }
         if let Some(node) = &node {
             match node.ensure_policy_rules(&addresses).await {
