@@ -125,7 +125,13 @@ fn nft_events(metrics: &Arc<Metrics>) -> Option<Arc<Notify>> {
     Some(notify)
 }
 
-/// Runs for the daemon's life: checks at each nf_tables event and every second.
+/// Whether the event reader still runs: it holds the only weak reference to its `Notify`.
+fn events_alive(events: &Option<Arc<Notify>>) -> bool {
+    events.as_ref().is_some_and(|n| Arc::weak_count(n) > 0)
+}
+
+/// Runs for the daemon's life: checks the rule set at each nf_tables event (every second when
+/// there are none to be had), the policy rules every second.
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
     let events = nft_events(&app.metrics);
     if events.is_none() {
@@ -146,7 +152,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
         // or without events; the policy rules (one netlink dump) at every tick.
         let changed = tokio::select! {
             _ = notified(&events) => true,
-            _ = tick.tick() => events.is_none() || !app.metrics.interception_verified(),
+            _ = tick.tick() => !events_alive(&events) || !app.metrics.interception_verified(),
         };
         if changed {
             let checker = app.clone();
