@@ -309,9 +309,8 @@ impl RuleSet {
     /// judged invalid): forwarded, it would reach the real service untouched.
     fn base_script(&self) -> String {
         let t = format!("inet {TABLE}");
-        let mut script = self.base_rules();
         let layout = format!("{LAYOUT_PREFIX}{} mask {} base {}", LAYOUT_VERSION, self.mask, self.base_hash());
-        script = script.replace("@LAYOUT@", &layout);
+        let script = self.base_rules().replace("@LAYOUT@", &layout);
         format!(
             "add table {t}\n\
              add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
