@@ -119,7 +119,7 @@ def explain(r):
             "(In Kubernetes the application starts well after ADD — image, container start — so pods rarely see it; the "
             "target is about the worst case.) Two changes, in order of effect:\n\n"
             "1. Make ADD return only once the pod's credentials are cached, with a bound: iamlinkd marks a slot ready "
-            "after its prefetch (e.g. `node-server/src/watch.rs` `prefetch` creates `<store>/ready/<slot>` when "
+            "after its prefetch (e.g. `node-server/src/creds/refresh.rs` `prefetch` creates `<store>/ready/<slot>` when "
             "`cache.get` succeeds; the plugin's `cmd_del`/`Store::remove` deletes it) and `cni-plugin/src/commands.rs` "
             "`cmd_add` waits for it (inotify on `ready/`, at most ~1 s, never failing ADD on timeout: the pod then "
             "behaves as today). ADD grows by the STS time when STS is slow, which is the intended trade; a pod "

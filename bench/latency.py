@@ -270,15 +270,15 @@ def probe_all(b, pods, quick):
     return out
 
 
-G = r"(<.*>)?"  # generic parameters in a symbol, e.g. answer<iamlinkd::sts::Sts, ...>
+G = r"(<.*>)?"  # generic parameters in a symbol, e.g. answer<iamlinkd::creds::sts::Sts, ...>
 PATTERNS = [
-    ("identify: mark → slot → record (`identify::identify`)", rf"^iamlinkd::identify::identify{G}$"),
+    ("identify: mark → slot → record (`identify::identify`)", rf"^iamlinkd::request::identify::identify{G}$"),
     ("  of which reading + parsing the record file (`store::read_record`)", r"^iamlink_common::store::read_record$"),
     ("per-answer log line (tracing fmt `Subscriber::event`)",
      r"^<tracing_subscriber::fmt::Subscriber<.*> as tracing_core::subscriber::Subscriber>::event$"),
-    ("answering from the cache (`imds::execute`)", rf"^iamlinkd::imds::execute{G}::\{{\{{closure\}}\}}$"),
-    ("  of which rendering the JSON (`render_credentials`)", rf"^iamlinkd::imds::render_credentials{G}$"),
-    ("  of which the cache lookup (`Cache::get`)", rf"^iamlinkd::credentials::Cache<.*>::get{G}::\{{\{{closure\}}\}}$"),
+    ("answering from the cache (`imds::execute`)", rf"^iamlinkd::request::imds::execute{G}::\{{\{{closure\}}\}}$"),
+    ("  of which rendering the JSON (`render_credentials`)", rf"^iamlinkd::request::imds::render_credentials{G}$"),
+    ("  of which the cache lookup (`Cache::get`)", rf"^iamlinkd::creds::cache::Cache<.*>::get{G}::\{{\{{closure\}}\}}$"),
     ("writing answers to sockets (`writev`)", r"^__GI___writev$|^__writev$|^writev$"),
     ("reading requests from sockets (`recvfrom`)", r"^__libc_recv$|^__libc_recvfrom$|^recvfrom$|^__GI___recvfrom$"),
 ]
@@ -407,7 +407,7 @@ def explain(r):
         lines.append("")
         lines.append(
             "**Proposed fix** (iamlinkd, request path):\n\n"
-            f"1. `node-server/src/identify.rs` `identify` → `common/src/store.rs` `Store::by_slot` → `read_record`: "
+            f"1. `node-server/src/request/identify.rs` `identify` → `common/src/store.rs` `Store::by_slot` → `read_record`: "
             f"every request opens, stats, reads and closes `slots/<n>`'s record and parses its JSON{pct(ident)}: "
             "5 extra system calls per answer. Keep the last parsed record per slot in iamlinkd, keyed "
             "by the record file's identity from one `stat(2)` of `slots/<n>` (it follows the link): (st_dev, st_ino, "
@@ -416,13 +416,13 @@ def explain(r):
             "request (no lag behind churn; a removed link is a miss), with 1 system call instead of 5 and no JSON "
             "parse. Prototype: `bench/proposals/record-cache.patch`, measured there at ≈ −25 % CPU per answer "
             "(40.6 → 30.7 µs, throughput 0.45× → 0.59× of the bare server).\n"
-            + (f"2. The per-answer audit line (`node-server/src/imds.rs` `answer`, `info!`){pct(logs)}: it is already "
+            + (f"2. The per-answer audit line (`node-server/src/request/imds.rs` `answer`, `info!`){pct(logs)}: it is already "
                "handed to a non-blocking writer thread, so what is left on the request path is formatting it and "
                "waking the writer (the `futex`/`sched_yield` per answer above). Formatting into a reused buffer and "
                "letting the writer drain in batches (wake it per N lines or per millisecond, not per line) "
                "takes most of the rest.\n"
                if nonblocking else
-               f"2. `node-server/src/imds.rs` `answer`: the `info!` line per answer is formatted and written with one "
+               f"2. `node-server/src/request/imds.rs` `answer`: the `info!` line per answer is formatted and written with one "
                f"`write(2)` to stderr on the request path{pct(logs)}. Write through a non-blocking writer "
                "(`tracing-appender::non_blocking`, lossy=false with a bounded buffer) so the request path only "
                "formats into memory and a background thread writes lines in batches.\n")

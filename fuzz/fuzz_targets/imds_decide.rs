@@ -25,11 +25,11 @@ use std::sync::OnceLock;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 use iamlinkd::config::Config;
-use iamlinkd::identify::Destination;
-use iamlinkd::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
-use iamlinkd::proxy::not_plain;
-use iamlinkd::roles::{Grant, Resolution, Role, Source};
-use iamlinkd::tokens::{parse_ttl, TokenError, Tokens};
+use iamlinkd::request::identify::Destination;
+use iamlinkd::request::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
+use iamlinkd::request::proxy::not_plain;
+use iamlinkd::role::resolve::{Grant, Resolution, Role, Source};
+use iamlinkd::request::tokens::{parse_ttl, TokenError, Tokens};
 use libfuzzer_sys::fuzz_target;
 
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";

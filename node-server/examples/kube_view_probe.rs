@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Value};
 
 use iamlinkd::config::KubernetesConfig;
-use iamlinkd::kube_view::View;
+use iamlinkd::role::kube_view::View;
 
 fn usage() -> ! {
     eprintln!("usage: kube_view_probe KUBECONFIG NODE_NAME SECONDS");
@@ -81,7 +81,7 @@ async fn main() {
         runtime_annotations: true,
         require_namespace_permission: false,
     };
-    let client = match iamlinkd::kube_view::client(&config).await {
+    let client = match iamlinkd::role::kube_view::client(&config).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kube_view_probe: {e}");

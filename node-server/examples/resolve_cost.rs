@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use iamlink_common::PodRef;
 use iamlinkd::config::{PodRole, RolesConfig};
-use iamlinkd::policy::{self, Compiled};
-use iamlinkd::roles::{ApiPod, NamespaceFacts, PodFacts, Resolution, Role, Roles, ServiceAccountFacts};
+use iamlinkd::role::policy::{self, Compiled};
+use iamlinkd::role::resolve::{ApiPod, NamespaceFacts, PodFacts, Resolution, Role, Roles, ServiceAccountFacts};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/iamlink/";
 

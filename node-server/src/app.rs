@@ -6,14 +6,14 @@ use std::sync::Arc;
 use iamlink_common::{PodRecord, Store};
 
 use crate::config::Config;
-use crate::credentials::{session_name, AssumeRole, Cache, SessionKey};
-use crate::kube_view::View;
+use crate::creds::cache::{session_name, AssumeRole, Cache, SessionKey};
+use crate::role::kube_view::View;
 
-use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::proxy::Upstream;
-use crate::roles::{ApiPod, Grant, NamespaceFacts, PodFacts, Resolution, Roles, ServiceAccountFacts};
-use crate::tokens::Tokens;
+use crate::request::limits::Limits;
+use crate::request::proxy::Upstream;
+use crate::request::tokens::Tokens;
+use crate::role::resolve::{ApiPod, Grant, NamespaceFacts, PodFacts, Resolution, Roles, ServiceAccountFacts};
 
 pub struct App<S> {
     pub config: Config,

@@ -8,7 +8,7 @@ use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
 use iamlink_common::MarkMask;
 use serde::Deserialize;
 
-use crate::limits::LimitsConfig;
+use crate::request::limits::LimitsConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
 
@@ -209,7 +209,7 @@ impl Config {
             return Err(format!("sts.duration_seconds {} must be 900..=43200", self.sts.duration_seconds));
         }
         if let Some(id) = &self.sts.external_id {
-            if !crate::roles::valid_external_id(id) {
+            if !crate::role::resolve::valid_external_id(id) {
                 return Err("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into());
             }
         }
@@ -217,7 +217,7 @@ impl Config {
         self.metrics_listen()?;
         // The node's credentials and user data never reach pods, whatever the config says.
         for entry in &self.proxy_allow {
-            if let Some(why) = crate::proxy::allow_entry_refusal(entry) {
+            if let Some(why) = crate::request::proxy::allow_entry_refusal(entry) {
                 return Err(format!("proxy_allow entry {entry:?} refused: {why}"));
             }
         }

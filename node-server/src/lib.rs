@@ -1,28 +1,14 @@
-//! iamlinkd as a library. A request walks the modules in this order: [`accept`] (the socket's
-//! mark) → [`identify`] (slot → pod record) → [`imds`] (token, routing) → [`credentials`]
-//! (cache → [`sts`]) → rendered JSON. [`watch`] follows the store for prefetch and refresh;
-//! [`guard`] keeps the interception rule set and the routing-policy rules in place;
-//! [`cniconfig`] chains the plugin into the node's CNI config. [`explain`] answers operators
-//! (`iamlinkd explain`, `status`) from [`diagnose`] (store and kernel) and [`local_api`] (the
-//! running daemon).
+//! iamlinkd as a library, in folders by concern. A request walks [`request`] (accept with the
+//! socket's mark → identify the pod record → IMDS routing and tokens), asks [`role`] which role
+//! the pod has, and [`creds`] for that role's credentials (cache → STS, prefetch and refresh).
+//! [`install`] puts iamlink on the node and keeps it there (CNI config chaining, the rule set
+//! guard); [`ops`] answers operators (`explain`, `status`, the local API).
 
-pub mod accept;
 pub mod app;
-pub mod cniconfig;
 pub mod config;
-pub mod credentials;
-pub mod diagnose;
-pub mod explain;
-pub mod guard;
-pub mod identify;
-pub mod imds;
-pub mod kube_view;
-pub mod limits;
-pub mod local_api;
+pub mod creds;
+pub mod install;
 pub mod metrics;
-pub mod policy;
-pub mod proxy;
-pub mod roles;
-pub mod sts;
-pub mod tokens;
-pub mod watch;
+pub mod ops;
+pub mod request;
+pub mod role;

@@ -23,9 +23,14 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use iamlinkd::app::App;
-use iamlinkd::cniconfig::{self, Installer};
 use iamlinkd::config::{self, Config};
-use iamlinkd::{accept, explain, guard, kube_view, local_api, metrics, sts, tokens, watch};
+use iamlinkd::creds::{refresh, sts};
+use iamlinkd::install::cni_config::{self, Installer};
+use iamlinkd::install::guard;
+use iamlinkd::metrics;
+use iamlinkd::ops::{explain, local_api};
+use iamlinkd::request::{accept, tokens};
+use iamlinkd::role::kube_view;
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
@@ -217,7 +222,7 @@ async fn run(config: Config) -> Result<(), String> {
     if config.cni.manage {
         let installer = Installer::new(&config).map_err(|e| e.to_string())?;
         installer.install_binary().map_err(|e| format!("[cni] manage: {e}"))?;
-        tokio::spawn(cniconfig::keep_chained(installer));
+        tokio::spawn(cni_config::keep_chained(installer));
     }
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(|e| format!("no randomness for token keys: {e}"))?;
@@ -249,7 +254,7 @@ async fn run(config: Config) -> Result<(), String> {
     if discover_base_arn {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
-    tokio::spawn(watch::run(app.clone(), pod_changes));
+    tokio::spawn(refresh::run(app.clone(), pod_changes));
     local_api::spawn(app.clone());
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

@@ -12,10 +12,10 @@ use iamlink_common::record::{boottime_ns, now_rfc3339};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, PodRef, Store};
 use iamlinkd::app::App;
 use iamlinkd::config::Config;
-use iamlinkd::credentials::{AssumeRole, Credentials, SessionKey, StsError};
-use iamlinkd::identify::{Conn, Destination};
-use iamlinkd::imds::answer;
-use iamlinkd::tokens::Tokens;
+use iamlinkd::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
+use iamlinkd::request::identify::{Conn, Destination};
+use iamlinkd::request::imds::answer;
+use iamlinkd::request::tokens::Tokens;
 
 /// Issues credentials whose session token names the role, so answers can be traced; fails for
 /// roles named "broken".

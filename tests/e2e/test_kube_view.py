@@ -1,4 +1,4 @@
-"""iamlinkd's view of the Kubernetes API (node-server/src/kube_view.rs) against an API server that
+"""iamlinkd's view of the Kubernetes API (node-server/src/role/kube_view.rs) against an API server that
 comes and goes.
 
 Real parts: the daemon's `kube_view` module (kube 5 reflectors, field selector, backoff) built into

@@ -34,8 +34,8 @@ use iamlink_common::record::now_rfc3339;
 use iamlink_common::Store as NodeStore;
 
 use crate::config::KubernetesConfig;
-use crate::policy::{ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTATION};
-use crate::roles::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION};
+use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTATION};
+use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION};
 
 /// Room for pod changes between the reflector and the daemon; beyond it changes are dropped
 /// (prefetch is an optimisation: a pod whose change was dropped is fetched on its first request).

@@ -18,11 +18,11 @@ use tracing::{info, warn};
 use iamlink_common::PodRecord;
 
 use crate::app::App;
-use crate::credentials::{AssumeRole, Credentials};
-use crate::identify::{identify, Conn, Destination, Unidentified};
-use crate::proxy::not_plain;
-use crate::roles::{Grant, Resolution, Role};
-use crate::tokens::{parse_ttl, TokenError};
+use crate::creds::cache::{AssumeRole, Credentials};
+use crate::request::identify::{identify, Conn, Destination, Unidentified};
+use crate::request::proxy::not_plain;
+use crate::request::tokens::{parse_ttl, TokenError};
+use crate::role::resolve::{Grant, Resolution, Role};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";

@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::app::App;
-use crate::credentials::AssumeRole;
+use crate::creds::cache::AssumeRole;
+use crate::creds::refresh::notified;
 use crate::metrics::Metrics;
-use crate::watch::notified;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// `NFNLGRP_NFTABLES`: every committed nf_tables change.

@@ -14,8 +14,8 @@ use iamlink_common::{intercept, PodRecord, Store};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::diagnose::{self, NodeView, Plumbing, PodSide, RuleSetState, Target};
-use crate::local_api::{self, Asked, PodAnswer, StatusAnswer};
+use crate::ops::diagnose::{self, NodeView, Plumbing, PodSide, RuleSetState, Target};
+use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_PROBLEMS: u8 = 1;
@@ -480,8 +480,8 @@ pub fn render_status(s: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::{HostLink, PodRoute};
-    use crate::local_api::CredentialState;
+    use crate::ops::diagnose::{HostLink, PodRoute};
+    use crate::ops::local_api::CredentialState;
     use iamlink_common::{HostInterface, HostInterfaceSource, MarkMask, PodRef};
 
     fn report(answering: bool, entry: Option<u32>) -> ExplainReport {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use iamlinkd::cniconfig::{keep_chained, CniConfigError, Installer};
 use iamlinkd::config::Config;
+use iamlinkd::install::cni_config::{keep_chained, CniConfigError, Installer};
 
 /// A node's CNI directories and an iamlinkd config pointing at them.
 struct Node {

@@ -25,8 +25,8 @@ use tracing::{info, warn};
 use iamlink_common::PodRecord;
 
 use crate::app::App;
-use crate::credentials::{AssumeRole, CacheState};
-use crate::roles::{Grant, Resolution};
+use crate::creds::cache::{AssumeRole, CacheState};
+use crate::role::resolve::{Grant, Resolution};
 
 /// The role and credentials of one pod, as the daemon sees them now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use regex::Regex;
 
-use crate::roles::Role;
+use crate::role::resolve::Role;
 
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";

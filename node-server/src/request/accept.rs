@@ -21,9 +21,9 @@ use tracing::{debug, warn};
 use iamlink_common::record::boottime_ns;
 
 use crate::app::App;
-use crate::credentials::AssumeRole;
-use crate::identify::{Conn, Destination};
-use crate::imds;
+use crate::creds::cache::AssumeRole;
+use crate::request::identify::{Conn, Destination};
+use crate::request::imds;
 
 /// Slow clients must send their headers within this (slowloris).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);

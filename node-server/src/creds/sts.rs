@@ -7,7 +7,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sts::types::Tag;
 
 use crate::config::StsConfig;
-use crate::credentials::{AssumeRole, Credentials, SessionKey, StsError};
+use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
 
 pub struct Sts {
     client: aws_sdk_sts::Client,

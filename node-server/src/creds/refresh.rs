@@ -15,9 +15,9 @@ use tracing::{debug, info, warn};
 use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
-use crate::credentials::AssumeRole;
-use crate::kube_view::PodChange;
-use crate::roles::Resolution;
+use crate::creds::cache::AssumeRole;
+use crate::role::kube_view::PodChange;
+use crate::role::resolve::Resolution;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: Duration = Duration::from_secs(30);

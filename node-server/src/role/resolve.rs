@@ -12,7 +12,7 @@
 //! The namespace policy then applies to the chosen role, whatever its source.
 //!
 //! Until the view has listed a resource since the daemon started, the facts come from the
-//! snapshot the daemon kept of its last view ([`crate::kube_view`]); what neither knows is never
+//! snapshot the daemon kept of its last view ([`crate::role::kube_view`]); what neither knows is never
 //! filled in by a lower-precedence source: the answer is pending (503) instead.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::RolesConfig;
-use crate::policy;
+use crate::role::policy;
 
 /// The IRSA service-account annotation: the role's full ARN.
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";

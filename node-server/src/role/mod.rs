@@ -1,0 +1,6 @@
+//! Which role a pod has: the daemon's rules and the Kubernetes view ([`kube_view`]) give the
+//! facts, [`resolve`] decides, [`policy`] says what a namespace may ask for.
+
+pub mod kube_view;
+pub mod policy;
+pub mod resolve;
