@@ -12,6 +12,6 @@ pub mod policy_rules;
 pub mod record;
 pub mod store;
 
-pub use mark::MarkMask;
+pub use mark::{MarkMask, Slot};
 pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 pub use store::{Store, StoreError, StoreLock};

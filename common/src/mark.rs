@@ -4,6 +4,7 @@
 //! never overlap the marks that other CNIs and kube-proxy use on the same node.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
@@ -11,7 +12,28 @@ use serde::{Deserialize, Deserializer};
 /// Calico 0xffff0000, kube-proxy 0x4000/0x8000, aws-vpc-cni 0x80 and Cilium 0x0f00 stay free.
 pub const DEFAULT_MARK_MASK: u32 = 0x307f;
 
-/// The mark bits iamlink owns. Slot 0 means "no pod".
+/// A pod's slot: the number its interface's mark carries. Never 0; "no pod" is `None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(NonZeroU32);
+
+impl Slot {
+    /// `None` for 0, which no pod holds.
+    pub fn new(n: u32) -> Option<Slot> {
+        NonZeroU32::new(n).map(Slot)
+    }
+
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The mark bits iamlink owns. A mark with none of them set carries no slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MarkMask(u32);
 
@@ -38,9 +60,11 @@ impl MarkMask {
         self.set_bits().enumerate().filter(|(i, _)| slot & (1 << i) != 0).fold(0, |mark, (_, bit)| mark | bit)
     }
 
-    /// The slot carried by a socket's mark (0: none); bits outside the mask are ignored.
-    pub fn slot_of(self, mark: u32) -> u32 {
-        self.set_bits().enumerate().filter(|(_, bit)| mark & bit != 0).fold(0, |slot, (i, _)| slot | (1 << i))
+    /// The slot carried by a socket's mark; bits outside the mask are ignored.
+    pub fn slot_of(self, mark: u32) -> Option<Slot> {
+        Slot::new(
+            self.set_bits().enumerate().filter(|(_, bit)| mark & bit != 0).fold(0, |slot, (i, _)| slot | (1 << i)),
+        )
     }
 
     /// The mask's set bits, lowest first, each as a one-bit value.
@@ -113,7 +137,7 @@ mod tests {
         for slot in 0..=m.max_slot() {
             let mark = m.mark_for(slot);
             assert_eq!(mark & !m.bits(), 0);
-            assert_eq!(m.slot_of(mark | 0xffff_4f80), slot);
+            assert_eq!(m.slot_of(mark | 0xffff_4f80), Slot::new(slot));
         }
     }
 

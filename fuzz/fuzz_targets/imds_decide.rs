@@ -28,7 +28,7 @@ use iamlinkd::config::Config;
 use iamlinkd::request::identify::Destination;
 use iamlinkd::request::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
 use iamlinkd::request::proxy::not_plain;
-use iamlinkd::role::resolve::{Grant, Resolution, Role, Source};
+use iamlinkd::role::{Grant, Resolution, Role, Source};
 use iamlinkd::request::tokens::{parse_ttl, TokenError, Tokens};
 use libfuzzer_sys::fuzz_target;
 
@@ -101,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
         } else if word == "pending" {
             pending = true;
         } else if let Some(arn) = word.strip_prefix("role=") {
-            role = Some(Role { arn: arn.to_string() });
+            role = Role::parse(arn, None).ok();
         } else if let Some(list) = word.strip_prefix("allow=") {
             proxy_allow = list.split(',').filter(|p| !p.is_empty()).map(String::from).collect();
         }
@@ -138,12 +138,12 @@ fuzz_target!(|data: &[u8]| {
     let resolution = match (&role, denied, pending) {
         (_, _, true) => Resolution::Pending("not listed yet".into()),
         (Some(r), true, _) => {
-            Resolution::Denied { outcome: "denied by policy", requested: r.arn.clone(), reason: "policy".into() }
+            Resolution::Denied { outcome: "denied by policy", requested: r.arn().to_string(), reason: "policy".into() }
         }
         (Some(r), false, _) => Resolution::Granted(Grant {
             role: r.clone(),
             source: Source::Config,
-            requested: r.arn.clone(),
+            requested: r.arn().to_string(),
             external_id: None,
             duration_seconds: None,
         }),
@@ -157,7 +157,7 @@ fuzz_target!(|data: &[u8]| {
     if debug() {
         eprintln!(
             "{method} {path} to={to:?} imdsv1={imdsv1} role={:?} token={:?} -> {decision:?}",
-            role.as_ref().map(|r| &r.arn),
+            role.as_ref().map(|r| r.arn()),
             accepted.get()
         );
     }

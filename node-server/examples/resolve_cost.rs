@@ -12,7 +12,8 @@ use std::time::Instant;
 use iamlink_common::PodRef;
 use iamlinkd::config::{PodRole, RolesConfig};
 use iamlinkd::role::policy::{self, Compiled};
-use iamlinkd::role::resolve::{ApiPod, NamespaceFacts, PodFacts, Resolution, Role, Roles, ServiceAccountFacts};
+use iamlinkd::role::resolve::{ApiPod, NamespaceFacts, PodFacts, ServiceAccountFacts};
+use iamlinkd::role::{Resolution, Role, Roles};
 
 const BASE: &str = "arn:aws:iam::123456789012:role/iamlink/";
 
@@ -76,7 +77,7 @@ fn main() {
         }))
     });
     // The same policy check compiling its regexes on every call: what the cache saves.
-    let role = Role { arn: format!("{BASE}web") };
+    let role = Role::parse("web", Some(BASE)).expect("a role name");
     let to_arn = |n: &str| Some(format!("{BASE}{n}"));
     let uncompiled_ns = best_ns_per_call(rounds, calls.min(2_000), || {
         policy::permits(&Compiled::default(), &policy, &role, "web", false, to_arn).is_ok()

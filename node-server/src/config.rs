@@ -51,7 +51,7 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
-    /// The node whose pods are watched; unset: `$NODE_NAME`.
+    /// The node whose pods are watched (see [`Config::node_name`]).
     pub node_name: Option<String>,
     /// A kubeconfig file; unset: the in-cluster service account, else `$KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
@@ -124,6 +124,15 @@ impl Default for StsConfig {
     }
 }
 
+/// See [`Config::node_name`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeName {
+    pub name: String,
+    /// Taken from the host name: good enough for a session tag, never for the watch, whose field
+    /// selector would then match no pod (or another node's).
+    pub guessed: bool,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolesConfig {
@@ -193,23 +202,24 @@ fn default_sts_timeout() -> u64 {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| ConfigError::File { path: path.into(), source: Box::new(e) })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.validate()?;
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
 
+    /// The first key the daemon cannot use, named with the reason.
     fn validate(&self) -> Result<(), String> {
         if !(900..=43200).contains(&self.sts.duration_seconds) {
             return Err(format!("sts.duration_seconds {} must be 900..=43200", self.sts.duration_seconds));
         }
         if let Some(id) = &self.sts.external_id {
-            if !crate::role::resolve::valid_external_id(id) {
+            if !crate::role::arn::valid_external_id(id) {
                 return Err("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into());
             }
         }
@@ -251,9 +261,35 @@ impl Config {
         RuleSet::new(self.listen, self.listen6, self.mark_mask, self.credentials_address().ok().flatten())
     }
 
+    /// The node's name, by one rule for the watch and the session tags: `[kubernetes] node_name`,
+    /// else `[sts] node_name`, else `$NODE_NAME` (the downward API's `spec.nodeName` in the
+    /// DaemonSet), else the host name.
+    pub fn node_name(&self) -> NodeName {
+        let configured =
+            self.kubernetes.as_ref().and_then(|k| k.node_name.clone()).or_else(|| self.sts.node_name.clone());
+        if let Some(name) = configured.or_else(|| std::env::var("NODE_NAME").ok()).filter(|n| !n.is_empty()) {
+            return NodeName { name, guessed: false };
+        }
+        let host = nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned());
+        NodeName { name: host.unwrap_or_default(), guessed: true }
+    }
+
     pub fn sts_timeout(&self) -> Duration {
         Duration::from_secs(self.sts.timeout_seconds)
     }
+}
+
+/// A configuration file iamlinkd refuses, named by key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: Box<ConfigError> },
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 #[cfg(test)]
@@ -278,22 +314,23 @@ mod tests {
         let c = Config::parse("listen = \"198.18.0.1:80\"").unwrap();
         assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!((c.cni.plugin_path, c.cni.log_file, c.cni.manage), (None, None, false));
-        let e = Config::parse("listen = \"198.18.0.1:80\"\n[cni]\nconfdir = \"/x\"").unwrap_err();
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[cni]\nconfdir = \"/x\"").unwrap_err().to_string();
         assert!(e.contains("confdir"), "{e}");
     }
 
     #[test]
     fn bad_values_are_refused_with_the_key_named() {
-        let e = Config::parse("listen = \"198.18.0.1:80\"\n[sts]\nduration_seconds = 60").unwrap_err();
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[sts]\nduration_seconds = 60").unwrap_err().to_string();
         assert!(e.contains("duration_seconds"), "{e}");
-        let e = Config::parse("listen = \"198.18.0.1:80\"\nbogus = 1").unwrap_err();
+        let e = Config::parse("listen = \"198.18.0.1:80\"\nbogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = Config::parse("listen = \"198.18.0.1:80\"\n[roles]\ndefault = \"r\"").unwrap_err();
+        let e = Config::parse("listen = \"198.18.0.1:80\"\n[roles]\ndefault = \"r\"").unwrap_err().to_string();
         assert!(e.contains("base_arn"), "{e}");
         let e = Config::parse(
             "listen = \"198.18.0.1:80\"\nproxy_allow = [\"/latest/meta-data/iam/security-credentials/x\"]",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("proxy_allow"), "{e}");
         for secret in [
             "/latest/user-data",
@@ -302,8 +339,21 @@ mod tests {
             "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
             "/latest/meta-data/%69am/info",
         ] {
-            let e = Config::parse(&format!("listen = \"198.18.0.1:80\"\nproxy_allow = [\"{secret}\"]")).unwrap_err();
+            let e = Config::parse(&format!("listen = \"198.18.0.1:80\"\nproxy_allow = [\"{secret}\"]"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("proxy_allow") && e.contains(secret), "{secret}: {e}");
+        }
+    }
+
+    #[test]
+    fn one_node_name_rule_kubernetes_then_sts_then_env_then_a_guessed_host_name() {
+        let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n{extra}")).unwrap();
+        let both = parse("[sts]\nnode_name = \"b\"\n[kubernetes]\nnode_name = \"a\"");
+        assert_eq!(both.node_name(), NodeName { name: "a".into(), guessed: false });
+        assert_eq!(parse("[sts]\nnode_name = \"b\"").node_name(), NodeName { name: "b".into(), guessed: false });
+        if std::env::var_os("NODE_NAME").is_none() {
+            assert!(parse("[kubernetes]\nnode_name = \"\"").node_name().guessed, "empty is unset");
         }
     }
 }

@@ -5,10 +5,15 @@
 //! guard); [`ops`] answers operators (`explain`, `status`, the local API).
 
 pub mod app;
+mod backoff;
 pub mod config;
 pub mod creds;
+pub mod daemon;
+mod dir_watch;
+pub mod error;
 pub mod install;
 pub mod metrics;
 pub mod ops;
 pub mod request;
 pub mod role;
+mod serve;

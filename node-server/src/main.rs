@@ -8,29 +8,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use iamlink_common::netlink::Netlink;
-use iamlink_common::{intercept, Store};
-use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn, Level};
+use tracing::{error, Level};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use iamlinkd::app::App;
 use iamlinkd::config::{self, Config};
-use iamlinkd::creds::{refresh, sts};
-use iamlinkd::install::cni_config::{self, Installer};
-use iamlinkd::install::guard;
-use iamlinkd::metrics;
-use iamlinkd::ops::{explain, local_api};
-use iamlinkd::request::{accept, tokens};
-use iamlinkd::role::kube_view;
+use iamlinkd::ops::explain;
+use iamlinkd::{daemon, install};
 
 const CONFIG_HELP: &str = "\
 Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
@@ -124,8 +112,9 @@ async fn main() -> ExitCode {
     let config = match config {
         Ok(c) => c,
         Err(e) => {
+            let e = iamlinkd::error::Error::from(e);
             error!(error = %e, "invalid configuration");
-            return ExitCode::from(2);
+            return ExitCode::from(e.exit_code());
         }
     };
     if cli.check_config {
@@ -133,161 +122,20 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::InstallCni) => install_cni(&config),
-        Some(Command::UninstallCni) => uninstall_cni(&config).await,
+        Some(Command::InstallCni) => install::install_cni(&config),
+        Some(Command::UninstallCni) => install::uninstall_cni(&config).await,
         Some(Command::Explain { target, json }) => {
             return ExitCode::from(explain::explain(&config, &target, json).await)
         }
         Some(Command::Status { json }) => return ExitCode::from(explain::status(&config, json).await),
-        None => return daemon(config).await,
+        None => daemon::run(config).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(error = %e, "failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// The binary first: an entry without its binary would fail every pod's ADD.
-fn install_cni(config: &Config) -> Result<(), String> {
-    let installer = Installer::new(config).map_err(|e| e.to_string())?;
-    let binary = installer.installed_binary();
-    match installer.install_binary().map_err(|e| e.to_string())? {
-        true => info!(path = %binary.display(), "installed the iamlink plugin"),
-        false => info!(path = %binary.display(), "iamlink plugin already up to date"),
-    }
-    match installer.chain().map_err(|e| e.to_string())? {
-        Some(file) => info!(file = %file.display(), "chained iamlink into the CNI config"),
-        None => info!(dir = %installer.conf_dir.display(), "iamlink already chained"),
-    }
-    Ok(())
-}
-
-/// In the reverse order of install: no new pod may meet an entry whose binary is gone. The rule
-/// set goes last, under the store lock; routes and the primary plugin's rules stay.
-async fn uninstall_cni(config: &Config) -> Result<(), String> {
-    let installer = Installer::new(config).map_err(|e| e.to_string())?;
-    for file in installer.uninstall().map_err(|e| e.to_string())? {
-        info!(file = %file.display(), "removed iamlink from the CNI config");
-    }
-    info!(path = %installer.installed_binary().display(), "removed the iamlink plugin");
-    let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
-    let lock = store.lock().map_err(|e| e.to_string())?;
-    intercept::remove_all(&lock).map_err(|e| e.to_string())?;
-    info!(table = intercept::TABLE, "removed the interception rule set");
-    Netlink::here().map_err(|e| e.to_string())?.remove_policy_rules().await.map_err(|e| e.to_string())?;
-    info!("removed the routing-policy rules");
-    Ok(())
-}
-
-async fn daemon(config: Config) -> ExitCode {
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
             error!(error = %e, "iamlinkd stopped");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
-    }
-}
-
-async fn run(config: Config) -> Result<(), String> {
-    accept::enable_fwmark_accept().map_err(|e| {
-        format!(
-            "cannot set net.ipv4.tcp_fwmark_accept=1 (needs CAP_NET_ADMIN in the node namespace and a writable \
-             /proc/sys, or the value set beforehand as the DaemonSet's init container does): {e}"
-        )
-    })?;
-    let store = Store::open(&config.store_dir).map_err(|e| e.to_string())?;
-    let rules = config.rule_set();
-    // Before any listener exists: no connection is accepted under a layout not yet verified.
-    let (records, start_repairs) = {
-        let lock = store.lock().map_err(|e| e.to_string())?;
-        let (records, bad) = store.list().map_err(|e| e.to_string())?;
-        for e in bad {
-            warn!(error = %e, "skipping unreadable pod record");
-        }
-        (records.len(), guard::ensure(&rules, &lock, &records)?)
-    };
-    let node = Netlink::here().map_err(|e| e.to_string())?;
-    for rule in node.ensure_policy_rules(&rules.addresses).await.map_err(|e| e.to_string())? {
-        info!(rule = %rule, "added routing-policy rule");
-    }
-    let mut listeners =
-        vec![TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?];
-    if let Some(listen6) = config.listen6 {
-        listeners.push(TcpListener::bind(listen6).await.map_err(|e| format!("cannot listen on {listen6}: {e}"))?);
-    }
-    if config.cni.manage {
-        let installer = Installer::new(&config).map_err(|e| e.to_string())?;
-        installer.install_binary().map_err(|e| format!("[cni] manage: {e}"))?;
-        tokio::spawn(cni_config::keep_chained(installer));
-    }
-    let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
-    let tokens = tokens::Tokens::new().map_err(|e| format!("no randomness for token keys: {e}"))?;
-    let node_name = config
-        .sts
-        .node_name
-        .clone()
-        .or_else(|| std::env::var("NODE_NAME").ok())
-        .or_else(|| nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()))
-        .unwrap_or_default();
-    let (kube, pod_changes) = match &config.kubernetes {
-        Some(k) => {
-            let node = kube_view::node_name(k)?;
-            let client = kube_view::client(k).await?;
-            info!(node = %node, "watching this node's pods, namespaces and service accounts");
-            let (view, changes) = kube_view::View::start(client, &node, Some(store.clone()));
-            (Some(view), Some(changes))
-        }
-        None => (None, None),
-    };
-    let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
-    info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
-    let app = Arc::new(App::new(config, store, sts, tokens, node_name, kube));
-    for r in &start_repairs {
-        app.metrics.repaired(r.kind());
-    }
-    app.metrics.set_interception_verified(true);
-    tokio::spawn(guard::run(app.clone()));
-    if discover_base_arn {
-        tokio::spawn(discover_role_prefix(app.clone()));
-    }
-    tokio::spawn(refresh::run(app.clone(), pod_changes));
-    local_api::spawn(app.clone());
-
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    for listener in listeners {
-        tokio::spawn(accept::serve(app.clone(), listener));
-    }
-    if let Some(addr) = app.config.metrics_listen().ok().flatten() {
-        if let Some(listener) = metrics::bind(addr).await {
-            tokio::spawn(metrics::serve(app.metrics.clone(), listener));
-        }
-    }
-    tokio::select! {
-        _ = term.recv() => { info!("SIGTERM: stopping; pods stay intercepted"); Ok(()) }
-        _ = int.recv() => { info!("SIGINT: stopping; pods stay intercepted"); Ok(()) }
-    }
-}
-
-/// Role names in annotations need a base ARN; without `roles.base_arn` it is the daemon's own
-/// account's, asked of STS until it answers. Until then such pods get 503 and retry.
-async fn discover_role_prefix(app: Arc<App<sts::Sts>>) {
-    let mut delay = Duration::from_secs(1);
-    loop {
-        match app.cache.sts().own_role_prefix().await {
-            Ok(prefix) => {
-                info!(base_arn = %prefix, "role names join the base ARN of iamlinkd's own account");
-                app.roles.discovered_base_arn(prefix);
-                return;
-            }
-            Err(e) => warn!(error = %e, retry_in = ?delay, "cannot discover the base ARN for role names"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(60));
     }
 }
 

@@ -22,6 +22,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::warn;
 
+use crate::serve::accept_loop;
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Every metric iamlinkd exports; the handles are cheap clones sharing one value.
@@ -152,8 +154,7 @@ impl Metrics {
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
 pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+    accept_loop("metrics", listener, |stream, _| {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -175,7 +176,8 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
-    }
+    })
+    .await
 }
 
 /// Binds the metrics port; a failure is logged, not fatal: pods matter more than scrapes.

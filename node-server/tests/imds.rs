@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 
 use iamlink_common::record::{boottime_ns, now_rfc3339};
-use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, PodRef, Store};
+use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, PodRef, Slot, Store};
 use iamlinkd::app::App;
 use iamlinkd::config::Config;
 use iamlinkd::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
@@ -97,11 +97,13 @@ impl Bench {
             created_boottime_ns: boottime_ns() - 1_000_000_000,
             runtime_annotations: None,
         };
-        let store = &self.app.store;
+        let store = &self.app.store();
         let lock = store.lock().unwrap();
         store.insert(&lock, &record).unwrap();
+        let mark = self.app.config().mark_mask.mark_for(slot);
         Conn {
-            mark: self.app.config.mark_mask.mark_for(slot),
+            mark,
+            slot: Conn::slot_of(mark, Some(Destination::Metadata), self.app.config().mark_mask),
             accepted_at: boottime_ns(),
             heard_at: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
@@ -237,6 +239,7 @@ async fn connections_without_a_current_pod_get_nothing() {
     let b = bench("");
     let nobody = Conn {
         mark: 0,
+        slot: None,
         accepted_at: boottime_ns(),
         heard_at: boottime_ns(),
         peer: "198.18.0.1:1".parse().unwrap(),
@@ -247,12 +250,14 @@ async fn connections_without_a_current_pod_get_nothing() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("no pod identity"), "{body}");
 
-    let empty_slot = Conn { mark: b.app.config.mark_mask.mark_for(9), ..nobody };
+    let mask = b.app.config().mark_mask;
+    let empty_slot = Conn { mark: mask.mark_for(9), slot: Slot::new(9), ..nobody };
     assert_eq!(b.call(&empty_slot, Method::GET, CREDS, &[]).await.0, StatusCode::NOT_FOUND);
 
     // A connection heard from before the record that now holds its slot was written.
     let early = Conn {
-        mark: b.app.config.mark_mask.mark_for(4),
+        mark: mask.mark_for(4),
+        slot: Slot::new(4),
         accepted_at: boottime_ns() - 2_000_000_000,
         heard_at: boottime_ns() - 2_000_000_000,
         ..nobody

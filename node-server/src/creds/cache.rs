@@ -7,11 +7,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use iamlink_common::PodRef;
-
+use crate::backoff::backoff;
+pub use crate::creds::session::SessionKey;
 use crate::metrics::Metrics;
 
 /// Credentials with less than this left are treated as expired: a client would fail with them.
@@ -20,16 +19,6 @@ pub const MIN_REMAINING: Duration = Duration::from_secs(60);
 const ANSWER_VALIDITY: Duration = Duration::from_secs(15 * 60);
 /// Time for a background refresh to succeed before answers drop below [`ANSWER_VALIDITY`].
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
-
-/// Everything that goes into an AssumeRole request, and so the cache key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SessionKey {
-    pub role_arn: String,
-    pub session_name: String,
-    pub duration_seconds: u32,
-    pub external_id: Option<String>,
-    pub tags: Vec<(String, String)>,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
@@ -85,24 +74,6 @@ pub trait AssumeRole: Send + Sync + 'static {
     fn assume_role(&self, key: &SessionKey) -> impl Future<Output = Result<Credentials, StsError>> + Send;
 }
 
-/// A session name for the pod: `namespace.name`, only STS's allowed characters, 2..=64 long;
-/// long names keep a prefix and a hash so that distinct pods stay distinct.
-pub fn session_name(pod: &PodRef) -> String {
-    let raw = format!("{}.{}", pod.namespace, pod.name);
-    let mut name: String =
-        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' }).collect();
-    if name.len() > 64 {
-        let hash = hex::encode(&Sha256::digest(raw.as_bytes())[..4]);
-        name.truncate(55);
-        name.push('-');
-        name.push_str(&hash);
-    }
-    while name.len() < 2 {
-        name.push('-');
-    }
-    name
-}
-
 /// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at least
 /// [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more). Per key: an
 /// IRSA token expiration can make one pod's sessions shorter than the config's.
@@ -117,20 +88,15 @@ struct State {
     failure: Option<Failure>,
 }
 
+/// The longest wait between AssumeRole attempts for one key.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+
 /// After a failed AssumeRole, callers fail fast until `retry_at` instead of piling onto STS.
 #[derive(Clone)]
 struct Failure {
     retry_at: SystemTime,
     attempts: u32,
     error: StsError,
-}
-
-/// First retry after 1 s, doubling to 60 s, each jittered down to half so that many keys that
-/// failed together do not retry together.
-fn backoff(attempts: u32) -> Duration {
-    let full = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60));
-    let jitter = getrandom::u32().unwrap_or(0) % 1000;
-    full / 2 + full / 2 * jitter / 1000
 }
 
 #[derive(Default)]
@@ -211,7 +177,7 @@ impl<S: AssumeRole> Cache<S> {
             }
             Err(error) => {
                 let attempts = failed.map_or(1, |f| f.attempts + 1);
-                let retry_at = (self.now)() + backoff(attempts);
+                let retry_at = (self.now)() + backoff(attempts, MAX_RETRY_WAIT);
                 entry.state().failure = Some(Failure { retry_at, attempts, error: error.clone() });
                 Err(error)
             }
@@ -379,11 +345,6 @@ mod tests {
         assert!(cache.get(&key("down")).await.is_err());
         assert!(cache.refresh(&key("down")).await.is_err());
         assert_eq!(sts.calls.load(Ordering::SeqCst), 1, "no STS call while backing off");
-        for attempts in 1..10 {
-            let b = backoff(attempts);
-            let full = Duration::from_secs(1 << (attempts - 1).min(6)).min(Duration::from_secs(60));
-            assert!(b >= full / 2 && b <= full, "attempt {attempts}: {b:?}");
-        }
     }
 
     #[tokio::test]
@@ -426,17 +387,5 @@ mod tests {
         let down = cache.peek(&key("down")).unwrap();
         assert_eq!((down.usable, down.error.as_deref(), down.failed_attempts), (false, Some("sts down"), 1));
         assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn session_names_are_valid_for_sts_and_distinct() {
-        let pod = |ns: &str, n: &str| PodRef { namespace: ns.into(), name: n.into(), uid: String::new() };
-        assert_eq!(session_name(&pod("team-a", "web-0")), "team-a.web-0");
-        let long_a = session_name(&pod(&"n".repeat(40), &format!("{}a", "p".repeat(40))));
-        let long_b = session_name(&pod(&"n".repeat(40), &format!("{}b", "p".repeat(40))));
-        assert_eq!(long_a.len(), 64);
-        assert_ne!(long_a, long_b);
-        let odd = session_name(&pod("a", "b c/d"));
-        assert!(odd.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)), "{odd}");
     }
 }

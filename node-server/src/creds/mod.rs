@@ -1,6 +1,9 @@
-//! A role's credentials: [`cache`] holds them per AssumeRole request and asks [`sts`] once per
-//! key; [`refresh`] prefetches them when a pod appears and refreshes them before they expire.
+//! A role's credentials: [`session`] turns a pod's role into an AssumeRole request, [`cache`]
+//! holds credentials per request and asks [`sts`] once per key; [`refresh`] prefetches them when a pod appears and refreshes them before they expire.
 
 pub mod cache;
 pub mod refresh;
+pub mod session;
 pub mod sts;
+
+pub use session::SessionKey;

@@ -3,58 +3,23 @@
 //! credentials of live pods ahead of expiry and forgets those of pods that are gone.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::net::if_::if_nametoindex;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
 use crate::creds::cache::AssumeRole;
+use crate::dir_watch::{notified, watch_dir};
 use crate::role::kube_view::PodChange;
 use crate::role::resolve::Resolution;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
-
-/// Wakes its owner whenever a file in `dir` is written, renamed or removed. A blocking reader
-/// thread keeps the code free of raw-fd registration; `Notify` coalesces bursts into one wake-up.
-/// The thread holds only a weak reference and ends with its owner. `None`: no inotify.
-pub fn watch_dir(dir: &Path, thread_name: &str) -> Option<Arc<Notify>> {
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ok()?;
-    let flags = AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE;
-    inotify.add_watch(dir, flags).ok()?;
-    let notify = Arc::new(Notify::new());
-    let waker: Weak<Notify> = Arc::downgrade(&notify);
-    std::thread::Builder::new()
-        .name(thread_name.into())
-        .spawn(move || {
-            while inotify.read_events().is_ok() {
-                match waker.upgrade() {
-                    Some(n) => n.notify_one(),
-                    None => break,
-                }
-            }
-        })
-        .ok()?;
-    Some(notify)
-}
-
-/// The next wake-up of a watcher; never, without one (the caller's tick still runs).
-pub async fn notified(watcher: &Option<Arc<Notify>>) {
-    match watcher {
-        Some(n) => n.notified().await,
-        None => std::future::pending().await,
-    }
-}
 
 /// `pod_changes`: pod objects from the API view, so that a pod the view learns about after its
 /// record appeared (or whose annotations changed) has its credentials fetched at once too.
@@ -93,7 +58,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
         known = current;
         app.metrics.store_records.set(records.len() as i64);
         app.metrics.cache_entries.set(app.cache.entry_count() as i64);
-        if let Some(view) = &app.kube {
+        if let Some(view) = app.roles.view() {
             let synced = view.synced();
             for (kind, listed) in [
                 ("pods", synced.pods),
@@ -103,7 +68,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
                 app.metrics.kubernetes_synced(kind, listed);
             }
         }
-        if app.kube.as_ref().is_none_or(|view| view.all_synced()) {
+        if app.roles.view().is_none_or(|view| view.all_synced()) {
             app.metrics.set_ready();
         }
         let refresh_due = last_refresh.elapsed() >= REFRESH_EVERY;
@@ -172,7 +137,7 @@ fn prefetch_pod<S: AssumeRole>(app: &Arc<App<S>>, change: &PodChange, records: &
 
 /// Starts the STS call for a pod so that its first request finds credentials cached.
 fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
-    let grant = match app.resolve(record) {
+    let grant = match app.roles.resolve(record) {
         Resolution::Granted(grant) => grant,
         other => {
             debug!(pod = %record.pod, resolution = ?other, "nothing to prefetch");
@@ -193,7 +158,7 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
 fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
     let live: HashSet<_> = records
         .iter()
-        .filter_map(|r| match app.resolve(r) {
+        .filter_map(|r| match app.roles.resolve(r) {
             Resolution::Granted(grant) => Some(app.session_key(r, &grant)),
             _ => None,
         })

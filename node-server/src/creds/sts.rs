@@ -8,6 +8,7 @@ use aws_sdk_sts::types::Tag;
 
 use crate::config::StsConfig;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
+use crate::role::arn::role_prefix;
 
 pub struct Sts {
     client: aws_sdk_sts::Client,
@@ -36,17 +37,6 @@ impl Sts {
             })?;
         let arn = out.arn.unwrap_or_default();
         role_prefix(&arn).ok_or_else(|| StsError::new(format!("GetCallerIdentity: unexpected ARN {arn:?}")))
-    }
-}
-
-/// The role prefix of the account an identity ARN belongs to.
-fn role_prefix(identity_arn: &str) -> Option<String> {
-    let parts: Vec<&str> = identity_arn.splitn(6, ':').collect();
-    match parts[..] {
-        ["arn", partition, _, _, account, _] if account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(format!("arn:{partition}:iam::{account}:role/"))
-        }
-        _ => None,
     }
 }
 
@@ -81,16 +71,5 @@ impl AssumeRole for Sts {
             expiration,
             last_updated: SystemTime::now(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn role_prefix_comes_from_the_identity_account() {
-        let arn = "arn:aws-cn:sts::123456789012:assumed-role/node/i-0abc";
-        assert_eq!(super::role_prefix(arn).as_deref(), Some("arn:aws-cn:iam::123456789012:role/"));
-        assert_eq!(super::role_prefix("arn:aws:sts::12:assumed-role/x/y"), None);
-        assert_eq!(super::role_prefix("nonsense"), None);
     }
 }

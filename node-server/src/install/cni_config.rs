@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::creds::refresh::watch_dir;
+use crate::dir_watch::watch_dir;
 
 pub const PLUGIN_NAME: &str = "iamlink";
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.

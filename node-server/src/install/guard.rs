@@ -10,7 +10,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use iamlink_common::intercept::{self, RuleSet};
+use iamlink_common::intercept::{self, InterceptError, RuleSet};
 use iamlink_common::netlink::Netlink;
 use iamlink_common::PodRecord;
 use netlink_sys::protocols::NETLINK_NETFILTER;
@@ -20,7 +20,8 @@ use tracing::warn;
 
 use crate::app::App;
 use crate::creds::cache::AssumeRole;
-use crate::creds::refresh::notified;
+use crate::dir_watch::notified;
+use crate::error::Error;
 use crate::metrics::Metrics;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -177,14 +178,14 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
 }
 
 /// Makes the rule set what the store says, under the store lock; logs and counts each repair.
-fn check_rule_set<S>(app: &App<S>) -> Result<(), String> {
+fn check_rule_set<S>(app: &App<S>) -> Result<(), Error> {
     let rules = app.config.rule_set();
-    let (records, _) = app.store.list().map_err(|e| e.to_string())?;
-    if !rules.needs_repair(&records).map_err(|e| e.to_string())? {
+    let (records, _) = app.store.list()?;
+    if !rules.needs_repair(&records)? {
         return Ok(());
     }
-    let lock = app.store.lock().map_err(|e| e.to_string())?;
-    let (records, _) = app.store.list().map_err(|e| e.to_string())?;
+    let lock = app.store.lock()?;
+    let (records, _) = app.store.list()?;
     for r in ensure(&rules, &lock, &records)? {
         app.metrics.repaired(r.kind());
     }
@@ -196,8 +197,8 @@ pub fn ensure(
     rules: &RuleSet,
     lock: &iamlink_common::StoreLock,
     records: &[PodRecord],
-) -> Result<Vec<intercept::Repair>, String> {
-    let repairs = rules.ensure(lock, records).map_err(|e| e.to_string())?;
+) -> Result<Vec<intercept::Repair>, InterceptError> {
+    let repairs = rules.ensure(lock, records)?;
     for r in &repairs {
         warn!(repair = %r, records = records.len(), "interception rule set repaired");
     }

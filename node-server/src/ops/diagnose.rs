@@ -178,7 +178,12 @@ pub async fn plumbing(store: &Store, view: &NodeView, rules: &RuleSet, mask: Mar
         slot_linked,
         mark: view.slot_marks.get(&record.slot).copied().flatten(),
         expected_mark: mask.mark_for(record.slot),
-        mark_read_as: view.slot_marks.get(&record.slot).copied().flatten().map(|m| mask.slot_of(m)),
+        mark_read_as: view
+            .slot_marks
+            .get(&record.slot)
+            .copied()
+            .flatten()
+            .map(|m| mask.slot_of(m).map_or(0, |s| s.get())),
         entry: view.entry_for(&record.host_interface.name),
         host,
         pod,

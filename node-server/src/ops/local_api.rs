@@ -27,6 +27,7 @@ use iamlink_common::PodRecord;
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, CacheState};
 use crate::role::resolve::{Grant, Resolution};
+use crate::serve::accept_loop;
 
 /// The role and credentials of one pod, as the daemon sees them now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,12 +96,12 @@ impl From<CacheState> for CredentialState {
 
 fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
     let pod = record.pod.to_string();
-    match app.resolve(record) {
+    match app.roles.resolve(record) {
         Resolution::Granted(grant) => {
             let key = app.session_key(record, &grant);
             PodAnswer {
                 pod,
-                role: Some(grant.role.arn.clone()),
+                role: Some(grant.role.arn().to_string()),
                 resolution: granted_text(&grant),
                 credentials: app.cache.peek(&key).map(CredentialState::from),
             }
@@ -129,7 +130,7 @@ fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
 /// The role's source, and how it was written there when that is not the role's plain name.
 fn granted_text(grant: &Grant) -> String {
     let as_written = &grant.requested;
-    if as_written == &grant.role.arn || as_written == grant.role.name() {
+    if as_written == &grant.role.arn() || as_written == grant.role.name() {
         format!("granted by {}", grant.source.as_str())
     } else {
         format!("granted by {} as {as_written:?}", grant.source.as_str())
@@ -197,8 +198,7 @@ pub fn spawn<S: AssumeRole>(app: Arc<App<S>>) {
 
 async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
     let started = Instant::now();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+    accept_loop("local API", listener, |stream, _| {
         let app = app.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -211,7 +211,8 @@ async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
-    }
+    })
+    .await
 }
 
 /// What a client got: the answer, "no such record" (the daemon does not know the key), or

@@ -24,6 +24,7 @@ use crate::app::App;
 use crate::creds::cache::AssumeRole;
 use crate::request::identify::{Conn, Destination};
 use crate::request::imds;
+use crate::serve::accept_loop;
 
 /// Slow clients must send their headers within this (slowloris).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,40 +89,31 @@ fn last_heard(stream: &TcpStream, now: u64) -> u64 {
 
 pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
     let intercepted: Vec<IpAddr> = app.config.rule_set().addresses;
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    accept_loop("pods", listener, |stream, peer| {
         let accepted_at = boottime_ns();
         // The table was just created or deleted by someone: its marks are read only once the
         // guard has checked their layout. Closed unanswered; SDKs retry.
         if !app.metrics.interception_verified() {
             debug!(%peer, "interception rule set not verified; closing");
             app.metrics.answer("rule set not verified");
-            continue;
+            return;
         }
         let mark = match getsockopt(&stream, sockopt::Mark) {
             Ok(m) => m,
             Err(e) => {
                 warn!(%peer, error = %e, "cannot read socket mark; dropping connection");
-                continue;
+                return;
             }
         };
         let original_dst = original_destination(&stream, peer);
         let to = Destination::of(original_dst, &intercepted);
-        // Not through the rule: nobody (slot 0), whatever the mark, for the limits too.
-        let slot = if to.is_some() { app.config.mark_mask.slot_of(mark) } else { 0 };
+        // Not through the rule: nobody, whatever the mark, for the limits too.
+        let slot = Conn::slot_of(mark, to, app.config.mark_mask);
         let Some(place) = app.limits.admit_connection(slot) else {
-            debug!(%peer, slot, "pod has too many open connections; closing");
-            continue;
+            debug!(%peer, ?slot, "pod has too many open connections; closing");
+            return;
         };
-        let conn = Conn { mark, accepted_at, heard_at: last_heard(&stream, accepted_at), peer, original_dst, to };
+        let conn = Conn { mark, slot, accepted_at, heard_at: last_heard(&stream, accepted_at), peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
             let _place = place;
@@ -129,7 +121,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                 let app = app.clone();
                 async move {
                     if !app.limits.allow_request(slot) {
-                        debug!(%peer, slot, "rate limited");
+                        debug!(%peer, ?slot, "rate limited");
                         app.metrics.answer("rate limited");
                         tokio::time::sleep(RATE_LIMITED_DELAY).await;
                         return Ok::<_, Infallible>(imds::rate_limited());
@@ -147,5 +139,6 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
-    }
+    })
+    .await
 }

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
-use iamlink_common::{MarkMask, PodRecord, Store, StoreError};
+use iamlink_common::{MarkMask, PodRecord, Slot, Store, StoreError};
 
 /// The intercepted address a connection was opened to: what it may ask for depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +19,13 @@ pub enum Destination {
 
 /// The only port the interception rule redirects.
 const INTERCEPTED_PORT: u16 = 80;
+
+impl Conn {
+    /// The slot a connection's mark carries, when it came through the interception rule.
+    pub fn slot_of(mark: u32, to: Option<Destination>, mask: MarkMask) -> Option<Slot> {
+        to.and(mask.slot_of(mark))
+    }
+}
 
 impl Destination {
     /// Which intercepted address `original` (the connection's destination before NAT, from
@@ -45,7 +52,11 @@ pub const JIFFY_SLACK_NS: u64 = 10_000_000;
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
+    /// The socket's mark, for the log.
     pub mark: u32,
+    /// The slot the mark carries, read once at accept; `None` when the connection did not come
+    /// through the interception rule (whatever its mark) or carries no slot.
+    pub slot: Option<Slot>,
     /// CLOCK_BOOTTIME when accepted, compared with the record's creation.
     pub accepted_at: u64,
     /// CLOCK_BOOTTIME of the last segment the kernel received of it before the accept (TCP_INFO,
@@ -68,11 +79,11 @@ pub enum Unidentified {
     #[error("connection did not arrive through a pod interface")]
     NoMark,
     #[error("no pod holds slot {0}")]
-    NoRecord(u32),
+    NoRecord(Slot),
     #[error("connection predates the pod that now holds slot {0}")]
-    Stale(u32),
+    Stale(Slot),
     #[error("the record linked from slot {0} holds slot {1}")]
-    WrongSlot(u32, u32),
+    WrongSlot(Slot, u32),
     #[error("pod record unreadable: {0}")]
     Corrupt(String),
     #[error("pod store unreadable: {0}")]
@@ -82,26 +93,23 @@ pub enum Unidentified {
 /// The pod record behind `conn`, read from the store on every request, so that a record that
 /// changed owner is never answered from a stale view.
 ///
-/// A connection that did not come through the rule is refused before its mark is read: the rule
-/// clears and sets iamlink's bits only on the way to the metadata addresses, so on any other
-/// connection those bits may have been set by another agent on the node.
-pub fn identify(store: &Store, mask: MarkMask, conn: &Conn) -> Result<PodRecord, Unidentified> {
+/// A connection that did not come through the rule is refused whatever its mark: the rule clears
+/// and sets iamlink's bits only on the way to the metadata addresses, so on any other connection
+/// those bits may have been set by another agent on the node.
+pub fn identify(store: &Store, conn: &Conn) -> Result<PodRecord, Unidentified> {
     if conn.to.is_none() {
         return Err(Unidentified::NotIntercepted);
     }
-    let slot = mask.slot_of(conn.mark);
-    if slot == 0 {
-        return Err(Unidentified::NoMark);
-    }
+    let slot = conn.slot.ok_or(Unidentified::NoMark)?;
     let record = store
-        .by_slot(slot)
+        .by_slot(slot.get())
         .map_err(|e| match e {
             StoreError::Corrupt { .. } => Unidentified::Corrupt(e.to_string()),
             e => Unidentified::Store(e.to_string()),
         })?
         .ok_or(Unidentified::NoRecord(slot))?;
     // A link that points at another slot's record is damage, not an identity.
-    if record.slot != slot {
+    if record.slot != slot.get() {
         return Err(Unidentified::WrongSlot(slot, record.slot));
     }
     let heard_by = conn.heard_at.saturating_add(JIFFY_SLACK_NS);

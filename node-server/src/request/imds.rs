@@ -22,7 +22,7 @@ use crate::creds::cache::{AssumeRole, Credentials};
 use crate::request::identify::{identify, Conn, Destination, Unidentified};
 use crate::request::proxy::not_plain;
 use crate::request::tokens::{parse_ttl, TokenError};
-use crate::role::resolve::{Grant, Resolution, Role};
+use crate::role::{Grant, Resolution, Role};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -66,7 +66,7 @@ fn token_binding(r: &PodRecord) -> String {
 pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Request<B>) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let identified = identify(&app.store, app.config.mark_mask, conn).and_then(|r| match conn.to {
+    let identified = identify(&app.store, conn).and_then(|r| match conn.to {
         Some(to) => Ok((r, to)),
         None => Err(Unidentified::NotIntercepted),
     });
@@ -85,7 +85,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
             };
         }
     };
-    let resolution = app.resolve(&record);
+    let resolution = app.roles.resolve(&record);
     let binding = token_binding(&record);
     let now = unix_now();
     let decision = {
@@ -108,7 +108,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     let (status, outcome, reply) = execute(app, &record, decision, &binding, now, &path).await;
     app.metrics.answer(outcome);
     let (role, source) = match &resolution {
-        Resolution::Granted(g) => (g.role.arn.as_str(), g.source.as_str()),
+        Resolution::Granted(g) => (g.role.arn(), g.source.as_str()),
         Resolution::Denied { requested, .. } => (requested.as_str(), ""),
         _ => ("", ""),
     };
@@ -307,7 +307,7 @@ async fn credentials<S: AssumeRole>(
             // The STS error itself is logged once per call, where it happened; while backing off
             // every request would repeat it.
             if !e.backing_off {
-                warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn, error = %e.message, "cannot assume role");
+                warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), error = %e.message, "cannot assume role");
             }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -347,7 +347,7 @@ pub fn render_container_credentials(c: &Credentials, role: &Role) -> String {
 /// `iam/info` names an instance profile; the pod's stands in, named after its role.
 fn render_info(role: &Role) -> String {
     let account = role.account();
-    let id = hex::encode(&Sha256::digest(role.arn.as_bytes())[..8]).to_uppercase();
+    let id = hex::encode(&Sha256::digest(role.arn().as_bytes())[..8]).to_uppercase();
     json!({
         "Code": "Success",
         "LastUpdated": rfc3339(SystemTime::now()),

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use iamlink_common::Slot;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -46,17 +48,17 @@ struct Bucket {
     last: Instant,
 }
 
-/// Keyed by slot: slot 0 (connections from no pod) shares one budget.
+/// Keyed by slot: connections from no pod (`None`) share one budget.
 pub struct Limits {
     config: LimitsConfig,
-    connections: Arc<Mutex<HashMap<u32, u32>>>,
-    buckets: Mutex<HashMap<u32, Bucket>>,
+    connections: Arc<Mutex<HashMap<Option<Slot>, u32>>>,
+    buckets: Mutex<HashMap<Option<Slot>, Bucket>>,
 }
 
 /// An admitted connection; dropping it frees its place.
 pub struct ConnectionGuard {
-    slot: u32,
-    connections: Arc<Mutex<HashMap<u32, u32>>>,
+    slot: Option<Slot>,
+    connections: Arc<Mutex<HashMap<Option<Slot>, u32>>>,
 }
 
 impl Drop for ConnectionGuard {
@@ -77,7 +79,7 @@ impl Limits {
     }
 
     /// A place for one more connection of `slot`, or `None` when the pod has all it may have.
-    pub fn admit_connection(&self, slot: u32) -> Option<ConnectionGuard> {
+    pub fn admit_connection(&self, slot: Option<Slot>) -> Option<ConnectionGuard> {
         let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let n = conns.entry(slot).or_insert(0);
         if self.config.connections_per_pod != 0 && *n >= self.config.connections_per_pod {
@@ -88,11 +90,11 @@ impl Limits {
     }
 
     /// Takes one request token of `slot`'s bucket; false means answer 429.
-    pub fn allow_request(&self, slot: u32) -> bool {
+    pub fn allow_request(&self, slot: Option<Slot>) -> bool {
         self.allow_request_at(slot, Instant::now())
     }
 
-    fn allow_request_at(&self, slot: u32, now: Instant) -> bool {
+    fn allow_request_at(&self, slot: Option<Slot>, now: Instant) -> bool {
         let rate = self.config.requests_per_second as f64;
         if rate == 0.0 {
             return true;
@@ -119,21 +121,24 @@ mod tests {
     #[test]
     fn connections_are_bounded_per_pod_and_freed_on_drop() {
         let limits = Limits::new(LimitsConfig { requests_per_second: 0, burst: 0, connections_per_pod: 2 });
-        let a = limits.admit_connection(1).unwrap();
-        let _b = limits.admit_connection(1).unwrap();
-        assert!(limits.admit_connection(1).is_none(), "third connection of pod 1");
-        assert!(limits.admit_connection(2).is_some(), "another pod is not affected");
+        let a = limits.admit_connection(Slot::new(1)).unwrap();
+        let _b = limits.admit_connection(Slot::new(1)).unwrap();
+        assert!(limits.admit_connection(Slot::new(1)).is_none(), "third connection of pod 1");
+        assert!(limits.admit_connection(Slot::new(2)).is_some(), "another pod is not affected");
         drop(a);
-        assert!(limits.admit_connection(1).is_some());
+        assert!(limits.admit_connection(Slot::new(1)).is_some());
     }
 
     #[test]
     fn rate_allows_the_burst_then_the_sustained_rate_per_pod() {
         let limits = Limits::new(LimitsConfig { requests_per_second: 10, burst: 5, connections_per_pod: 0 });
         let t0 = Instant::now();
-        assert_eq!((0..8).filter(|_| limits.allow_request_at(1, t0)).count(), 5);
-        assert!(limits.allow_request_at(2, t0), "another pod has its own bucket");
-        assert!(!limits.allow_request_at(1, t0 + Duration::from_millis(50)));
-        assert!(limits.allow_request_at(1, t0 + Duration::from_millis(110)), "10/s refills one token in 100 ms");
+        assert_eq!((0..8).filter(|_| limits.allow_request_at(Slot::new(1), t0)).count(), 5);
+        assert!(limits.allow_request_at(Slot::new(2), t0), "another pod has its own bucket");
+        assert!(!limits.allow_request_at(Slot::new(1), t0 + Duration::from_millis(50)));
+        assert!(
+            limits.allow_request_at(Slot::new(1), t0 + Duration::from_millis(110)),
+            "10/s refills one token in 100 ms"
+        );
     }
 }

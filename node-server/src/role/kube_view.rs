@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,34 +88,34 @@ fn kept<'a>(annotations: Option<&'a BTreeMap<String, String>>, keys: &'a [&'a st
 
 /// A client for the API server: the kubeconfig file when configured, else the in-cluster service
 /// account, else `$KUBECONFIG` (`kube::Config::infer`).
-pub async fn client(config: &KubernetesConfig) -> Result<Client, String> {
+pub async fn client(config: &KubernetesConfig) -> Result<Client, KubeError> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
-            let file =
-                kube::config::Kubeconfig::read_from(path).map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let bad = |e: &dyn std::fmt::Display| KubeError::Kubeconfig { path: path.clone(), detail: e.to_string() };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(&e))?;
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(|e| bad(&e))?
         }
-        None => kube::Config::infer().await.map_err(|e| {
-            format!("no Kubernetes API configuration (not in a pod, no $KUBECONFIG, no [kubernetes] kubeconfig): {e}")
-        })?,
+        None => kube::Config::infer().await.map_err(KubeError::NoApi)?,
     };
-    Client::try_from(kube_config).map_err(|e| format!("Kubernetes API client: {e}"))
+    Client::try_from(kube_config).map_err(KubeError::Client)
 }
 
-/// The node whose pods are watched: `[kubernetes] node_name`, else `$NODE_NAME` (the downward
-/// API's `spec.nodeName` in a DaemonSet). Without one the field selector would match every pod
-/// of the cluster, so it is an error.
-pub fn node_name(config: &KubernetesConfig) -> Result<String, String> {
-    let name = match &config.node_name {
-        Some(n) => n.clone(),
-        None => std::env::var("NODE_NAME").unwrap_or_default(),
-    };
-    if name.is_empty() {
-        return Err("no node name: set [kubernetes] node_name or $NODE_NAME".into());
-    }
-    Ok(name)
+/// Why the Kubernetes view cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("kubeconfig {path}: {detail}")]
+    Kubeconfig { path: PathBuf, detail: String },
+    #[error("no Kubernetes API configuration (not in a pod, no $KUBECONFIG, no [kubernetes] kubeconfig): {0}")]
+    NoApi(kube::config::InferConfigError),
+    #[error("Kubernetes API client: {0}")]
+    Client(kube::Error),
+    #[error(
+        "no node name: set [kubernetes] node_name or $NODE_NAME (without one the watch would match every pod of \
+         the cluster)"
+    )]
+    NoNodeName,
 }
 
 /// A pod object was added or changed (also each pod of a (re)list), so the daemon can prefetch.
@@ -645,20 +646,5 @@ mod tests {
             watcher::Error::WatchError(Box::new(Status { code: 410, reason: "Expired".into(), ..Default::default() }));
         assert!(!health.failed("pods", &gone, true, t0));
         assert_eq!(health.ok("pods", t0), None);
-    }
-
-    #[test]
-    fn node_name_comes_from_config_and_is_required() {
-        let config = |node_name: Option<&str>| KubernetesConfig {
-            node_name: node_name.map(String::from),
-            kubeconfig: None,
-            runtime_annotations: true,
-            require_namespace_permission: false,
-        };
-        assert_eq!(node_name(&config(Some("ip-10-0-0-1"))).as_deref(), Ok("ip-10-0-0-1"));
-        if std::env::var_os("NODE_NAME").is_none() {
-            assert!(node_name(&config(None)).is_err());
-            assert!(node_name(&config(Some(""))).is_err());
-        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use regex::Regex;
 
-use crate::role::resolve::Role;
+use crate::role::Role;
 
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
@@ -61,7 +61,7 @@ pub fn permits(
         let re = compiled
             .regex(&format!("^(?:{pattern})$"))
             .ok_or_else(|| Denied(format!("namespace annotation {PERMITTED_ANNOTATION} is not a valid regex")))?;
-        if !re.is_match(requested) && !re.is_match(&role.arn) {
+        if !re.is_match(requested) && !re.is_match(role.arn()) {
             return Err(Denied(format!("role {requested} does not match {PERMITTED_ANNOTATION} {pattern:?}")));
         }
     }
@@ -71,7 +71,7 @@ pub fn permits(
         })?;
         let matches = |entry: &String| {
             let arn = if entry.starts_with("arn:") { Some(entry.clone()) } else { to_arn(entry) };
-            arn.is_some_and(|arn| compiled.regex(&glob(&arn)).is_some_and(|g| g.is_match(&role.arn)))
+            arn.is_some_and(|arn| compiled.regex(&glob(&arn)).is_some_and(|g| g.is_match(role.arn())))
         };
         if !entries.iter().any(matches) {
             return Err(Denied(format!("role {requested} is not in {ALLOWED_ROLES_ANNOTATION} {list}")));
@@ -98,7 +98,7 @@ mod tests {
     const BASE: &str = "arn:aws:iam::123456789012:role/";
 
     fn role(name: &str) -> Role {
-        Role { arn: format!("{BASE}{name}") }
+        Role::parse(name, Some(BASE)).expect("a role name")
     }
 
     fn check(annotations: &[(&str, &str)], name: &str, require: bool) -> Result<(), Denied> {

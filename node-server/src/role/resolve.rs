@@ -21,29 +21,13 @@ use std::sync::OnceLock;
 use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::RolesConfig;
+use crate::role::arn::{valid_external_id, ArnError, Role};
 use crate::role::policy;
 
 /// The IRSA service-account annotation: the role's full ARN.
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 /// The IRSA token lifetime in seconds, used here as the session duration.
 pub const IRSA_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
-
-/// A role as STS wants it (ARN) and as IMDS names it (the last path element).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Role {
-    pub arn: String,
-}
-
-impl Role {
-    pub fn name(&self) -> &str {
-        self.arn.rsplit('/').next().unwrap_or(&self.arn)
-    }
-
-    /// The account ID field of the ARN (`arn:aws:iam::<account>:role/...`).
-    pub fn account(&self) -> &str {
-        self.arn.split(':').nth(4).unwrap_or_default()
-    }
-}
 
 /// Where a pod's role came from, logged and audited with every answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,9 +256,9 @@ impl Roles {
     ) -> Result<Grant, Resolution> {
         let denied =
             |reason: String| Resolution::Denied { outcome: "invalid role", requested: requested.into(), reason };
-        let role = self.to_role(requested).map_err(|e| match e {
-            RoleError::Invalid(reason) => denied(reason),
-            RoleError::NoBase => Resolution::Pending(format!(
+        let role = Role::parse(requested, self.base_arn()).map_err(|e| match e {
+            ArnError::Invalid(_) => denied(e.to_string()),
+            ArnError::NoBase(_) => Resolution::Pending(format!(
                 "role {requested:?} is a name and the base ARN is not known yet (roles.base_arn unset, \
                  sts:GetCallerIdentity not answered)"
             )),
@@ -294,50 +278,10 @@ impl Roles {
             duration_seconds,
         })
     }
-
-    /// A role name joins the base ARN; an ARN is taken as it is. Both are checked against IAM's
-    /// grammar, so that an annotation never reaches STS as anything but a role.
-    fn to_role(&self, requested: &str) -> Result<Role, RoleError> {
-        let arn = if requested.starts_with("arn:") {
-            requested.to_string()
-        } else {
-            let base = self.base_arn().ok_or(RoleError::NoBase)?;
-            format!("{base}{requested}")
-        };
-        let parts: Vec<&str> = arn.splitn(6, ':').collect();
-        let path = parts.get(5).and_then(|p| p.strip_prefix("role/")).unwrap_or_default();
-        let name = path.rsplit('/').next().unwrap_or_default();
-        let ok = parts.len() == 6
-            && parts[0] == "arn"
-            && parts[1].starts_with("aws")
-            && parts[2] == "iam"
-            && parts[3].is_empty()
-            && parts[4].len() == 12
-            && parts[4].bytes().all(|b| b.is_ascii_digit())
-            && (1..=64).contains(&name.len())
-            && path.len() <= 512
-            && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
-            && path.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
-        if ok {
-            Ok(Role { arn })
-        } else {
-            Err(RoleError::Invalid(format!("{requested:?} is not an IAM role name or role ARN")))
-        }
-    }
-}
-
-enum RoleError {
-    Invalid(String),
-    NoBase,
 }
 
 fn external_id(annotations: Option<&BTreeMap<String, String>>) -> Option<&String> {
     annotations.and_then(|a| a.get(EXTERNAL_ID_ANNOTATION))
-}
-
-/// STS's grammar for ExternalId; the config's is checked the same way.
-pub fn valid_external_id(id: &str) -> bool {
-    (2..=1224).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c))
 }
 
 /// The runtime's snapshot and the API must name the same role and external ID, or neither is believed.
@@ -414,7 +358,7 @@ mod tests {
     fn most_specific_config_entry_wins_and_names_join_the_base_arn() {
         let r = roles();
         let web = pod("a", "web");
-        assert_eq!(granted(r.resolve(&static_only(&web))).role.arn, format!("{BASE}web"));
+        assert_eq!(granted(r.resolve(&static_only(&web))).role.arn(), format!("{BASE}web"));
         let other = pod("a", "other");
         assert_eq!(granted(r.resolve(&static_only(&other))).role.name(), "ns-a");
         let b = pod("b", "x");
@@ -431,7 +375,7 @@ mod tests {
         );
         let p = pod("x", "y");
         let g = granted(r.resolve(&static_only(&p)));
-        assert_eq!((g.role.arn.as_str(), g.source), ("arn:aws:iam::123456789012:role/d", Source::Default));
+        assert_eq!((g.role.arn(), g.source), ("arn:aws:iam::123456789012:role/d", Source::Default));
     }
 
     #[test]
@@ -701,6 +645,6 @@ mod tests {
         let facts = PodFacts { pod: &p, runtime: None, api, namespace: NamespaceFacts::Off };
         assert!(matches!(r.resolve(&facts), Resolution::Pending(_)));
         r.discovered_base_arn(BASE.into());
-        assert_eq!(granted(r.resolve(&facts)).role.arn, format!("{BASE}web"));
+        assert_eq!(granted(r.resolve(&facts)).role.arn(), format!("{BASE}web"));
     }
 }

@@ -1,0 +1,119 @@
+//! The daemon's start, in the order the guarantee needs: the rule set verified before any
+//! listener exists, then the listeners, then the tasks that keep the node as it should be.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use iamlink_common::netlink::Netlink;
+use iamlink_common::Store;
+
+use crate::app::App;
+use crate::backoff::backoff;
+use crate::config::Config;
+use crate::creds::{refresh, sts};
+use crate::error::Error;
+use crate::install::{cni_config, guard};
+use crate::metrics;
+use crate::ops::local_api;
+use crate::request::{accept, tokens};
+use crate::role::kube_view::{self, KubeError};
+
+/// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops.
+pub async fn run(config: Config) -> Result<(), Error> {
+    accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
+    let store = Store::open(&config.store_dir)?;
+    let rules = config.rule_set();
+    // Before any listener exists: no connection is accepted under a layout not yet verified.
+    let (records, start_repairs) = {
+        let lock = store.lock()?;
+        let (records, bad) = store.list()?;
+        for e in bad {
+            warn!(error = %e, "skipping unreadable pod record");
+        }
+        (records.len(), guard::ensure(&rules, &lock, &records)?)
+    };
+    let node = Netlink::here()?;
+    for rule in node.ensure_policy_rules(&rules.addresses).await? {
+        info!(rule = %rule, "added routing-policy rule");
+    }
+    let mut listeners = vec![bind(config.listen.into()).await?];
+    if let Some(listen6) = config.listen6 {
+        listeners.push(bind(listen6.into()).await?);
+    }
+    if config.cni.manage {
+        let installer = cni_config::Installer::new(&config)?;
+        installer.install_binary()?;
+        tokio::spawn(cni_config::keep_chained(installer));
+    }
+    let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
+    let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
+    let node_name = config.node_name();
+    let (kube, pod_changes) = match &config.kubernetes {
+        Some(k) => {
+            if node_name.guessed {
+                return Err(KubeError::NoNodeName.into());
+            }
+            let client = kube_view::client(k).await?;
+            info!(node = %node_name.name, "watching this node's pods, namespaces and service accounts");
+            let (view, changes) = kube_view::View::start(client, &node_name.name, Some(store.clone()));
+            (Some(view), Some(changes))
+        }
+        None => (None, None),
+    };
+    let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
+    info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
+    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube));
+    for r in &start_repairs {
+        app.metrics.repaired(r.kind());
+    }
+    app.metrics.set_interception_verified(true);
+    tokio::spawn(guard::run(app.clone()));
+    if discover_base_arn {
+        tokio::spawn(discover_role_prefix(app.clone()));
+    }
+    tokio::spawn(refresh::run(app.clone(), pod_changes));
+    local_api::spawn(app.clone());
+
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    for listener in listeners {
+        tokio::spawn(accept::serve(app.clone(), listener));
+    }
+    if let Some(addr) = app.config.metrics_listen().ok().flatten() {
+        if let Some(listener) = metrics::bind(addr).await {
+            tokio::spawn(metrics::serve(app.metrics.clone(), listener));
+        }
+    }
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; pods stay intercepted"),
+        _ = int.recv() => info!("SIGINT: stopping; pods stay intercepted"),
+    }
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
+}
+
+/// Role names in annotations need a base ARN; without `roles.base_arn` it is the daemon's own
+/// account's, asked of STS until it answers. Until then such pods get 503 and retry.
+async fn discover_role_prefix(app: Arc<App<sts::Sts>>) {
+    for attempt in 1.. {
+        match app.cache.sts().own_role_prefix().await {
+            Ok(prefix) => {
+                info!(base_arn = %prefix, "role names join the base ARN of iamlinkd's own account");
+                app.roles.discovered_base_arn(prefix);
+                return;
+            }
+            Err(e) => {
+                let delay = backoff(attempt, Duration::from_secs(60));
+                warn!(error = %e, retry_in = ?delay, "cannot discover the base ARN for role names");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
