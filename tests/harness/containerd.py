@@ -338,6 +338,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.cri.remove_sandbox(sandbox.id)
         sandbox.deleted = True
 
+    def node_exec(self, argv, timeout=30):
+        """Runs argv as a node's own tools run: in the node's network namespace and containerd's
+        mount namespace, where the pods' netns paths exist (`iamlinkd explain` looks into them)."""
+        return run(["nsenter", "-t", str(self.holder.pid), "-m", f"--net={self.node.path}", "--"] + list(argv),
+                   timeout=timeout, check=False, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"})
+
     def cached_result(self, sandbox_id):
         """libcni's cached ADD result of the sandbox (None when there is none)."""
         path = os.path.join(self.cni_results, f"{self.pods.conflist['name']}-{sandbox_id}-eth0")
