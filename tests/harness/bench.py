@@ -39,6 +39,8 @@ class Bench(contextlib.ExitStack):
         self.kubernetes = kubernetes
         self.kube_api_up = kube_api_up
         self.kube = None
+        # (label, path) of logs of parts a test adds to the bench (containerd), for failure reports.
+        self.extra_logs = []
         self.node = self.moto = self.upstream = self.daemon = self.pods = None
 
     def __enter__(self):
@@ -82,7 +84,8 @@ class Bench(contextlib.ExitStack):
                             ("iamlink CNI plugin", self.pods.plugin_log if self.pods else None),
                             ("moto", self.moto.log_path if self.moto else None),
                             ("fake upstream requests", self.upstream.log_path if self.upstream else None),
-                            ("emulated Kubernetes API", self.kube.stderr_path if self.kube else None)):
+                            ("emulated Kubernetes API", self.kube.stderr_path if self.kube else None),
+                            *self.extra_logs):
             if path and os.path.exists(path):
                 parts.append(f"==== {label} ({path}) ====\n{tail(path, lines)}")
         return "\n".join(parts)

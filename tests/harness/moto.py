@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import threading
 
 import boto3
 import botocore.config
@@ -84,6 +85,8 @@ class Moto:
         self.roles = {}  # name -> create_role arguments, to make them again after a restart
         self.arns = {}
         self._clients = {}
+        self._session = None
+        self._session_lock = threading.Lock()
         if start:
             self.start()
 
@@ -129,12 +132,18 @@ class Moto:
     # -- AWS calls (all made from inside the node) ----------------------------------------
     def client(self, service, creds=None):
         creds = creds or {"AccessKeyId": "testing", "SecretAccessKey": "testing", "Token": "testing"}
-        return boto3.session.Session().client(
-            service, endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
-            aws_session_token=creds.get("Token"),
-            config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=20),
-        )
+        # One session for every client: it loads the service models once (a new session per client
+        # costs ~150 ms, which adds up when every key a test saw is resolved with its own client).
+        # Sessions are not thread-safe: clients are made under a lock.
+        with self._session_lock:
+            if self._session is None:
+                self._session = boto3.session.Session()
+            return self._session.client(
+                service, endpoint_url=self.endpoint, region_name="us-east-1",
+                aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+                aws_session_token=creds.get("Token"),
+                config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=20),
+            )
 
     def create_role(self, name, trust=None, path=POD_ROLE_PATH):
         """Create pod role `name` (idempotent) under `path` with the trust policy of
