@@ -3,10 +3,12 @@
 //! - [`objects`]: a rendered install (the source files, `kubectl kustomize`, `helm template`) read
 //!   as typed Kubernetes objects with no key lost;
 //! - [`checks`]: what must hold of every rendering (the DaemonSet, RBAC and iamlinkd's config
-//!   agree with each other and with iamlinkd).
+//!   agree with each other and with iamlinkd);
+//! - [`elf`]: the few ELF facts that say whether the plugin binary runs on any node's libc.
 
 pub mod checks;
 pub mod daemon;
+pub mod elf;
 pub mod objects;
 
 use std::path::{Path, PathBuf};
