@@ -4,12 +4,14 @@
 //!   as typed Kubernetes objects with no key lost;
 //! - [`checks`]: what must hold of every rendering (the DaemonSet, RBAC and iamlinkd's config
 //!   agree with each other and with iamlinkd);
+//! - [`tools`]: the helm and kubectl clients `scripts/setup` installs, and the renderings they make;
 //! - [`elf`]: the few ELF facts that say whether the plugin binary runs on any node's libc.
 
 pub mod checks;
 pub mod daemon;
 pub mod elf;
 pub mod objects;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 

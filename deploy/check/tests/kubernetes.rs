@@ -83,3 +83,24 @@ fn a_broken_manifest_fails_the_checks() {
     assert!(message.contains("the daemon has NET_ADMIN and nothing else"), "{message}");
     assert!(message.contains("1 of"), "only that check fails: {message}");
 }
+
+#[test]
+fn kubectl_kustomize_renders_the_source_files_unchanged_and_they_pass_every_check() {
+    let rendered = Manifests::from_yaml(
+        "kubectl kustomize deploy/kubernetes",
+        NAMESPACE,
+        &iamlink_deploy_check::tools::kustomize(),
+    );
+    checks::run_all(&rendered);
+    let source = source_manifests();
+    fn same<T: serde::Serialize>(kind: &str, a: &T, b: &T) {
+        let (a, b) = (serde_json::to_value(a).unwrap(), serde_json::to_value(b).unwrap());
+        assert_eq!(a, b, "{kind}: kubectl kustomize changed it");
+    }
+    same("Namespace", &rendered.namespace, &source.namespace);
+    same("ServiceAccount", &rendered.service_account, &source.service_account);
+    same("ClusterRole", &rendered.cluster_role, &source.cluster_role);
+    same("ClusterRoleBinding", &rendered.binding, &source.binding);
+    same("ConfigMap", &rendered.config_map, &source.config_map);
+    same("DaemonSet", &rendered.daemon_set, &source.daemon_set);
+}
