@@ -505,6 +505,8 @@ fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<(String, u32)>>, Inte
             None => return Err(InterceptError::Parse(format!("unexpected map element {e:?}"))),
         }
     }
+    // In name order, as `nft list` shows them (the kernel's hash order is arbitrary).
+    entries.sort();
     Ok(Some(entries))
 }
 
@@ -600,8 +602,62 @@ fn layout_text(layout: Option<Layout>) -> String {
     }
 }
 
-/// The rule set as installed, from one `nft` run; `None` when the table does not exist.
+/// The rule set as installed, read over netlink (iamlinkd reads it at every nf_tables change:
+/// no `nft` process, and a short hold of the store lock when it repairs); `None` when the table
+/// does not exist. The reads are repeated (bounded) until the generation is the same before and
+/// after them, so that they describe one rule set, as one `nft -j list` would.
 pub fn installed() -> Result<Option<Installed>, InterceptError> {
+    let mut nft = nftnl::Nft::open()?;
+    for _ in 0..TRIES {
+        let generation = nft.generation()?;
+        if !nft.table_exists(TABLE)? {
+            return Ok(None);
+        }
+        let chains = nft.chain_names(TABLE)?;
+        let rules = nft.rules(TABLE)?;
+        let entries = read_entries(&mut nft)?.unwrap_or_default();
+        if nft.generation()? == generation {
+            return Ok(Some(Installed::from_parts(&chains, &rules, entries)));
+        }
+    }
+    Err(InterceptError::Changed { what: format!("reading table inet {TABLE}") })
+}
+
+impl Installed {
+    /// The same reading of chains and rules as [`parse_installed`] makes of `nft -j` output.
+    fn from_parts(chains: &[String], rules: &[nftnl::RuleFacts], entries: Vec<(String, u32)>) -> Self {
+        let mut installed = Installed { entries, ..Default::default() };
+        for name in chains {
+            if BASE_CHAINS.contains(&name.as_str()) {
+                installed.rule_counts.entry(name.clone()).or_default();
+            } else if let Some(slot) = name.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+                installed.slot_marks.entry(slot).or_default();
+            }
+        }
+        for rule in rules {
+            if let Some(count) = installed.rule_counts.get_mut(&rule.chain) {
+                *count += 1;
+            }
+            if let Some((layout, base)) = rule.comment.as_deref().and_then(Layout::parse_comment) {
+                if rule.chain == "identify-pod" {
+                    installed.layout = Some(layout);
+                    installed.base_hash = base;
+                }
+            }
+            if let Some(slot) = rule.chain.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+                installed.slot_marks.insert(slot, rule.mark_or);
+            }
+        }
+        installed.missing_chains =
+            BASE_CHAINS.into_iter().filter(|c| !installed.rule_counts.contains_key(*c)).map(String::from).collect();
+        installed
+    }
+}
+
+/// `nft -j list table` read the way iamlinkd read it before netlink: what the netlink reading is
+/// checked against.
+#[cfg(test)]
+fn installed_by_nft() -> Result<Option<Installed>, InterceptError> {
     let out = nft(&["-j", "list", "table", "inet", TABLE], None)?;
     if !out.status.success() {
         return Ok(None);
@@ -609,6 +665,7 @@ pub fn installed() -> Result<Option<Installed>, InterceptError> {
     parse_installed(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
+#[cfg(test)]
 fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
@@ -646,6 +703,7 @@ fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
 
 /// The bits of `meta mark set meta mark or <bits>`, the one rule of a slot chain; `None` for
 /// anything else.
+#[cfg(test)]
 fn mark_set_by(rule: &serde_json::Value) -> Option<u32> {
     let exprs = rule["expr"].as_array()?;
     let [expr] = exprs.as_slice() else { return None };
@@ -669,6 +727,7 @@ pub fn describe() -> Result<String, InterceptError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+#[cfg(test)]
 fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let mut entries = Vec::new();
@@ -1049,6 +1108,46 @@ mod tests {
             nft_script("install", &rules().base_script()).unwrap();
             remove_pod(&lock, "vethA", 3).unwrap();
             assert_eq!(pod_view().unwrap().map(|v| v.entries), Some(vec![]));
+        }
+
+        /// Whole, with pods, with an altered slot chain, a flushed and a missing base chain, an
+        /// added rule, a table of layout 1: netlink reads each as `nft -j` did.
+        #[test]
+        fn installed_reads_over_netlink_what_nft_json_showed() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            let same = |what: &str| {
+                let (netlink, json) = (installed().unwrap(), installed_by_nft().unwrap());
+                assert_eq!(netlink, json, "{what}");
+                netlink
+            };
+            assert_eq!(same("no table"), None);
+            nft_script("install", &rs.base_script()).unwrap();
+            assert_eq!(same("base only").unwrap().layout, Some(rs.layout()));
+            rs.add_pod(&lock, "vethA", 3, pod_view().unwrap().as_ref()).unwrap();
+            rs.add_pod(&lock, "vethB", 0x7f, pod_view().unwrap().as_ref()).unwrap();
+            assert_eq!(same("two pods").unwrap().slot_marks, BTreeMap::from([(3, Some(3)), (0x7f, Some(0x7f))]));
+            let t = format!("inet {TABLE}");
+            let script = format!(
+                "flush chain {t} slot-3\nadd rule {t} slot-3 meta mark set meta mark or 0x5\n\
+                 add chain {t} slot-9\nadd rule {t} slot-9 meta mark set 0x9\n\
+                 flush chain {t} intercept\ndelete chain {t} refuse\n\
+                 add rule {t} identify counter\n"
+            );
+            nft_script("damage", &script).unwrap();
+            let damaged = same("damaged").unwrap();
+            assert_eq!(damaged.slot_marks, BTreeMap::from([(3, Some(5)), (9, None), (0x7f, Some(0x7f))]));
+            assert_eq!(damaged.missing_chains, vec!["refuse".to_string()]);
+            let mut hurt = damaged.damaged_chains(&rs);
+            hurt.sort();
+            assert_eq!(hurt, ["identify", "intercept", "refuse"]);
+            nft_script("layout 1", &format!("delete table {t}\nadd table {t}\nadd chain {t} identify-pod\nadd rule {t} identify-pod meta mark set meta mark and 0xffffff00\n")).unwrap();
+            assert_eq!(same("layout 1").unwrap().layout, None);
         }
 
         #[test]

@@ -50,6 +50,7 @@ const AF_UNSPEC: u8 = 0;
 // enum nf_tables_msg_types
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
@@ -213,6 +214,54 @@ fn string(v: &[u8]) -> String {
 
 fn be32(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// The comment in a rule's `NFTA_RULE_USERDATA`.
+fn comment(mut udata: &[u8]) -> Option<String> {
+    while let [kind, len, rest @ ..] = udata {
+        let value = rest.get(..*len as usize)?;
+        if *kind == UDATA_RULE_COMMENT {
+            return Some(string(value));
+        }
+        udata = &rest[*len as usize..];
+    }
+    None
+}
+
+/// The bits of `meta mark set meta mark or <bits>` (the expressions [`Batch::add_mark_or_rule`]
+/// writes, in any registers); `None` for any other rule.
+fn mark_or(exprs: &[u8]) -> Option<u32> {
+    let exprs: Vec<(String, &[u8])> = attrs(exprs)
+        .map(|(_, e)| Some((attr(e, NFTA_EXPR_NAME).map(string)?, attr(e, NFTA_EXPR_DATA)?)))
+        .collect::<Option<_>>()?;
+    let [(load, load_data), (bitwise, bw), (set, set_data)] = exprs.as_slice() else { return None };
+    let u32_of = |data: &[u8], kind| attr(data, kind).and_then(be32);
+    let value_of = |kind| {
+        let v = attr(attr(bw, kind)?, NFTA_DATA_VALUE)?;
+        Some(u32::from_ne_bytes(v.try_into().ok()?))
+    };
+    let loaded = u32_of(load_data, NFTA_META_DREG)?;
+    let result = u32_of(bw, NFTA_BITWISE_DREG)?;
+    let (mask, xor) = (value_of(NFTA_BITWISE_MASK)?, value_of(NFTA_BITWISE_XOR)?);
+    let shape = load == "meta"
+        && bitwise == "bitwise"
+        && set == "meta"
+        && u32_of(load_data, NFTA_META_KEY) == Some(NFT_META_MARK)
+        && u32_of(set_data, NFTA_META_KEY) == Some(NFT_META_MARK)
+        && u32_of(bw, NFTA_BITWISE_SREG) == Some(loaded)
+        && u32_of(bw, NFTA_BITWISE_LEN) == Some(4)
+        && u32_of(bw, NFTA_BITWISE_OP).unwrap_or(NFT_BITWISE_BOOL) == NFT_BITWISE_BOOL
+        && u32_of(set_data, NFTA_META_SREG) == Some(result);
+    (shape && mask == !xor).then_some(xor)
+}
+
+/// What the daemon checks of one rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleFacts {
+    pub chain: String,
+    pub comment: Option<String>,
+    /// `Some(bits)` when the rule is exactly `meta mark set meta mark or <bits>`.
+    pub mark_or: Option<u32>,
 }
 
 /// One element of an `ifname : verdict` map.
@@ -510,17 +559,44 @@ impl Nft {
             if attr(rule, NFTA_RULE_CHAIN).map(string).as_deref() != Some(chain) {
                 continue;
             }
-            if let Some(mut udata) = attr(rule, NFTA_RULE_USERDATA) {
-                while let [kind, len, rest @ ..] = udata {
-                    let Some(value) = rest.get(..*len as usize) else { break };
-                    if *kind == UDATA_RULE_COMMENT {
-                        comments.push(string(value));
-                    }
-                    udata = &rest[*len as usize..];
-                }
-            }
+            comments.extend(attr(rule, NFTA_RULE_USERDATA).and_then(comment));
         }
         Ok(comments)
+    }
+
+    /// The names of the table's chains (`NFT_MSG_GETCHAIN` dump; `NFTA_CHAIN_NAME` of each
+    /// answer whose `NFTA_CHAIN_TABLE` is the table).
+    pub fn chain_names(&mut self, table: &str) -> Result<Vec<String>, InterceptError> {
+        let build = |seq| {
+            let mut m = Msg::nft(NFT_MSG_GETCHAIN, NLM_F_DUMP, seq);
+            m.put_str(NFTA_CHAIN_TABLE, table);
+            m
+        };
+        let chains = self.dump(build, &format!("reading the chains of table {table}"))?.unwrap_or_default();
+        Ok(chains
+            .iter()
+            .filter(|c| attr(c, NFTA_CHAIN_TABLE).map(string).as_deref() == Some(table))
+            .filter_map(|c| attr(c, NFTA_CHAIN_NAME).map(string))
+            .collect())
+    }
+
+    /// Every rule of the table, in the kernel's order (`NFT_MSG_GETRULE` dump filtered by table).
+    pub fn rules(&mut self, table: &str) -> Result<Vec<RuleFacts>, InterceptError> {
+        let build = |seq| {
+            let mut m = Msg::nft(NFT_MSG_GETRULE, NLM_F_DUMP, seq);
+            m.put_str(NFTA_RULE_TABLE, table);
+            m
+        };
+        let rules = self.dump(build, &format!("reading the rules of table {table}"))?.unwrap_or_default();
+        Ok(rules
+            .iter()
+            .filter(|r| attr(r, NFTA_RULE_TABLE).map(string).as_deref() == Some(table))
+            .map(|r| RuleFacts {
+                chain: attr(r, NFTA_RULE_CHAIN).map(string).unwrap_or_default(),
+                comment: attr(r, NFTA_RULE_USERDATA).and_then(comment),
+                mark_or: attr(r, NFTA_RULE_EXPRESSIONS).and_then(mark_or),
+            })
+            .collect())
     }
 
     /// The elements of an `ifname : verdict` map (`NFT_MSG_GETSETELEM` dump); `None` when the
