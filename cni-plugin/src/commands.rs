@@ -22,11 +22,10 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     // One reading of the rule set serves the whole ADD; `None`: it is not there yet. A table laid
     // out for another mark mask is refused: a slot chain written into it would be read as
     // another slot.
-    let installed = intercept::installed()?;
-    if let Some(installed) = &installed {
-        rules.check_layout(installed)?;
+    let view = intercept::pod_view()?;
+    if let Some(view) = &view {
+        rules.check_layout(view.layout)?;
     }
-    let entries = installed.map(|i| i.entries);
 
     let pod_net = Netlink::in_netns(&env.netns)?;
     let node_net = Netlink::here()?;
@@ -43,7 +42,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let slot = match store.get(&env.container_id, &env.ifname)? {
         Some(old) => old.slot,
         None => {
-            let in_use: Vec<u32> = entries.iter().flatten().map(|(_, slot)| *slot).collect();
+            let in_use: Vec<u32> = view.iter().flat_map(|v| &v.entries).map(|(_, slot)| *slot).collect();
             store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
         }
     };
@@ -62,7 +61,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     };
     store.insert(&lock, &record)?;
     let routed = async {
-        rules.add_pod(&lock, &record.host_interface.name, slot, entries.as_deref())?;
+        rules.add_pod(&lock, &record.host_interface.name, slot, view.as_ref())?;
         ensure_pod_routes(&pod_net, &routed_addresses(&rules, &prev), container.index, &prev, &env.ifname).await
     }
     .await;
@@ -260,7 +259,7 @@ pub fn cmd_gc(conf: &NetConf) -> Result<()> {
     Ok(())
 }
 
-/// Ready when the store is writable and nft works (CNI 1.1 STATUS).
+/// Ready when the store is writable and nf_tables answers (CNI 1.1 STATUS).
 pub fn cmd_status(conf: &NetConf) -> Result<()> {
     let not_ready = |e: &dyn std::fmt::Display| {
         CniError::new(Code::NotAvailable, "iamlink is not ready").with_details(e.to_string())

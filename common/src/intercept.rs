@@ -1,4 +1,4 @@
-//! The interception rule set, and the only code that runs `nft`.
+//! The interception rule set, and the only code that runs `nft` or writes nf_tables.
 //!
 //! One definition serves the plugin (which creates it when missing, so that a pod is intercepted
 //! before ADD returns even if iamlinkd never started) and the daemon (which installs its own
@@ -14,6 +14,13 @@
 //!
 //! The table records its own [`Layout`] (version and mark mask) in a rule comment, so that a
 //! table written under another mask is rebuilt, never read with the wrong one.
+//!
+//! Two ways in: the whole table (install, rebuild, repair: rare, by iamlinkd) is an `nft -f`
+//! script; a pod's entry and slot chain (every ADD, DEL and CHECK, by the plugin) are a few
+//! nf_tables messages over netlink ([`nftnl`]), in one transaction tied to the generation that
+//! was read, so no process is started per pod and a concurrent rebuild cannot interleave.
+
+mod nftnl;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -54,12 +61,37 @@ pub enum InterceptError {
     Parse(String),
     #[error("{0}")]
     InvalidName(String),
+    #[error("cannot talk to nf_tables over netlink while {what}: {source}")]
+    Netlink { what: String, source: io::Error },
+    #[error("nf_tables refused `{op}`: {errno} ({hint})", errno = errno.desc(), hint = kernel_hint(*errno))]
+    Kernel { op: String, errno: nix::errno::Errno },
+    /// The transaction was read at one generation of the rule set and something else committed
+    /// since: nothing was applied; the caller reads again.
+    #[error("the rule set changed while this change was being prepared; nothing was applied")]
+    GenerationChanged,
+    #[error("the rule set kept changing while {what}; gave up after {TRIES} tries")]
+    Changed { what: String },
     #[error(
         "the interception rule set has {found}, this configuration wants {wanted}: marks written under one mask \
          would be read as other slots under the other; iamlinkd rebuilds the rule set when it starts with the \
          new mark_mask (set markMask and mark_mask together, e.g. with `iamlinkd install-cni`, then restart iamlinkd)"
     )]
     LayoutMismatch { found: String, wanted: Layout },
+}
+
+/// How many times a read-then-write is retried when the rule set changed in between.
+const TRIES: usize = 5;
+
+/// What an nf_tables error usually means here, and the fix.
+fn kernel_hint(errno: nix::errno::Errno) -> &'static str {
+    use nix::errno::Errno;
+    match errno {
+        Errno::ENOENT => "a table, chain or map of table inet iamlink is missing; iamlinkd restores it",
+        Errno::EPERM => "the plugin needs CAP_NET_ADMIN",
+        Errno::EBUSY => "the chain is still referenced",
+        Errno::EEXIST => "an element with another verdict already exists",
+        _ => "see the kernel log",
+    }
 }
 
 /// How a rule set lays slots into marks: a table of another layout must be rebuilt before any
@@ -172,10 +204,10 @@ impl RuleSet {
 
     /// Refuses a table laid out for another mask or version: the plugin writes slot chains only
     /// into a table whose marks iamlinkd reads the same way.
-    pub fn check_layout(&self, installed: &Installed) -> Result<(), InterceptError> {
-        match installed.layout {
+    pub fn check_layout(&self, found: Option<Layout>) -> Result<(), InterceptError> {
+        match found {
             Some(l) if l == self.layout() => Ok(()),
-            _ => Err(InterceptError::LayoutMismatch { found: installed.layout_text(), wanted: self.layout() }),
+            _ => Err(InterceptError::LayoutMismatch { found: layout_text(found), wanted: self.layout() }),
         }
     }
 
@@ -377,51 +409,136 @@ impl RuleSet {
         )
     }
 
+    /// The slot chain as netlink messages: the same three steps as [`Self::slot_chain_script`].
+    fn slot_chain_batch(&self, batch: &mut nftnl::Batch, slot: u32) {
+        let chain = format!("slot-{slot}");
+        batch.add_chain(TABLE, &chain);
+        batch.flush_chain(TABLE, &chain);
+        batch.add_mark_or_rule(TABLE, &chain, self.mask.mark_for(slot));
+    }
+
     /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
-    /// whose DEL never came). `entries` is the map as the caller just read it (one `nft` run per
-    /// ADD is the plugin's biggest cost); `None` means the table is missing: then the base rule
-    /// set is created in the same transaction, so a pod is never in the map without the rules.
+    /// whose DEL never came). `view` is the rule set as the caller just read it with
+    /// [`pod_view`]; `None` means the table is missing: then the base rule set is created in the
+    /// same transaction (by `nft`, a rare path), so a pod is never in the map without the rules.
+    /// Otherwise one netlink transaction, applied only at the generation `view` was read at; if
+    /// something else changed the rule set meanwhile, it is read again (layout included).
     pub fn add_pod(
         &self,
         _lock: &StoreLock,
         ifname: &str,
         slot: u32,
-        entries: Option<&[(String, u32)]>,
+        view: Option<&PodView>,
     ) -> Result<(), InterceptError> {
         validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
-        let t = format!("inet {TABLE}");
-        let mut script = if entries.is_none() { self.base_script() } else { String::new() };
+        let mut nft = nftnl::Nft::open()?;
+        let mut fresh = None;
+        for _ in 0..TRIES {
+            let Some(v) = fresh.as_ref().or(view) else { return self.add_pod_with_base(ifname, slot) };
+            let mut batch = nftnl::Batch::default();
+            self.slot_chain_batch(&mut batch, slot);
+            if v.entries.iter().any(|(n, _)| n == ifname) {
+                batch.delete_ifname(TABLE, PODS_MAP, ifname);
+            }
+            batch.add_ifname_jump(TABLE, PODS_MAP, ifname, &format!("slot-{slot}"));
+            match nft.commit(batch, v.generation) {
+                Err(InterceptError::GenerationChanged) => {
+                    let Some(v) = read_view(&mut nft)? else { return self.add_pod_with_base(ifname, slot) };
+                    self.check_layout(v.layout)?;
+                    fresh = Some(v);
+                }
+                other => return other,
+            }
+        }
+        Err(InterceptError::Changed { what: format!("adding the entry for {ifname}") })
+    }
+
+    /// The first pod on a node whose table is missing (iamlinkd never ran, or the table was
+    /// deleted): base chains, slot chain and entry in one `nft` transaction.
+    fn add_pod_with_base(&self, ifname: &str, slot: u32) -> Result<(), InterceptError> {
+        let mut script = self.base_script();
         script.push_str(&self.slot_chain_script(slot));
-        if entries.unwrap_or_default().iter().any(|(n, _)| n == ifname) {
-            script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
-        }
-        script.push_str(&format!("add element {t} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
+        script.push_str(&format!("add element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
         nft_script(&format!("add entry for {ifname}"), &script)?;
-        if entries.is_none() {
-            self.forget_connections();
-        }
+        self.forget_connections();
         Ok(())
     }
 }
 
+/// What ADD reads of the installed rule set before it writes: the recorded layout and the map,
+/// at one generation of the rule set (over netlink: no `nft` process, no whole-table listing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    generation: u32,
+    /// The layout the table records; `None`: none (layout 1, or not iamlink's).
+    pub layout: Option<Layout>,
+    /// The pods map's (host interface, slot) entries.
+    pub entries: Vec<(String, u32)>,
+}
+
+/// The rule set as ADD needs it; `None` when the table does not exist.
+pub fn pod_view() -> Result<Option<PodView>, InterceptError> {
+    read_view(&mut nftnl::Nft::open()?)
+}
+
+/// The generation first, then the reads: a change after the generation was read makes the
+/// transaction built from them fail, never apply to a rule set they did not describe.
+fn read_view(nft: &mut nftnl::Nft) -> Result<Option<PodView>, InterceptError> {
+    let generation = nft.generation()?;
+    if !nft.table_exists(TABLE)? {
+        return Ok(None);
+    }
+    let layout =
+        nft.rule_comments(TABLE, "identify-pod")?.iter().find_map(|c| Layout::parse_comment(c)).map(|(l, _)| l);
+    let entries = read_entries(nft)?.unwrap_or_default();
+    Ok(Some(PodView { generation, layout, entries }))
+}
+
+/// The map's entries, each a jump to a slot chain; `None` when the table or map is missing.
+fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<(String, u32)>>, InterceptError> {
+    let Some(elements) = nft.verdict_map(TABLE, PODS_MAP)? else { return Ok(None) };
+    let mut entries = Vec::with_capacity(elements.len());
+    for e in elements {
+        let slot = e.jump_target().and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
+        match slot {
+            Some(slot) => entries.push((e.key, slot)),
+            None => return Err(InterceptError::Parse(format!("unexpected map element {e:?}"))),
+        }
+    }
+    // In name order, as `nft list` shows them (the kernel's hash order is arbitrary).
+    entries.sort();
+    Ok(Some(entries))
+}
+
 /// Removes the entry for `ifname` only while it still points at `slot` (a late DEL of an old
 /// container must not cut off a newer pod that reuses the host interface name), and the slot's
-/// chain. Absent pieces are fine: DEL is idempotent.
+/// chain. Absent pieces are fine: DEL is idempotent. One netlink transaction at the generation
+/// the map was read at; read again if something else changed the rule set meanwhile.
 pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
     validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
-    let Some(entries) = current_entries()? else {
-        return Ok(());
-    };
-    let t = format!("inet {TABLE}");
-    let mut script = String::new();
-    if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
-        script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{ifname}\" }}\n"));
+    let mut nft = nftnl::Nft::open()?;
+    let chain = format!("slot-{slot}");
+    for _ in 0..TRIES {
+        let generation = nft.generation()?;
+        let Some(entries) = read_entries(&mut nft)? else {
+            return Ok(());
+        };
+        let mut batch = nftnl::Batch::default();
+        if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
+            batch.delete_ifname(TABLE, PODS_MAP, ifname);
+        }
+        // Only delete the slot chain when no other entry still jumps to it; created first so
+        // that deleting a chain already gone is no error.
+        if !entries.iter().any(|(name, s)| *s == slot && name != ifname) {
+            batch.add_chain(TABLE, &chain);
+            batch.delete_chain(TABLE, &chain);
+        }
+        match nft.commit(batch, generation) {
+            Err(InterceptError::GenerationChanged) => continue,
+            other => return other,
+        }
     }
-    // Only delete the slot chain when no other entry still jumps to it.
-    if !entries.iter().any(|(name, s)| *s == slot && name != ifname) {
-        script.push_str(&format!("add chain {t} slot-{slot}\ndelete chain {t} slot-{slot}\n"));
-    }
-    nft_script(&format!("remove entry for {ifname}"), &script)
+    Err(InterceptError::Changed { what: format!("removing the entry for {ifname}") })
 }
 
 /// The slot `ifname` is intercepted to, if it has an entry.
@@ -436,11 +553,7 @@ pub fn pod_entries() -> Result<Vec<(String, u32)>, InterceptError> {
 
 /// The map's entries, or `None` when the table (or its map) does not exist.
 pub fn current_entries() -> Result<Option<Vec<(String, u32)>>, InterceptError> {
-    let out = nft(&["-j", "list", "map", "inet", TABLE, PODS_MAP], None)?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    parse_entries(&String::from_utf8_lossy(&out.stdout)).map(Some)
+    read_entries(&mut nftnl::Nft::open()?)
 }
 
 /// What the kernel holds of the rule set: what the daemon repairs from and what operators see
@@ -465,10 +578,7 @@ pub struct Installed {
 impl Installed {
     /// The layout in words, for errors and logs.
     pub fn layout_text(&self) -> String {
-        match self.layout {
-            Some(l) => l.to_string(),
-            None => "no recorded layout (layout 1 or not iamlink's)".to_string(),
-        }
+        layout_text(self.layout)
     }
 
     /// Base chains that are missing or whose rules were flushed or added to.
@@ -484,8 +594,70 @@ impl Installed {
     }
 }
 
-/// The rule set as installed, from one `nft` run; `None` when the table does not exist.
+/// A recorded layout in words, for errors and logs.
+fn layout_text(layout: Option<Layout>) -> String {
+    match layout {
+        Some(l) => l.to_string(),
+        None => "no recorded layout (layout 1 or not iamlink's)".to_string(),
+    }
+}
+
+/// The rule set as installed, read over netlink (iamlinkd reads it at every nf_tables change:
+/// no `nft` process, and a short hold of the store lock when it repairs); `None` when the table
+/// does not exist. The reads are repeated (bounded) until the generation is the same before and
+/// after them, so that they describe one rule set, as one `nft -j list` would.
 pub fn installed() -> Result<Option<Installed>, InterceptError> {
+    let mut nft = nftnl::Nft::open()?;
+    for _ in 0..TRIES {
+        let generation = nft.generation()?;
+        if !nft.table_exists(TABLE)? {
+            return Ok(None);
+        }
+        let chains = nft.chain_names(TABLE)?;
+        let rules = nft.rules(TABLE)?;
+        let entries = read_entries(&mut nft)?.unwrap_or_default();
+        if nft.generation()? == generation {
+            return Ok(Some(Installed::from_parts(&chains, &rules, entries)));
+        }
+    }
+    Err(InterceptError::Changed { what: format!("reading table inet {TABLE}") })
+}
+
+impl Installed {
+    /// The same reading of chains and rules as [`parse_installed`] makes of `nft -j` output.
+    fn from_parts(chains: &[String], rules: &[nftnl::RuleFacts], entries: Vec<(String, u32)>) -> Self {
+        let mut installed = Installed { entries, ..Default::default() };
+        for name in chains {
+            if BASE_CHAINS.contains(&name.as_str()) {
+                installed.rule_counts.entry(name.clone()).or_default();
+            } else if let Some(slot) = name.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+                installed.slot_marks.entry(slot).or_default();
+            }
+        }
+        for rule in rules {
+            if let Some(count) = installed.rule_counts.get_mut(&rule.chain) {
+                *count += 1;
+            }
+            if let Some((layout, base)) = rule.comment.as_deref().and_then(Layout::parse_comment) {
+                if rule.chain == "identify-pod" {
+                    installed.layout = Some(layout);
+                    installed.base_hash = base;
+                }
+            }
+            if let Some(slot) = rule.chain.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
+                installed.slot_marks.insert(slot, rule.mark_or);
+            }
+        }
+        installed.missing_chains =
+            BASE_CHAINS.into_iter().filter(|c| !installed.rule_counts.contains_key(*c)).map(String::from).collect();
+        installed
+    }
+}
+
+/// `nft -j list table` read the way iamlinkd read it before netlink: what the netlink reading is
+/// checked against.
+#[cfg(test)]
+fn installed_by_nft() -> Result<Option<Installed>, InterceptError> {
     let out = nft(&["-j", "list", "table", "inet", TABLE], None)?;
     if !out.status.success() {
         return Ok(None);
@@ -493,6 +665,7 @@ pub fn installed() -> Result<Option<Installed>, InterceptError> {
     parse_installed(&String::from_utf8_lossy(&out.stdout)).map(Some)
 }
 
+#[cfg(test)]
 fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
@@ -530,6 +703,7 @@ fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
 
 /// The bits of `meta mark set meta mark or <bits>`, the one rule of a slot chain; `None` for
 /// anything else.
+#[cfg(test)]
 fn mark_set_by(rule: &serde_json::Value) -> Option<u32> {
     let exprs = rule["expr"].as_array()?;
     let [expr] = exprs.as_slice() else { return None };
@@ -553,6 +727,7 @@ pub fn describe() -> Result<String, InterceptError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+#[cfg(test)]
 fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let mut entries = Vec::new();
@@ -682,7 +857,7 @@ mod tests {
         assert!(matches!(&repairs[..], [Repair::Migrated { from }] if from.contains("0x3f")), "{repairs:?}");
         let delete = script.find("delete table inet iamlink\n").unwrap();
         assert!(delete < script.find("add rule inet iamlink slot-1 meta mark set meta mark or 0x2\n").unwrap());
-        assert!(rs.check_layout(&old).is_err(), "the plugin refuses it");
+        assert!(rs.check_layout(old.layout).is_err(), "the plugin refuses it");
     }
 
     #[test]
@@ -764,5 +939,230 @@ mod tests {
         assert_eq!(got.entries, vec![("vethA".to_string(), 3)]);
         assert_eq!(got.layout, None, "no comment: layout 1");
         assert_eq!(got.slot_marks, BTreeMap::from([(3, None)]));
+    }
+
+    /// Against the kernel, each test in a network namespace of its own (root only; the node's
+    /// own rule set is never touched): what the plugin writes over netlink is what `nft` wrote.
+    mod kernel {
+        use super::*;
+        use crate::store::Store;
+        use nix::sched::{unshare, CloneFlags};
+
+        /// Moves this thread into a new, empty network namespace; `false` (skip) without root.
+        fn fresh_netns() -> bool {
+            match unshare(CloneFlags::CLONE_NEWNET) {
+                Ok(()) => true,
+                Err(nix::errno::Errno::EPERM) => {
+                    eprintln!("skipped: needs root for a network namespace of its own");
+                    false
+                }
+                Err(e) => panic!("unshare(CLONE_NEWNET): {e}"),
+            }
+        }
+
+        /// `nft -j list table inet iamlink` without handles (numbering, not content).
+        fn listed() -> serde_json::Value {
+            fn strip(v: &mut serde_json::Value) {
+                match v {
+                    serde_json::Value::Object(m) => {
+                        m.remove("handle");
+                        m.values_mut().for_each(strip);
+                    }
+                    serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+                    _ => {}
+                }
+            }
+            let out = nft(&["-j", "list", "table", "inet", TABLE], None).unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["nftables"].as_array_mut().unwrap().retain(|i| i.get("metainfo").is_none());
+            strip(&mut v);
+            v
+        }
+
+        /// What the `nft` path wrote for a pod before netlink (the scripts of add_pod/remove_pod).
+        fn nft_add(rs: &RuleSet, ifname: &str, slot: u32) {
+            let mut script = rs.slot_chain_script(slot);
+            if pod_entries().unwrap().iter().any(|(n, _)| n == ifname) {
+                script.push_str(&format!("delete element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" }}\n"));
+            }
+            script.push_str(&format!("add element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
+            nft_script("add", &script).unwrap();
+        }
+
+        fn nft_remove(ifname: &str, slot: u32) {
+            let entries = pod_entries().unwrap();
+            let mut script = String::new();
+            if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
+                script.push_str(&format!("delete element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" }}\n"));
+            }
+            if !entries.iter().any(|(n, s)| *s == slot && n != ifname) {
+                script
+                    .push_str(&format!("add chain inet {TABLE} slot-{slot}\ndelete chain inet {TABLE} slot-{slot}\n"));
+            }
+            nft_script("remove", &script).unwrap();
+        }
+
+        /// ADD twice, a re-ADD that moves a name to another slot, a DEL, a DEL of a slot another
+        /// name still uses, a late DEL that no longer matches.
+        fn steps(add: &dyn Fn(&str, u32), remove: &dyn Fn(&str, u32)) -> Vec<serde_json::Value> {
+            let mut seen = vec![];
+            add("vethA", 3);
+            add("vethB", 0x7f);
+            add("vethA", 7);
+            seen.push(listed());
+            remove("vethB", 0x7f);
+            add("vethC", 7);
+            remove("vethC", 7);
+            remove("vethA", 3);
+            seen.push(listed());
+            seen
+        }
+
+        #[test]
+        fn netlink_writes_exactly_what_nft_wrote() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            let install = || {
+                let _ = remove_all(&lock);
+                nft_script("install", &rs.base_script()).unwrap();
+            };
+            install();
+            let by_nft = steps(&|n, s| nft_add(&rs, n, s), &|n, s| nft_remove(n, s));
+            install();
+            let by_netlink = steps(&|n, s| rs.add_pod(&lock, n, s, pod_view().unwrap().as_ref()).unwrap(), &|n, s| {
+                remove_pod(&lock, n, s).unwrap()
+            });
+            assert_eq!(by_netlink, by_nft);
+            // And what the daemon reads back from it is whole: marks by slot, entries, layout.
+            let installed = installed().unwrap().unwrap();
+            assert_eq!(installed.entries, vec![("vethA".to_string(), 7)]);
+            assert_eq!(
+                installed.slot_marks,
+                BTreeMap::from([(7, Some(7))]),
+                "the late DEL of slot 3 removed its chain"
+            );
+            let view = pod_view().unwrap().unwrap();
+            assert_eq!((view.layout, view.entries), (Some(rs.layout()), installed.entries.clone()));
+            let record = record("vethA", 7, 1);
+            assert_eq!(rs.repair_script(Some(&installed), &[record]).1, vec![], "nothing for iamlinkd to repair");
+        }
+
+        #[test]
+        fn a_change_after_the_read_is_never_overwritten_by_a_stale_transaction() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            nft_script("install", &rs.base_script()).unwrap();
+            let stale = pod_view().unwrap().unwrap();
+            // Another writer points vethA elsewhere after the read.
+            nft_add(&rs, "vethA", 9);
+            let mut nft = nftnl::Nft::open().unwrap();
+            let mut batch = nftnl::Batch::default();
+            batch.add_ifname_jump(TABLE, PODS_MAP, "vethB", "slot-9");
+            assert!(matches!(nft.commit(batch, stale.generation), Err(InterceptError::GenerationChanged)));
+            assert_eq!(pod_entries().unwrap(), vec![("vethA".to_string(), 9)], "nothing applied");
+            // add_pod reads again, sees vethA's entry and replaces it instead of failing on it.
+            rs.add_pod(&lock, "vethA", 3, Some(&stale)).unwrap();
+            assert_eq!(pod_entry("vethA").unwrap(), Some(3));
+        }
+
+        #[test]
+        fn kernel_errors_name_the_operation_and_the_missing_piece() {
+            if !fresh_netns() {
+                return;
+            }
+            assert_eq!(current_entries().unwrap(), None, "no table: no entries, no error");
+            nft_script("install", &rules().base_script()).unwrap();
+            let mut nft = nftnl::Nft::open().unwrap();
+            let generation = nft.generation().unwrap();
+            let mut batch = nftnl::Batch::default();
+            batch.add_ifname_jump(TABLE, PODS_MAP, "vethA", "slot-4");
+            let err = nft.commit(batch, generation).unwrap_err();
+            assert!(
+                matches!(&err, InterceptError::Kernel { errno: nix::errno::Errno::ENOENT, .. }),
+                "a jump to a chain that does not exist: {err:?}"
+            );
+            assert!(err.to_string().contains("add element pods { \"vethA\" : jump slot-4 }"), "{err}");
+            assert_eq!(pod_entries().unwrap(), vec![], "nothing applied");
+        }
+
+        #[test]
+        fn del_without_a_table_or_entry_is_fine() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            remove_pod(&lock, "vethA", 3).unwrap();
+            nft_script("install", &rules().base_script()).unwrap();
+            remove_pod(&lock, "vethA", 3).unwrap();
+            assert_eq!(pod_view().unwrap().map(|v| v.entries), Some(vec![]));
+        }
+
+        /// Whole, with pods, with an altered slot chain, a flushed and a missing base chain, an
+        /// added rule, a table of layout 1: netlink reads each as `nft -j` did.
+        #[test]
+        fn installed_reads_over_netlink_what_nft_json_showed() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            let same = |what: &str| {
+                let (netlink, json) = (installed().unwrap(), installed_by_nft().unwrap());
+                assert_eq!(netlink, json, "{what}");
+                netlink
+            };
+            assert_eq!(same("no table"), None);
+            nft_script("install", &rs.base_script()).unwrap();
+            assert_eq!(same("base only").unwrap().layout, Some(rs.layout()));
+            rs.add_pod(&lock, "vethA", 3, pod_view().unwrap().as_ref()).unwrap();
+            rs.add_pod(&lock, "vethB", 0x7f, pod_view().unwrap().as_ref()).unwrap();
+            assert_eq!(same("two pods").unwrap().slot_marks, BTreeMap::from([(3, Some(3)), (0x7f, Some(0x7f))]));
+            let t = format!("inet {TABLE}");
+            let script = format!(
+                "flush chain {t} slot-3\nadd rule {t} slot-3 meta mark set meta mark or 0x5\n\
+                 add chain {t} slot-9\nadd rule {t} slot-9 meta mark set 0x9\n\
+                 flush chain {t} intercept\ndelete chain {t} refuse\n\
+                 add rule {t} identify counter\n"
+            );
+            nft_script("damage", &script).unwrap();
+            let damaged = same("damaged").unwrap();
+            assert_eq!(damaged.slot_marks, BTreeMap::from([(3, Some(5)), (9, None), (0x7f, Some(0x7f))]));
+            assert_eq!(damaged.missing_chains, vec!["refuse".to_string()]);
+            let mut hurt = damaged.damaged_chains(&rs);
+            hurt.sort();
+            assert_eq!(hurt, ["identify", "intercept", "refuse"]);
+            nft_script("layout 1", &format!("delete table {t}\nadd table {t}\nadd chain {t} identify-pod\nadd rule {t} identify-pod meta mark set meta mark and 0xffffff00\n")).unwrap();
+            assert_eq!(same("layout 1").unwrap().layout, None);
+        }
+
+        #[test]
+        fn the_first_add_creates_the_whole_table() {
+            if !fresh_netns() {
+                return;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            assert_eq!(pod_view().unwrap(), None);
+            rs.add_pod(&lock, "vethA", 2, None).unwrap();
+            let view = pod_view().unwrap().unwrap();
+            assert_eq!((view.layout, view.entries), (Some(rs.layout()), vec![("vethA".to_string(), 2)]));
+        }
     }
 }

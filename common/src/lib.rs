@@ -2,7 +2,7 @@
 //!
 //! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
 //! nftables rule set, [`policy_rules`] the ip rules of the second layer. Nobody else touches the
-//! store directory, runs `nft` or writes ip rules. [`netlink`] reads links and routes in the
+//! store directory, runs `nft`, writes nf_tables or writes ip rules. [`netlink`] reads links and routes in the
 //! node's and pods' namespaces.
 
 pub mod intercept;
