@@ -79,9 +79,14 @@ pub fn boottime_ns() -> u64 {
     }
 }
 
-/// Wall-clock now as RFC 3339 UTC with seconds precision.
+/// A wall-clock time as RFC 3339 UTC with seconds precision, as records, IMDS answers and the
+/// local API write times.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    rfc3339(SystemTime::now())
 }
 
 impl PodRecord {

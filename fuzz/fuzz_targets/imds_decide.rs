@@ -26,10 +26,10 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 use iamlinkd::config::Config;
 use iamlinkd::request::identify::Destination;
-use iamlinkd::request::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER};
+use iamlinkd::request::imds::{decide, Decision, Facts, CONTAINER_CREDENTIALS_PATH, TOKEN_PATH};
 use iamlinkd::request::proxy::not_plain;
 use iamlinkd::role::{Grant, Resolution, Role, Source};
-use iamlinkd::request::tokens::{parse_ttl, TokenError, Tokens};
+use iamlinkd::request::tokens::{parse_ttl, TokenError, Tokens, TOKEN_HEADER, TTL_HEADER};
 use libfuzzer_sys::fuzz_target;
 
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";

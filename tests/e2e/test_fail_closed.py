@@ -243,7 +243,9 @@ def test_untracked_pod_traffic_is_refused_not_forwarded_to_the_real_service(make
     # What Calico's doNotTrack policy (or a SYN conntrack judges invalid) does: NAT never sees it.
     nft(bench, "-f", "-", input="table inet calico-raw {\n chain pre { type filter hook prerouting priority raw;"
                                 f" ip saddr {pod.ip} notrack; }}\n}}\n")
-    # The forward-hook refusal alone, without the policy rules' help.
+    # The forward-hook refusal alone, without the policy rules' help: the daemon stopped (the rule
+    # set stays), or it would put the rules back within a second, in the middle of the check.
+    bench.daemon.stop()
     delete_policy_rules(bench)
     for path in (CREDS_PATH, "/latest/meta-data/placement/region"):
         r = ask(pod, path)

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
 
 use crate::app::App;
@@ -73,10 +74,6 @@ pub struct StatusAnswer {
     /// Pods whose role's last STS call failed.
     pub credentials_failing: usize,
     pub cache_entries: usize,
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 impl From<CacheState> for CredentialState {
@@ -257,6 +254,7 @@ pub async fn ask<T: serde::de::DeserializeOwned>(socket: &Path, path: &str, time
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     #[test]
     fn credential_state_shows_times_and_errors_but_no_secrets() {

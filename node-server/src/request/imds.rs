@@ -15,18 +15,17 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
 
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, Credentials};
 use crate::request::identify::{identify, Conn, Destination, Unidentified};
 use crate::request::proxy::not_plain;
-use crate::request::tokens::{parse_ttl, TokenError};
+use crate::request::tokens::{parse_ttl, TokenError, TOKEN_HEADER, TTL_HEADER};
 use crate::role::{Grant, Resolution, Role};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
-pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";
 const INFO_PATH: &str = "/latest/meta-data/iam/info";
 /// What SDKs call with `AWS_CONTAINER_CREDENTIALS_FULL_URI=http://169.254.170.23/v1/credentials`
@@ -51,10 +50,6 @@ pub fn rate_limited() -> Answer {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Binds tokens to this attachment and this incarnation of it.

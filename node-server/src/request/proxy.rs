@@ -10,6 +10,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Mutex;
 
+use crate::request::tokens::{TOKEN_HEADER, TTL_HEADER};
+
 const TOKEN_TTL: u64 = 21600;
 
 /// Path segments under which the real service keeps the node's secrets: its role's and its own
@@ -79,7 +81,7 @@ impl Upstream {
         let token = self.token().await;
         let mut req = Request::get(format!("{}{}", self.base, path));
         if let Some(t) = &token {
-            req = req.header("x-aws-ec2-metadata-token", t);
+            req = req.header(TOKEN_HEADER, t);
         }
         let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(TIMEOUT, self.client.request(req))
@@ -104,7 +106,7 @@ impl Upstream {
         let req = Request::builder()
             .method(Method::PUT)
             .uri(format!("{}/latest/api/token", self.base))
-            .header("x-aws-ec2-metadata-token-ttl-seconds", TOKEN_TTL.to_string())
+            .header(TTL_HEADER, TOKEN_TTL.to_string())
             .body(Full::new(Bytes::new()))
             .ok()?;
         let resp = tokio::time::timeout(TIMEOUT, self.client.request(req)).await.ok()?.ok()?;

@@ -10,6 +10,9 @@ use sha2::Sha256;
 type HmacSha256 = Hmac<Sha256>;
 
 pub const MAX_TTL: u32 = 21600;
+/// The headers of IMDSv2: the token on every request, its lifetime on `PUT /latest/api/token`.
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum TokenError {
