@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 
 use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
+use iamlink_common::plumbing;
 use iamlink_common::record::POD_ANNOTATIONS;
 use iamlink_common::{MarkMask, PodRef};
 use serde::Deserialize;
@@ -189,7 +190,7 @@ impl PrevResult {
 
     /// Whether the pod has an IPv6 address: only then are the IPv6 metadata addresses routed.
     pub fn has_ipv6(&self) -> bool {
-        self.ips.iter().any(|ip| ip.address.contains(':'))
+        plumbing::has_ipv6(self.ips.iter().map(|ip| ip.address.as_str()))
     }
 
     /// Host-side interfaces named in the result (no sandbox), the fallback when the peer lookup

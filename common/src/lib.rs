@@ -3,11 +3,13 @@
 //! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
 //! nftables rule set, [`policy_rules`] the ip rules of the second layer. Nobody else touches the
 //! store directory, runs `nft` or writes ip rules. [`netlink`] reads links and routes in the
-//! node's and pods' namespaces.
+//! node's and pods' namespaces; [`plumbing`] reads one pod's plumbing with it and names what is
+//! wrong (CNI CHECK, `iamlinkd explain` and `status`).
 
 pub mod intercept;
 pub mod mark;
 pub mod netlink;
+pub mod plumbing;
 pub mod policy_rules;
 pub mod record;
 pub mod store;

@@ -10,11 +10,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use iamlink_common::plumbing::{Plumbing, PodSide, SlotChain};
 use iamlink_common::{intercept, PodRecord, Store};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::ops::diagnose::{self, NodeView, Plumbing, PodSide, RuleSetState, Target};
+use crate::ops::diagnose::{self, NodeView, RuleSetState, Target};
 use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
 pub const EXIT_OK: u8 = 0;
@@ -46,6 +47,8 @@ impl DaemonContact {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodReport {
+    pub record: PodRecord,
+    pub record_file: PathBuf,
     #[serde(flatten)]
     pub plumbing: Plumbing,
     /// The daemon's answer; `None` when it did not answer.
@@ -144,7 +147,8 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
     let mut pods = vec![];
     for record in matched {
         let plumbing = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
-        let mut problems = diagnose::findings(&plumbing, &view.rule_set);
+        let mut problems: Vec<String> =
+            diagnose::findings(&plumbing, record, &view.rule_set).iter().map(ToString::to_string).collect();
         let answer = if daemon.answering {
             match local_api::ask::<PodAnswer>(&socket, &pod_path(record), ASK_TIMEOUT).await {
                 Asked::Answer(a) => Some(a),
@@ -158,7 +162,8 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
             None
         };
         problems.extend(answer.iter().flat_map(daemon_findings));
-        pods.push(PodReport { plumbing, daemon: answer, problems });
+        let record_file = store.record_path(&record.container_id, &record.ifname);
+        pods.push(PodReport { record: record.clone(), record_file, plumbing, daemon: answer, problems });
     }
     let report = ExplainReport {
         target: target.to_string(),
@@ -207,8 +212,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         if i > 0 {
             out.push('\n');
         }
-        let p = &pod.plumbing;
-        let r = &p.record;
+        let (p, r) = (&pod.plumbing, &pod.record);
         let _ = writeln!(out, "pod {}", r.pod);
         line(&mut out, "uid", if r.pod.uid.is_empty() { "(not passed by the runtime)" } else { &r.pod.uid });
         line(&mut out, "container", &format!("{} (interface {}, network {})", r.container_id, r.ifname, r.network));
@@ -217,7 +221,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
             "record",
             &format!(
                 "{} (slot {}{}, created {})",
-                p.record_file.display(),
+                pod.record_file.display(),
                 r.slot,
                 if p.slot_linked { "" } else { ", NOT linked from its slot" },
                 r.created
@@ -227,6 +231,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         line(&mut out, "addresses", &r.ips.join(", "));
         let host = &r.host_interface;
         let host_state = match p.host.index_now {
+            _ if p.host.error.is_some() => format!("unknown: {}", p.host.error.as_deref().unwrap_or_default()),
             Some(i) if i == host.index => "present".to_string(),
             Some(i) => format!("MISMATCH: that name now has index {i}"),
             None => "GONE".to_string(),
@@ -257,15 +262,18 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         }
         let entry = match (p.entry, &report.rule_set) {
             (_, RuleSetState::Missing) => "MISSING: no rule set".to_string(),
-            (Some(s), _) if s == r.slot => match p.mark {
-                Some(m) if m == p.expected_mark => format!("{} → slot-{s} (mark {m:#x} of mask {mask}): ok", host.name),
-                Some(m) => format!(
-                    "{} → slot-{s}: WRONG MARK (slot-{s} sets {m:#x}, read as slot {}; slot {s} is {:#x} of mask {mask})",
+            (Some(s), _) if s == r.slot => match p.slot_chain {
+                Some(SlotChain { mark: Some(m), expected_mark, .. }) if m == expected_mark => {
+                    format!("{} → slot-{s} (mark {m:#x} of mask {mask}): ok", host.name)
+                }
+                Some(SlotChain { mark: Some(m), expected_mark, mark_read_as }) => format!(
+                    "{} → slot-{s}: WRONG MARK (slot-{s} sets {m:#x}, read as slot {}; slot {s} is {expected_mark:#x} \
+                     of mask {mask})",
                     host.name,
-                    p.mark_read_as.unwrap_or(0),
-                    p.expected_mark
+                    mark_read_as.unwrap_or(0),
                 ),
-                None => format!("{} → slot-{s}: MISSING slot chain", host.name),
+                Some(SlotChain { mark: None, .. }) => format!("{} → slot-{s}: MISSING slot chain", host.name),
+                None => format!("{} → slot-{s}", host.name),
             },
             (Some(s), _) => format!("{} → slot-{s}: WRONG SLOT (the record holds slot-{})", host.name, r.slot),
             (None, _) => format!("MISSING: no entry for {} in the pods map", host.name),
@@ -390,7 +398,8 @@ pub async fn status(config: &Config, json: bool) -> u8 {
             PodSide::Routes { routes } => routes.iter().any(|r| !r.ok),
             _ => true,
         });
-        problems.extend(diagnose::findings(&p, &view.rule_set).into_iter().map(|f| format!("{}: {f}", record.pod)));
+        let found = diagnose::findings(&p, record, &view.rule_set);
+        problems.extend(found.iter().map(|f| format!("{}: {f}", record.pod)));
     }
     let orphans = view.orphan_entries();
     problems.extend(orphans.iter().map(|(name, slot)| diagnose::orphan_entry_finding(name, *slot)));
@@ -480,8 +489,8 @@ pub fn render_status(s: &StatusReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::diagnose::{HostLink, PodRoute};
     use crate::ops::local_api::CredentialState;
+    use iamlink_common::plumbing::{HostLink, PodRoute};
     use iamlink_common::{HostInterface, HostInterfaceSource, MarkMask, PodRef};
 
     fn report(answering: bool, entry: Option<u32>) -> ExplainReport {
@@ -499,14 +508,11 @@ mod tests {
             runtime_annotations: None,
         };
         let plumbing = Plumbing {
-            record,
-            record_file: "/run/iamlink/records/c1.eth0.json".into(),
             slot_linked: true,
-            mark: Some(1),
-            expected_mark: 1,
-            mark_read_as: Some(1),
+            slot_error: None,
             entry,
-            host: HostLink { index_now: Some(7), name_of_index: None },
+            slot_chain: Some(SlotChain { mark: Some(1), expected_mark: 1, mark_read_as: Some(1) }),
+            host: HostLink { index_now: Some(7), name_of_index: None, error: None },
             pod: PodSide::Routes {
                 routes: vec![PodRoute {
                     dst: "169.254.169.254".parse().unwrap(),
@@ -517,7 +523,8 @@ mod tests {
                 }],
             },
         };
-        let problems = diagnose::findings(&plumbing, &RuleSetState::Installed);
+        let problems =
+            diagnose::findings(&plumbing, &record, &RuleSetState::Installed).iter().map(ToString::to_string).collect();
         let daemon = answering.then(|| PodAnswer {
             pod: "team-a/web".into(),
             role: Some("arn:aws:iam::123456789012:role/web".into()),
@@ -541,7 +548,13 @@ mod tests {
                 error: (!answering).then(|| "connection refused".into()),
             },
             rule_set: RuleSetState::Installed,
-            pods: vec![PodReport { plumbing, daemon, problems }],
+            pods: vec![PodReport {
+                record,
+                record_file: "/run/iamlink/records/c1.eth0.json".into(),
+                plumbing,
+                daemon,
+                problems,
+            }],
             orphan_entries: vec![],
             node_problems: vec![],
         }
