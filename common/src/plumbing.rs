@@ -1,7 +1,8 @@
 //! One pod's plumbing — its slot link, its interception entry, its host interface and its routes
 //! to the intercepted addresses — read from the store and the kernel, and what is wrong with it
 //! as typed [`Finding`]s. CNI CHECK turns the findings into its error; `iamlinkd explain` and
-//! `iamlinkd status` print them. Reading never fails: what cannot be read is a finding too.
+//! `iamlinkd status` print them. Reading never fails: what cannot be read is a finding too, kept
+//! apart from what is wrong ([`Finding::is_unchecked`]).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -222,6 +223,45 @@ pub enum Finding {
         dev: String,
         ifname: String,
     },
+}
+
+/// The part of the plumbing a finding is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Slot,
+    SlotChain,
+    Entry,
+    HostInterface,
+    PodRoutes,
+}
+
+impl Finding {
+    /// A part that could not be read from here: unknown, not wrong. containerd keeps pods' netns
+    /// mounts in its own mount namespace, so another process may not see them while the pod works.
+    pub fn is_unchecked(&self) -> bool {
+        matches!(
+            self,
+            Finding::HostInterfaceUnreadable { .. }
+                | Finding::PodNetnsUnreadable { .. }
+                | Finding::PodRoutesUnreadable { .. }
+        )
+    }
+
+    pub fn part(&self) -> Part {
+        match self {
+            Finding::SlotNotLinked { .. } | Finding::SlotUnreadable { .. } => Part::Slot,
+            Finding::SlotChainMissing { .. } | Finding::SlotChainWrongMark { .. } => Part::SlotChain,
+            Finding::EntryMissing { .. } | Finding::EntryWrongSlot { .. } => Part::Entry,
+            Finding::HostInterfaceRecreated { .. }
+            | Finding::HostInterfaceGone { .. }
+            | Finding::HostInterfaceUnreadable { .. } => Part::HostInterface,
+            Finding::PodNetnsUnreadable { .. }
+            | Finding::PodInterfaceMissing { .. }
+            | Finding::PodRoutesUnreadable { .. }
+            | Finding::PodRouteMissing { .. }
+            | Finding::PodRouteMisdirected { .. } => Part::PodRoutes,
+        }
+    }
 }
 
 impl Plumbing {
@@ -472,6 +512,26 @@ mod tests {
             p.findings(&record()),
             vec![Finding::HostInterfaceUnreadable { name: "veth1".into(), reason: "no socket".into() }]
         );
+    }
+
+    #[test]
+    fn a_netns_that_cannot_be_entered_leaves_the_routes_unknown_not_missing() {
+        let p = Plumbing { pod: PodSide::NetnsUnavailable { error: "No such file".into() }, ..healthy() };
+        let f = p.findings(&record());
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].is_unchecked() && f[0].part() == Part::PodRoutes, "{f:?}");
+        let p = Plumbing { pod: PodSide::Unreadable { error: "netlink".into() }, ..healthy() };
+        assert!(p.findings(&record()).iter().all(Finding::is_unchecked));
+        // What was read and found wrong is a problem.
+        let missing =
+            PodRoute { dst: "169.254.169.254".parse().unwrap(), routed: false, via: None, dev: None, ok: false };
+        for pod in [PodSide::NoInterface, PodSide::Routes { routes: vec![missing] }] {
+            let f = Plumbing { pod, ..healthy() }.findings(&record());
+            assert!(f.len() == 1 && !f[0].is_unchecked() && f[0].part() == Part::PodRoutes, "{f:?}");
+        }
+        let host = HostLink { index_now: None, name_of_index: None, error: None };
+        let f = Plumbing { host, ..healthy() }.findings(&record());
+        assert!(!f[0].is_unchecked() && f[0].part() == Part::HostInterface, "{f:?}");
     }
 
     #[test]
