@@ -2,7 +2,8 @@
 
 use std::net::IpAddr;
 
-use iamlink_common::intercept::{self, RuleSet};
+use iamlink_common::intercept;
+use iamlink_common::plumbing::{self, routed_addresses, Finding};
 use iamlink_common::record::{boottime_ns, now_rfc3339};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
 use tracing::{info, warn};
@@ -62,7 +63,8 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     store.insert(&lock, &record)?;
     let routed = async {
         rules.add_pod(&lock, &record.host_interface.name, slot, view.as_ref())?;
-        ensure_pod_routes(&pod_net, &routed_addresses(&rules, &prev), container.index, &prev, &env.ifname).await
+        let routed = routed_addresses(&rules, prev.has_ipv6());
+        ensure_pod_routes(&pod_net, &routed, container.index, &prev, &env.ifname).await
     }
     .await;
     let added = match routed {
@@ -112,11 +114,6 @@ async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevR
         .with_details(
             "it is not a veth whose peer is in the node namespace, and prevResult names no host interface here",
         ))
-}
-
-/// The intercepted addresses the pod must reach: IPv6 ones only when the pod has IPv6.
-fn routed_addresses(rules: &RuleSet, prev: &PrevResult) -> Vec<IpAddr> {
-    rules.addresses.iter().copied().filter(|a| a.is_ipv4() || prev.has_ipv6()).collect()
 }
 
 /// Routes each intercepted address to the node unless the pod's routes already do;
@@ -181,7 +178,8 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
     Ok(())
 }
 
-/// Verifies the record, its interception entry and the pod's routes; names everything missing.
+/// Verifies the record, its interception entry, the host interface and the pod's routes; names
+/// everything wrong.
 pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
     if !conf.version_at_least(0, 4) {
         return Err(CniError::new(Code::IncompatibleVersion, "CHECK needs cniVersion 0.4.0 or later"));
@@ -196,45 +194,35 @@ pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
             format!("no iamlink record for container {} interface {}", env.container_id, env.ifname),
         ));
     };
-    let mut problems = vec![];
-    match store.by_slot(record.slot)? {
-        Some(r) if r == record => {}
-        _ => problems.push(format!("slot {} does not link to this record", record.slot)),
+    let entry = intercept::pod_entry(&record.host_interface.name)?;
+    let routed = routed_addresses(&rules, prev.has_ipv6());
+    let findings = plumbing::gather(&store, &record, entry, &env.netns, &routed).await.findings(&record);
+    // What could not be read stops CHECK with the error that stopped it; else every problem is named.
+    if let Some(e) = findings.iter().find_map(|f| unreadable(f, env)) {
+        return Err(e);
     }
-    match intercept::pod_entry(&record.host_interface.name)? {
-        Some(s) if s == record.slot => {}
-        Some(s) => problems.push(format!(
-            "interception entry for {} points at slot {s}, not {}",
-            record.host_interface.name, record.slot
-        )),
-        None => problems.push(format!("no interception entry for {}", record.host_interface.name)),
+    if findings.is_empty() {
+        return Ok(());
     }
-    let node = Netlink::here()?;
-    if node.link_by_index(record.host_interface.index).await?.map(|m| LinkFacts::from(&m).name)
-        != Some(record.host_interface.name.clone())
-    {
-        problems.push(format!(
-            "host interface {} (index {}) no longer exists",
-            record.host_interface.name, record.host_interface.index
-        ));
-    }
-    let pod = Netlink::in_netns(&env.netns)?;
-    match pod.link_by_name(&env.ifname).await? {
-        None => problems.push(format!("no interface {} in the pod", env.ifname)),
-        Some(link) => {
-            for dst in routed_addresses(&rules, &prev) {
-                if pod.route_oif(dst).await? != Some(link.header.index) {
-                    problems.push(format!("the pod has no route to {dst} via {}", env.ifname));
-                }
-            }
+    let problems: Vec<String> = findings.iter().map(ToString::to_string).collect();
+    Err(CniError::new(Code::CheckFailed, format!("iamlink check failed for pod {}", record.pod))
+        .with_details(problems.join("; ")))
+}
+
+/// The plugin's error for a part of the plumbing that could not be read; `None` for a problem.
+fn unreadable(finding: &Finding, env: &Env) -> Option<CniError> {
+    Some(match finding {
+        Finding::SlotUnreadable { reason, .. } => CniError::new(Code::Store, "iamlink store").with_details(reason),
+        Finding::HostInterfaceUnreadable { .. } => CniError::new(Code::Io, finding.to_string()),
+        Finding::PodNetnsUnreadable { reason, .. } => {
+            CniError::new(Code::UnknownContainer, format!("cannot enter network namespace {}", env.netns))
+                .with_details(reason)
         }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CniError::new(Code::CheckFailed, format!("iamlink check failed for pod {}", record.pod))
-            .with_details(problems.join("; ")))
-    }
+        Finding::PodRoutesUnreadable { reason } => {
+            CniError::new(Code::PodRoutes, "cannot read the pod's routes").with_details(reason)
+        }
+        _ => return None,
+    })
 }
 
 /// Removes this network's attachments that the runtime no longer lists (CNI 1.1 GC).

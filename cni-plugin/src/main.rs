@@ -72,7 +72,7 @@ fn fail(e: &CniError, cni_version: &str) -> ! {
 
 /// JSON lines to `logFile` when configured, else human-readable lines on stderr.
 fn init_logging(conf: &NetConf) {
-    let file = conf.log_file.as_ref().and_then(|path| {
+    let file = conf.entry.log_file.as_ref().and_then(|path| {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }

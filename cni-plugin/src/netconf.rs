@@ -1,12 +1,13 @@
 //! Turning the runtime's stdin and environment into typed input.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
-use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
+use iamlink_common::intercept::RuleSet;
+use iamlink_common::plumbing;
 use iamlink_common::record::POD_ANNOTATIONS;
-use iamlink_common::{MarkMask, PodRef};
+use iamlink_common::{NetconfEntry, PodRef};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -15,11 +16,11 @@ use crate::error::{CniError, Code, Result};
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The version used for answers when the input's own cannot be used.
 pub const LATEST_VERSION: &str = "1.1.0";
-pub const DEFAULT_STORE_DIR: &str = "/run/iamlink";
 /// Runtimes send a few KiB; anything near this is not a netconf.
 pub const MAX_STDIN: usize = 1 << 20;
 
-/// The `iamlink` entry of a conflist, as the runtime hands it to us.
+/// The `iamlink` entry of a conflist, as the runtime hands it to us: the entry iamlinkd writes,
+/// and what the runtime adds around it.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
@@ -28,12 +29,9 @@ pub struct NetConf {
     pub name: String,
     /// The previous plugin's result, passed through byte for byte.
     pub prev_result: Option<Box<RawValue>>,
-    pub daemon_address: Option<String>,
-    pub daemon_address6: Option<String>,
-    pub store_dir: Option<PathBuf>,
-    pub log_file: Option<PathBuf>,
-    pub mark_mask: Option<MarkMask>,
-    pub credentials_address: Option<String>,
+    /// iamlink's own keys, as `iamlinkd install-cni` writes them.
+    #[serde(flatten)]
+    pub entry: NetconfEntry,
     #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
     #[serde(default)]
@@ -43,7 +41,8 @@ pub struct NetConf {
 /// What the runtime fills in for the capabilities the conflist entry declares.
 #[derive(Debug, Default, Deserialize)]
 pub struct RuntimeConfig {
-    /// containerd's `io.kubernetes.cri.pod-annotations`: every annotation of the pod.
+    /// containerd's `io.kubernetes.cri.pod-annotations` (`netconf::POD_ANNOTATIONS_CAPABILITY`):
+    /// every annotation of the pod.
     #[serde(rename = "io.kubernetes.cri.pod-annotations")]
     pub pod_annotations: Option<HashMap<String, String>>,
 }
@@ -90,33 +89,12 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
 
 impl NetConf {
     pub fn store_dir(&self) -> PathBuf {
-        self.store_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_DIR))
+        self.entry.store_dir().to_path_buf()
     }
 
     /// The interception parameters; `daemonAddress` is required to build them.
     pub fn rule_set(&self) -> Result<RuleSet> {
-        let invalid = |msg: String| CniError::new(Code::InvalidNetConf, msg);
-        let daemon: SocketAddrV4 = self
-            .daemon_address
-            .as_deref()
-            .ok_or_else(|| invalid("iamlink needs daemonAddress (iamlinkd's ip:port on the node)".into()))?
-            .parse()
-            .map_err(|e| invalid(format!("daemonAddress must be an IPv4 ip:port: {e}")))?;
-        let daemon6 = self
-            .daemon_address6
-            .as_deref()
-            .map(|a| a.parse::<SocketAddrV6>())
-            .transpose()
-            .map_err(|e| invalid(format!("daemonAddress6 must be an IPv6 [ip]:port: {e}")))?;
-        let credentials = match self.credentials_address.as_deref() {
-            None => Some(DEFAULT_CREDENTIALS_ADDRESS),
-            Some("") => None,
-            Some(a) => Some(
-                a.parse::<Ipv4Addr>()
-                    .map_err(|e| invalid(format!("credentialsAddress must be an IPv4 address: {e}")))?,
-            ),
-        };
-        Ok(RuleSet::new(daemon, daemon6, self.mark_mask.unwrap_or_default(), credentials))
+        self.entry.rule_set().map_err(|e| CniError::new(Code::InvalidNetConf, e.to_string()))
     }
 
     /// The previous result; a chained-only plugin cannot run without one.
@@ -189,7 +167,7 @@ impl PrevResult {
 
     /// Whether the pod has an IPv6 address: only then are the IPv6 metadata addresses routed.
     pub fn has_ipv6(&self) -> bool {
-        self.ips.iter().any(|ip| ip.address.contains(':'))
+        plumbing::has_ipv6(self.ips.iter().map(|ip| ip.address.as_str()))
     }
 
     /// Host-side interfaces named in the result (no sandbox), the fallback when the peer lookup
@@ -272,6 +250,8 @@ pub fn parse_args(raw: &str) -> Result<HashMap<String, String>> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -349,6 +329,19 @@ mod tests {
             parse(format!(r#"{base},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{{"a":1}}}}}}"#).as_bytes())
                 .unwrap_err();
         assert_eq!(e.code, Code::InvalidNetConf);
+    }
+
+    #[test]
+    fn the_runtime_config_key_is_the_capability_install_cni_declares() {
+        let conf = parse(
+            format!(
+                r#"{{"cniVersion":"1.0.0","runtimeConfig":{{"{}":{{"iam.amazonaws.com/role":"web"}}}}}}"#,
+                iamlink_common::netconf::POD_ANNOTATIONS_CAPABILITY
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(conf.iam_annotations().is_some());
     }
 
     #[test]

@@ -3,15 +3,20 @@
 //! Each module owns one piece of node state: [`store`] the on-disk pod records, [`intercept`] the
 //! nftables rule set, [`policy_rules`] the ip rules of the second layer. Nobody else touches the
 //! store directory, runs `nft`, writes nf_tables or writes ip rules. [`netlink`] reads links and routes in the
-//! node's and pods' namespaces.
+//! node's and pods' namespaces; [`plumbing`] reads one pod's plumbing with it and names what is
+//! wrong (CNI CHECK, `iamlinkd explain` and `status`). [`netconf`] is the plugin's conflist entry
+//! that `iamlinkd install-cni` writes and the plugin reads.
 
 pub mod intercept;
 pub mod mark;
+pub mod netconf;
 pub mod netlink;
+pub mod plumbing;
 pub mod policy_rules;
 pub mod record;
 pub mod store;
 
 pub use mark::{MarkMask, Slot};
+pub use netconf::NetconfEntry;
 pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 pub use store::{Store, StoreError, StoreLock};

@@ -7,7 +7,7 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Calico 0xffff0000, kube-proxy 0x4000/0x8000, aws-vpc-cni 0x80 and Cilium 0x0f00 stay free.
 pub const DEFAULT_MARK_MASK: u32 = 0x307f;
@@ -96,6 +96,13 @@ impl FromStr for MarkMask {
             None => s.parse(),
         };
         parsed.map_err(|e| format!("mark mask {s:?}: {e}")).and_then(MarkMask::new)
+    }
+}
+
+/// Written as the hex string, the way netconfs and `iamlinkd.toml` spell it.
+impl Serialize for MarkMask {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
 
     match conf.rule_set() {
         Ok(rules) => {
-            assert!(conf.daemon_address.is_some());
+            assert!(conf.entry.daemon_address.is_some());
             assert!(
                 rules.addresses.contains(&IpAddr::V4(METADATA_ADDRESS)),
                 "the metadata address is always intercepted"

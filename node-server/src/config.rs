@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use iamlink_common::intercept::{RuleSet, DEFAULT_CREDENTIALS_ADDRESS};
+use iamlink_common::netconf::{self, NetconfEntry};
 use iamlink_common::MarkMask;
 use serde::Deserialize;
 
@@ -162,7 +163,7 @@ pub struct PodRole {
 }
 
 fn default_store_dir() -> PathBuf {
-    PathBuf::from("/run/iamlink")
+    PathBuf::from(netconf::DEFAULT_STORE_DIR)
 }
 fn default_conf_dir() -> PathBuf {
     PathBuf::from("/etc/cni/net.d")
@@ -243,10 +244,8 @@ impl Config {
     }
 
     pub fn credentials_address(&self) -> Result<Option<Ipv4Addr>, String> {
-        match self.credentials_address.as_str() {
-            "" => Ok(None),
-            a => a.parse().map(Some).map_err(|e| format!("credentials_address {a:?}: {e}")),
-        }
+        let a = &self.credentials_address;
+        netconf::parse_credentials_address(a).map_err(|e| format!("credentials_address {a:?}: {e}"))
     }
 
     pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
@@ -256,7 +255,22 @@ impl Config {
         }
     }
 
-    /// The same rule set the plugin builds from its netconf.
+    /// The plugin's netconf entry for this daemon, as `install-cni` writes it: every key set, so
+    /// that the plugin uses this daemon's values, not its own defaults.
+    pub fn netconf(&self) -> NetconfEntry {
+        NetconfEntry {
+            daemon_address: Some(self.listen.to_string()),
+            daemon_address6: self.listen6.map(|a| a.to_string()),
+            store_dir: Some(self.store_dir.clone()),
+            mark_mask: Some(self.mark_mask),
+            credentials_address: Some(self.credentials_address.clone()),
+            log_file: self.cni.log_file.clone(),
+            capabilities: NetconfEntry::declared_capabilities(),
+            ..NetconfEntry::default()
+        }
+    }
+
+    /// The same rule set the plugin builds from its netconf (a test holds them equal).
     pub fn rule_set(&self) -> RuleSet {
         RuleSet::new(self.listen, self.listen6, self.mark_mask, self.credentials_address().ok().flatten())
     }
@@ -307,6 +321,21 @@ mod tests {
         assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(c.cni.bin_dir, PathBuf::from("/opt/cni/bin"));
         assert!(!c.cni.manage);
+    }
+
+    #[test]
+    fn the_plugin_builds_the_daemons_rule_set_from_the_derived_netconf() {
+        for text in [
+            include_str!("../../conf/iamlinkd.toml"),
+            "listen = \"198.18.0.1:80\"",
+            "listen = \"198.18.0.1:80\"\nlisten6 = \"[fd00::1]:80\"\nmark_mask = \"0xf000\"\ncredentials_address = \"\"",
+        ] {
+            let c = Config::parse(text).unwrap();
+            let written = serde_json::to_string(&c.netconf()).unwrap();
+            let read: NetconfEntry = serde_json::from_str(&written).unwrap();
+            assert_eq!(read.rule_set().unwrap(), c.rule_set(), "{written}");
+            assert_eq!(read.store_dir(), c.store_dir, "{written}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ CLI in the pods. Breakage is made by hand the way it happens on nodes: a map ele
 route deleted in the pod, a stale element left behind.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -185,6 +186,55 @@ def test_an_interception_entry_without_a_record_is_named(bench):
         bench.daemon.start()
     assert "ghost0" not in bench.node.exec(["nft", "list", "map", "inet", "iamlink", "pods"]).stdout, \
         "iamlinkd removes the entry without a record when it starts"
+
+
+def set_record_netns(bench, pod, netns):
+    """Rewrites the pod's record to name `netns`, under the store lock, by temp file + rename."""
+    records = os.path.join(bench.store_dir, "records")
+    (name,) = [n for n in os.listdir(records) if n.startswith(pod.cid) and n.endswith(".json")]
+    path = os.path.join(records, name)
+    with open(os.path.join(bench.store_dir, "lock")) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path) as f:
+            record = json.load(f)
+        record["netns"] = netns
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+
+
+def test_a_pod_netns_out_of_sight_leaves_its_routes_unknown_not_missing(bench):
+    """containerd keeps pods' netns mounts in its own mount namespace: from where iamlinkd runs,
+    the recorded path is missing, or the empty file the mount sits on. The pod works; what its
+    routes are is unknown from here, which is not a problem and not a missing route."""
+    pod = bench.pods.add("team-b", "netns-out-of-sight")
+    empty_file = os.path.join(bench.node.workdir, "netns-mount-point")
+    open(empty_file, "w").close()
+    try:
+        for netns in ("/var/run/netns/iamlink-no-such-netns", empty_file):
+            set_record_netns(bench, pod, netns)
+            rc, arn, err = pod.caller_arn()
+            assert rc == 0 and is_assumed_role(arn, "api"), (netns, rc, arn, err)
+
+            rc, doc = status(bench)
+            assert doc["podRoutesMissing"] == 0, (netns, doc)
+            assert doc.get("podRoutesUnknown") == 1, (netns, doc)
+            assert rc == 0 and doc["problems"] == [], (netns, doc)
+            (unchecked,) = doc["unchecked"]
+            assert unchecked.startswith(f"{pod.key}: cannot look into the pod's network namespace {netns}"), doc
+            text = iamlinkd(bench, "status").stdout
+            assert "pod routes missing         0" in text, text
+            assert "pod routes unknown         1 (pod netns not readable from here)" in text, text
+            assert "problems                   none" in text, text
+
+            rc, out, err = explain(bench, pod.key)
+            assert rc == 0, f"{netns}: rc {rc}\n{out}\n{err}"
+            assert f"pod routes    unknown: cannot enter {netns} from here: " in out, out
+            assert "problems      none" in out and "MISSING" not in out, out
+    finally:
+        set_record_netns(bench, pod, pod.netns_path)
+        bench.pods.delete(pod)
+        os.remove(empty_file)
 
 
 def test_status_counts_a_healthy_node(bench):

@@ -18,28 +18,15 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use iamlink_common::netconf::{NetconfEntry, PLUGIN_TYPE as PLUGIN_NAME};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dir_watch::watch_dir;
 
-pub const PLUGIN_NAME: &str = "iamlink";
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
 const CONFIG_EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
-/// The netconf keys iamlinkd derives; any other key in an existing entry is left alone.
-const MANAGED_KEYS: [&str; 8] = [
-    "type",
-    "daemonAddress",
-    "daemonAddress6",
-    "storeDir",
-    "markMask",
-    "credentialsAddress",
-    "logFile",
-    "capabilities",
-];
-/// containerd passes a plugin that declares it the pod's annotations (`runtimeConfig`) at ADD.
-pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 /// Safety net behind inotify (unavailable, overflowed, or the directory appeared late).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -71,23 +58,15 @@ fn invalid(path: &Path, msg: impl Into<String>) -> CniConfigError {
     CniConfigError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// The iamlink netconf entry, in the order ARCHITECTURE.md lists its keys.
-pub fn iamlink_entry(config: &Config) -> Map<String, Value> {
-    let mut entry = Map::new();
-    entry.insert("type".into(), PLUGIN_NAME.into());
-    entry.insert("daemonAddress".into(), config.listen.to_string().into());
-    if let Some(listen6) = config.listen6 {
-        entry.insert("daemonAddress6".into(), listen6.to_string().into());
+/// The iamlink netconf entry derived from iamlinkd's config ([`Config::netconf`]), as a JSON
+/// object in the struct's key order.
+pub fn iamlink_entry(config: &Config) -> Result<Map<String, Value>> {
+    let not_json = |msg: String| invalid(&config.store_dir, format!("cannot be written into a netconf: {msg}"));
+    match serde_json::to_value(config.netconf()) {
+        Ok(Value::Object(entry)) => Ok(entry),
+        Ok(other) => Err(not_json(format!("the entry is not a JSON object: {other}"))),
+        Err(e) => Err(not_json(e.to_string())),
     }
-    entry.insert("storeDir".into(), config.store_dir.to_string_lossy().into());
-    entry.insert("markMask".into(), config.mark_mask.to_string().into());
-    entry.insert("credentialsAddress".into(), config.credentials_address.clone().into());
-    if let Some(log_file) = &config.cni.log_file {
-        entry.insert("logFile".into(), log_file.to_string_lossy().into());
-    }
-    // Always declared: the plugin keeps only the IAM annotations, and iamlinkd decides whether to trust them.
-    entry.insert("capabilities".into(), serde_json::json!({ POD_ANNOTATIONS_CAPABILITY: true }));
-    entry
 }
 
 fn is_iamlink(plugin: &Value) -> bool {
@@ -108,7 +87,7 @@ pub fn chained(list: &Value, entry: &Map<String, Value>) -> std::result::Result<
             return false;
         }
         if let Some(existing) = plugin.as_object_mut() {
-            for key in MANAGED_KEYS {
+            for key in NetconfEntry::KEYS {
                 match entry.get(key) {
                     Some(value) => existing.insert(key.into(), value.clone()),
                     None => existing.shift_remove(key),
@@ -249,7 +228,7 @@ impl Installer {
             conf_dir: config.cni.conf_dir.clone(),
             bin_dir: config.cni.bin_dir.clone(),
             plugin_path,
-            entry: iamlink_entry(config),
+            entry: iamlink_entry(config)?,
         })
     }
 

@@ -5,16 +5,19 @@
 //! does not answer.
 //!
 //! Exit codes: 0 nothing wrong, 1 problems found (each printed), 2 the target matches nothing.
+//! What cannot be read from here (a pod's netns that containerd mounts where this process does
+//! not see it) is reported as unknown, apart from the problems, and is none.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use iamlink_common::plumbing::{Finding, Part, Plumbing, PodSide, SlotChain};
 use iamlink_common::{intercept, PodRecord, Store};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::ops::diagnose::{self, NodeView, Plumbing, PodSide, RuleSetState, Target};
+use crate::ops::diagnose::{self, NodeView, RuleSetState, Target};
 use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
 pub const EXIT_OK: u8 = 0;
@@ -46,11 +49,22 @@ impl DaemonContact {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodReport {
+    pub record: PodRecord,
+    pub record_file: PathBuf,
     #[serde(flatten)]
     pub plumbing: Plumbing,
     /// The daemon's answer; `None` when it did not answer.
     pub daemon: Option<PodAnswer>,
     pub problems: Vec<String>,
+    /// Parts of the plumbing that could not be read from here: unknown, not problems.
+    pub unchecked: Vec<String>,
+}
+
+/// Findings split into problems and what could not be checked, as sentences.
+fn split(found: &[Finding]) -> (Vec<String>, Vec<String>) {
+    let (unchecked, problems): (Vec<&Finding>, Vec<&Finding>) = found.iter().partition(|f| f.is_unchecked());
+    let texts = |fs: Vec<&Finding>| fs.iter().map(ToString::to_string).collect();
+    (texts(problems), texts(unchecked))
 }
 
 #[derive(Debug, Serialize)]
@@ -144,7 +158,7 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
     let mut pods = vec![];
     for record in matched {
         let plumbing = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
-        let mut problems = diagnose::findings(&plumbing, &view.rule_set);
+        let (mut problems, unchecked) = split(&diagnose::findings(&plumbing, record, &view.rule_set));
         let answer = if daemon.answering {
             match local_api::ask::<PodAnswer>(&socket, &pod_path(record), ASK_TIMEOUT).await {
                 Asked::Answer(a) => Some(a),
@@ -158,7 +172,8 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
             None
         };
         problems.extend(answer.iter().flat_map(daemon_findings));
-        pods.push(PodReport { plumbing, daemon: answer, problems });
+        let record_file = store.record_path(&record.container_id, &record.ifname);
+        pods.push(PodReport { record: record.clone(), record_file, plumbing, daemon: answer, problems, unchecked });
     }
     let report = ExplainReport {
         target: target.to_string(),
@@ -207,8 +222,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         if i > 0 {
             out.push('\n');
         }
-        let p = &pod.plumbing;
-        let r = &p.record;
+        let (p, r) = (&pod.plumbing, &pod.record);
         let _ = writeln!(out, "pod {}", r.pod);
         line(&mut out, "uid", if r.pod.uid.is_empty() { "(not passed by the runtime)" } else { &r.pod.uid });
         line(&mut out, "container", &format!("{} (interface {}, network {})", r.container_id, r.ifname, r.network));
@@ -217,7 +231,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
             "record",
             &format!(
                 "{} (slot {}{}, created {})",
-                p.record_file.display(),
+                pod.record_file.display(),
                 r.slot,
                 if p.slot_linked { "" } else { ", NOT linked from its slot" },
                 r.created
@@ -227,6 +241,7 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         line(&mut out, "addresses", &r.ips.join(", "));
         let host = &r.host_interface;
         let host_state = match p.host.index_now {
+            _ if p.host.error.is_some() => format!("unknown: {}", p.host.error.as_deref().unwrap_or_default()),
             Some(i) if i == host.index => "present".to_string(),
             Some(i) => format!("MISMATCH: that name now has index {i}"),
             None => "GONE".to_string(),
@@ -251,21 +266,25 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
                 }
             }
             PodSide::NoInterface => line(&mut out, "pod routes", &format!("unknown: no {} in the pod", r.ifname)),
-            PodSide::NetnsUnavailable { error } | PodSide::Unreadable { error } => {
-                line(&mut out, "pod routes", &format!("unknown: {error}"))
+            PodSide::NetnsUnavailable { error } => {
+                line(&mut out, "pod routes", &format!("unknown: cannot enter {} from here: {error}", r.netns))
             }
+            PodSide::Unreadable { error } => line(&mut out, "pod routes", &format!("unknown: {error}")),
         }
         let entry = match (p.entry, &report.rule_set) {
             (_, RuleSetState::Missing) => "MISSING: no rule set".to_string(),
-            (Some(s), _) if s == r.slot => match p.mark {
-                Some(m) if m == p.expected_mark => format!("{} → slot-{s} (mark {m:#x} of mask {mask}): ok", host.name),
-                Some(m) => format!(
-                    "{} → slot-{s}: WRONG MARK (slot-{s} sets {m:#x}, read as slot {}; slot {s} is {:#x} of mask {mask})",
+            (Some(s), _) if s == r.slot => match p.slot_chain {
+                Some(SlotChain { mark: Some(m), expected_mark, .. }) if m == expected_mark => {
+                    format!("{} → slot-{s} (mark {m:#x} of mask {mask}): ok", host.name)
+                }
+                Some(SlotChain { mark: Some(m), expected_mark, mark_read_as }) => format!(
+                    "{} → slot-{s}: WRONG MARK (slot-{s} sets {m:#x}, read as slot {}; slot {s} is {expected_mark:#x} \
+                     of mask {mask})",
                     host.name,
-                    p.mark_read_as.unwrap_or(0),
-                    p.expected_mark
+                    mark_read_as.unwrap_or(0),
                 ),
-                None => format!("{} → slot-{s}: MISSING slot chain", host.name),
+                Some(SlotChain { mark: None, .. }) => format!("{} → slot-{s}: MISSING slot chain", host.name),
+                None => format!("{} → slot-{s}", host.name),
             },
             (Some(s), _) => format!("{} → slot-{s}: WRONG SLOT (the record holds slot-{})", host.name, r.slot),
             (None, _) => format!("MISSING: no entry for {} in the pods map", host.name),
@@ -351,8 +370,30 @@ pub struct StatusReport {
     pub entries_without_record: usize,
     pub host_interface_gone: usize,
     pub pod_routes_missing: usize,
+    /// Pods whose routes could not be read from here (their netns out of sight): not missing.
+    pub pod_routes_unknown: usize,
     /// Every problem on the node, each naming its pod or entry.
     pub problems: Vec<String>,
+    /// What could not be checked from here, each naming its pod: unknown, not problems.
+    pub unchecked: Vec<String>,
+}
+
+/// What the pods' findings add up to in `iamlinkd status`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tally {
+    host_interface_gone: usize,
+    pod_routes_missing: usize,
+    pod_routes_unknown: usize,
+}
+
+impl Tally {
+    /// Counts one pod: a part found wrong, or (apart) a part that could not be read.
+    fn add(&mut self, found: &[Finding]) {
+        let any = |part, unchecked| found.iter().any(|f| f.part() == part && f.is_unchecked() == unchecked);
+        self.host_interface_gone += usize::from(any(Part::HostInterface, false));
+        self.pod_routes_missing += usize::from(any(Part::PodRoutes, false));
+        self.pod_routes_unknown += usize::from(any(Part::PodRoutes, true));
+    }
 }
 
 /// `iamlinkd status`; prints the summary and returns the exit code (1: problems, including a
@@ -381,16 +422,15 @@ pub async fn status(config: &Config, json: bool) -> u8 {
         ));
     }
     problems.extend(view.unreadable.iter().map(|e| format!("unreadable record (its pod gets 404): {e}")));
-    let (mut without_entry, mut host_gone, mut routes_missing) = (0, 0, 0);
+    let (mut without_entry, mut tally, mut unchecked) = (0, Tally::default(), vec![]);
     for record in &view.records {
         let p = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
         without_entry += usize::from(p.entry != Some(record.slot));
-        host_gone += usize::from(p.host.index_now != Some(record.host_interface.index));
-        routes_missing += usize::from(match &p.pod {
-            PodSide::Routes { routes } => routes.iter().any(|r| !r.ok),
-            _ => true,
-        });
-        problems.extend(diagnose::findings(&p, &view.rule_set).into_iter().map(|f| format!("{}: {f}", record.pod)));
+        let found = diagnose::findings(&p, record, &view.rule_set);
+        tally.add(&found);
+        let (pod_problems, pod_unchecked) = split(&found);
+        problems.extend(pod_problems.iter().map(|f| format!("{}: {f}", record.pod)));
+        unchecked.extend(pod_unchecked.iter().map(|f| format!("{}: {f}", record.pod)));
     }
     let orphans = view.orphan_entries();
     problems.extend(orphans.iter().map(|(name, slot)| diagnose::orphan_entry_finding(name, *slot)));
@@ -404,9 +444,11 @@ pub async fn status(config: &Config, json: bool) -> u8 {
         interception_entries: view.entries.len(),
         records_without_entry: without_entry,
         entries_without_record: orphans.len(),
-        host_interface_gone: host_gone,
-        pod_routes_missing: routes_missing,
+        host_interface_gone: tally.host_interface_gone,
+        pod_routes_missing: tally.pod_routes_missing,
+        pod_routes_unknown: tally.pod_routes_unknown,
         problems,
+        unchecked,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
@@ -466,6 +508,11 @@ pub fn render_status(s: &StatusReport) -> String {
     line(&mut out, "entries without record", &s.entries_without_record.to_string());
     line(&mut out, "host interface gone", &s.host_interface_gone.to_string());
     line(&mut out, "pod routes missing", &s.pod_routes_missing.to_string());
+    let unknown = match s.pod_routes_unknown {
+        0 => "0".to_string(),
+        n => format!("{n} (pod netns not readable from here)"),
+    };
+    line(&mut out, "pod routes unknown", &unknown);
     if s.problems.is_empty() {
         line(&mut out, "problems", "none");
     } else {
@@ -474,14 +521,20 @@ pub fn render_status(s: &StatusReport) -> String {
             let _ = writeln!(out, "  {p}");
         }
     }
+    if !s.unchecked.is_empty() {
+        let _ = writeln!(out, "could not check (not problems)");
+        for u in &s.unchecked {
+            let _ = writeln!(out, "  {u}");
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::diagnose::{HostLink, PodRoute};
     use crate::ops::local_api::CredentialState;
+    use iamlink_common::plumbing::{HostLink, PodRoute};
     use iamlink_common::{HostInterface, HostInterfaceSource, MarkMask, PodRef};
 
     fn report(answering: bool, entry: Option<u32>) -> ExplainReport {
@@ -499,14 +552,11 @@ mod tests {
             runtime_annotations: None,
         };
         let plumbing = Plumbing {
-            record,
-            record_file: "/run/iamlink/records/c1.eth0.json".into(),
             slot_linked: true,
-            mark: Some(1),
-            expected_mark: 1,
-            mark_read_as: Some(1),
+            slot_error: None,
             entry,
-            host: HostLink { index_now: Some(7), name_of_index: None },
+            slot_chain: Some(SlotChain { mark: Some(1), expected_mark: 1, mark_read_as: Some(1) }),
+            host: HostLink { index_now: Some(7), name_of_index: None, error: None },
             pod: PodSide::Routes {
                 routes: vec![PodRoute {
                     dst: "169.254.169.254".parse().unwrap(),
@@ -517,7 +567,8 @@ mod tests {
                 }],
             },
         };
-        let problems = diagnose::findings(&plumbing, &RuleSetState::Installed);
+        let problems =
+            diagnose::findings(&plumbing, &record, &RuleSetState::Installed).iter().map(ToString::to_string).collect();
         let daemon = answering.then(|| PodAnswer {
             pod: "team-a/web".into(),
             role: Some("arn:aws:iam::123456789012:role/web".into()),
@@ -541,7 +592,14 @@ mod tests {
                 error: (!answering).then(|| "connection refused".into()),
             },
             rule_set: RuleSetState::Installed,
-            pods: vec![PodReport { plumbing, daemon, problems }],
+            pods: vec![PodReport {
+                record,
+                record_file: "/run/iamlink/records/c1.eth0.json".into(),
+                plumbing,
+                daemon,
+                problems,
+                unchecked: vec![],
+            }],
             orphan_entries: vec![],
             node_problems: vec![],
         }
@@ -577,6 +635,49 @@ mod tests {
         assert!(text.contains("role          unknown (iamlinkd not answering)"), "{text}");
         assert!(text.contains("interception  MISSING: no entry for veth1"), "{text}");
         assert!(text.contains("PROBLEMS      record without interception entry"), "{text}");
+    }
+
+    #[test]
+    fn a_pod_netns_out_of_sight_counts_as_unknown_routes_not_missing_ones() {
+        let unreadable = Finding::PodNetnsUnreadable { netns: "/run/x".into(), reason: "No such file".into() };
+        let missing = Finding::PodRouteMissing { addr: "169.254.169.254".parse().unwrap() };
+        let mut tally = Tally::default();
+        tally.add(std::slice::from_ref(&unreadable));
+        assert_eq!(tally, Tally { host_interface_gone: 0, pod_routes_missing: 0, pod_routes_unknown: 1 });
+        tally.add(&[missing.clone(), missing.clone()]);
+        assert_eq!(tally, Tally { host_interface_gone: 0, pod_routes_missing: 1, pod_routes_unknown: 1 });
+        let (problems, unchecked) = split(&[unreadable, missing]);
+        assert_eq!((problems.len(), unchecked.len()), (1, 1));
+        assert!(problems[0].starts_with("pod route missing") && unchecked[0].starts_with("cannot look into"));
+    }
+
+    #[test]
+    fn status_shows_unknown_routes_apart_from_problems() {
+        let s = StatusReport {
+            store_dir: "/run/iamlink".into(),
+            daemon: DaemonContact { socket: "/run/iamlink/iamlinkd.sock".into(), answering: false, error: None },
+            daemon_status: None,
+            rule_set: RuleSetState::Installed,
+            records: 1,
+            unreadable_records: 0,
+            interception_entries: 1,
+            records_without_entry: 0,
+            entries_without_record: 0,
+            host_interface_gone: 0,
+            pod_routes_missing: 0,
+            pod_routes_unknown: 1,
+            problems: vec![],
+            unchecked: vec!["team-a/web: cannot look into the pod's network namespace /run/x: gone".into()],
+        };
+        let text = render_status(&s);
+        for want in [
+            "pod routes missing         0\n",
+            "pod routes unknown         1 (pod netns not readable from here)\n",
+            "problems                   none\n",
+            "could not check (not problems)\n  team-a/web: cannot look into",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in:\n{text}");
+        }
     }
 
     #[test]

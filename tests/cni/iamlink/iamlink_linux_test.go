@@ -159,6 +159,19 @@ var _ = Describe("iamlink chained after ptp", func() {
 				fmt.Fprintf(GinkgoWriter, "CHECK without record: %v\n", err)
 				Expect(err.Error()).To(MatchRegexp(`(?i)record`))
 			})
+
+			It(fmt.Sprintf("[%s] fails CHECK naming a pod route deleted by hand, in explain's words", ver), func() {
+				p := n.newPod("web")
+				list := n.chain(ver)
+				n.mustAdd(list, p)
+				p.deleteRoute(metadataIP)
+				err := n.check(list, p)
+				Expect(err).To(HaveOccurred())
+				fmt.Fprintf(GinkgoWriter, "CHECK without route: %v\n", err)
+				Expect(err.Error()).To(ContainSubstring("iamlink check failed for pod"))
+				Expect(err.Error()).To(ContainSubstring("pod route missing: the pod has no route to " + metadataIP))
+				Expect(err.Error()).NotTo(ContainSubstring(credentialsIP), "the route left in place is not named")
+			})
 		}
 
 		It(fmt.Sprintf("[%s] DEL removes the record, slot and map entry; later DELs succeed, also without netns", ver), func() {

@@ -456,6 +456,13 @@ func (p *pod) route(dst string) (found *netlink.Route) {
 	return found
 }
 
+// deleteRoute removes the pod's route to dst/32 on its interface, as an operator's mistake would.
+func (p *pod) deleteRoute(dst string) {
+	r := p.route(dst)
+	Expect(r).NotTo(BeNil(), "no route to %s/32 to delete", dst)
+	Expect(p.ns.Do(func(ns.NetNS) error { return netlink.RouteDel(r) })).To(Succeed())
+}
+
 // reachable tells whether the pod's routing table has any path to ip.
 func (p *pod) reachable(ip string) (ok bool) {
 	Expect(p.ns.Do(func(ns.NetNS) error {
