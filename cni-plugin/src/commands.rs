@@ -43,7 +43,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let slot = match store.get(&env.container_id, &env.ifname)? {
         Some(old) => old.slot,
         None => {
-            let in_use: Vec<u32> = view.iter().flat_map(|v| &v.entries).map(|(_, slot)| *slot).collect();
+            let in_use: Vec<u32> = view.iter().flat_map(|v| &v.entries).map(|e| e.slot).collect();
             store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
         }
     };
@@ -194,7 +194,8 @@ pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
             format!("no iamlink record for container {} interface {}", env.container_id, env.ifname),
         ));
     };
-    let entry = intercept::pod_entry(&record.host_interface.name)?;
+    let ifname = &record.host_interface.name;
+    let entry = intercept::entries()?.into_iter().find(|e| &e.ifname == ifname).map(|e| e.slot);
     let routed = routed_addresses(&rules, prev.has_ipv6());
     let findings = plumbing::gather(&store, &record, entry, &env.netns, &routed).await.findings(&record);
     // What could not be read stops CHECK with the error that stopped it; else every problem is named.
@@ -254,6 +255,6 @@ pub fn cmd_status(conf: &NetConf) -> Result<()> {
     };
     let store = Store::open(conf.store_dir()).map_err(|e| not_ready(&e))?;
     drop(store.lock().map_err(|e| not_ready(&e))?);
-    intercept::pod_entries().map_err(|e| not_ready(&e))?;
+    intercept::entries().map_err(|e| not_ready(&e))?;
     Ok(())
 }

@@ -278,7 +278,7 @@ impl RuleSet {
             }
         }
         let mut removed = vec![];
-        for (name, slot) in &have.entries {
+        for Entry { ifname: name, slot } in &have.entries {
             if want.get(name.as_str()).map(|r| r.slot) != Some(*slot) {
                 script.push_str(&format!("delete element {t} {PODS_MAP} {{ \"{name}\" }}\n"));
                 removed.push(name.as_str());
@@ -298,7 +298,7 @@ impl RuleSet {
             }
         }
         for (name, r) in &want {
-            let present = have.entries.iter().any(|(n, s)| n == name && *s == r.slot) && !removed.contains(name);
+            let present = have.entries.iter().any(|e| e.ifname == *name && e.slot == r.slot) && !removed.contains(name);
             if !present {
                 script.push_str(&format!("add element {t} {PODS_MAP} {{ \"{name}\" : jump slot-{} }}\n", r.slot));
                 if !rebuilt {
@@ -437,7 +437,7 @@ impl RuleSet {
             let Some(v) = fresh.as_ref().or(view) else { return self.add_pod_with_base(ifname, slot) };
             let mut batch = nftnl::Batch::default();
             self.slot_chain_batch(&mut batch, slot);
-            if v.entries.iter().any(|(n, _)| n == ifname) {
+            if v.entries.iter().any(|e| e.ifname == ifname) {
                 batch.delete_ifname(TABLE, PODS_MAP, ifname);
             }
             batch.add_ifname_jump(TABLE, PODS_MAP, ifname, &format!("slot-{slot}"));
@@ -465,6 +465,19 @@ impl RuleSet {
     }
 }
 
+/// One element of the pods map: packets from `ifname` jump to chain `slot-<slot>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Entry {
+    pub ifname: String,
+    pub slot: u32,
+}
+
+impl Entry {
+    pub fn new(ifname: &str, slot: u32) -> Self {
+        Entry { ifname: ifname.into(), slot }
+    }
+}
+
 /// What ADD reads of the installed rule set before it writes: the recorded layout and the map,
 /// at one generation of the rule set (over netlink: no `nft` process, no whole-table listing).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -473,7 +486,7 @@ pub struct PodView {
     /// The layout the table records; `None`: none (layout 1, or not iamlink's).
     pub layout: Option<Layout>,
     /// The pods map's (host interface, slot) entries.
-    pub entries: Vec<(String, u32)>,
+    pub entries: Vec<Entry>,
 }
 
 /// The rule set as ADD needs it; `None` when the table does not exist.
@@ -495,13 +508,13 @@ fn read_view(nft: &mut nftnl::Nft) -> Result<Option<PodView>, InterceptError> {
 }
 
 /// The map's entries, each a jump to a slot chain; `None` when the table or map is missing.
-fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<(String, u32)>>, InterceptError> {
+fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<Entry>>, InterceptError> {
     let Some(elements) = nft.verdict_map(TABLE, PODS_MAP)? else { return Ok(None) };
     let mut entries = Vec::with_capacity(elements.len());
     for e in elements {
         let slot = e.jump_target().and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
         match slot {
-            Some(slot) => entries.push((e.key, slot)),
+            Some(slot) => entries.push(Entry { ifname: e.key, slot }),
             None => return Err(InterceptError::Parse(format!("unexpected map element {e:?}"))),
         }
     }
@@ -524,12 +537,12 @@ pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), Inte
             return Ok(());
         };
         let mut batch = nftnl::Batch::default();
-        if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
+        if entries.iter().any(|e| e.ifname == ifname && e.slot == slot) {
             batch.delete_ifname(TABLE, PODS_MAP, ifname);
         }
         // Only delete the slot chain when no other entry still jumps to it; created first so
         // that deleting a chain already gone is no error.
-        if !entries.iter().any(|(name, s)| *s == slot && name != ifname) {
+        if !entries.iter().any(|e| e.slot == slot && e.ifname != ifname) {
             batch.add_chain(TABLE, &chain);
             batch.delete_chain(TABLE, &chain);
         }
@@ -541,19 +554,9 @@ pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), Inte
     Err(InterceptError::Changed { what: format!("removing the entry for {ifname}") })
 }
 
-/// The slot `ifname` is intercepted to, if it has an entry.
-pub fn pod_entry(ifname: &str) -> Result<Option<u32>, InterceptError> {
-    Ok(pod_entries()?.into_iter().find(|(n, _)| n == ifname).map(|(_, s)| s))
-}
-
-/// Every (host interface, slot) entry of the map; empty when the table does not exist.
-pub fn pod_entries() -> Result<Vec<(String, u32)>, InterceptError> {
-    Ok(current_entries()?.unwrap_or_default())
-}
-
-/// The map's entries, or `None` when the table (or its map) does not exist.
-pub fn current_entries() -> Result<Option<Vec<(String, u32)>>, InterceptError> {
-    read_entries(&mut nftnl::Nft::open()?)
+/// Every entry of the pods map; empty when the table does not exist.
+pub fn entries() -> Result<Vec<Entry>, InterceptError> {
+    Ok(read_entries(&mut nftnl::Nft::open()?)?.unwrap_or_default())
 }
 
 /// What the kernel holds of the rule set: what the daemon repairs from and what operators see
@@ -569,7 +572,7 @@ pub struct Installed {
     /// How many rules each base chain present has.
     pub rule_counts: BTreeMap<String, usize>,
     /// The pods map's (host interface, slot) entries.
-    pub entries: Vec<(String, u32)>,
+    pub entries: Vec<Entry>,
     /// Each slot chain and the mark bits its rule sets (`None`: it has no such rule): read from
     /// the chain itself, never computed from a config.
     pub slot_marks: BTreeMap<u32, Option<u32>>,
@@ -625,7 +628,7 @@ pub fn installed() -> Result<Option<Installed>, InterceptError> {
 
 impl Installed {
     /// The same reading of chains and rules as [`parse_installed`] makes of `nft -j` output.
-    fn from_parts(chains: &[String], rules: &[nftnl::RuleFacts], entries: Vec<(String, u32)>) -> Self {
+    fn from_parts(chains: &[String], rules: &[nftnl::RuleFacts], entries: Vec<Entry>) -> Self {
         let mut installed = Installed { entries, ..Default::default() };
         for name in chains {
             if BASE_CHAINS.contains(&name.as_str()) {
@@ -721,14 +724,8 @@ pub fn remove_all(_lock: &StoreLock) -> Result<(), InterceptError> {
     nft_script("delete table", &format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"))
 }
 
-/// The text form of the rule set, for operators and CHECK messages.
-pub fn describe() -> Result<String, InterceptError> {
-    let out = nft(&["list", "table", "inet", TABLE], None)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[cfg(test)]
-fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
+fn parse_entries(json: &str) -> Result<Vec<Entry>, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let mut entries = Vec::new();
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
@@ -739,7 +736,7 @@ fn parse_entries(json: &str) -> Result<Vec<(String, u32)>, InterceptError> {
             let target = elem[1]["jump"]["target"].as_str();
             let slot = target.and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
             match (name, slot) {
-                (Some(name), Some(slot)) => entries.push((name.to_string(), slot)),
+                (Some(name), Some(slot)) => entries.push(Entry::new(name, slot)),
                 _ => return Err(InterceptError::Parse(format!("unexpected map element {elem}"))),
             }
         }
@@ -848,7 +845,7 @@ mod tests {
     fn a_table_of_another_mask_is_replaced_in_the_same_transaction() {
         let old = Installed {
             layout: Some(Layout { version: 2, mask: MarkMask::new(0x3f).unwrap() }),
-            entries: vec![("vethA".into(), 1)],
+            entries: vec![Entry::new("vethA", 1)],
             slot_marks: BTreeMap::from([(1, Some(0x1))]),
             ..Default::default()
         };
@@ -869,7 +866,7 @@ mod tests {
             rule_counts: rs.base_rule_counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect(),
             // vethA points at slot 9, which the newest record does not hold; ghost has no record;
             // slot-2's chain sets slot 1's bits.
-            entries: vec![("vethA".into(), 9), ("ghost".into(), 4), ("vethB".into(), 2)],
+            entries: vec![Entry::new("vethA", 9), Entry::new("ghost", 4), Entry::new("vethB", 2)],
             slot_marks: BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
             ..Default::default()
         };
@@ -888,7 +885,7 @@ mod tests {
         assert!(!repairs.contains(&Repair::BaseChains));
         let (nothing, none) = rs.repair_script(
             Some(&Installed {
-                entries: vec![("vethA".into(), 3), ("vethB".into(), 2)],
+                entries: vec![Entry::new("vethA", 3), Entry::new("vethB", 2)],
                 slot_marks: BTreeMap::from([(3, Some(0x3)), (2, Some(0x2))]),
                 ..whole.clone()
             }),
@@ -904,7 +901,7 @@ mod tests {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"map": {"family": "inet",
             "name": "pods", "table": "iamlink", "type": "ifname", "handle": 4, "map": "verdict",
             "elem": [["vethA", {"jump": {"target": "slot-5"}}], ["eni1", {"jump": {"target": "slot-12"}}]]}}]}"#;
-        assert_eq!(parse_entries(json).unwrap(), vec![("vethA".to_string(), 5), ("eni1".to_string(), 12)]);
+        assert_eq!(parse_entries(json).unwrap(), vec![Entry::new("vethA", 5), Entry::new("eni1", 12)]);
         let empty = r#"{"nftables": [{"map": {"name": "pods"}}]}"#;
         assert!(parse_entries(empty).unwrap().is_empty());
         assert!(parse_entries(r#"{"nftables": [{"map": {"elem": [["x", {"accept": null}]]}}]}"#).is_err());
@@ -936,7 +933,7 @@ mod tests {
             {"chain": {"family": "inet", "table": "iamlink", "name": "intercept"}}]}"#;
         let got = parse_installed(json).unwrap();
         assert_eq!(got.missing_chains, vec!["identify-pod".to_string(), "refuse".to_string()]);
-        assert_eq!(got.entries, vec![("vethA".to_string(), 3)]);
+        assert_eq!(got.entries, vec![Entry::new("vethA", 3)]);
         assert_eq!(got.layout, None, "no comment: layout 1");
         assert_eq!(got.slot_marks, BTreeMap::from([(3, None)]));
     }
@@ -983,7 +980,7 @@ mod tests {
         /// What the `nft` path wrote for a pod before netlink (the scripts of add_pod/remove_pod).
         fn nft_add(rs: &RuleSet, ifname: &str, slot: u32) {
             let mut script = rs.slot_chain_script(slot);
-            if pod_entries().unwrap().iter().any(|(n, _)| n == ifname) {
+            if entries().unwrap().iter().any(|e| e.ifname == ifname) {
                 script.push_str(&format!("delete element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" }}\n"));
             }
             script.push_str(&format!("add element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" : jump slot-{slot} }}\n"));
@@ -991,12 +988,12 @@ mod tests {
         }
 
         fn nft_remove(ifname: &str, slot: u32) {
-            let entries = pod_entries().unwrap();
+            let entries = entries().unwrap();
             let mut script = String::new();
-            if entries.iter().any(|(n, s)| n == ifname && *s == slot) {
+            if entries.iter().any(|e| e.ifname == ifname && e.slot == slot) {
                 script.push_str(&format!("delete element inet {TABLE} {PODS_MAP} {{ \"{ifname}\" }}\n"));
             }
-            if !entries.iter().any(|(n, s)| *s == slot && n != ifname) {
+            if !entries.iter().any(|e| e.slot == slot && e.ifname != ifname) {
                 script
                     .push_str(&format!("add chain inet {TABLE} slot-{slot}\ndelete chain inet {TABLE} slot-{slot}\n"));
             }
@@ -1041,7 +1038,7 @@ mod tests {
             assert_eq!(by_netlink, by_nft);
             // And what the daemon reads back from it is whole: marks by slot, entries, layout.
             let installed = installed().unwrap().unwrap();
-            assert_eq!(installed.entries, vec![("vethA".to_string(), 7)]);
+            assert_eq!(installed.entries, vec![Entry::new("vethA", 7)]);
             assert_eq!(
                 installed.slot_marks,
                 BTreeMap::from([(7, Some(7))]),
@@ -1070,10 +1067,10 @@ mod tests {
             let mut batch = nftnl::Batch::default();
             batch.add_ifname_jump(TABLE, PODS_MAP, "vethB", "slot-9");
             assert!(matches!(nft.commit(batch, stale.generation), Err(InterceptError::GenerationChanged)));
-            assert_eq!(pod_entries().unwrap(), vec![("vethA".to_string(), 9)], "nothing applied");
+            assert_eq!(entries().unwrap(), vec![Entry::new("vethA", 9)], "nothing applied");
             // add_pod reads again, sees vethA's entry and replaces it instead of failing on it.
             rs.add_pod(&lock, "vethA", 3, Some(&stale)).unwrap();
-            assert_eq!(pod_entry("vethA").unwrap(), Some(3));
+            assert_eq!(entries().unwrap(), vec![Entry::new("vethA", 3)]);
         }
 
         #[test]
@@ -1081,7 +1078,7 @@ mod tests {
             if !fresh_netns() {
                 return;
             }
-            assert_eq!(current_entries().unwrap(), None, "no table: no entries, no error");
+            assert_eq!(entries().unwrap(), vec![], "no table: no entries, no error");
             nft_script("install", &rules().base_script()).unwrap();
             let mut nft = nftnl::Nft::open().unwrap();
             let generation = nft.generation().unwrap();
@@ -1093,7 +1090,7 @@ mod tests {
                 "a jump to a chain that does not exist: {err:?}"
             );
             assert!(err.to_string().contains("add element pods { \"vethA\" : jump slot-4 }"), "{err}");
-            assert_eq!(pod_entries().unwrap(), vec![], "nothing applied");
+            assert_eq!(entries().unwrap(), vec![], "nothing applied");
         }
 
         #[test]
@@ -1162,7 +1159,7 @@ mod tests {
             assert_eq!(pod_view().unwrap(), None);
             rs.add_pod(&lock, "vethA", 2, None).unwrap();
             let view = pod_view().unwrap().unwrap();
-            assert_eq!((view.layout, view.entries), (Some(rs.layout()), vec![("vethA".to_string(), 2)]));
+            assert_eq!((view.layout, view.entries), (Some(rs.layout()), vec![Entry::new("vethA", 2)]));
         }
     }
 }

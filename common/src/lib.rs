@@ -7,6 +7,7 @@
 //! wrong (CNI CHECK, `iamlinkd explain` and `status`). [`netconf`] is the plugin's conflist entry
 //! that `iamlinkd install-cni` writes and the plugin reads.
 
+pub mod atomic_file;
 pub mod intercept;
 pub mod mark;
 pub mod netconf;

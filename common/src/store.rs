@@ -11,7 +11,7 @@
 //! Readers (the daemon) take no lock: every file appears and disappears by an atomic rename.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -245,16 +245,8 @@ fn read_record(path: &Path) -> Result<Option<PodRecord>, StoreError> {
     serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
 }
 
-/// Temp file, fsync, rename, fsync of the directory: readers see the old or the new file whole.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f =
-        OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(dir)
+    crate::atomic_file::write(path, data, 0o600).map_err(io_err(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

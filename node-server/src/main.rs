@@ -125,9 +125,9 @@ async fn main() -> ExitCode {
         Some(Command::InstallCni) => install::install_cni(&config),
         Some(Command::UninstallCni) => install::uninstall_cni(&config).await,
         Some(Command::Explain { target, json }) => {
-            return ExitCode::from(explain::explain(&config, &target, json).await)
+            return ExitCode::from(explain::explain(&config, &target, json).await.exit_code())
         }
-        Some(Command::Status { json }) => return ExitCode::from(explain::status(&config, json).await),
+        Some(Command::Status { json }) => return ExitCode::from(explain::status(&config, json).await.exit_code()),
         None => daemon::run(config).await,
     };
     match result {

@@ -77,7 +77,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
             refresh(&app, &records);
         }
         if refresh_due || changed {
-            if let Ok(entries) = intercept::pod_entries() {
+            if let Ok(entries) = intercept::entries() {
                 app.metrics.interception_entries.set(entries.len() as i64);
             }
         }

@@ -12,12 +12,13 @@
 //! serde_json's `preserve_order`), so a rewritten file differs from the primary's by the iamlink
 //! entry only.
 
-use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use iamlink_common::atomic_file;
 use iamlink_common::netconf::{NetconfEntry, PLUGIN_TYPE as PLUGIN_NAME};
 use serde_json::{Map, Value};
 use tracing::{info, warn};
@@ -181,21 +182,7 @@ fn render(value: &Value) -> Vec<u8> {
 /// reloads on directory events) never reads a partial file. The temp name ends in no config
 /// extension, so libcni never lists it.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.iamlink-tmp", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        file.set_permissions(Permissions::from_mode(mode))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CniConfigError::Io { path: path.to_path_buf(), source: e }
-    })
+    atomic_file::write(path, bytes, mode).map_err(|e| CniConfigError::Io { path: path.to_path_buf(), source: e })
 }
 
 fn mode_of(path: &Path) -> Result<u32> {

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use iamlink_common::intercept::{self, RuleSet};
+use iamlink_common::intercept::{self, Entry, RuleSet};
 use iamlink_common::plumbing::{self, has_ipv6, routed_addresses, Finding, Plumbing, SlotChain};
-use iamlink_common::{MarkMask, PodRecord, Store};
+use iamlink_common::{MarkMask, PodRecord, Store, StoreError};
 use serde::Serialize;
 
 /// The interception rule set as the kernel has it.
@@ -33,15 +33,15 @@ pub struct NodeView {
     pub unreadable: Vec<String>,
     pub rule_set: RuleSetState,
     /// The pods map: host interface → slot.
-    pub entries: Vec<(String, u32)>,
+    pub entries: Vec<Entry>,
     /// Each slot chain and the mark bits it sets, as the kernel has it.
     pub slot_marks: BTreeMap<u32, Option<u32>>,
 }
 
 impl NodeView {
     /// Reads the store (without creating or locking anything) and the rule set.
-    pub fn read(store: &Store) -> Result<Self, String> {
-        let (records, bad) = store.list().map_err(|e| e.to_string())?;
+    pub fn read(store: &Store) -> Result<Self, StoreError> {
+        let (records, bad) = store.list()?;
         let (rule_set, installed) = match intercept::installed() {
             Ok(None) => (RuleSetState::Missing, Default::default()),
             Ok(Some(i)) if i.missing_chains.is_empty() => (RuleSetState::Installed, i),
@@ -60,17 +60,17 @@ impl NodeView {
     }
 
     /// Entries whose host interface no record names: left by a lost store or a missed DEL.
-    pub fn orphan_entries(&self) -> Vec<(String, u32)> {
+    pub fn orphan_entries(&self) -> Vec<Entry> {
         self.entries
             .iter()
-            .filter(|(name, _)| !self.records.iter().any(|r| &r.host_interface.name == name))
+            .filter(|e| !self.records.iter().any(|r| r.host_interface.name == e.ifname))
             .cloned()
             .collect()
     }
 
     /// The slot `ifname` jumps to in the pods map.
     pub fn entry_for(&self, ifname: &str) -> Option<u32> {
-        self.entries.iter().find(|(n, _)| n == ifname).map(|(_, s)| *s)
+        self.entries.iter().find(|e| e.ifname == ifname).map(|e| e.slot)
     }
 
     /// The rule set's problems, in words (none when it is installed whole).
@@ -281,10 +281,10 @@ mod tests {
             records: vec![record()],
             unreadable: vec![],
             rule_set: RuleSetState::Installed,
-            entries: vec![("veth1".into(), 3), ("ghost0".into(), 4)],
+            entries: vec![Entry::new("veth1", 3), Entry::new("ghost0", 4)],
             slot_marks: BTreeMap::new(),
         };
-        assert_eq!(view.orphan_entries(), vec![("ghost0".to_string(), 4)]);
+        assert_eq!(view.orphan_entries(), vec![Entry::new("ghost0", 4)]);
         assert_eq!(view.entry_for("veth1"), Some(3));
         assert!(orphan_entry_finding("ghost0", 4).starts_with("interception entry without record: ghost0"));
     }

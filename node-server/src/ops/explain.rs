@@ -20,9 +20,26 @@ use crate::config::Config;
 use crate::ops::diagnose::{self, NodeView, RuleSetState, Target};
 use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_PROBLEMS: u8 = 1;
-pub const EXIT_NOT_FOUND: u8 = 2;
+/// What `explain` and `status` concluded, and so their exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing wrong: exit 0.
+    Healthy,
+    /// Problems, each named in the output: exit 1.
+    Problems,
+    /// Nothing matches the target: exit 2.
+    NotFound,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Problems => 1,
+            Verdict::NotFound => 2,
+        }
+    }
+}
 
 /// Long enough for a busy daemon, short enough for an operator waiting at a prompt.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -112,12 +129,12 @@ fn pod_path(record: &PodRecord) -> String {
 }
 
 /// `iamlinkd explain <target>`; prints the report and returns the exit code.
-pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
+pub async fn explain(config: &Config, target: &str, json: bool) -> Verdict {
     let target = match Target::parse(target) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("iamlinkd explain: {e}");
-            return EXIT_NOT_FOUND;
+            return Verdict::NotFound;
         }
     };
     let store = Store::existing(&config.store_dir);
@@ -125,18 +142,18 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
         Ok(v) => v,
         Err(e) => {
             eprintln!("iamlinkd explain: cannot read the store: {e}");
-            return EXIT_PROBLEMS;
+            return Verdict::Problems;
         }
     };
     let matched: Vec<&PodRecord> = view.records.iter().filter(|r| target.matches(r, &diagnose::same_file)).collect();
     let orphan_entries: Vec<OrphanEntry> = view
         .orphan_entries()
         .into_iter()
-        .filter(|(name, _)| target.entry_name() == Some(name.as_str()))
-        .map(|(name, slot)| OrphanEntry {
-            problem: diagnose::orphan_entry_finding(&name, slot),
-            host_interface: name,
-            slot,
+        .filter(|e| target.entry_name() == Some(e.ifname.as_str()))
+        .map(|e| OrphanEntry {
+            problem: diagnose::orphan_entry_finding(&e.ifname, e.slot),
+            host_interface: e.ifname,
+            slot: e.slot,
         })
         .collect();
     if matched.is_empty() && orphan_entries.is_empty() {
@@ -149,7 +166,7 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
         for bad in &view.unreadable {
             eprintln!("  (unreadable record: {bad})");
         }
-        return EXIT_NOT_FOUND;
+        return Verdict::NotFound;
     }
 
     let socket = store.api_socket();
@@ -189,9 +206,9 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> u8 {
         print!("{}", render_explain(&report, config.mark_mask));
     }
     if report.has_problems() {
-        EXIT_PROBLEMS
+        Verdict::Problems
     } else {
-        EXIT_OK
+        Verdict::Healthy
     }
 }
 
@@ -398,13 +415,13 @@ impl Tally {
 
 /// `iamlinkd status`; prints the summary and returns the exit code (1: problems, including a
 /// daemon that does not answer).
-pub async fn status(config: &Config, json: bool) -> u8 {
+pub async fn status(config: &Config, json: bool) -> Verdict {
     let store = Store::existing(&config.store_dir);
     let view = match NodeView::read(&store) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("iamlinkd status: cannot read the store: {e}");
-            return EXIT_PROBLEMS;
+            return Verdict::Problems;
         }
     };
     let socket = store.api_socket();
@@ -433,7 +450,7 @@ pub async fn status(config: &Config, json: bool) -> u8 {
         unchecked.extend(pod_unchecked.iter().map(|f| format!("{}: {f}", record.pod)));
     }
     let orphans = view.orphan_entries();
-    problems.extend(orphans.iter().map(|(name, slot)| diagnose::orphan_entry_finding(name, *slot)));
+    problems.extend(orphans.iter().map(|e| diagnose::orphan_entry_finding(&e.ifname, e.slot)));
     let report = StatusReport {
         store_dir: view.store_dir.clone(),
         daemon,
@@ -456,9 +473,9 @@ pub async fn status(config: &Config, json: bool) -> u8 {
         print!("{}", render_status(&report));
     }
     if report.problems.is_empty() {
-        EXIT_OK
+        Verdict::Healthy
     } else {
-        EXIT_PROBLEMS
+        Verdict::Problems
     }
 }
 
