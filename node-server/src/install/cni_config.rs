@@ -74,11 +74,20 @@ fn is_iamlink(plugin: &Value) -> bool {
     plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_NAME)
 }
 
+/// A conflist iamlink cannot be chained into.
+#[derive(Debug, thiserror::Error)]
+pub enum Unchainable {
+    #[error("has no \"plugins\" list")]
+    NoPlugins,
+    #[error("has no plugin before iamlink, which must follow the one that creates the pod's interface")]
+    NothingBefore,
+}
+
 /// `list` with `entry` as its last plugin; an existing iamlink entry is brought up to date where
 /// it stands (its other keys kept) and duplicates are dropped. Equal to `list` when it was right.
-pub fn chained(list: &Value, entry: &Map<String, Value>) -> std::result::Result<Value, String> {
+pub fn chained(list: &Value, entry: &Map<String, Value>) -> std::result::Result<Value, Unchainable> {
     let mut list = list.clone();
-    let plugins = list.get_mut("plugins").and_then(Value::as_array_mut).ok_or("has no \"plugins\" list")?;
+    let plugins = list.get_mut("plugins").and_then(Value::as_array_mut).ok_or(Unchainable::NoPlugins)?;
     let mut seen = false;
     plugins.retain_mut(|plugin| {
         if !is_iamlink(plugin) {
@@ -101,7 +110,7 @@ pub fn chained(list: &Value, entry: &Map<String, Value>) -> std::result::Result<
         plugins.push(Value::Object(entry.clone()));
     }
     if plugins.first().is_some_and(is_iamlink) {
-        return Err("has no plugin before iamlink, which must follow the one that creates the pod's interface".into());
+        return Err(Unchainable::NothingBefore);
     }
     Ok(list)
 }
@@ -250,7 +259,7 @@ impl Installer {
         let path = config_file(&self.conf_dir)?;
         let (bytes, current) = read_json(&path)?;
         if is_conflist(&path) {
-            let new = chained(&current, &self.entry).map_err(|msg| invalid(&path, msg))?;
+            let new = chained(&current, &self.entry).map_err(|e| invalid(&path, e.to_string()))?;
             if new == current || !unchanged(&path, &bytes) {
                 return Ok(None);
             }
@@ -262,7 +271,7 @@ impl Installer {
         }
         let target = path.with_extension("conflist");
         self.keeps_first_place(&path, &target)?;
-        let new = chained(&conf_to_conflist(&current), &self.entry).map_err(|msg| invalid(&path, msg))?;
+        let new = chained(&conf_to_conflist(&current), &self.entry).map_err(|e| invalid(&path, e.to_string()))?;
         if !unchanged(&path, &bytes) {
             return Ok(None);
         }

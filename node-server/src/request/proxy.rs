@@ -60,6 +60,19 @@ pub fn allow_entry_refusal(entry: &str) -> Option<String> {
 }
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why the real metadata service gave no answer; the pod gets 502.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("request: {0}")]
+    Request(hyper::http::Error),
+    #[error("upstream metadata service timed out")]
+    Timeout,
+    #[error("upstream metadata service: {0}")]
+    Unreachable(hyper_util::client::legacy::Error),
+    #[error("upstream metadata service answer: {0}")]
+    Body(hyper::Error),
+}
+
 pub struct Upstream {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -77,22 +90,22 @@ impl Upstream {
     }
 
     /// GETs `path` from the real metadata service, with an IMDSv2 token when it gives one.
-    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), String> {
+    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
         let token = self.token().await;
         let mut req = Request::get(format!("{}{}", self.base, path));
         if let Some(t) = &token {
             req = req.header(TOKEN_HEADER, t);
         }
-        let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+        let req = req.body(Full::new(Bytes::new())).map_err(UpstreamError::Request)?;
         let resp = tokio::time::timeout(TIMEOUT, self.client.request(req))
             .await
-            .map_err(|_| "upstream metadata service timed out".to_string())?
-            .map_err(|e| format!("upstream metadata service: {e}"))?;
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(UpstreamError::Unreachable)?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED {
             *self.token.lock().await = None;
         }
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(UpstreamError::Body)?.to_bytes();
         Ok((status, body))
     }
 
