@@ -210,18 +210,21 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text)?;
-        config.validate().map_err(ConfigError::Invalid)?;
+        config.validate()?;
         Ok(config)
     }
 
     /// The first key the daemon cannot use, named with the reason.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if !(900..=43200).contains(&self.sts.duration_seconds) {
-            return Err(format!("sts.duration_seconds {} must be 900..=43200", self.sts.duration_seconds));
+            return Err(ConfigError::Invalid(format!(
+                "sts.duration_seconds {} must be 900..=43200",
+                self.sts.duration_seconds
+            )));
         }
         if let Some(id) = &self.sts.external_id {
             if !crate::role::arn::valid_external_id(id) {
-                return Err("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into());
+                return Err(ConfigError::Invalid("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into()));
             }
         }
         self.credentials_address()?;
@@ -229,7 +232,7 @@ impl Config {
         // The node's credentials and user data never reach pods, whatever the config says.
         for entry in &self.proxy_allow {
             if let Some(why) = crate::request::proxy::allow_entry_refusal(entry) {
-                return Err(format!("proxy_allow entry {entry:?} refused: {why}"));
+                return Err(ConfigError::Invalid(format!("proxy_allow entry {entry:?} refused: {why}")));
             }
         }
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
@@ -237,21 +240,22 @@ impl Config {
             let roles = &self.roles;
             let names = roles.pod.iter().map(|p| &p.role).chain(roles.association.iter().map(|a| &a.role));
             if let Some(r) = names.chain(roles.default.iter()).find(|r| !r.starts_with("arn:")) {
-                return Err(format!("role {r:?} is a name, so roles.base_arn is required"));
+                return Err(ConfigError::Invalid(format!("role {r:?} is a name, so roles.base_arn is required")));
             }
         }
         Ok(())
     }
 
-    pub fn credentials_address(&self) -> Result<Option<Ipv4Addr>, String> {
+    pub fn credentials_address(&self) -> Result<Option<Ipv4Addr>, ConfigError> {
         let a = &self.credentials_address;
-        netconf::parse_credentials_address(a).map_err(|e| format!("credentials_address {a:?}: {e}"))
+        netconf::parse_credentials_address(a)
+            .map_err(|e| ConfigError::Invalid(format!("credentials_address {a:?}: {e}")))
     }
 
-    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, String> {
+    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
         match self.metrics_listen.as_str() {
             "" => Ok(None),
-            a => a.parse().map(Some).map_err(|e| format!("metrics_listen {a:?}: {e}")),
+            a => a.parse().map(Some).map_err(|e| ConfigError::Invalid(format!("metrics_listen {a:?}: {e}"))),
         }
     }
 

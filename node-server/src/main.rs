@@ -1,10 +1,9 @@
 //! `iamlinkd`: answers pods' instance-metadata credential requests with their own role,
 //! identifying each pod by the interface its connection came in on.
 //!
-//! The request path, one module per step: accept (socket mark) → identify (slot → pod record)
-//! → imds (token, routing) → credentials (cache → STS) → render.
-//!
-//! `install-cni` and `uninstall-cni` chain the plugin into (and out of) the node's CNI config.
+//! This file parses the command line, sets up logging and dispatches: the daemon
+//! (`daemon::run`), `install-cni`/`uninstall-cni` (`install`), `explain`/`status` (`ops`).
+//! `src/lib.rs` maps the folders.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

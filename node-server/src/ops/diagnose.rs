@@ -136,14 +136,23 @@ pub enum Target {
     Name(String),
 }
 
+/// A TARGET `explain` cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum BadTarget {
+    #[error("an empty target: give a netns name or path, a host interface or namespace/pod")]
+    Empty,
+    #[error("{0:?} is neither namespace/pod nor an absolute netns path")]
+    Neither(String),
+}
+
 /// Where `ip netns` keeps named namespaces (`/var/run` is usually a link to `/run`).
 pub const NETNS_DIRS: [&str; 2] = ["/var/run/netns", "/run/netns"];
 
 impl Target {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, BadTarget> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("an empty target: give a netns name or path, a host interface or namespace/pod".into());
+            return Err(BadTarget::Empty);
         }
         if s.starts_with('/') {
             return Ok(Target::NetnsPath(PathBuf::from(s)));
@@ -152,7 +161,7 @@ impl Target {
             Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
                 Ok(Target::Pod { namespace: ns.into(), name: name.into() })
             }
-            Some(_) => Err(format!("{s:?} is neither namespace/pod nor an absolute netns path")),
+            Some(_) => Err(BadTarget::Neither(s.into())),
             None => Ok(Target::Name(s.into())),
         }
     }

@@ -179,11 +179,13 @@ fn route<S: AssumeRole>(app: &App<S>, started: Instant, path: &str) -> Response<
 /// A failure is logged, not fatal: pods matter more than operators' questions.
 pub fn spawn<S: AssumeRole>(app: Arc<App<S>>) {
     let path = app.store.api_socket();
-    let bound = app.store.remove_stale_api_socket().map_err(|e| e.to_string()).and_then(|()| {
-        let listener = UnixListener::bind(&path).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+    let bind = || -> Result<UnixListener, Box<dyn std::error::Error>> {
+        app.store.remove_stale_api_socket()?;
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         Ok(listener)
-    });
+    };
+    let bound = bind();
     match bound {
         Ok(listener) => {
             info!(socket = %path.display(), "answering `iamlinkd explain` and `status`");
@@ -224,22 +226,19 @@ pub enum Asked<T> {
 /// `GET path` on the daemon's socket, bounded by `timeout` as a whole.
 pub async fn ask<T: serde::de::DeserializeOwned>(socket: &Path, path: &str, timeout: Duration) -> Asked<T> {
     let exchange = async {
-        let stream = UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        let stream = UnixStream::connect(socket).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(hyper::header::HOST, "iamlinkd")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let req =
+            Request::get(path).header(hyper::header::HOST, "iamlinkd").body(http_body_util::Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((status, body))
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
     };
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Asked::NotAnswering(format!("no answer within {timeout:?}")),
-        Ok(Err(e)) => Asked::NotAnswering(e),
+        Ok(Err(e)) => Asked::NotAnswering(e.to_string()),
         Ok(Ok((StatusCode::NOT_FOUND, _))) => Asked::NotFound,
         Ok(Ok((status, body))) if status.is_success() => match serde_json::from_slice(&body) {
             Ok(v) => Asked::Answer(v),
