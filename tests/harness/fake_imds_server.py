@@ -15,6 +15,8 @@ import posixpath
 import secrets
 import threading
 
+from http_server import ThreadingServer
+
 ROLE = "iamlink-node-role"
 
 
@@ -117,8 +119,7 @@ def main():
     ap.add_argument("--log", required=True)
     a = ap.parse_args()
     host, port = a.listen.rsplit(":", 1)
-    server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
-    server.daemon_threads = True
+    server = ThreadingServer((host, int(port)), Handler)
     with open(a.creds) as f:
         server.creds = json.load(f)
     server.tokens = set()

@@ -38,6 +38,8 @@ import time
 import urllib.parse
 import uuid
 
+from http_server import ThreadingServer
+
 MODES = ("pass", "slow", "status", "throttle", "deny", "close", "refuse")
 STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
 
@@ -253,8 +255,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 
 def start_server(addr, handler, state):
     host, port = addr.rsplit(":", 1)
-    server = http.server.ThreadingHTTPServer((host, int(port)), handler)
-    server.daemon_threads = True
+    server = ThreadingServer((host, int(port)), handler)
     server.state = state
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
