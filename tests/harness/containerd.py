@@ -12,15 +12,16 @@ Nothing here touches the host's containerd state or the root network namespace
   Pod network namespaces are bind-mounted under its state dir (`netns_mounts_under_state_dir`),
   in the holder's mount namespace: they outlive a killed containerd as they outlive a restarted
   one on a node, and are entered from outside with `nsenter -t HOLDER -m` + `nsenter --net=PATH`.
-- The pause image is `pause_image.py`'s OCI archive (scripts/setup builds it), imported with `ctr`:
-  nothing is pulled.
+- The pause image is `pause_image.py`'s OCI archive (scripts/setup builds it), imported with `ctr`,
+  as are other images a test brings (the iamlink image of scripts/build-image): nothing is pulled.
 - The CRI client is generated at setup from the `api.proto` of Debian's containerd source package
   into `.build/cri/python` (never committed).
 
 Teardown (`close`, also on failure): sandboxes stopped and removed through CRI while containerd
 answers, then containerd, its shims and every process of our sandboxes' cgroups ended by PID, the
 holder ended (its mounts go with it), our cgroups `/k8s.io/<id>` removed (and `k8s.io` itself when
-we made it), the mount points under `/run` and `/var/lib` removed when we made them.
+we made it), the mount points it bound over (under `/run`, `/var/lib`, `/var/log`) removed when
+we made them.
 """
 
 import json
@@ -120,9 +121,19 @@ class Containerd:
     """containerd with the CRI plugin in `node`, the CNI chain of `pods` (its conflist, with the
     plugins of CNI_PLUGINS); see the module docstring. `cri` is the CRI client once started."""
 
-    def __init__(self, node, pods):
+    def __init__(self, node, pods, plugin_tap=True, host_binds=None, images=(), shared_netns=False):
+        """plugin_tap=False: no `iamlink` in the bin dir and the conflist as `pods` has it (the
+        DaemonSet's install-cni puts both there). host_binds: {path: directory of the node} bound
+        over `path` in containerd's mount namespace, besides its compiled-in paths (the plugin it
+        runs writes where its netconf says: /run/iamlink, /var/log/iamlink). images: OCI archives
+        imported with the pause image at the first start. shared_netns: the pod netns directory is a
+        shared mount in containerd's mount namespace, as /var/run/netns is on a node (systemd makes /
+        shared), so that a container can mount it with HostToContainer propagation (containerd
+        refuses rslave from a private mount)."""
+        self.shared_netns = shared_netns
         self.node = node
         self.pods = pods
+        self.images = list(images)
         self.dir = os.path.join(node.workdir, "containerd")
         self.root = os.path.join(self.dir, "root")
         self.state = os.path.join(self.dir, "state")
@@ -132,6 +143,7 @@ class Containerd:
         self.conf_dir = os.path.join(self.dir, "cni-conf")
         self.bin_dir = os.path.join(self.dir, "cni-bin")
         self.binds = {path: os.path.join(self.dir, "bind" + path.replace("/", "-")) for path in COMPILED_IN}
+        self.binds.update(host_binds or {})
         self.cni_results = os.path.join(self.binds["/var/lib/cni"], "results")
         self.netns_dir = os.path.join(self.state, "io.containerd.grpc.v1.cri", "netns")
         self.holder = None
@@ -139,6 +151,7 @@ class Containerd:
         self.cri = None
         self.starts = 0
         self.sandboxes = {}  # id -> Sandbox, every one made (removed ones too: for the cgroup cleanup)
+        self.containers = set()  # ids of containers made in sandboxes (daemonset.py), for the cgroup cleanup
         self._made_dirs = []  # mount points and cgroup parents we created, to remove at close
         self._closed = False
         for d in (self.root, self.state, self.conf_dir, self.bin_dir, *self.binds.values()):
@@ -147,7 +160,8 @@ class Containerd:
             if name != "iamlink":
                 os.symlink(target, os.path.join(self.bin_dir, name))
         self.calls_log = os.path.join(self.dir, "iamlink-calls.tsv")
-        self._write_tap(os.path.join(self.bin_dir, "iamlink"), CNI_PLUGINS["iamlink"])
+        if plugin_tap:
+            self._write_tap(os.path.join(self.bin_dir, "iamlink"), CNI_PLUGINS["iamlink"])
         with open(os.path.join(self.conf_dir, "10-iamlink.conflist"), "w") as f:
             json.dump(pods.conflist, f, indent=2)
         self._write_config()
@@ -225,12 +239,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _start_holder(self):
         with _made_lock:
-            for path in COMPILED_IN:
+            for path in self.binds:
                 if not os.path.isdir(path):
                     os.makedirs(path)
                     self._made_dirs.append(path)
         ready = os.path.join(self.dir, "holder.ready")
         script = "set -e\n" + "".join(f"mount --bind '{src}' '{dst}'\n" for dst, src in self.binds.items())
+        if self.shared_netns:
+            os.makedirs(self.netns_dir, exist_ok=True)
+            script += f"mount --bind '{self.netns_dir}' '{self.netns_dir}'\nmount --make-shared '{self.netns_dir}'\n"
         script += f"touch '{ready}'\nexec sleep infinity\n"
         self.holder = subprocess.Popen(
             ["nsenter", f"--net={self.node.path}", "--", "unshare", "--mount", "--propagation", "slave", "--",
@@ -281,13 +298,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         wait_until(ready, timeout, "containerd's CRI answering", interval=0.1)
         if self.starts == 1:
-            self.import_pause_image(timeout)
+            self.import_image(PAUSE_ARCHIVE, self.pause_image, timeout)
+            for archive, name in self.images:
+                self.import_image(archive, name, timeout)
         return self
 
-    def import_pause_image(self, timeout=30):
-        run(["ctr", "-a", self.socket, "-n", "k8s.io", "images", "import", "--all-platforms", PAUSE_ARCHIVE],
+    def import_image(self, archive, name, timeout=30):
+        """`ctr images import` of an OCI archive into the k8s.io namespace, as an operator does."""
+        run(["ctr", "-a", self.socket, "-n", "k8s.io", "images", "import", "--all-platforms", archive],
             timeout=timeout)
-        wait_until(lambda: self.cri.image_present(self.pause_image), timeout, f"CRI to list {self.pause_image}")
+        wait_until(lambda: self.cri.image_present(name), timeout, f"CRI to list {name}")
 
     @property
     def running(self):
@@ -364,7 +384,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def sandbox_cgroups(self):
         """Our sandboxes' cgroups that still exist, in any hierarchy: of the sandboxes made here and of
         any other the plugin was called for (one whose RunPodSandbox failed has no Sandbox)."""
-        ids = set(self.sandboxes) | {cid for _, cid, _, _ in self.calls()}
+        ids = set(self.sandboxes) | self.containers | {cid for _, cid, _, _ in self.calls()}
         out = []
         for hierarchy in self._cgroup_hierarchies():
             for sandbox_id in sorted(ids):
@@ -525,3 +545,31 @@ class Cri:
 
     def list_sandboxes(self):
         return list(self.runtime.ListPodSandbox(self.pb.ListPodSandboxRequest(), timeout=CRI_TIMEOUT).items)
+
+    # -- containers (a kubelet's calls for a pod's containers) ----------------------------------
+    def run_sandbox_config(self, config):
+        """RunPodSandbox with a PodSandboxConfig built by the caller (daemonset.py)."""
+        return self.runtime.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config),
+                                          timeout=CRI_TIMEOUT).pod_sandbox_id
+
+    def create_container(self, sandbox_id, config, sandbox_config):
+        return self.runtime.CreateContainer(self.pb.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox_config),
+            timeout=CRI_TIMEOUT).container_id
+
+    def start_container(self, container_id):
+        self.runtime.StartContainer(self.pb.StartContainerRequest(container_id=container_id), timeout=CRI_TIMEOUT)
+
+    def container_status(self, container_id):
+        """(ContainerStatus: state, exit_code, reason, message; the verbose info: pid, runtimeSpec)."""
+        r = self.runtime.ContainerStatus(self.pb.ContainerStatusRequest(container_id=container_id, verbose=True),
+                                         timeout=CRI_TIMEOUT)
+        return r.status, json.loads(r.info.get("info", "{}"))
+
+    def stop_container(self, container_id, grace_seconds):
+        """StopContainer: SIGTERM, SIGKILL after `grace_seconds` (terminationGracePeriodSeconds)."""
+        self.runtime.StopContainer(self.pb.StopContainerRequest(container_id=container_id, timeout=grace_seconds),
+                                   timeout=CRI_TIMEOUT + grace_seconds)
+
+    def remove_container(self, container_id):
+        self.runtime.RemoveContainer(self.pb.RemoveContainerRequest(container_id=container_id), timeout=CRI_TIMEOUT)
