@@ -12,6 +12,7 @@ pub mod daemon;
 mod dir_watch;
 pub mod error;
 pub mod install;
+pub mod log_writer;
 pub mod metrics;
 pub mod ops;
 pub mod request;
