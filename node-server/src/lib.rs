@@ -13,6 +13,7 @@ mod dir_watch;
 pub mod error;
 pub mod install;
 pub mod log_writer;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod request;
