@@ -20,4 +20,4 @@ pub mod store;
 pub use mark::{MarkMask, Slot};
 pub use netconf::NetconfEntry;
 pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
-pub use store::{Store, StoreError, StoreLock};
+pub use store::{SlotIdentity, Store, StoreError, StoreLock};

@@ -43,6 +43,40 @@ pub struct StoreLock {
     _flock: Flock<File>,
 }
 
+/// Which record file a slot links to, as far as the file system tells without reading it: the
+/// link's target (the attachment's file name, `../records/<containerID>.<ifname>.json`) and the
+/// file's (device, inode, ctime, mtime, size).
+///
+/// Equal identities mean the same record bytes: records are only ever replaced by write-temp +
+/// rename (a new inode, a new ctime) and links by rename. The target makes a slot taken over by
+/// another attachment differ even where the file system reuses a freed inode within one
+/// timestamp tick (ext4 does both): only the same container ID and interface, removed and added
+/// again within one tick into a reused inode of the same size, could look alike, and that is
+/// the same pod sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotIdentity {
+    target: PathBuf,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+    size: u64,
+}
+
+impl SlotIdentity {
+    fn new(target: PathBuf, m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        SlotIdentity {
+            target,
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            size: m.size(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     dir: PathBuf,
@@ -156,6 +190,49 @@ impl Store {
     /// The record holding `slot`, if any (the daemon's lookup for every request).
     pub fn by_slot(&self, slot: u32) -> Result<Option<PodRecord>, StoreError> {
         read_record(&self.slot_path(slot))
+    }
+
+    /// What slot `slot` links to now, without reading the record: the link's target (which
+    /// names the attachment) and the identity of the file there. Two system calls (readlink,
+    /// stat), for the daemon's per-request check that a record it parsed earlier is still the
+    /// one linked (see [`SlotIdentity`]). None: no link, or a link to nothing.
+    pub fn slot_identity(&self, slot: u32) -> Result<Option<SlotIdentity>, StoreError> {
+        let link = self.slot_path(slot);
+        let target = match fs::read_link(&link) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&link)(e)),
+        };
+        let path = self.slots_dir().join(&target);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(SlotIdentity::new(target, &m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The record slot `slot` links to, with the [`SlotIdentity`] of exactly the file it was
+    /// read from: the file is opened by the target the link named, and stat'ed and read through
+    /// that one descriptor.
+    pub fn by_slot_identified(&self, slot: u32) -> Result<Option<(SlotIdentity, PodRecord)>, StoreError> {
+        use std::io::Read;
+        let link = self.slot_path(slot);
+        let target = match fs::read_link(&link) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&link)(e)),
+        };
+        let path = self.slots_dir().join(&target);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err(&path))?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let record = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: link, source })?;
+        Ok(Some((SlotIdentity::new(target, &meta), record)))
     }
 
     /// The lowest slot in `1..=max` that has no link here and is not in `in_use` (slots the

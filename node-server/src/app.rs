@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::creds::cache::{AssumeRole, Cache};
 use crate::creds::SessionKey;
 use crate::metrics::Metrics;
+use crate::request::identify::Records;
 use crate::request::limits::Limits;
 use crate::request::proxy::Upstream;
 use crate::request::tokens::Tokens;
@@ -19,6 +20,8 @@ use crate::role::Grant;
 pub struct App<S> {
     pub(crate) config: Config,
     pub(crate) store: Store,
+    /// The store's records as the request path reads them.
+    pub(crate) records: Records,
     pub(crate) roles: PodRoles,
     pub(crate) cache: Cache<S>,
     pub(crate) tokens: Tokens,
@@ -38,6 +41,7 @@ impl<S: AssumeRole> App<S> {
             metrics,
             upstream: Upstream::new(&config.upstream),
             limits: Limits::new(config.limits.clone()),
+            records: Records::new(store.clone()),
             store,
             tokens,
             node_name,

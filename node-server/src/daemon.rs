@@ -49,6 +49,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         installer.install_binary()?;
         tokio::spawn(cni_config::keep_chained(installer));
     }
+    tokio::spawn(crate::memory::return_freed_memory());
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();

@@ -12,6 +12,8 @@ pub mod daemon;
 mod dir_watch;
 pub mod error;
 pub mod install;
+pub mod log_writer;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod request;

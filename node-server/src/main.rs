@@ -10,12 +10,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, Level};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use iamlinkd::config::{self, Config};
+use iamlinkd::log_writer::{self, BatchWriter, FlushGuard};
 use iamlinkd::ops::explain;
 use iamlinkd::{daemon, install};
 
@@ -102,8 +102,18 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    iamlinkd::memory::limit_arenas();
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("iamlinkd: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     let config = Config::load(&cli.config);
     let audit_log = config.as_ref().ok().and_then(|c| c.audit_log.clone());
@@ -140,19 +150,22 @@ async fn main() -> ExitCode {
 
 /// Logs go to stderr; audit lines (target `audit`: every credential answer and refusal) also
 /// to `audit_log` as JSON lines when it is set. Writer threads take the write syscalls off the
-/// request path; they block rather than drop when behind, so no line is lost. The guards flush
-/// on exit, so they live as long as `main`.
-fn init_logging(format: LogFormat, audit_log: Option<&Path>) -> Vec<WorkerGuard> {
+/// request path in batches ([`log_writer`]); they block rather than drop when behind, so no
+/// line is lost. The guards flush on exit, so they live as long as `main`.
+fn init_logging(format: LogFormat, audit_log: Option<&Path>) -> Vec<FlushGuard> {
     // netlink_packet_route warns about every attribute newer than itself (explain's link reads).
     let filter = tracing_subscriber::EnvFilter::try_from_env("IAMLINKD_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "info,aws_config=warn,aws_smithy_runtime=warn,netlink_packet_route=error,kube_client::client::builder=off",
         )
     });
-    // 4,096 buffered lines: the default 128,000 costs ~4 MiB of resident memory up front.
-    let writer = |w| NonBlockingBuilder::default().lossy(false).buffered_lines_limit(4096).finish(w);
-    let (stderr, stderr_guard) = writer(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>);
-    let mut guards = vec![stderr_guard];
+    let mut guards = vec![];
+    let mut writer = |name: &str, sink: Box<dyn std::io::Write + Send>| -> BatchWriter {
+        let (w, guard) = log_writer::spawn(name, sink).expect("cannot start a log writer thread");
+        guards.push(guard);
+        w
+    };
+    let stderr = writer("log-stderr", Box::new(std::io::stderr()));
     let stderr_layer = match format {
         LogFormat::Text => {
             tracing_subscriber::fmt::layer().with_ansi(false).with_target(false).with_writer(stderr).boxed()
@@ -163,8 +176,7 @@ fn init_logging(format: LogFormat, audit_log: Option<&Path>) -> Vec<WorkerGuard>
     let audit_layer = audit_log.and_then(|path| {
         match std::fs::OpenOptions::new().create(true).append(true).open(path) {
             Ok(file) => {
-                let (file, guard) = writer(Box::new(file));
-                guards.push(guard);
+                let file = writer("log-audit", Box::new(file));
                 let only_audit = tracing_subscriber::filter::Targets::new().with_target("audit", Level::INFO);
                 // Flat lines: {"timestamp", "level", "message", "pod", "uid", "interface", "role", ...}.
                 let layer = tracing_subscriber::fmt::layer().json().flatten_event(true).with_target(false);

@@ -3,10 +3,12 @@
 //! Only a connection the rule DNATed from a metadata address carries such a mark: any other
 //! (straight to the daemon's port, or NATed from elsewhere) is nobody, whatever its mark says.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
-use iamlink_common::{MarkMask, PodRecord, Slot, Store, StoreError};
+use iamlink_common::{MarkMask, PodRecord, Slot, SlotIdentity, Store, StoreError};
 
 /// The intercepted address a connection was opened to: what it may ask for depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,18 +92,61 @@ pub enum Unidentified {
     Store(String),
 }
 
-/// The pod record behind `conn`, read from the store on every request, so that a record that
+/// The store's records as requests see them: the store is consulted on every request (the slot's
+/// link and the record file it names are looked at, [`Store::slot_identity`]), and the record is
+/// read and parsed again only when that is a different file than last time. So an answer is
+/// never decided from a view that lags behind churn: a removed link is a miss at once, a link
+/// to another attachment's record a re-read.
+pub struct Records {
+    store: Store,
+    /// The last record parsed per slot, with the identity of the file it came from. At most one
+    /// entry per slot the mark mask has.
+    parsed: Mutex<HashMap<u32, (SlotIdentity, Arc<PodRecord>)>>,
+}
+
+impl Records {
+    pub fn new(store: Store) -> Self {
+        Records { store, parsed: Mutex::new(HashMap::new()) }
+    }
+
+    /// The record slot `slot` links to now, if any.
+    pub fn by_slot(&self, slot: u32) -> Result<Option<Arc<PodRecord>>, StoreError> {
+        let Some(now) = self.store.slot_identity(slot)? else {
+            self.lock().remove(&slot);
+            return Ok(None);
+        };
+        if let Some((seen, record)) = self.lock().get(&slot) {
+            if *seen == now {
+                return Ok(Some(record.clone()));
+            }
+        }
+        let Some((read, record)) = self.store.by_slot_identified(slot)? else {
+            self.lock().remove(&slot);
+            return Ok(None);
+        };
+        let record = Arc::new(record);
+        self.lock().insert(slot, (read, record.clone()));
+        Ok(Some(record))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (SlotIdentity, Arc<PodRecord>)>> {
+        // The map holds no invariant a panicking holder could break half-way.
+        self.parsed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The pod record behind `conn`, looked up in the store on every request, so that a record that
 /// changed owner is never answered from a stale view.
 ///
 /// A connection that did not come through the rule is refused whatever its mark: the rule clears
 /// and sets iamlink's bits only on the way to the metadata addresses, so on any other connection
 /// those bits may have been set by another agent on the node.
-pub fn identify(store: &Store, conn: &Conn) -> Result<PodRecord, Unidentified> {
+pub fn identify(records: &Records, conn: &Conn) -> Result<Arc<PodRecord>, Unidentified> {
     if conn.to.is_none() {
         return Err(Unidentified::NotIntercepted);
     }
     let slot = conn.slot.ok_or(Unidentified::NoMark)?;
-    let record = store
+    let record = records
         .by_slot(slot.get())
         .map_err(|e| match e {
             StoreError::Corrupt { .. } => Unidentified::Corrupt(e.to_string()),
@@ -122,6 +167,47 @@ pub fn identify(store: &Store, conn: &Conn) -> Result<PodRecord, Unidentified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iamlink_common::{HostInterface, HostInterfaceSource, PodRef};
+
+    fn record(cid: &str, pod: &str, slot: u32) -> PodRecord {
+        PodRecord {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            network: "net".into(),
+            slot,
+            host_interface: HostInterface { name: "veth1".into(), index: 7, source: HostInterfaceSource::PeerIfindex },
+            netns: "/var/run/netns/x".into(),
+            pod: PodRef { namespace: "ns".into(), name: pod.into(), uid: "u".into() },
+            ips: vec![],
+            created: "2025-01-01T00:00:00Z".into(),
+            created_boottime_ns: 1,
+            runtime_annotations: None,
+        }
+    }
+
+    #[test]
+    fn a_slot_taken_over_by_another_pod_is_read_again_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let records = Records::new(store.clone());
+        let pod = |r: Option<Arc<PodRecord>>| r.map(|r| r.pod.name.clone());
+        assert_eq!(pod(records.by_slot(4).unwrap()), None);
+        store.insert(&store.lock().unwrap(), &record("c1", "pod-a", 4)).unwrap();
+        assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-a".into()));
+        assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-a".into()), "from the cache, still pod-a");
+        // Same size, same slot, freed and taken within one timestamp tick: only the link's
+        // target tells them apart when the file system hands out the freed inode again.
+        store.remove(&store.lock().unwrap(), "c1", "eth0").unwrap();
+        assert_eq!(pod(records.by_slot(4).unwrap()), None, "a removed link is a miss");
+        store.insert(&store.lock().unwrap(), &record("c1", "pod-a", 4)).unwrap();
+        assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-a".into()));
+        store.remove(&store.lock().unwrap(), "c1", "eth0").unwrap();
+        store.insert(&store.lock().unwrap(), &record("c2", "pod-b", 4)).unwrap();
+        assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-b".into()));
+        // The record replaced in place (an ADD again for the same attachment).
+        store.insert(&store.lock().unwrap(), &record("c2", "pod-c", 4)).unwrap();
+        assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-c".into()));
+    }
 
     #[test]
     fn only_port_80_of_an_intercepted_address_is_a_destination() {

@@ -61,7 +61,7 @@ fn token_binding(r: &PodRecord) -> String {
 pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Request<B>) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let identified = identify(&app.store, conn).and_then(|r| match conn.to {
+    let identified = identify(&app.records, conn).and_then(|r| match conn.to {
         Some(to) => Ok((r, to)),
         None => Err(Unidentified::NotIntercepted),
     });
