@@ -10,6 +10,7 @@ use nix::net::if_::if_nametoindex;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use iamlink_common::pod_events::PrefetchAnswer;
 use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
@@ -152,6 +153,32 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
             warn!(pod = %pod, role = %key.role_arn, error = %e, during = "prefetch", "cannot assume role");
         }
     });
+}
+
+/// The plugin's hint at ADD: starts the pod's STS call at once (the same single-flight fetch as
+/// [`prefetch`]) and waits at most `wait` for it. The record was read from the store by the
+/// caller; the answer only says how far the fetch got.
+pub async fn prefetch_now<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, wait: Duration) -> PrefetchAnswer {
+    let grant = match app.roles.resolve(record) {
+        Resolution::Granted(grant) => grant,
+        Resolution::Pending(_) => return PrefetchAnswer::Pending,
+        Resolution::NoRole | Resolution::Denied { .. } => return PrefetchAnswer::NoRole,
+    };
+    let key = app.session_key(record, &grant);
+    let fetch = {
+        let (app, key) = (app.clone(), key.clone());
+        // Spawned: the fetch goes on when the wait ends first.
+        tokio::spawn(async move { app.cache.get(&key).await.map(|_| ()) })
+    };
+    match tokio::time::timeout(wait, fetch).await {
+        Ok(Ok(Ok(()))) => PrefetchAnswer::Cached,
+        Ok(Ok(Err(e))) => {
+            warn!(pod = %record.pod, role = %key.role_arn, error = %e, during = "prefetch at ADD", "cannot assume role");
+            PrefetchAnswer::Failed
+        }
+        Ok(Err(_)) => PrefetchAnswer::Failed,
+        Err(_) => PrefetchAnswer::InFlight,
+    }
 }
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.
