@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import churn, cni_cost, first_request, latency, machine, memory, report, resolve, single_flight  # noqa: E402,E501
+from bench import flat_cost  # noqa: E402
 from bench.node import REPO, BenchNode  # noqa: E402
 
 PARTS = {
@@ -24,6 +25,7 @@ PARTS = {
     4: single_flight,
     6: churn,
     7: resolve,
+    8: flat_cost,  # before 5: it uses the daemon that served the earlier parts
     5: memory,  # last: it restarts iamlinkd for a fresh baseline
 }
 
@@ -32,7 +34,7 @@ def pod_roles():
     entries = [{"namespace": latency.NAMESPACE, "role": latency.ROLE},
                {"namespace": first_request.NAMESPACE, "role": first_request.ROLE},
                {"namespace": single_flight.NAMESPACE, "role": single_flight.ROLE}]
-    return entries + churn.pod_roles() + memory.pod_roles()
+    return entries + churn.pod_roles() + memory.pod_roles() + flat_cost.pod_roles()
 
 
 def roles():
@@ -43,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts: proves every part works (≤ 90 s)")
     ap.add_argument("--out", help="report file (default BENCHMARKS.md, or .build/bench-quick.md with --quick)")
-    ap.add_argument("--parts", default="1,2,3,4,5,6,7")
+    ap.add_argument("--parts", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--no-profile", action="store_true", help="skip the perf diagnosis of missed targets")
     ap.add_argument("--command", default="scripts/bench", help="the command line to print as the reproduction")
     ap.add_argument("--render-from", metavar="JSON", help="only write the report again from a run's raw numbers")

@@ -8,6 +8,7 @@ use iamlink_common::record::{boottime_ns, now_rfc3339};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
 use tracing::{info, warn};
 
+use crate::daemon;
 use crate::error::{CniError, Code, Result};
 use crate::netconf::{Env, NetConf, PrevResult};
 use crate::podnet::{LinkFacts, Netlink};
@@ -17,6 +18,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let prev_raw = conf.require_prev_result()?;
     let prev = PrevResult::parse(prev_raw)?;
     let rules = conf.rule_set()?;
+    let wait = conf.wait_for_credentials()?;
     let pod = env.pod()?;
     let store = Store::open(conf.store_dir())?;
     let lock = store.lock()?;
@@ -61,6 +63,8 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         runtime_annotations: conf.iam_annotations(),
     };
     store.insert(&lock, &record)?;
+    // iamlinkd starts the pod's STS call now, while the rest of ADD runs.
+    let prefetching = daemon::prefetch(&store, &record, wait);
     let routed = async {
         rules.add_pod(&lock, &record.host_interface.name, slot, view.as_ref())?;
         let routed = routed_addresses(&rules, prev.has_ipv6());
@@ -76,6 +80,11 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     };
     info!(container = %record.container_id, pod = %record.pod, uid = %record.pod.uid,
           host_interface = %record.host_interface.name, slot, routes_added = ?added, "pod recorded and intercepted");
+    // The wait for credentials holds up this pod only, never the store for other pods' ADD and DEL.
+    drop(lock);
+    if let Some(p) = prefetching {
+        p.wait(&record.pod.to_string());
+    }
     Ok(prev_raw.get().to_string())
 }
 
@@ -168,8 +177,12 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
         Err(StoreError::Corrupt { .. }) => None,
         Err(e) => return Err(e.into()),
     };
+    // iamlinkd removes the entry when it answers in time (its netlink socket stays open, so no
+    // wait for the kernel's RCU grace period when a socket closes); else the plugin does.
     if let Some(r) = &record {
-        intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+        if !daemon::release(store, r) {
+            intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+        }
     }
     store.remove(lock, container_id, ifname)?;
     if let Some(r) = record {

@@ -2,6 +2,7 @@
 //! tests, fuzzers and benchmarks drive the same code as the binary.
 
 pub mod commands;
+pub mod daemon;
 pub mod error;
 pub mod netconf;
 pub mod podnet;

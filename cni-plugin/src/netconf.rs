@@ -97,6 +97,11 @@ impl NetConf {
         self.entry.rule_set().map_err(|e| CniError::new(Code::InvalidNetConf, e.to_string()))
     }
 
+    /// How long ADD waits for the pod's credentials (`waitForCredentials`).
+    pub fn wait_for_credentials(&self) -> Result<std::time::Duration> {
+        self.entry.wait_for_credentials().map_err(|e| CniError::new(Code::InvalidNetConf, e.to_string()))
+    }
+
     /// The previous result; a chained-only plugin cannot run without one.
     pub fn require_prev_result(&self) -> Result<&RawValue> {
         self.prev_result.as_deref().ok_or_else(|| {

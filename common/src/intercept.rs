@@ -69,6 +69,9 @@ pub enum InterceptError {
     /// since: nothing was applied; the caller reads again.
     #[error("the rule set changed while this change was being prepared; nothing was applied")]
     GenerationChanged,
+    /// iamlinkd was asked to act for the plugin's store lock after the plugin stopped waiting.
+    #[error("the plugin stopped waiting before the rule set could be read")]
+    LockExpired,
     #[error("the rule set kept changing while {what}; gave up after {TRIES} tries")]
     Changed { what: String },
     #[error(
@@ -527,13 +530,30 @@ fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<Entry>>, InterceptErr
 /// container must not cut off a newer pod that reuses the host interface name), and the slot's
 /// chain. Absent pieces are fine: DEL is idempotent. One netlink transaction at the generation
 /// the map was read at; read again if something else changed the rule set meanwhile.
+///
+/// The socket is closed on return, and closing a netfilter socket whose transaction deleted
+/// objects waits for an RCU grace period (≈ 10 ms): iamlinkd's [`PodRemover`], whose socket
+/// stays open, spares the plugin that wait.
 pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), InterceptError> {
+    remove_with(&mut nftnl::Nft::open()?, ifname, slot, || true)
+}
+
+/// [`remove_pod`] on `nft`; `still_held()` is asked before each reading of the rule set, and
+/// nothing more is read or sent once it says no.
+fn remove_with(
+    nft: &mut nftnl::Nft,
+    ifname: &str,
+    slot: u32,
+    still_held: impl Fn() -> bool,
+) -> Result<(), InterceptError> {
     validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
-    let mut nft = nftnl::Nft::open()?;
     let chain = format!("slot-{slot}");
     for _ in 0..TRIES {
+        if !still_held() {
+            return Err(InterceptError::LockExpired);
+        }
         let generation = nft.generation()?;
-        let Some(entries) = read_entries(&mut nft)? else {
+        let Some(entries) = read_entries(nft)? else {
             return Ok(());
         };
         let mut batch = nftnl::Batch::default();
@@ -552,6 +572,36 @@ pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), Inte
         }
     }
     Err(InterceptError::Changed { what: format!("removing the entry for {ifname}") })
+}
+
+/// iamlinkd's side of a DEL: one netlink socket kept open for the daemon's lifetime, so that
+/// no DEL waits for the RCU grace period that closing a socket after a deletion costs.
+///
+/// It acts for a plugin that holds the store lock and waits for the answer until a deadline,
+/// then falls back to its own [`remove_pod`]. Every reading of the rule set happens before that
+/// deadline (`CLOCK_BOOTTIME`, the same clock in both processes), and the transaction applies
+/// only at the generation read: if the plugin's fallback, or anything after it, committed in
+/// between, the kernel refuses it and it is not retried. So the removal applies only to the
+/// rule set as it was while the plugin held the lock, exactly as the plugin's own would.
+pub struct PodRemover {
+    nft: nftnl::Nft,
+}
+
+impl PodRemover {
+    pub fn open() -> Result<Self, InterceptError> {
+        Ok(PodRemover { nft: nftnl::Nft::open()? })
+    }
+
+    /// Removes `ifname` → `slot` as [`remove_pod`] does, on behalf of a lock holder that waits
+    /// until `deadline_boottime_ns`. [`InterceptError::LockExpired`]: the deadline passed first.
+    pub fn remove_for_lock_holder(
+        &mut self,
+        ifname: &str,
+        slot: u32,
+        deadline_boottime_ns: u64,
+    ) -> Result<(), InterceptError> {
+        remove_with(&mut self.nft, ifname, slot, || crate::record::boottime_ns() < deadline_boottime_ns)
+    }
 }
 
 /// Every entry of the pods map; empty when the table does not exist.

@@ -13,6 +13,7 @@ pub mod mark;
 pub mod netconf;
 pub mod netlink;
 pub mod plumbing;
+pub mod pod_events;
 pub mod policy_rules;
 pub mod record;
 pub mod store;

@@ -5,6 +5,7 @@
 
 use std::net::{AddrParseError, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -44,7 +45,19 @@ pub struct NetconfEntry {
     /// For the runtime: the plugin never reads it, so any JSON is accepted.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub capabilities: Value,
+    /// How long ADD waits for iamlinkd to report the pod's credentials cached (`"1s"`,
+    /// `"250ms"`, `"0s"`: never); unset: [`DEFAULT_WAIT_FOR_CREDENTIALS`]. An operator's key:
+    /// install-cni leaves it as it finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_credentials: Option<String>,
 }
+
+/// ADD's default wait for the pod's credentials: the SDKs give a metadata request 1 s (botocore,
+/// the JavaScript SDK; see REFERENCE.md), so a first request that found no credentials cached
+/// would wait for the same STS call within that second anyway. Waiting up to as long in ADD,
+/// before the pod's containers start, covers STS's usual tens of milliseconds and its slow tail,
+/// and costs a pod without a role nothing.
+pub const DEFAULT_WAIT_FOR_CREDENTIALS: Duration = Duration::from_secs(1);
 
 fn plugin_type() -> String {
     PLUGIN_TYPE.into()
@@ -61,6 +74,7 @@ impl Default for NetconfEntry {
             credentials_address: None,
             log_file: None,
             capabilities: Value::Null,
+            wait_for_credentials: None,
         }
     }
 }
@@ -76,6 +90,8 @@ pub enum NetconfError {
     DaemonAddress6(AddrParseError),
     #[error("credentialsAddress must be an IPv4 address: {0}")]
     CredentialsAddress(AddrParseError),
+    #[error("waitForCredentials must be a duration such as \"1s\" or \"250ms\" (at most 60s): {0}")]
+    WaitForCredentials(String),
 }
 
 /// A credentials address as both configs spell it: `""` disables it.
@@ -104,6 +120,16 @@ impl NetconfEntry {
     /// IAM ones, and iamlinkd decides whether to trust them).
     pub fn declared_capabilities() -> Value {
         serde_json::json!({ POD_ANNOTATIONS_CAPABILITY: true })
+    }
+
+    /// `waitForCredentials`, or its default; at most a minute.
+    pub fn wait_for_credentials(&self) -> Result<Duration, NetconfError> {
+        let Some(text) = self.wait_for_credentials.as_deref() else { return Ok(DEFAULT_WAIT_FOR_CREDENTIALS) };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d <= Duration::from_secs(60) => Ok(d),
+            Ok(_) => Err(NetconfError::WaitForCredentials(text.to_string())),
+            Err(e) => Err(NetconfError::WaitForCredentials(format!("{text:?}: {e}"))),
+        }
     }
 
     pub fn store_dir(&self) -> &Path {
@@ -195,6 +221,13 @@ mod tests {
         assert!(bad(with(|e| e.daemon_address = Some("[fd00::1]:80".into()))).starts_with("daemonAddress must"));
         assert!(bad(with(|e| e.daemon_address6 = Some("198.18.0.1:80".into()))).starts_with("daemonAddress6 must"));
         assert!(bad(with(|e| e.credentials_address = Some("x".into()))).starts_with("credentialsAddress must"));
+        let wait =
+            |text: &str| NetconfEntry { wait_for_credentials: Some(text.into()), ..full() }.wait_for_credentials();
+        assert_eq!(full().wait_for_credentials().unwrap(), DEFAULT_WAIT_FOR_CREDENTIALS);
+        assert_eq!(wait("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(wait("0s").unwrap(), Duration::ZERO);
+        assert!(wait("2m").unwrap_err().to_string().starts_with("waitForCredentials must"));
+        assert!(wait("soon").unwrap_err().to_string().starts_with("waitForCredentials must"));
         let off = with(|e| e.credentials_address = Some(String::new())).rule_set().unwrap();
         assert_eq!(off.addresses.len(), 2, "\"\" disables the credentials address and its IPv6 twin");
     }

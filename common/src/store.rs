@@ -187,6 +187,16 @@ impl Store {
         read_record(&self.record_path(container_id, ifname))
     }
 
+    /// The record stored under `key` (`PodRecord::key`), if any: how iamlinkd finds the record
+    /// a plugin's message names. A key that could leave the records directory names nothing.
+    pub fn get_by_key(&self, key: &str) -> Result<Option<PodRecord>, StoreError> {
+        let plain = !key.is_empty() && key.len() <= 300 && !key.starts_with('.') && !key.contains(['/', '\0']);
+        if !plain {
+            return Ok(None);
+        }
+        Ok(read_record(&self.records_dir().join(format!("{key}.json")))?.filter(|r| r.key() == key))
+    }
+
     /// The record holding `slot`, if any (the daemon's lookup for every request).
     pub fn by_slot(&self, slot: u32) -> Result<Option<PodRecord>, StoreError> {
         read_record(&self.slot_path(slot))

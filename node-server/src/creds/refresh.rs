@@ -10,6 +10,7 @@ use nix::net::if_::if_nametoindex;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use iamlink_common::pod_events::PrefetchAnswer;
 use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
@@ -20,6 +21,8 @@ use crate::role::resolve::Resolution;
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// How long store changes are gathered before one scan reads them all.
+const GATHER_CHANGES: Duration = Duration::from_millis(100);
 
 /// `pod_changes`: pod objects from the API view, so that a pod the view learns about after its
 /// record appeared (or whose annotations changed) has its credentials fetched at once too.
@@ -38,14 +41,31 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     loop {
         tokio::select! {
-            _ = notified(&watch) => {}
+            _ = notified(&watch) => {
+                // The plugin's hint starts a new pod's prefetch at ADD; this scan only catches up
+                // (a daemon that was down, a plugin that could not tell it), so store changes are
+                // gathered for a moment instead of costing a read of every record each.
+                tokio::time::sleep(GATHER_CHANGES).await;
+            }
             _ = tick.tick() => {}
             Some(change) = next_change(&mut pod_changes) => {
                 prefetch_pod(&app, &change, &live_records);
                 continue;
             }
         }
-        let records = live(scan(&app, &mut reported_bad), &mut reported_gone);
+        // Reading every record is O(pods) of blocking file reads: off the runtime's workers, so
+        // that requests and the plugin's messages are answered meanwhile.
+        let scanned = {
+            let (app, mut bad, mut gone) =
+                (app.clone(), std::mem::take(&mut reported_bad), std::mem::take(&mut reported_gone));
+            tokio::task::spawn_blocking(move || {
+                let records = live(scan(&app, &mut bad), &mut gone);
+                (records, bad, gone)
+            })
+            .await
+        };
+        let Ok((records, bad, gone)) = scanned else { continue };
+        (reported_bad, reported_gone) = (bad, gone);
         for r in &records {
             if known.get(&r.key()) != Some(&r.created_boottime_ns) {
                 info!(pod = %r.pod, uid = %r.pod.uid, interface = %r.host_interface.name, slot = r.slot, "pod seen");
@@ -152,6 +172,32 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
             warn!(pod = %pod, role = %key.role_arn, error = %e, during = "prefetch", "cannot assume role");
         }
     });
+}
+
+/// The plugin's hint at ADD: starts the pod's STS call at once (the same single-flight fetch as
+/// [`prefetch`]) and waits at most `wait` for it. The record was read from the store by the
+/// caller; the answer only says how far the fetch got.
+pub async fn prefetch_now<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, wait: Duration) -> PrefetchAnswer {
+    let grant = match app.roles.resolve(record) {
+        Resolution::Granted(grant) => grant,
+        Resolution::Pending(_) => return PrefetchAnswer::Pending,
+        Resolution::NoRole | Resolution::Denied { .. } => return PrefetchAnswer::NoRole,
+    };
+    let key = app.session_key(record, &grant);
+    let fetch = {
+        let (app, key) = (app.clone(), key.clone());
+        // Spawned: the fetch goes on when the wait ends first.
+        tokio::spawn(async move { app.cache.get(&key).await.map(|_| ()) })
+    };
+    match tokio::time::timeout(wait, fetch).await {
+        Ok(Ok(Ok(()))) => PrefetchAnswer::Cached,
+        Ok(Ok(Err(e))) => {
+            warn!(pod = %record.pod, role = %key.role_arn, error = %e, during = "prefetch at ADD", "cannot assume role");
+            PrefetchAnswer::Failed
+        }
+        Ok(Err(_)) => PrefetchAnswer::Failed,
+        Err(_) => PrefetchAnswer::InFlight,
+    }
 }
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.

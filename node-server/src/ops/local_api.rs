@@ -5,6 +5,12 @@
 //!
 //! - `GET /v1/pods/<record key>`: [`PodAnswer`] (404 when no record has that key);
 //! - `GET /v1/status`: [`StatusAnswer`].
+//!
+//! The plugin's messages (`iamlink_common::pod_events`) arrive here too, as `POST`s, accepted
+//! only from a root peer (`SO_PEERCRED`; the socket is 0600 in the 0700 store besides). Each
+//! names a record key and nothing else: the daemon reads that record from the store and acts
+//! on what it says, so a message can start an STS call sooner or remove an entry the record
+//! names, never make the daemon serve a pod, a role or an interface the store does not hold.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -22,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use iamlink_common::intercept::{InterceptError, PodRemover};
+use iamlink_common::pod_events::{Event, ReleaseAnswer};
 use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
 
@@ -199,19 +207,81 @@ async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
     let started = Instant::now();
     accept_loop("local API", listener, |stream, _| {
         let app = app.clone();
+        // Who is connecting, from the kernel: only root may send the plugin's messages.
+        let root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let reply = if req.method() == hyper::Method::GET {
-                    route(&app, started, req.uri().path())
-                } else {
-                    json_reply(StatusCode::METHOD_NOT_ALLOWED, "{\"error\":\"GET only\"}".into())
-                };
-                async move { Ok::<_, Infallible>(reply) }
+                let app = app.clone();
+                async move {
+                    let reply = match *req.method() {
+                        hyper::Method::GET => route(&app, started, req.uri().path()),
+                        hyper::Method::POST if !root => {
+                            json_reply(StatusCode::FORBIDDEN, "{\"error\":\"only root may send pod events\"}".into())
+                        }
+                        hyper::Method::POST => match Event::parse(req.uri().path(), req.uri().query()) {
+                            Some(event) => pod_event(&app, event).await,
+                            None => json_reply(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}".into()),
+                        },
+                        _ => json_reply(StatusCode::METHOD_NOT_ALLOWED, "{\"error\":\"GET or POST only\"}".into()),
+                    };
+                    Ok::<_, Infallible>(reply)
+                }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     })
     .await
+}
+
+/// A plugin's message: the record it names is read from the store; nothing else in the message
+/// is believed.
+async fn pod_event<S: AssumeRole>(app: &Arc<App<S>>, event: Event) -> Response<Full<Bytes>> {
+    let key = match &event {
+        Event::Prefetch { key, .. } | Event::Release { key, .. } => key.clone(),
+    };
+    let record = match app.store.get_by_key(&key) {
+        Ok(Some(r)) => r,
+        Ok(None) => return json_reply(StatusCode::NOT_FOUND, format!("{{\"error\":\"no record {key:?}\"}}")),
+        Err(e) => return json_reply(StatusCode::INTERNAL_SERVER_ERROR, to_json(&e.to_string())),
+    };
+    match event {
+        Event::Prefetch { wait, .. } => {
+            let answer = crate::creds::refresh::prefetch_now(app, &record, wait).await;
+            json_reply(StatusCode::OK, to_json(&answer))
+        }
+        Event::Release { deadline_boottime_ns, .. } => release(record, deadline_boottime_ns).await,
+    }
+}
+
+/// The socket DELs are committed on, open for the daemon's lifetime (reopened after an error).
+static REMOVER: std::sync::Mutex<Option<PodRemover>> = std::sync::Mutex::new(None);
+
+/// Removes the record's entry for the plugin, which holds the store lock until the deadline.
+async fn release(record: PodRecord, deadline_boottime_ns: u64) -> Response<Full<Bytes>> {
+    let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
+    let done = tokio::task::spawn_blocking(move || {
+        let mut remover = REMOVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if remover.is_none() {
+            *remover = Some(PodRemover::open()?);
+        }
+        let result = remover.as_mut().map(|r| r.remove_for_lock_holder(&ifname, slot, deadline_boottime_ns));
+        let result = result.unwrap_or(Ok(()));
+        if matches!(result, Err(InterceptError::Netlink { .. } | InterceptError::Parse(_))) {
+            *remover = None;
+        }
+        result
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => json_reply(StatusCode::OK, to_json(&ReleaseAnswer::Removed)),
+        Ok(Err(e @ InterceptError::LockExpired)) => json_reply(StatusCode::GATEWAY_TIMEOUT, to_json(&e.to_string())),
+        Ok(Err(e)) => {
+            warn!(pod = %record.pod, interface = %record.host_interface.name, error = %e,
+                  "cannot remove the interception entry for the plugin; it removes it itself");
+            json_reply(StatusCode::INTERNAL_SERVER_ERROR, to_json(&e.to_string()))
+        }
+        Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, to_json(&e.to_string())),
+    }
 }
 
 /// What a client got: the answer, "no such record" (the daemon does not know the key), or
