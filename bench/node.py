@@ -6,8 +6,9 @@ Addresses (node namespace lo, all in 198.18.0.0/15 but 169.254.169.254 as in the
   198.18.0.1:8181  iamlinkd            198.18.0.2:5000  moto
   198.18.0.3:8182  bare_server         198.18.0.4:5000  STS counting proxy (iamlinkd's sts.endpoint)
   198.18.0.254:80  DNATed to the bare server by the table `inet iamlink_bench` (see latency.py)
-Pods: iamlink chain 198.18.64.0/23, plain chain 198.18.66.0/23; both route 198.18.0.0/24 to
-the node. Nothing here touches the root network namespace.
+Pods: iamlink chain 198.18.64.0/23, plain chain 198.18.66.0/23, iamlink chain without
+waitForCredentials 198.18.68.0/23; all route 198.18.0.0/24 to the node. Nothing here touches
+the root network namespace.
 """
 
 import contextlib
@@ -35,7 +36,7 @@ CNIBENCH = os.path.join(REPO, ".build", "bin", "cnibench")
 # The iamlinkd and iamlink binaries under test (default: this tree's release build). Pointing it at
 # another build measures a candidate change with the same bench.
 UNDER_TEST = os.environ.get("IAMLINK_BENCH_RELEASE") or RELEASE
-BARE_SERVER = os.path.join(RELEASE, "examples", "bare_server")
+BARE_SERVER = os.path.join(UNDER_TEST, "examples", "bare_server")
 STS_PROXY = os.path.join(HERE, "sts_proxy.py")
 
 PROXY_HOST, PROXY_PORT = "198.18.0.4", 5000
@@ -170,6 +171,9 @@ class BenchNode(contextlib.ExitStack):
             self.conflists = {
                 "iamlink": self._conflist("iamlink", "198.18.64.0/23", with_iamlink=True),
                 "plain": self._conflist("plain", "198.18.66.0/23", with_iamlink=False),
+                # ADD returns without waiting for the pod's credentials (part 4 holds STS closed).
+                "iamlink-nowait": self._conflist("iamlink-nowait", "198.18.68.0/23", with_iamlink=True,
+                                                 netconf={"waitForCredentials": "0s"}),
             }
         except BaseException:
             self.close()
@@ -190,7 +194,7 @@ class BenchNode(contextlib.ExitStack):
         stop_process(self.proxy, timeout=5)
         self.node.forget(self.proxy)
 
-    def _conflist(self, name, subnet, with_iamlink):
+    def _conflist(self, name, subnet, with_iamlink, netconf=None):
         net = ipaddress.ip_network(subnet)
         plugins = [{
             "type": "ptp", "ipMasq": False,
@@ -201,7 +205,7 @@ class BenchNode(contextlib.ExitStack):
         }]
         if with_iamlink:
             plugins.append({"type": "iamlink", "daemonAddress": f"{Daemon.LISTEN_HOST}:{Daemon.LISTEN_PORT}",
-                            "storeDir": self.store_dir, "logFile": self.plugin_log})
+                            "storeDir": self.store_dir, "logFile": self.plugin_log, **(netconf or {})})
         path = os.path.join(self.cni_dir, f"{name}.conflist")
         with open(path, "w") as f:
             json.dump({"cniVersion": "1.0.0", "name": f"bench-{name}", "plugins": plugins}, f, indent=2)
