@@ -207,12 +207,7 @@ impl Store {
     /// stat), for the daemon's per-request check that a record it parsed earlier is still the
     /// one linked (see [`SlotIdentity`]). None: no link, or a link to nothing.
     pub fn slot_identity(&self, slot: u32) -> Result<Option<SlotIdentity>, StoreError> {
-        let link = self.slot_path(slot);
-        let target = match fs::read_link(&link) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&link)(e)),
-        };
+        let Some(target) = self.slot_target(slot)? else { return Ok(None) };
         let path = self.slots_dir().join(&target);
         match fs::metadata(&path) {
             Ok(m) => Ok(Some(SlotIdentity::new(target, &m))),
@@ -221,17 +216,23 @@ impl Store {
         }
     }
 
+    /// Where slot `slot`'s link points (an attachment's record, relative to the slots
+    /// directory); None when there is no link.
+    fn slot_target(&self, slot: u32) -> Result<Option<PathBuf>, StoreError> {
+        let link = self.slot_path(slot);
+        match fs::read_link(&link) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&link)(e)),
+        }
+    }
+
     /// The record slot `slot` links to, with the [`SlotIdentity`] of exactly the file it was
     /// read from: the file is opened by the target the link named, and stat'ed and read through
     /// that one descriptor.
     pub fn by_slot_identified(&self, slot: u32) -> Result<Option<(SlotIdentity, PodRecord)>, StoreError> {
         use std::io::Read;
-        let link = self.slot_path(slot);
-        let target = match fs::read_link(&link) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&link)(e)),
-        };
+        let Some(target) = self.slot_target(slot)? else { return Ok(None) };
         let path = self.slots_dir().join(&target);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -241,7 +242,8 @@ impl Store {
         let meta = file.metadata().map_err(io_err(&path))?;
         let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
         file.read_to_end(&mut bytes).map_err(io_err(&path))?;
-        let record = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: link, source })?;
+        let record = serde_json::from_slice(&bytes)
+            .map_err(|source| StoreError::Corrupt { path: self.slot_path(slot), source })?;
         Ok(Some((SlotIdentity::new(target, &meta), record)))
     }
 
