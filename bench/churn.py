@@ -149,13 +149,11 @@ def explain(r):
     if not r["met"]:
         lines.append("")
         lines.append(
-            "**Why it misses, and the fix.** The same loop without iamlink sustains the baseline column's rate on "
-            "the same machine. On 2 cores the churn is CPU-bound, and the largest single cost iamlink adds per pod "
-            "is part 1's `nft` runs (process start-up and a ruleset dump each); they also run under the store's "
-            "`flock`, so iamlink's part of every ADD and DEL is serialized node-wide — the rate can never exceed "
-            "1 / (iamlink ADD + DEL time), however many workers run. Part 1's fix (nf_tables netlink instead of "
-            "`nft` processes) is the fix here too; holding the lock only around the store and map updates, not "
-            "around the pod's route setup, shortens the serialized part. The rest of the per-pod CPU is the "
-            "machine's (namespace teardown in `kworker`, the reference plugins, the runtime) and the STS call "
-            "each new pod's prefetch makes (moto and the proxy here).")
+            "**Why it misses.** The same loop without iamlink sustains the baseline column's rate on the same "
+            "machine. On 2 cores the churn is CPU-bound. No `nft` process runs any more (part 1); what iamlink adds "
+            "per pod is its plugin process (runtime start, netlink in two namespaces, the store's files under its "
+            "`flock`, one round trip to iamlinkd) and, in iamlinkd, the guard's check after every nf_tables change "
+            "(it rereads every record and the whole table, so its cost grows with the pods: part 8) and each new "
+            "pod's prefetch (an STS call; moto and the proxy here). Proposed next: let the guard check a change "
+            "inside the table after a short settle window (a lost table at once), or only what the event names.")
     return "\n".join(lines)

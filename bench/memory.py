@@ -108,9 +108,9 @@ def explain(r):
         lines.append("")
         lines.append(f"The daemon that served the earlier parts had grown to {w['VmRSS'] / 1024:.1f} MiB "
                      f"(peak {w['VmHWM'] / 1024:.1f} MiB) with no pods left: the allocator keeps what the load and "
-                     "the 1,000 concurrent connections of part 4 took (hyper buffers per connection), and it does "
-                     "not shrink. A node that sees bursts will sit above the 15 MB line; capping concurrent "
-                     "connections per node (not only per pod) or `malloc_trim` after bursts would bound it.")
+                     "the 1,000 concurrent connections of part 4 took (hyper buffers per connection); iamlinkd "
+                     "caps malloc at two arenas and returns freed memory every 10 s (`node-server/src/memory.rs`), "
+                     "so what stays is what the allocator could not hand back (fragmentation) and the peak.")
     src = os.path.join(REPO, "node-server", "src", "main.rs")
     appender = os.path.exists(src) and "NonBlockingBuilder" in open(src).read() \
         and "buffered_lines_limit" not in open(src).read()
