@@ -260,14 +260,15 @@ static REMOVER: std::sync::Mutex<Option<PodRemover>> = std::sync::Mutex::new(Non
 async fn release(record: PodRecord, deadline_boottime_ns: u64) -> Response<Full<Bytes>> {
     let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
     let done = tokio::task::spawn_blocking(move || {
-        let mut remover = REMOVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if remover.is_none() {
-            *remover = Some(PodRemover::open()?);
-        }
-        let result = remover.as_mut().map(|r| r.remove_for_lock_holder(&ifname, slot, deadline_boottime_ns));
-        let result = result.unwrap_or(Ok(()));
-        if matches!(result, Err(InterceptError::Netlink { .. } | InterceptError::Parse(_))) {
-            *remover = None;
+        let mut kept = REMOVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut remover = match kept.take() {
+            Some(r) => r,
+            None => PodRemover::open()?,
+        };
+        let result = remover.remove_for_lock_holder(&ifname, slot, deadline_boottime_ns);
+        // A socket that failed is not kept: the next release opens a new one.
+        if !matches!(result, Err(InterceptError::Netlink { .. } | InterceptError::Parse(_))) {
+            *kept = Some(remover);
         }
         result
     })
