@@ -122,5 +122,6 @@ def explain(r):
             f"{s[str(small)]:.1f} s for {small} and {s[str(large)]:.1f} s for the next {large - small} (4 ADDs in "
             f"parallel); removing them "
             f"{r['teardown_seconds']:.1f} s. What still grows with the pods: ADD reads the map (one netlink dump, "
-            "one element per pod) to pick a free slot, and DEL reads it to check the entry; the cached answer "
-            "reads one record by its slot, whatever the number of pods.")
+            "one element per pod) to pick a free slot, and iamlinkd's check of the rule set (every record, the "
+            "whole table) runs once per 200 ms burst of pod changes, not per commit; DEL reads only its own "
+            "element and slot chain, and the cached answer one record by its slot, whatever the number of pods.")
