@@ -58,7 +58,7 @@ def _measure(b, conflist, target_netns, pods, count):
     return {"both_p50": median(both), "add_p50": median(chain["add_ms"]), "del_p50": median(chain["del_ms"]),
             "plugin_add_p50": plugin.get("iamlink ADD"), "plugin_del_p50": plugin.get("iamlink DEL"),
             "cached_p50": median(samples), "cached_p99": percentile(samples, 99), "n": len(samples),
-            "errors": errors}
+            "errors": errors, "plugins_p50": plugin}
 
 
 def run(b, quick, want_profile):
