@@ -529,7 +529,10 @@ fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<Entry>>, InterceptErr
 /// Removes the entry for `ifname` only while it still points at `slot` (a late DEL of an old
 /// container must not cut off a newer pod that reuses the host interface name), and the slot's
 /// chain. Absent pieces are fine: DEL is idempotent. One netlink transaction at the generation
-/// the map was read at; read again if something else changed the rule set meanwhile.
+/// the rule set was read at; read again if something else changed the rule set meanwhile.
+///
+/// It reads only what it removes (the element by its key, the slot chain's use count and rules),
+/// never the whole map, so a DEL costs the same whatever the number of pods on the node.
 ///
 /// The socket is closed on return, and closing a netfilter socket whose transaction deleted
 /// objects waits for an RCU grace period (≈ 10 ms): iamlinkd's [`PodRemover`], whose socket
@@ -553,18 +556,20 @@ fn remove_with(
             return Err(InterceptError::LockExpired);
         }
         let generation = nft.generation()?;
-        let Some(entries) = read_entries(nft)? else {
-            return Ok(());
-        };
+        let element = nft.verdict_element(TABLE, PODS_MAP, ifname)?;
+        let ours = element.as_ref().and_then(|e| e.jump_target()) == Some(chain.as_str());
         let mut batch = nftnl::Batch::default();
-        if entries.iter().any(|e| e.ifname == ifname && e.slot == slot) {
+        if ours {
             batch.delete_ifname(TABLE, PODS_MAP, ifname);
         }
-        // Only delete the slot chain when no other entry still jumps to it; created first so
-        // that deleting a chain already gone is no error.
-        if !entries.iter().any(|e| e.slot == slot && e.ifname != ifname) {
-            batch.add_chain(TABLE, &chain);
-            batch.delete_chain(TABLE, &chain);
+        // The slot chain goes only when nothing but its own rules and this entry refers to it
+        // (another entry that still jumps there keeps it): its use count says so without
+        // reading the map.
+        if let Some(used) = nft.chain_use(TABLE, &chain)? {
+            let rules = nft.rule_count(TABLE, &chain)? as u32;
+            if used.saturating_sub(rules).saturating_sub(ours as u32) == 0 {
+                batch.delete_chain(TABLE, &chain);
+            }
         }
         match nft.commit(batch, generation) {
             Err(InterceptError::GenerationChanged) => continue,

@@ -1,8 +1,9 @@
 //! The daemon's shared state, each piece owned here once; the logic lives in the modules that
 //! use it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use iamlink_common::intercept::PodRemover;
 use iamlink_common::{PodRecord, Store};
 
 use crate::config::Config;
@@ -30,6 +31,10 @@ pub struct App<S> {
     pub(crate) metrics: Arc<Metrics>,
     /// The node's name, for session tags.
     pub(crate) node_name: String,
+    /// The netlink socket DELs are committed on for the plugin, kept open for the daemon's
+    /// lifetime (no RCU wait at a socket's close); `None` until the first DEL, and after an
+    /// error (the next DEL opens a new one).
+    pub(crate) remover: Mutex<Option<PodRemover>>,
 }
 
 impl<S: AssumeRole> App<S> {
@@ -46,6 +51,7 @@ impl<S: AssumeRole> App<S> {
             tokens,
             node_name,
             config,
+            remover: Mutex::new(None),
         }
     }
 

@@ -66,6 +66,8 @@ const NFTA_TABLE_NAME: u16 = 1;
 // enum nft_chain_attributes
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+/// How many references the chain has: its own rules, and every jump or goto to it.
+const NFTA_CHAIN_USE: u16 = 6;
 // enum nft_rule_attributes
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -611,22 +613,60 @@ impl Nft {
         let Some(messages) = self.dump(build, &what)? else { return Ok(None) };
         let mut elements = vec![];
         for message in &messages {
-            let Some(list) = attr(message, NFTA_SET_ELEM_LIST_ELEMENTS) else { continue };
-            for (_, elem) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
-                let key = attr(elem, NFTA_SET_ELEM_KEY).and_then(|k| attr(k, NFTA_DATA_VALUE)).map(string);
-                let verdict = attr(elem, NFTA_SET_ELEM_DATA).and_then(|d| attr(d, NFTA_DATA_VERDICT));
-                let code = verdict.and_then(|v| attr(v, NFTA_VERDICT_CODE)).and_then(be32);
-                match (key, code) {
-                    (Some(key), Some(code)) => elements.push(VerdictElement {
-                        key,
-                        code: code as i32,
-                        chain: verdict.and_then(|v| attr(v, NFTA_VERDICT_CHAIN)).map(string),
-                    }),
-                    _ => return Err(InterceptError::Parse(format!("an element without key or verdict while {what}"))),
-                }
-            }
+            elements.extend(verdict_elements(message, &what)?);
         }
         Ok(Some(elements))
+    }
+
+    /// One element of an `ifname : verdict` map, looked up by its key (`NFT_MSG_GETSETELEM`
+    /// without `NLM_F_DUMP`): the same cost whatever the map holds. `None` when the element, the
+    /// map or the table does not exist.
+    pub fn verdict_element(
+        &mut self,
+        table: &str,
+        map: &str,
+        ifname: &str,
+    ) -> Result<Option<VerdictElement>, InterceptError> {
+        let seq = self.next_seq();
+        let mut msg = Msg::nft(NFT_MSG_GETSETELEM, 0, seq);
+        msg.put_str(NFTA_SET_ELEM_LIST_TABLE, table).put_str(NFTA_SET_ELEM_LIST_SET, map);
+        let key = ifname_key(ifname);
+        msg.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
+            m.nest(NFTA_LIST_ELEM, |m| {
+                m.nest(NFTA_SET_ELEM_KEY, |m| {
+                    m.put(NFTA_DATA_VALUE, &key);
+                });
+            });
+        });
+        let what = format!("looking up element \"{ifname}\" of map {map}");
+        let Some(answer) = self.get(msg, seq, &what)? else { return Ok(None) };
+        let elements = verdict_elements(answer.attrs(), &what)?;
+        Ok(elements.into_iter().find(|e| e.key == ifname))
+    }
+
+    /// The chain's use count (`NFT_MSG_GETCHAIN` without `NLM_F_DUMP` → `NFTA_CHAIN_USE`): its
+    /// rules plus every jump to it; `None` when the chain or the table does not exist.
+    pub fn chain_use(&mut self, table: &str, chain: &str) -> Result<Option<u32>, InterceptError> {
+        let seq = self.next_seq();
+        let mut msg = Msg::nft(NFT_MSG_GETCHAIN, 0, seq);
+        msg.put_str(NFTA_CHAIN_TABLE, table).put_str(NFTA_CHAIN_NAME, chain);
+        let what = format!("looking up chain {chain}");
+        let Some(answer) = self.get(msg, seq, &what)? else { return Ok(None) };
+        attr(answer.attrs(), NFTA_CHAIN_USE)
+            .and_then(be32)
+            .map(Some)
+            .ok_or_else(|| InterceptError::Parse(format!("no NFTA_CHAIN_USE while {what}")))
+    }
+
+    /// How many rules `chain` has (`NFT_MSG_GETRULE` dump of that chain only).
+    pub fn rule_count(&mut self, table: &str, chain: &str) -> Result<usize, InterceptError> {
+        let build = |seq| {
+            let mut m = Msg::nft(NFT_MSG_GETRULE, NLM_F_DUMP, seq);
+            m.put_str(NFTA_RULE_TABLE, table).put_str(NFTA_RULE_CHAIN, chain);
+            m
+        };
+        let rules = self.dump(build, &format!("counting the rules of chain {chain}"))?.unwrap_or_default();
+        Ok(rules.iter().filter(|r| attr(r, NFTA_RULE_CHAIN).map(string).as_deref() == Some(chain)).count())
     }
 
     /// Sends `batch` as one transaction that applies only at `generation`. Every message asks
@@ -677,6 +717,26 @@ impl Nft {
             (None, None) => Ok(()),
         }
     }
+}
+
+/// The elements of one `NFT_MSG_NEWSETELEM` message of an `ifname : verdict` map.
+fn verdict_elements(message: &[u8], what: &str) -> Result<Vec<VerdictElement>, InterceptError> {
+    let mut elements = vec![];
+    let Some(list) = attr(message, NFTA_SET_ELEM_LIST_ELEMENTS) else { return Ok(elements) };
+    for (_, elem) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+        let key = attr(elem, NFTA_SET_ELEM_KEY).and_then(|k| attr(k, NFTA_DATA_VALUE)).map(string);
+        let verdict = attr(elem, NFTA_SET_ELEM_DATA).and_then(|d| attr(d, NFTA_DATA_VERDICT));
+        let code = verdict.and_then(|v| attr(v, NFTA_VERDICT_CODE)).and_then(be32);
+        match (key, code) {
+            (Some(key), Some(code)) => elements.push(VerdictElement {
+                key,
+                code: code as i32,
+                chain: verdict.and_then(|v| attr(v, NFTA_VERDICT_CHAIN)).map(string),
+            }),
+            _ => return Err(InterceptError::Parse(format!("an element without key or verdict while {what}"))),
+        }
+    }
+    Ok(elements)
 }
 
 /// An `NLMSG_ERROR` answer as a typed error naming the operation.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::net::if_::if_nametoindex;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use iamlink_common::pod_events::PrefetchAnswer;
@@ -157,47 +158,50 @@ fn prefetch_pod<S: AssumeRole>(app: &Arc<App<S>>, change: &PodChange, records: &
 
 /// Starts the STS call for a pod so that its first request finds credentials cached.
 fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
-    let grant = match app.roles.resolve(record) {
-        Resolution::Granted(grant) => grant,
-        other => {
-            debug!(pod = %record.pod, resolution = ?other, "nothing to prefetch");
-            return;
-        }
-    };
-    let key = app.session_key(record, &grant);
-    let app = app.clone();
-    let pod = record.pod.clone();
-    tokio::spawn(async move {
-        if let Err(e) = app.cache.get(&key).await {
-            warn!(pod = %pod, role = %key.role_arn, error = %e, during = "prefetch", "cannot assume role");
-        }
-    });
+    if let Err(other) = start_fetch(app, record, "prefetch") {
+        debug!(pod = %record.pod, resolution = ?other, "nothing to prefetch");
+    }
 }
 
 /// The plugin's hint at ADD: starts the pod's STS call at once (the same single-flight fetch as
 /// [`prefetch`]) and waits at most `wait` for it. The record was read from the store by the
 /// caller; the answer only says how far the fetch got.
 pub async fn prefetch_now<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, wait: Duration) -> PrefetchAnswer {
-    let grant = match app.roles.resolve(record) {
-        Resolution::Granted(grant) => grant,
-        Resolution::Pending(_) => return PrefetchAnswer::Pending,
-        Resolution::NoRole | Resolution::Denied { .. } => return PrefetchAnswer::NoRole,
-    };
-    let key = app.session_key(record, &grant);
-    let fetch = {
-        let (app, key) = (app.clone(), key.clone());
-        // Spawned: the fetch goes on when the wait ends first.
-        tokio::spawn(async move { app.cache.get(&key).await.map(|_| ()) })
+    let fetch = match start_fetch(app, record, "prefetch at ADD") {
+        Ok(fetch) => fetch,
+        Err(Resolution::Pending(_)) => return PrefetchAnswer::Pending,
+        Err(_) => return PrefetchAnswer::NoRole,
     };
     match tokio::time::timeout(wait, fetch).await {
-        Ok(Ok(Ok(()))) => PrefetchAnswer::Cached,
-        Ok(Ok(Err(e))) => {
-            warn!(pod = %record.pod, role = %key.role_arn, error = %e, during = "prefetch at ADD", "cannot assume role");
-            PrefetchAnswer::Failed
-        }
-        Ok(Err(_)) => PrefetchAnswer::Failed,
+        Ok(Ok(true)) => PrefetchAnswer::Cached,
+        Ok(_) => PrefetchAnswer::Failed,
         Err(_) => PrefetchAnswer::InFlight,
     }
+}
+
+/// Spawns the single-flight fetch of the pod's credentials when its role is granted; the task
+/// says whether they are cached. It runs on when nobody waits for it (ADD stopped waiting), so
+/// it logs its own failure. `Err`: the resolution that grants no role, and nothing was started.
+fn start_fetch<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: &PodRecord,
+    during: &'static str,
+) -> Result<JoinHandle<bool>, Resolution> {
+    let grant = match app.roles.resolve(record) {
+        Resolution::Granted(grant) => grant,
+        other => return Err(other),
+    };
+    let key = app.session_key(record, &grant);
+    let (app, pod) = (app.clone(), record.pod.clone());
+    Ok(tokio::spawn(async move {
+        match app.cache.get(&key).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(pod = %pod, role = %key.role_arn, error = %e, during, "cannot assume role");
+                false
+            }
+        }
+    }))
 }
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.

@@ -249,18 +249,20 @@ async fn pod_event<S: AssumeRole>(app: &Arc<App<S>>, event: Event) -> Response<F
             let answer = crate::creds::refresh::prefetch_now(app, &record, wait).await;
             json_reply(StatusCode::OK, to_json(&answer))
         }
-        Event::Release { deadline_boottime_ns, .. } => release(record, deadline_boottime_ns).await,
+        Event::Release { deadline_boottime_ns, .. } => release(app, record, deadline_boottime_ns).await,
     }
 }
 
-/// The socket DELs are committed on, open for the daemon's lifetime (reopened after an error).
-static REMOVER: std::sync::Mutex<Option<PodRemover>> = std::sync::Mutex::new(None);
-
 /// Removes the record's entry for the plugin, which holds the store lock until the deadline.
-async fn release(record: PodRecord, deadline_boottime_ns: u64) -> Response<Full<Bytes>> {
+async fn release<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: PodRecord,
+    deadline_boottime_ns: u64,
+) -> Response<Full<Bytes>> {
     let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
+    let app = app.clone();
     let done = tokio::task::spawn_blocking(move || {
-        let mut kept = REMOVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut kept = app.remover.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut remover = match kept.take() {
             Some(r) => r,
             None => PodRemover::open()?,
