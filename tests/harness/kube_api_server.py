@@ -58,13 +58,19 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
 - Every request is appended to the `--log` file as a JSON line (method, path, query, action,
   and `as`: the metadata transform asked for, or null).
 
+- Lists page as kube-apiserver pages them: `limit=N` answers at most N items and, when more
+  remain, `metadata.continue` (an opaque token); `continue=<token>` answers the next page. kube's
+  watcher lists 500 at a time, so a large cluster's list is never one body. Unlike the real
+  server, a later page is read from the current objects (after the last key), not from a snapshot
+  at the first page's resourceVersion, which every page reports.
+
 Not emulated: auth, admission, namespace existence checks on create, PUT (replace),
-strategic-merge semantics (treated as merge patch), paging (`limit` is ignored, lists are whole),
-bookmarks, server-side apply, graceful deletion (a delete removes at once).
+strategic-merge semantics (treated as merge patch), bookmarks, server-side apply, graceful deletion (a delete removes at once).
 """
 
 import argparse
 import asyncio
+import base64
 import datetime
 import json
 import os
@@ -317,7 +323,22 @@ class Emulator(kmock.KubernetesEmulator):
         want = Want(request)
         items = [obj.raw for (res, _, _), obj in self.objects.items()
                  if res == want.resource and not obj.deleted and want.matches(obj.raw)]
-        items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+        key = lambda o: [o["metadata"].get("namespace") or "", o["metadata"]["name"]]  # noqa: E731
+        items.sort(key=key)
+        rv, meta = str(self.rv), {}
+        if request.params.get("continue"):
+            try:
+                token = json.loads(base64.urlsafe_b64decode(request.params["continue"]))
+                rv, after = token["rv"], token["after"]
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(status=400, reason="BadRequest", message="invalid continue token")
+            items = [o for o in items if key(o) > after]
+        limit = int(request.params.get("limit") or 0)
+        if 0 < limit < len(items):
+            items = items[:limit]
+            meta["continue"] = base64.urlsafe_b64encode(
+                json.dumps({"rv": rv, "after": key(items[-1])}).encode()).decode()
+        meta["resourceVersion"] = rv
         as_ = transform_of(request)
         if as_ == "PartialObjectMetadata":
             raise ApiError(status=406, reason="NotAcceptable",
@@ -325,9 +346,9 @@ class Emulator(kmock.KubernetesEmulator):
                                    "(use PartialObjectMetadataList)")
         if as_ == "PartialObjectMetadataList":
             return {"apiVersion": META_API_VERSION, "kind": "PartialObjectMetadataList",
-                    "metadata": {"resourceVersion": str(self.rv)}, "items": [partial(o) for o in items]}
+                    "metadata": meta, "items": [partial(o) for o in items]}
         return {"apiVersion": api_version_of(want.resource), "kind": kind_of(want.resource.plural) + "List",
-                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+                "metadata": meta, "items": items}
 
     async def _serve_fetch(self, request):
         as_ = transform_of(request)
