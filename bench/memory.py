@@ -4,12 +4,15 @@ cached, against a freshly started iamlinkd with no pods. VmRSS from /proc/<pid>/
 iamlinkd is restarted first (no pods exist then), so the baseline is a fresh process with the
 same config. The pods come through the real chain; each pod's prefetch fills its cache entry
 (waited for at the STS proxy), and one request per pod checks that every answer is the pod's own.
+Then two steps of bench/view_memory.py: the RSS 30 s after a 1,000-connection burst, and the
+Kubernetes view's memory at 5,000 namespaces and 20,000 service accounts.
 """
 
 import json
 import os
 import time
 
+from . import view_memory
 from .node import REPO
 
 ROLES = 50
@@ -60,6 +63,8 @@ def run(b, quick, want_profile):
     wrong = sum(1 for t in answers["pods"]
                 if t["statuses"] != {"200": 1} or any(owner.get(k) != f"{t['namespace']}.{t['name']}" for k in t["akids"]))
     nroles = len({p["role"] for p in pods})
+    burst_rows, burst = view_memory.burst_recovery(b, quick)
+    view_rows, view = view_memory.view_at_scale(b, quick)
     rows = [
         {"metric": f"iamlinkd VmRSS, {len(pods)} pods / {nroles} roles cached",
          "value": f"{mib(loaded['VmRSS']):.2f} MiB ({loaded['VmRSS'] * 1024 / 1e6:.2f} MB)", "unit": "",
@@ -75,8 +80,9 @@ def run(b, quick, want_profile):
          "value": f"{mib(worn['VmRSS']):.1f} / {mib(worn['VmHWM']):.1f}", "unit": "MiB", "baseline": None, "ratio": None},
         {"metric": "pods whose answer was not 200 with their own key", "value": wrong, "unit": f"of {len(pods)}",
          "baseline": None, "ratio": None, "target": "0", "met": wrong == 0, "check": True},
-    ]
+    ] + burst_rows + view_rows
     return {"title": "Memory (iamlinkd RSS)", "rows": rows, "met": all(r.get("met", True) for r in rows),
+            "burst": burst, "view": view,
             "fresh": fresh, "loaded": loaded, "worn": worn, "smaps": smaps, "pods": len(pods), "roles": nroles,
             "add_seconds": ready.get("seconds"), "threads": loaded.get("Threads")}
 
@@ -111,6 +117,28 @@ def explain(r):
                      "the 1,000 concurrent connections of part 4 took (hyper buffers per connection); iamlinkd "
                      "caps malloc at two arenas and returns freed memory every 10 s (`node-server/src/memory.rs`), "
                      "so what stays is what the allocator could not hand back (fragmentation) and the peak.")
+    bu, v = r.get("burst"), r.get("view")
+    if bu:
+        lines.append("")
+        lines.append(f"**Burst recovery.** {bu['connections']:,} connections at once took iamlinkd from "
+                     f"{bu['steady']['VmRSS'] / 1024:.1f} MiB (steady) to a sampled peak of "
+                     f"{bu['peak']['VmRSS'] / 1024:.1f} MiB; {bu['mark_s']:.0f} s after the last answer it held "
+                     f"{bu['after']['VmRSS'] / 1024:.1f} MiB ({bu['after']['VmRSS'] / bu['steady']['VmRSS']:.2f}× "
+                     "steady; target ≤ 1.5× at 30 s).")
+    if v:
+        lines.append("")
+        lines.append(f"**The Kubernetes view at scale.** With {v['namespaces']:,} namespaces and "
+                     f"{v['service_accounts']:,} service accounts in the API (objects like a real cluster's: labels, "
+                     f"last-applied-configuration, managed fields; {v['state_mb']:.0f} MB as JSON), iamlinkd holds "
+                     f"{v['full']['RssAnon'] / 1024:.1f} MiB of anonymous memory against {v['empty']['RssAnon'] / 1024:.1f} "
+                     f"MiB with an empty API: ≈ {v['per_object_bytes']:.0f} B per object (VmRSS "
+                     f"{v['full']['VmRSS'] / 1024:.1f} MiB). Namespaces and service accounts are watched as metadata "
+                     "only and kept as name, namespace and the annotations roles are read from "
+                     "(`node-server/src/role/kube_view.rs`); listing them all (500 per page) took "
+                     f"{v['listed_s']:.1f} s from the restart. Watched as whole objects, as before December 2026, "
+                     "the same 25,000 objects held 104 MiB of anonymous memory, ≈ 4,250 B each (release build, "
+                     "this bench); what remains per object is mostly kube's `ObjectMeta` and the reflector's "
+                     "`ObjectRef` key, which a store of name → annotations would shrink further.")
     src = os.path.join(REPO, "node-server", "src", "main.rs")
     appender = os.path.exists(src) and "NonBlockingBuilder" in open(src).read() \
         and "buffered_lines_limit" not in open(src).read()

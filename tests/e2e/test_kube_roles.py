@@ -129,6 +129,36 @@ def test_readme_irsa_manifest_works_without_the_webhook(bench):
     assert_cli_role(pod, "analytics-reporter")
 
 
+def test_only_this_nodes_pods_and_the_metadata_of_namespaces_and_service_accounts_are_read(bench):
+    kube = bench.kube
+    ensure_namespace(bench, "team-meta", {"iam.amazonaws.com/permitted": re.escape(role_arn("irsa"))})
+    kube.create_service_account("team-meta", "reader", {"eks.amazonaws.com/role-arn": role_arn("irsa")})
+    kube.create_pod("team-meta", "elsewhere", node="another-node", service_account="reader")
+    pod = kube_pod(bench, "team-meta", "meta", None, "reader")
+    # The policy and the role come from metadata-only objects: annotations are metadata.
+    wait_for_role(pod, "irsa")
+    assert_cli_role(pod, "irsa")
+    # The emulator answers as kube-apiserver does: metadata, no spec or status.
+    listed = kube.list("serviceaccounts", "team-meta", metadata_only=True)
+    assert (listed["apiVersion"], listed["kind"]) == ("meta.k8s.io/v1", "PartialObjectMetadataList"), listed
+    [item] = listed["items"]
+    assert set(item) == {"apiVersion", "kind", "metadata"} and item["kind"] == "PartialObjectMetadata", item
+    assert item["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role_arn("irsa")}
+    # What iamlinkd asked for: every read of namespaces and service accounts as metadata only,
+    # every read of pods for this node only.
+    reads = [r for r in kube.requests() if r["method"] == "GET" and r["path"] in
+             ("/api/v1/pods", "/api/v1/namespaces", "/api/v1/serviceaccounts")]
+    seen = {(r["path"], r["action"]) for r in reads}
+    assert {(p, a) for p in ("/api/v1/pods", "/api/v1/namespaces", "/api/v1/serviceaccounts")
+            for a in ("LIST", "WATCH")} <= seen, sorted(seen)
+    whole = [r for r in reads if r["path"] != "/api/v1/pods"
+             and r["as"] != {"LIST": "PartialObjectMetadataList", "WATCH": "PartialObjectMetadata"}[r["action"]]]
+    assert not whole, f"namespaces or service accounts read as whole objects: {whole[:3]}"
+    other_nodes = [r for r in reads if r["path"] == "/api/v1/pods"
+                   and r["query"].get("fieldSelector") != f"spec.nodeName={bench.node.name}"]
+    assert not other_nodes, f"pods read beyond this node: {other_nodes[:3]}"
+
+
 # -- precedence -----------------------------------------------------------------------------------
 
 def test_each_source_and_their_precedence(bench):

@@ -29,6 +29,9 @@ KUBE_API_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kube
 # kmock lives in a venv of its own (scripts/setup): its pytest plugin would break the test runner's.
 KUBE_API_PYTHON = os.path.join(REPO, ".build", "kube-api-venv", "bin", "python")
 
+# What kube sends for metadata-only lists (kube-core request.rs JSON_METADATA_LIST_MIME).
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
 POD_ROLE = "iam.amazonaws.com/role"
 SA_ROLE = "eks.amazonaws.com/role-arn"
 
@@ -105,11 +108,12 @@ class KubeApi:
         self.start()
 
     # -- HTTP (from inside the node) ----------------------------------------------------------
-    def _request(self, method, path, body=None, content_type="application/json", timeout=5):
+    def _request(self, method, path, body=None, content_type="application/json", timeout=5,
+                 accept="application/json"):
         def call():
             conn = http.client.HTTPConnection(self.HOST, self.PORT, timeout=timeout)
             try:
-                headers = {"Accept": "application/json"}
+                headers = {"Accept": accept}
                 data = None
                 if body is not None:
                     data = json.dumps(body).encode()
@@ -126,9 +130,10 @@ class KubeApi:
 
         return self.node.call(call, timeout=timeout + 5)
 
-    def api(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
+    def api(self, method, path, body=None, content_type="application/json", ok=(200, 201),
+            accept="application/json"):
         """One API call; returns the decoded body, raises KubeApiError on another status."""
-        status, out = self._request(method, path, body, content_type)
+        status, out = self._request(method, path, body, content_type, accept=accept)
         if status not in ok:
             raise KubeApiError(status, out)
         return out
@@ -184,10 +189,12 @@ class KubeApi:
             raise KubeApiError(status, out)
         return out
 
-    def list(self, plural, namespace=None, field_selector=None, label_selector=None):
+    def list(self, plural, namespace=None, field_selector=None, label_selector=None, metadata_only=False):
+        """metadata_only: as `Api<PartialObjectMeta<K>>` asks, a PartialObjectMetadataList."""
         query = "&".join(f"{k}={v}" for k, v in (("fieldSelector", field_selector),
                                                   ("labelSelector", label_selector)) if v)
-        return self.api("GET", self._path(plural, namespace) + (f"?{query}" if query else ""))
+        accept = METADATA_LIST if metadata_only else "application/json"
+        return self.api("GET", self._path(plural, namespace) + (f"?{query}" if query else ""), accept=accept)
 
     def _create(self, plural, namespace, obj):
         if not self.running:
@@ -249,7 +256,8 @@ class KubeApi:
         return self.api("POST", "/_emulator/expire-history")["broken"]
 
     def requests(self):
-        """Every request the server received, oldest first: {t, method, path, query, action}."""
+        """Every request the server received, oldest first: {t, method, path, query, action, as}
+        (`as`: the metadata-only transform the Accept header asked for, or None)."""
         return json_lines(self.log_path)
 
     def log_tail(self, lines=40):

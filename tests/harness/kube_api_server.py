@@ -41,15 +41,36 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
   resumed watch gets 410), `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those
   resources answer 403 Forbidden, as with a client whose RBAC lacks them; changes still go
   through, as from another client; `[]` lifts it; not kept across a restart).
-- Every request is appended to the `--log` file as a JSON line (method, path, query, action).
+- Metadata-only reads, as kube-apiserver answers them (apimachinery's `PartialObjectMetadata`,
+  `metav1.AsPartialObjectMetadata` in the handlers' response transform): an `Accept` of
+  `application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1` on a list answers
+  `{"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata":
+  {"resourceVersion"}, "items": [...]}`, each item `{"apiVersion": "meta.k8s.io/v1", "kind":
+  "PartialObjectMetadata", "metadata": <the whole ObjectMeta>}` (no spec, no status);
+  `as=PartialObjectMetadata` does the same to a get and to each watch event's object (ERROR
+  events keep their v1 Status). The media types of `Accept` are tried in order, as the server's
+  negotiation does, so `...;as=PartialObjectMetadata...,application/json` (client-go's metadata
+  client) gets metadata; one that names only a transform the request cannot take (`as=
+  PartialObjectMetadata` on a list) is 406 NotAcceptable. This is what kube's `metadata_watcher`
+  and `Api<PartialObjectMeta<K>>` send (kube-core `request.rs`: `JSON_METADATA_LIST_MIME` for
+  lists, `JSON_METADATA_MIME` for watches and gets). The answer's Content-Type stays
+  `application/json` (the real server names the transform in it; kube does not read it).
+- Every request is appended to the `--log` file as a JSON line (method, path, query, action,
+  and `as`: the metadata transform asked for, or null).
+
+- Lists page as kube-apiserver pages them: `limit=N` answers at most N items and, when more
+  remain, `metadata.continue` (an opaque token); `continue=<token>` answers the next page. kube's
+  watcher lists 500 at a time, so a large cluster's list is never one body. Unlike the real
+  server, a later page is read from the current objects (after the last key), not from a snapshot
+  at the first page's resourceVersion, which every page reports.
 
 Not emulated: auth, admission, namespace existence checks on create, PUT (replace),
-strategic-merge semantics (treated as merge patch), paging (`limit` is ignored, lists are whole),
-bookmarks, server-side apply, graceful deletion (a delete removes at once).
+strategic-merge semantics (treated as merge patch), bookmarks, server-side apply, graceful deletion (a delete removes at once).
 """
 
 import argparse
 import asyncio
+import base64
 import datetime
 import json
 import os
@@ -103,6 +124,43 @@ class ApiError(kmock.KubernetesError):
 def not_found(resource, name):
     return ApiError(status=404, reason="NotFound", message=f'{resource.plural} "{name}" not found',
                     details={"name": name or "", "kind": resource.plural})
+
+
+# -- metadata-only reads (`Accept: application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`)
+META_API_VERSION = "meta.k8s.io/v1"
+
+
+def requested_transform(accept):
+    """The `as=` transform the first acceptable media type of `accept` asks for: None (the whole
+    object), "PartialObjectMetadata" or "PartialObjectMetadataList". Unknown transforms and
+    non-JSON types are skipped, as the server's negotiation skips what it cannot produce; when
+    nothing acceptable remains the answer is 406."""
+    if not accept:
+        return None
+    for media in accept.split(","):
+        kind, *params = [p.strip() for p in media.split(";")]
+        if kind not in ("application/json", "application/*", "*/*"):
+            continue
+        p = dict(x.split("=", 1) for x in params if "=" in x)
+        as_ = p.get("as")
+        if as_ is None:
+            return None
+        if as_ in ("PartialObjectMetadata", "PartialObjectMetadataList") and p.get("g") == "meta.k8s.io" \
+                and p.get("v") == "v1":
+            return as_
+    raise ApiError(status=406, reason="NotAcceptable",
+                   message=f"only the following media types are accepted: application/json, "
+                           f"application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1 (asked {accept!r})")
+
+
+def transform_of(request):
+    headers = {k.lower(): v for k, v in (request.headers or {}).items()}
+    return requested_transform(headers.get("accept"))
+
+
+def partial(obj):
+    """An object as PartialObjectMetadata: its whole metadata, nothing else."""
+    return {"apiVersion": META_API_VERSION, "kind": "PartialObjectMetadata", "metadata": obj.get("metadata") or {}}
 
 
 def status(code, reason, message):
@@ -229,9 +287,14 @@ class Emulator(kmock.KubernetesEmulator):
         """Logs the request, then routes it with kmock's dispatcher. KubernetesEmulator's own
         prelude (which changes objects without resourceVersions) is skipped on purpose: our
         `_serve_*` handlers own every change."""
+        try:
+            as_ = transform_of(request)
+        except ApiError:
+            as_ = "?"  # not acceptable: answered 406 by the handler
         self.log.write(json.dumps({"t": time.time(), "method": request.method, "path": request.url.path,
                                    "query": request.params,
-                                   "action": request.action.value if request.action else None}) + "\n")
+                                   "action": request.action.value if request.action else None,
+                                   "as": as_}) + "\n")
         resource = request.resource
         if request.method == "GET" and resource is not None and resource.plural in self.forbidden:
             raise ApiError(status=403, reason="Forbidden",
@@ -260,15 +323,42 @@ class Emulator(kmock.KubernetesEmulator):
         want = Want(request)
         items = [obj.raw for (res, _, _), obj in self.objects.items()
                  if res == want.resource and not obj.deleted and want.matches(obj.raw)]
-        items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+        key = lambda o: [o["metadata"].get("namespace") or "", o["metadata"]["name"]]  # noqa: E731
+        items.sort(key=key)
+        rv, meta = str(self.rv), {}
+        if request.params.get("continue"):
+            try:
+                token = json.loads(base64.urlsafe_b64decode(request.params["continue"]))
+                rv, after = token["rv"], token["after"]
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(status=400, reason="BadRequest", message="invalid continue token")
+            items = [o for o in items if key(o) > after]
+        limit = int(request.params.get("limit") or 0)
+        if 0 < limit < len(items):
+            items = items[:limit]
+            meta["continue"] = base64.urlsafe_b64encode(
+                json.dumps({"rv": rv, "after": key(items[-1])}).encode()).decode()
+        meta["resourceVersion"] = rv
+        as_ = transform_of(request)
+        if as_ == "PartialObjectMetadata":
+            raise ApiError(status=406, reason="NotAcceptable",
+                           message="you requested PartialObjectMetadata, but the requested object is a list "
+                                   "(use PartialObjectMetadataList)")
+        if as_ == "PartialObjectMetadataList":
+            return {"apiVersion": META_API_VERSION, "kind": "PartialObjectMetadataList",
+                    "metadata": meta, "items": [partial(o) for o in items]}
         return {"apiVersion": api_version_of(want.resource), "kind": kind_of(want.resource.plural) + "List",
-                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+                "metadata": meta, "items": items}
 
     async def _serve_fetch(self, request):
+        as_ = transform_of(request)
+        if as_ == "PartialObjectMetadataList":
+            raise ApiError(status=406, reason="NotAcceptable",
+                           message="you requested PartialObjectMetadataList, but the requested object is not a list")
         obj = self._live(*self._key(request))
         if obj is None:
             raise not_found(request.resource, request.name)
-        return obj.raw
+        return partial(obj.raw) if as_ else obj.raw
 
     async def _serve_create(self, request):
         data = request.data
@@ -344,6 +434,11 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request):
         want = Want(request)
+        as_ = transform_of(request)
+        if as_ == "PartialObjectMetadataList":
+            raise ApiError(status=406, reason="NotAcceptable",
+                           message="a watch streams objects: use as=PartialObjectMetadata")
+        view = (lambda e: {"type": e["type"], "object": partial(e["object"])}) if as_ else (lambda e: e)
         since = request.params.get("resourceVersion", "")
         timeout = request.params.get("timeoutSeconds")
         deadline = time.monotonic() + float(timeout) if timeout else None
@@ -361,7 +456,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.watches[queue] = want.resource.plural  # no await since the backlog: nothing is missed
         try:
             for event in backlog:
-                yield event
+                yield view(event)
             while True:
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
@@ -374,7 +469,7 @@ class Emulator(kmock.KubernetesEmulator):
                     return
                 event = self._event(want, *item)
                 if event:
-                    yield event
+                    yield view(event)
         finally:
             self.watches.pop(queue, None)
 

@@ -1,6 +1,14 @@
 //! The daemon's view of the Kubernetes API: this node's pods, every namespace and every service
 //! account, each kept in a `kube::runtime` reflector store that follows a list-watch.
 //!
+//! Namespaces and service accounts are the cluster's, not the node's, so they are what grows with
+//! the cluster (thousands of each): they are watched as metadata only (a `watcher` of
+//! `Api<PartialObjectMeta<K>>`, which asks the API server for `PartialObjectMetadata`; kube 5's
+//! replacement for the deprecated `metadata_watcher`), since role resolution reads only their
+//! annotations, and each is stored trimmed to its name, namespace and the annotations role
+//! resolution reads ([`NAMESPACE_KEYS`], [`SERVICE_ACCOUNT_KEYS`]): no labels, managed fields or
+//! `last-applied-configuration`. Pods need their spec (the service account name) and are few.
+//!
 //! The stores are what role resolution reads on each request, so they must never go empty
 //! because the API server does: a watch that fails reconnects with backoff and the store keeps
 //! the last good view, and a relist (after a 410 Gone or a restart) swaps the new list in only
@@ -20,12 +28,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::Stream;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -48,6 +58,32 @@ const SNAPSHOT_DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Annotation maps by object: `name` for namespaces, `namespace/name` for service accounts.
 type Annotations = BTreeMap<String, BTreeMap<String, String>>;
+
+/// A namespace as the view holds it: metadata only, trimmed by [`trim`].
+pub type NamespaceMeta = PartialObjectMeta<Namespace>;
+/// A service account as the view holds it: metadata only, trimmed by [`trim`].
+pub type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
+
+/// The namespace annotations role resolution reads (the policy); the view keeps no others.
+pub const NAMESPACE_KEYS: [&str; 2] = [PERMITTED_ANNOTATION, ALLOWED_ROLES_ANNOTATION];
+/// The service-account annotations role resolution reads (IRSA); the view keeps no others.
+pub const SERVICE_ACCOUNT_KEYS: [&str; 2] = [IRSA_ROLE_ANNOTATION, IRSA_EXPIRATION_ANNOTATION];
+
+/// Cuts an object's metadata down to what the view is read for: name, namespace and the
+/// annotations among `keys`. Thousands of namespaces and service accounts are held for the
+/// lifetime of the daemon, and managed fields, labels and other annotations are most of each.
+/// The watcher has already taken the resource version it resumes from, so dropping it is safe.
+fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[&str]) {
+    let meta = std::mem::take(&mut object.metadata);
+    let annotations = kept(meta.annotations.as_ref(), keys);
+    object.types = None;
+    object.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..ObjectMeta::default()
+    };
+}
 
 /// The namespace policies and service-account roles of the last view, kept on the node so that
 /// a daemon restarted while the API server is down or forbids a list still applies them.
@@ -161,8 +197,8 @@ struct SyncFlags {
 
 struct Inner {
     pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    service_accounts: Store<ServiceAccount>,
+    namespaces: Store<NamespaceMeta>,
+    service_accounts: Store<ServiceAccountMeta>,
     synced: Arc<SyncFlags>,
     /// The snapshot read at start: it answers for a resource until that resource's first list.
     snapshot: Option<Arc<Snapshot>>,
@@ -186,7 +222,7 @@ pub struct View {
 
 impl View {
     /// Starts watching (on the current tokio runtime): pods of `node_name`, all namespaces, all
-    /// service accounts. Pod changes arrive on the receiver; when it is full or gone they are
+    /// service accounts (these two as metadata only). Pod changes arrive on the receiver; when it is full or gone they are
     /// dropped, so a slow consumer never stalls the stores. With `store`, the snapshot kept
     /// there is read now and rewritten as namespaces and service accounts change.
     pub fn start(client: Client, node_name: &str, store: Option<NodeStore>) -> (View, mpsc::Receiver<PodChange>) {
@@ -203,8 +239,7 @@ impl View {
         let mut tasks = vec![
             tokio::spawn(follow(
                 "pods",
-                Api::<Pod>::all(client.clone()),
-                pod_config,
+                watcher(Api::<Pod>::all(client.clone()), pod_config),
                 pod_writer,
                 Arc::clone(&synced),
                 |s| &s.pods,
@@ -215,21 +250,21 @@ impl View {
             )),
             tokio::spawn(follow(
                 "namespaces",
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default(),
+                watcher(Api::<NamespaceMeta>::all(client.clone()), watcher::Config::default())
+                    .modify(|n| trim(n, &NAMESPACE_KEYS)),
                 namespace_writer,
                 Arc::clone(&synced),
                 |s| &s.namespaces,
-                move |_: &watcher::Event<Namespace>| ns_changed.notify_one(),
+                move |_: &watcher::Event<NamespaceMeta>| ns_changed.notify_one(),
             )),
             tokio::spawn(follow(
                 "serviceaccounts",
-                Api::<ServiceAccount>::all(client),
-                watcher::Config::default(),
+                watcher(Api::<ServiceAccountMeta>::all(client), watcher::Config::default())
+                    .modify(|sa| trim(sa, &SERVICE_ACCOUNT_KEYS)),
                 sa_writer,
                 Arc::clone(&synced),
                 |s| &s.service_accounts,
-                move |_: &watcher::Event<ServiceAccount>| sa_changed.notify_one(),
+                move |_: &watcher::Event<ServiceAccountMeta>| sa_changed.notify_one(),
             )),
         ];
         let sources = SnapshotSources {
@@ -255,11 +290,13 @@ impl View {
         self.inner.pods.get(&ObjectRef::new(name).within(namespace))
     }
 
-    pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
+    /// The namespace's metadata, trimmed to its policy annotations.
+    pub fn namespace(&self, name: &str) -> Option<Arc<NamespaceMeta>> {
         self.inner.namespaces.get(&ObjectRef::new(name))
     }
 
-    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Arc<ServiceAccount>> {
+    /// The service account's metadata, trimmed to its IRSA annotations.
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<Arc<ServiceAccountMeta>> {
         self.inner.service_accounts.get(&ObjectRef::new(name).within(namespace))
     }
 
@@ -268,11 +305,11 @@ impl View {
         self.inner.pods.state()
     }
 
-    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+    pub fn namespaces(&self) -> Vec<Arc<NamespaceMeta>> {
         self.inner.namespaces.state()
     }
 
-    pub fn service_accounts(&self) -> Vec<Arc<ServiceAccount>> {
+    pub fn service_accounts(&self) -> Vec<Arc<ServiceAccountMeta>> {
         self.inner.service_accounts.state()
     }
 
@@ -331,8 +368,8 @@ fn load_snapshot(store: &NodeStore) -> Option<Snapshot> {
 
 /// What a snapshot is made of: the live stores once listed, else the snapshot read at start.
 struct SnapshotSources {
-    namespaces: Store<Namespace>,
-    service_accounts: Store<ServiceAccount>,
+    namespaces: Store<NamespaceMeta>,
+    service_accounts: Store<ServiceAccountMeta>,
     synced: Arc<SyncFlags>,
     loaded: Option<Arc<Snapshot>>,
 }
@@ -347,21 +384,17 @@ impl SnapshotSources {
         }
         let loaded = self.loaded.as_deref();
         let namespaces = if namespaces_listed {
-            let policy = [PERMITTED_ANNOTATION, ALLOWED_ROLES_ANNOTATION];
-            let entries = self
-                .namespaces
-                .state()
-                .into_iter()
-                .filter_map(|n| Some((n.metadata.name.clone()?, kept(n.metadata.annotations.as_ref(), &policy))));
+            let entries = self.namespaces.state().into_iter().filter_map(|n| {
+                Some((n.metadata.name.clone()?, kept(n.metadata.annotations.as_ref(), &NAMESPACE_KEYS)))
+            });
             Some(entries.collect())
         } else {
             loaded.and_then(|l| l.namespaces.clone())
         };
         let service_accounts = if service_accounts_listed {
-            let irsa = [IRSA_ROLE_ANNOTATION, IRSA_EXPIRATION_ANNOTATION];
             let entries = self.service_accounts.state().into_iter().filter_map(|sa| {
                 let key = format!("{}/{}", sa.metadata.namespace.as_deref()?, sa.metadata.name.as_deref()?);
-                Some((key, kept(sa.metadata.annotations.as_ref(), &irsa)))
+                Some((key, kept(sa.metadata.annotations.as_ref(), &SERVICE_ACCOUNT_KEYS)))
             });
             Some(entries.collect())
         } else {
@@ -401,22 +434,22 @@ async fn keep_snapshot(sources: SnapshotSources, store: NodeStore, changed: Arc<
     }
 }
 
-/// Runs one list-watch into its store until the view is dropped (the watcher never ends).
-/// `on_event` sees every event after the store applied it.
-async fn follow<K, F>(
+/// Runs one list-watch (a `watcher` stream, of whole objects or of metadata) into its store until the view
+/// is dropped (the watcher never ends). `on_event` sees every event after the store applied it.
+async fn follow<K, S, F>(
     resource: &'static str,
-    api: Api<K>,
-    config: watcher::Config,
+    watch: S,
     writer: Writer<K>,
     synced: Arc<SyncFlags>,
     flag: fn(&SyncFlags) -> &AtomicBool,
     mut on_event: F,
 ) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
     F: FnMut(&watcher::Event<K>) + Send,
 {
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let stream = watch.default_backoff().reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let mut health = Health::default();
     while let Some(item) = stream.next().await {
@@ -508,17 +541,17 @@ mod tests {
         }
     }
 
-    fn namespace(name: &str, annotations: &[(&str, &str)]) -> Namespace {
+    fn namespace(name: &str, annotations: &[(&str, &str)]) -> NamespaceMeta {
         let annotations: BTreeMap<String, String> =
             annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Namespace {
+        NamespaceMeta {
             metadata: ObjectMeta { name: Some(name.into()), annotations: Some(annotations), ..Default::default() },
             ..Default::default()
         }
     }
 
     /// A view over stores fed by hand, as the reflector would feed them.
-    fn view() -> (View, Writer<Pod>, Writer<Namespace>, Writer<ServiceAccount>) {
+    fn view() -> (View, Writer<Pod>, Writer<NamespaceMeta>, Writer<ServiceAccountMeta>) {
         let (pods, pw) = reflector::store();
         let (namespaces, nw) = reflector::store();
         let (service_accounts, sw) = reflector::store();
@@ -531,7 +564,7 @@ mod tests {
         let (view, mut pw, mut nw, mut sw) = view();
         pw.apply_watcher_event(&watcher::Event::Apply(pod("team-a", "web", "u1")));
         nw.apply_watcher_event(&watcher::Event::Apply(namespace("team-a", &[("iam.amazonaws.com/permitted", ".*")])));
-        let sa = ServiceAccount {
+        let sa = ServiceAccountMeta {
             metadata: ObjectMeta {
                 namespace: Some("team-a".into()),
                 name: Some("default".into()),
@@ -550,6 +583,41 @@ mod tests {
         );
         assert!(view.service_account("team-a", "default").is_some());
         assert!(view.service_account("team-b", "default").is_none());
+    }
+
+    #[test]
+    fn namespaces_and_service_accounts_keep_only_what_roles_are_read_from() {
+        let mut ns = namespace(
+            "shop",
+            &[
+                (PERMITTED_ANNOTATION, "web"),
+                ("kubectl.kubernetes.io/last-applied-configuration", "{\"apiVersion\":\"v1\"}"),
+            ],
+        );
+        ns.metadata.labels = Some(BTreeMap::from([("team".to_string(), "a".to_string())]));
+        ns.metadata.uid = Some("u".into());
+        ns.metadata.resource_version = Some("7".into());
+        ns.metadata.managed_fields = Some(vec![Default::default()]);
+        ns.types =
+            Some(kube::core::TypeMeta { api_version: "meta.k8s.io/v1".into(), kind: "PartialObjectMetadata".into() });
+        trim(&mut ns, &NAMESPACE_KEYS);
+        let policy = BTreeMap::from([(PERMITTED_ANNOTATION.to_string(), "web".to_string())]);
+        let want = ObjectMeta { name: Some("shop".into()), annotations: Some(policy), ..Default::default() };
+        assert_eq!(ns.metadata, want);
+        assert!(ns.types.is_none());
+
+        let mut sa = ServiceAccountMeta {
+            metadata: ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some("default".into()),
+                annotations: Some(BTreeMap::from([("other".to_string(), "x".to_string())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        trim(&mut sa, &SERVICE_ACCOUNT_KEYS);
+        assert_eq!((sa.metadata.namespace.as_deref(), sa.metadata.name.as_deref()), (Some("shop"), Some("default")));
+        assert_eq!(sa.metadata.annotations, None, "no IRSA annotation: nothing kept");
     }
 
     #[test]
