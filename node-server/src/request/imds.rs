@@ -13,7 +13,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
@@ -57,7 +57,11 @@ fn token_binding(r: &PodRecord) -> String {
     format!("{}/{}/{}", r.container_id, r.ifname, r.created_boottime_ns)
 }
 
-/// Answers one request; every answer is logged with the pod, interface and outcome.
+/// Answers one request. Credential answers and refusals are audit lines (info, target `audit`)
+/// with the pod, interface, role and outcome; the other answers (tokens, the role's name, info,
+/// proxied paths) are counted in `iamlink_answers_total` and logged at debug: a pod's SDK asks
+/// for them on every credential fetch, and formatting and writing a line for each cost more CPU
+/// than answering them.
 pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Request<B>) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -115,7 +119,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     if audited {
         info!(target: "audit", pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, reason, "answer");
     } else {
-        info!(pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, "answer");
+        debug!(pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, "answer");
     }
     reply
 }
