@@ -323,7 +323,7 @@ class BenchDaemon(Daemon):
 
     def environment(self):
         env = super().environment()
-        if self.log_level:  # unset: iamlinkd's own default (info: one line per answer)
+        if self.log_level:  # unset: iamlinkd's own default (info: one line per credential answer or refusal)
             env["IAMLINKD_LOG"] = self.log_level
         return env
 

@@ -9,17 +9,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
 
 use crate::app::App;
-use crate::creds::cache::{AssumeRole, Credentials};
+use crate::creds::cache::{AssumeRole, Body, Credentials};
 use crate::request::identify::{identify, Conn, Destination, Unidentified};
 use crate::request::proxy::not_plain;
 use crate::request::tokens::{parse_ttl, TokenError, TOKEN_HEADER, TTL_HEADER};
@@ -39,7 +39,7 @@ pub type Answer = Response<Full<Bytes>>;
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, "text/plain".parse().expect("static header"));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
@@ -57,10 +57,14 @@ fn token_binding(r: &PodRecord) -> String {
     format!("{}/{}/{}", r.container_id, r.ifname, r.created_boottime_ns)
 }
 
-/// Answers one request; every answer is logged with the pod, interface and outcome.
+/// Answers one request. Credential answers and refusals are audit lines (info, target `audit`)
+/// with the pod, interface, role and outcome; the other answers (tokens, the role's name, info,
+/// proxied paths) are counted in `iamlink_answers_total` and logged at debug: a pod's SDK asks
+/// for them on every credential fetch, and formatting and writing a line for each cost more CPU
+/// than answering them.
 pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Request<B>) -> Answer {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let method = req.method();
+    let path = req.uri().path();
     let identified = identify(&app.records, conn).and_then(|r| match conn.to {
         Some(to) => Ok((r, to)),
         None => Err(Unidentified::NotIntercepted),
@@ -92,7 +96,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
             role: &resolution,
             verify_token: &verify_token,
         };
-        decide(&method, &path, req.headers(), &facts)
+        decide(method, path, req.headers(), &facts)
     };
     let audited =
         matches!(decision, Decision::Credentials(_) | Decision::ContainerCredentials(_) | Decision::Refuse { .. });
@@ -100,7 +104,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         Decision::Refuse { reason, .. } => reason.clone(),
         _ => String::new(),
     };
-    let (status, outcome, reply) = execute(app, &record, decision, &binding, now, &path).await;
+    let (status, outcome, reply) = execute(app, &record, decision, &binding, now, path).await;
     app.metrics.answer(outcome);
     let (role, source) = match &resolution {
         Resolution::Granted(g) => (g.role.arn(), g.source.as_str()),
@@ -115,7 +119,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     if audited {
         info!(target: "audit", pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, reason, "answer");
     } else {
-        info!(pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, "answer");
+        debug!(pod = %pod, uid = %pod.uid, interface, %method, %path, role, source, status, outcome, "answer");
     }
     reply
 }
@@ -265,9 +269,9 @@ async fn execute<S: AssumeRole>(
         }
         Decision::RoleName(role) => ok("role listed", role.name().to_string()),
         Decision::Info(role) => ok("info", render_info(&role)),
-        Decision::Credentials(grant) => credentials(app, record, &grant, render_credentials).await,
+        Decision::Credentials(grant) => credentials(app, record, &grant, Body::Imds, render_credentials).await,
         Decision::ContainerCredentials(grant) => {
-            credentials(app, record, &grant, |c| render_container_credentials(c, &grant.role)).await
+            credentials(app, record, &grant, Body::Container, |c| render_container_credentials(c, &grant.role)).await
         }
         Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
@@ -284,6 +288,7 @@ async fn credentials<S: AssumeRole>(
     app: &Arc<App<S>>,
     record: &PodRecord,
     grant: &Grant,
+    body: Body,
     render: impl FnOnce(&Credentials) -> String,
 ) -> (StatusCode, &'static str, Answer) {
     let role = &grant.role;
@@ -296,7 +301,7 @@ async fn credentials<S: AssumeRole>(
                     let _ = app.cache.refresh(&key).await;
                 });
             }
-            (StatusCode::OK, "credentials served", text(StatusCode::OK, render(&creds)))
+            (StatusCode::OK, "credentials served", text(StatusCode::OK, creds.body(body, render)))
         }
         Err(e) => {
             // The STS error itself is logged once per call, where it happened; while backing off

@@ -21,19 +21,22 @@ pub enum TokenError {
 }
 
 pub struct Tokens {
-    key: [u8; 32],
+    /// HMAC-SHA256 keyed once: each token's MAC starts from a copy, instead of hashing the key's
+    /// inner and outer pads again on every request that carries a token.
+    keyed: HmacSha256,
 }
 
 impl Tokens {
     pub fn new() -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
-        Ok(Tokens { key })
+        // A 32-byte key is always a valid HMAC key.
+        let keyed = <HmacSha256 as Mac>::new_from_slice(&key).expect("HMAC accepts any key length");
+        Ok(Tokens { keyed })
     }
 
     fn mac(&self, expiry: u64, binding: &str) -> HmacSha256 {
-        // A 32-byte key is always a valid HMAC key.
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC accepts any key length");
+        let mut mac = self.keyed.clone();
         mac.update(&expiry.to_be_bytes());
         mac.update(binding.as_bytes());
         mac
@@ -47,8 +50,9 @@ impl Tokens {
     pub fn verify(&self, token: &str, binding: &str, now_unix: u64) -> Result<(), TokenError> {
         let (expiry, sig) = token.split_once('.').ok_or(TokenError::Invalid)?;
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Invalid)?;
-        let sig = hex::decode(sig).map_err(|_| TokenError::Invalid)?;
-        self.mac(expiry, binding).verify_slice(&sig).map_err(|_| TokenError::Invalid)?;
+        let mut mac = [0u8; 32];
+        hex::decode_to_slice(sig, &mut mac).map_err(|_| TokenError::Invalid)?;
+        self.mac(expiry, binding).verify_slice(&mac).map_err(|_| TokenError::Invalid)?;
         if now_unix >= expiry {
             return Err(TokenError::Expired);
         }
