@@ -340,7 +340,8 @@ def test_api_down_midway_keeps_the_last_view_and_catches_up(make_bench):
     assert listing(late)[0] == 503
     assert_cli_role(running, "web")
     bench.kube.start()
-    wait_for_role(late, "batch")
+    # The watches retry with kube's backoff (up to 30 s between tries), which grew during the outage.
+    wait_for_role(late, "batch", timeout=45)
     assert_cli_role(late, "batch")
 
 
