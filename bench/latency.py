@@ -402,32 +402,19 @@ def explain(r):
         ident = share.get("identify: mark → slot → record (`identify::identify`)")
         logs = share.get("per-answer log line (tracing fmt `Subscriber::event`)")
         pct = lambda x: f" (≈ {x:.0f} % of iamlinkd's CPU here)" if x is not None else ""
-        src = os.path.join(REPO, "node-server", "src", "main.rs")
-        nonblocking = os.path.exists(src) and "NonBlocking" in open(src).read()
         lines.append("")
         lines.append(
-            "**Proposed fix** (iamlinkd, request path):\n\n"
-            f"1. `node-server/src/request/identify.rs` `identify` → `common/src/store.rs` `Store::by_slot` → `read_record`: "
-            f"every request opens, stats, reads and closes `slots/<n>`'s record and parses its JSON{pct(ident)}: "
-            "5 extra system calls per answer. Keep the last parsed record per slot in iamlinkd, keyed "
-            "by the record file's identity from one `stat(2)` of `slots/<n>` (it follows the link): (st_dev, st_ino, "
-            "st_ctime ns, st_size). Records are only ever replaced by write-temp + rename and links by rename, so a new "
-            "record is a new inode: an unchanged identity means the same bytes. The store is still consulted on every "
-            "request (no lag behind churn; a removed link is a miss), with 1 system call instead of 5 and no JSON "
-            "parse. Prototype: `bench/proposals/record-cache.patch`, measured there at ≈ −25 % CPU per answer "
-            "(40.6 → 30.7 µs, throughput 0.45× → 0.59× of the bare server).\n"
-            + (f"2. The per-answer audit line (`node-server/src/request/imds.rs` `answer`, `info!`){pct(logs)}: it is already "
-               "handed to a non-blocking writer thread, so what is left on the request path is formatting it and "
-               "waking the writer (the `futex`/`sched_yield` per answer above). Formatting into a reused buffer and "
-               "letting the writer drain in batches (wake it per N lines or per millisecond, not per line) "
-               "takes most of the rest.\n"
-               if nonblocking else
-               f"2. `node-server/src/request/imds.rs` `answer`: the `info!` line per answer is formatted and written with one "
-               f"`write(2)` to stderr on the request path{pct(logs)}. Write through a non-blocking writer "
-               "(`tracing-appender::non_blocking`, lossy=false with a bounded buffer) so the request path only "
-               "formats into memory and a background thread writes lines in batches.\n")
-            +
-            "3. `node-server/src/main.rs` binds with the default listen backlog (128, see part 4): take "
+            "**Proposed fix** (iamlinkd, request path; the per-slot record cache, the batched log writer, static metric "
+            "labels and bodies rendered once per credentials are in):\n\n"
+            f"1. Identification{pct(ident)}: the slot link's `readlink` and the record's `statx` per request are what "
+            "keeps an answer from ever being decided from a view that lags behind churn; they stay.\n"
+            f"2. The audit line (`node-server/src/request/imds.rs` `answer`){pct(logs)}: with `audit_log` set, each "
+            "credential answer is formatted twice, for the audit file and for stderr (documented in "
+            "`conf/iamlinkd.toml`); one copy saved ≈ 10 µs per answer in a release-build measurement: a behaviour change to "
+            "decide, not a tuning.\n"
+            "3. `node-server/src/role`: the granted role is parsed (`Role::parse`) on every request; keep it parsed "
+            "with the cached record.\n"
+            "4. `node-server/src/main.rs` binds with the default listen backlog (128, see part 4): take "
             "`tokio::net::TcpSocket`, `listen(4096)`.\n\n"
             "Throughput under saturation is bounded by CPU on this 2-core machine (wrk and the server share it), "
             f"so CPU per answer is the number to drive down: iamlinkd spends "

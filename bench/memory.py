@@ -13,7 +13,7 @@ import os
 import time
 
 from . import view_memory
-from .node import REPO
+from .stats import mib
 
 ROLES = 50
 PER_ROLE = 5
@@ -31,10 +31,6 @@ def pod_roles():
 
 def role_names():
     return [f"mem-role-{r:02d}" for r in range(ROLES)]
-
-
-def mib(kb):
-    return kb / 1024 if kb is not None else None
 
 
 def run(b, quick, want_profile):
@@ -139,22 +135,11 @@ def explain(r):
                      "the same 25,000 objects held 104 MiB of anonymous memory, ≈ 4,250 B each (release build, "
                      "this bench); what remains per object is mostly kube's `ObjectMeta` and the reflector's "
                      "`ObjectRef` key, which a store of name → annotations would shrink further.")
-    src = os.path.join(REPO, "node-server", "src", "main.rs")
-    appender = os.path.exists(src) and "NonBlockingBuilder" in open(src).read() \
-        and "buffered_lines_limit" not in open(src).read()
-    if appender and f["RssAnon"] > 3 * 1024:
-        lines.append("")
-        lines.append(f"A fresh iamlinkd already holds {f['RssAnon'] / 1024:.1f} MiB of anonymous memory (1.6 MiB before "
-                     "the non-blocking log writer): `tracing-appender`'s `NonBlocking` preallocates its bounded channel, "
-                     "128,000 lines × 32 B ≈ 3.9 MiB, all touched at start. `NonBlockingBuilder::default()"
-                     ".buffered_lines_limit(4_096)` (`node-server/src/main.rs` `init_logging`) keeps the writer off "
-                     "the request path for ≈ 130 KiB; it still blocks rather than drops when full.")
     if not r["met"]:
         lines.append("")
-        lines.append("**Proposed fix.** Shrink the file-backed part, the binary's resident text: "
-                     "`[profile.release]` `lto = true`, `codegen-units = 1`, `opt-level = \"s\"`, "
-                     "`panic = \"abort\"` halve .text (11.6 → 5.4 MB) and, measured with this bench "
-                     "(`bench/proposals/README.md`), take RssFile from 11.3 to 7.6 MiB at 250 pods. Replacing "
-                     "`aws-sdk-sts` (one call, AssumeRole) by a small SigV4-signed query over the hyper client already "
-                     "in the binary would remove most of the rest.")
+        lines.append("**Proposed fix.** What is left over the target is the file-backed part, the binary's resident "
+                     "text (the dist profile already has fat LTO and one codegen unit; `panic = \"abort\"` stays out: a "
+                     "panic in one connection's task must end that connection, not the daemon): `opt-level = \"s\"` "
+                     "for the crates off the request path (aws-sdk-sts, aws-config, kube), or replacing `aws-sdk-sts` "
+                     "(one call, AssumeRole) by a small SigV4-signed query over the hyper client already in the binary.")
     return "\n".join(lines)

@@ -25,6 +25,11 @@ def ratio(a, b):
     return a / b
 
 
+def mib(kb):
+    """KiB (as /proc/<pid>/status gives them) in MiB; None stays None."""
+    return kb / 1024 if kb is not None else None
+
+
 def fmt(x, digits=2):
     if x is None:
         return "—"

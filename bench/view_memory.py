@@ -24,16 +24,13 @@ import uuid
 
 from .node import PROXY_HOST, role_arn, wait_until  # noqa: F401
 from .single_flight import NAMESPACE as BURST_NAMESPACE, ROLE as BURST_ROLE
+from .stats import mib
 from harness.kube_api import KubeApi
 
 RECOVERY_MARK = 30.0
 RECOVERY_TARGET = 1.5
 METRICS = ("198.18.0.1", 9101)
 T0 = "2026-11-02T09:00:00Z"
-
-
-def mib(kb):
-    return kb / 1024 if kb is not None else None
 
 
 # -- 1. burst recovery -------------------------------------------------------------------------
