@@ -15,10 +15,11 @@ the node's metadata service by the fake upstream.
 
 import json
 import os
+import re
 import shutil
 import time
 
-from harness import is_assumed_role, wait_until
+from harness import IAMLINKD, is_assumed_role, wait_until
 from harness.netns_threads import NetnsThreads
 from harness.rawhttp import request
 from harness.sts_faults import StsFaultProxy
@@ -106,6 +107,52 @@ def test_slot_link_to_another_pods_record_is_not_trusted(make_bench):
     listing, answer = creds_answer(web, "batch")
     assert listing.status != 200 and answer.status != 200, \
         f"{web} was answered as team-b/batch: listing {listing}, credentials {answer}"
+
+
+def slot_of(bench, pod):
+    with open(record_path(bench, pod)) as f:
+        return json.load(f)["slot"]
+
+
+def pods_map(bench):
+    """The rule set's pods map: [(host interface, slot)], one pair per element."""
+    text = bench.node.exec(["nft", "list", "map", "inet", "iamlink", "pods"]).stdout
+    return [(name, int(slot)) for name, slot in re.findall(r'"([^"]+)" : jump slot-(\d+)', text)]
+
+
+def test_add_repeated_after_a_crash_before_its_slot_link_never_lends_its_role_to_the_slots_new_holder(make_bench):
+    """ADD(A) killed after writing its record and before linking its slot (iamlinkd down
+    meanwhile, as on a node coming back); ADD(B) takes that slot, free by the links; the runtime
+    repeats ADD(A). B gets B's role only, A gets A's, and iamlinkd's guard keeps one element per
+    slot, each its holder's."""
+    bench = make_bench(pod_roles=ROLES)
+    a = bench.pods.add("team-a", "a")
+    slot = slot_of(bench, a)
+    bench.daemon.stop()
+    # What the crash leaves: A's record, and no slot link, element or slot chain.
+    os.remove(os.path.join(bench.store_dir, "slots", str(slot)))
+    bench.node.exec(["nft", "-f", "-"], input=f'delete element inet iamlink pods {{ "{a.host_ifname}" }}\n'
+                                              f"delete chain inet iamlink slot-{slot}\n")
+    b = bench.pods.add("team-b", "b")
+    assert slot_of(bench, b) == slot, "B takes the slot that no link names"
+    again = bench.pods.add_iamlink_again(a)
+    assert again.returncode == 0 and json.loads(again.stdout) == a.result, (again.stdout, again.stderr)
+    bench.daemon.start()
+
+    assert_gets_own_role(bench, b, "batch")
+    _, web_for_b = creds_answer(b, "web")
+    assert web_for_b.status == 404, f"{b} asked for A's role: {web_for_b}"
+    assert_gets_own_role(bench, a, "web")
+    a_slot = slot_of(bench, a)
+    assert a_slot != slot, f"the repeated ADD of A kept slot {slot}, which B holds"
+    # iamlinkd's guard, which repaired the rule set from the store at start, keeps one element
+    # per slot, each its holder's.
+    wait_until(lambda: sorted(pods_map(bench)) == sorted([(a.host_ifname, a_slot), (b.host_ifname, slot)]), 5,
+               f"the pods map to hold exactly A's and B's elements: {pods_map(bench)}")
+    status = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "status", "--json"], check=False)
+    doc = json.loads(status.stdout)
+    assert status.returncode == 0 and doc["problems"] == [], doc
+    assert doc["records"] == 2 and doc["interceptionEntries"] == 2, doc
 
 
 def test_store_removed_under_a_running_node_never_lends_a_new_pods_identity(make_bench):
