@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use iamlink_common::intercept;
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
 use iamlink_common::record::{boottime_ns, now_rfc3339};
-use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
+use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, SlotHolder, Store, StoreError, StoreLock};
 use tracing::{info, warn};
 
 use crate::daemon;
@@ -41,9 +41,15 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         })?;
     let host = find_host_interface(&node_net, &container, &prev).await?;
 
-    // A repeated ADD for the same attachment keeps its slot; a new one takes the lowest free one.
-    let slot = match store.get(&env.container_id, &env.ifname)? {
-        Some(old) => old.slot,
+    // A repeated ADD keeps its slot while the slot still names its record (`SlotHolder`); else,
+    // as a new one, it takes the lowest slot free by the links and the pods map, and its record
+    // (one an ADD killed before linking left behind) is overwritten.
+    let kept = match store.get(&env.container_id, &env.ifname)? {
+        Some(old) => (store.slot_holder(&old)? == SlotHolder::This).then_some(old.slot),
+        None => None,
+    };
+    let slot = match kept {
+        Some(slot) => slot,
         None => {
             let in_use: Vec<u32> = view.iter().flat_map(|v| &v.entries).map(|e| e.slot).collect();
             store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
@@ -178,10 +184,17 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
         Err(e) => return Err(e.into()),
     };
     // iamlinkd removes the entry when it answers in time (its netlink socket stays open, so no
-    // wait for the kernel's RCU grace period when a socket closes); else the plugin does.
+    // wait for the kernel's RCU grace period when a socket closes); else the plugin does. A
+    // record its slot does not name has no entry: the slot's element and chain are its holder's.
     if let Some(r) = &record {
-        if !daemon::release(store, r) {
-            intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+        match store.slot_holder(r)? {
+            SlotHolder::This => {
+                if !daemon::release(store, r) {
+                    intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+                }
+            }
+            holder => info!(container = %container_id, pod = %r.pod, host_interface = %r.host_interface.name,
+                            slot = r.slot, holder = ?holder, "record does not hold its slot: the interception is left to the slot's holder"),
         }
     }
     store.remove(lock, container_id, ifname)?;

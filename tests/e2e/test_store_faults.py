@@ -120,6 +120,22 @@ def pods_map(bench):
     return [(name, int(slot)) for name, slot in re.findall(r'"([^"]+)" : jump slot-(\d+)', text)]
 
 
+def crash_before_slot_link(bench, pod):
+    """What ADD killed after writing its record and before linking its slot leaves: the record,
+    and no slot link, element or slot chain. Returns the slot. Made with iamlinkd stopped (a
+    node coming back), since a running one repairs the rule set within milliseconds."""
+    slot = slot_of(bench, pod)
+    bench.daemon.stop()
+    os.remove(os.path.join(bench.store_dir, "slots", str(slot)))
+    bench.node.exec(["nft", "-f", "-"], input=f'delete element inet iamlink pods {{ "{pod.host_ifname}" }}\n'
+                                              f"delete chain inet iamlink slot-{slot}\n")
+    return slot
+
+
+def iamlinkd_cli(bench, *args):
+    return bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path] + list(args), check=False)
+
+
 def test_add_repeated_after_a_crash_before_its_slot_link_never_lends_its_role_to_the_slots_new_holder(make_bench):
     """ADD(A) killed after writing its record and before linking its slot (iamlinkd down
     meanwhile, as on a node coming back); ADD(B) takes that slot, free by the links; the runtime
@@ -127,12 +143,7 @@ def test_add_repeated_after_a_crash_before_its_slot_link_never_lends_its_role_to
     slot, each its holder's."""
     bench = make_bench(pod_roles=ROLES)
     a = bench.pods.add("team-a", "a")
-    slot = slot_of(bench, a)
-    bench.daemon.stop()
-    # What the crash leaves: A's record, and no slot link, element or slot chain.
-    os.remove(os.path.join(bench.store_dir, "slots", str(slot)))
-    bench.node.exec(["nft", "-f", "-"], input=f'delete element inet iamlink pods {{ "{a.host_ifname}" }}\n'
-                                              f"delete chain inet iamlink slot-{slot}\n")
+    slot = crash_before_slot_link(bench, a)
     b = bench.pods.add("team-b", "b")
     assert slot_of(bench, b) == slot, "B takes the slot that no link names"
     again = bench.pods.add_iamlink_again(a)
@@ -149,10 +160,46 @@ def test_add_repeated_after_a_crash_before_its_slot_link_never_lends_its_role_to
     # per slot, each its holder's.
     wait_until(lambda: sorted(pods_map(bench)) == sorted([(a.host_ifname, a_slot), (b.host_ifname, slot)]), 5,
                f"the pods map to hold exactly A's and B's elements: {pods_map(bench)}")
-    status = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "status", "--json"], check=False)
+    status = iamlinkd_cli(bench, "status", "--json")
     doc = json.loads(status.stdout)
     assert status.returncode == 0 and doc["problems"] == [], doc
     assert doc["records"] == 2 and doc["interceptionEntries"] == 2, doc
+
+
+def test_a_record_whose_slot_went_to_another_pod_gets_no_element_is_explained_and_its_del_leaves_that_pod_alone(
+        make_bench):
+    bench = make_bench(pod_roles=ROLES)
+    a = bench.pods.add("team-a", "a")
+    slot = crash_before_slot_link(bench, a)
+    b = bench.pods.add("team-b", "b")
+    assert slot_of(bench, b) == slot, "B takes the slot that no link names"
+    bench.daemon.start()
+
+    # The guard gives A's record no element: A's packets carry no slot, never B's.
+    assert pods_map(bench) == [(b.host_ifname, slot)], pods_map(bench)
+    listing, _ = creds_answer(a, "batch")
+    assert listing.status == 404 and "batch" not in listing.text, f"{a} is answered as team-b/b: {listing}"
+    assert_gets_own_role(bench, b, "batch")
+
+    explained = iamlinkd_cli(bench, "explain", a.key)
+    holder = f"team-b/b (container {b.cid})"
+    assert explained.returncode == 1, explained
+    assert f"(slot {slot}, HELD BY {holder}, created" in explained.stdout, explained.stdout
+    assert f"slot {slot} held by {holder}, not this record" in explained.stdout, explained.stdout
+    assert "the runtime's repeated ADD gives it a free slot" in explained.stdout, explained.stdout
+    status = iamlinkd_cli(bench, "status", "--json")
+    doc = json.loads(status.stdout)
+    assert status.returncode == 1 and doc["recordsWithoutEntry"] == 0, doc
+    assert [p for p in doc["problems"] if p.startswith(f"{a.key}: slot {slot} held by {holder}")], doc
+
+    # A's DEL removes A's record and nothing of B's.
+    bench.pods.delete(a)
+    assert not os.path.exists(record_path(bench, a))
+    assert os.readlink(os.path.join(bench.store_dir, "slots", str(slot))) == f"../records/{b.cid}.eth0.json"
+    assert pods_map(bench) == [(b.host_ifname, slot)], pods_map(bench)
+    assert_gets_own_role(bench, b, "batch")
+    status = iamlinkd_cli(bench, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["problems"] == [], status.stdout
 
 
 def test_store_removed_under_a_running_node_never_lends_a_new_pods_identity(make_bench):
