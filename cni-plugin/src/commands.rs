@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use iamlink_common::intercept;
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
 use iamlink_common::record::{boottime_ns, now_rfc3339};
-use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
+use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, SlotHolder, Store, StoreError, StoreLock};
 use tracing::{info, warn};
 
 use crate::daemon;
@@ -39,11 +39,17 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         pod_net.link_by_name(&env.ifname).await?.map(|m| LinkFacts::from(&m)).ok_or_else(|| {
             CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))
         })?;
-    let host = find_host_interface(&node_net, &container, &prev).await?;
+    let host = find_host_interface(&node_net, &container, &prev, &store, &env.container_id).await?;
 
-    // A repeated ADD for the same attachment keeps its slot; a new one takes the lowest free one.
-    let slot = match store.get(&env.container_id, &env.ifname)? {
-        Some(old) => old.slot,
+    // A repeated ADD keeps its slot while the slot still names its record (`SlotHolder`); else,
+    // as a new one, it takes the lowest slot free by the links and the pods map, and its record
+    // (one an ADD killed before linking left behind) is overwritten.
+    let kept = match store.get(&env.container_id, &env.ifname)? {
+        Some(old) => (store.slot_holder(&old)? == SlotHolder::This).then_some(old.slot),
+        None => None,
+    };
+    let slot = match kept {
+        Some(slot) => slot,
         None => {
             let in_use: Vec<u32> = view.iter().flat_map(|v| &v.entries).map(|e| e.slot).collect();
             store.free_slot(&lock, rules.mask.max_slot(), &in_use)?
@@ -99,11 +105,23 @@ fn undo(store: &Store, lock: &StoreLock, record: &PodRecord) {
 }
 
 /// The pod interface's veth peer in the node namespace, the way the reference `bandwidth`
-/// plugin finds it; the host interface named in prevResult only when that is impossible.
-async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevResult) -> Result<HostInterface> {
-    if let (true, Some(peer)) = (container.is_veth, container.peer_index) {
+/// plugin finds it; the host interface named in prevResult only when that is impossible (its
+/// peer is in a namespace this process does not see).
+///
+/// A name from prevResult is the previous plugin's word, not the kernel's, so it is taken only
+/// when it could be this pod's own host interface: a veth (aws-vpc-cni's and Calico's are;
+/// a bridge carries many pods' traffic) that no other attachment's record holds. Anything else
+/// would mark another pod's packets with this pod's slot, or this pod's with another's.
+async fn find_host_interface(
+    node: &Netlink,
+    container: &LinkFacts,
+    prev: &PrevResult,
+    store: &Store,
+    container_id: &str,
+) -> Result<HostInterface> {
+    if let (true, Some(peer)) = (container.is_veth(), container.peer_index) {
         if let Some(host) = node.link_by_index(peer).await?.map(|m| LinkFacts::from(&m)) {
-            if host.is_veth && host.peer_index == Some(container.index) {
+            if host.is_veth() && host.peer_index == Some(container.index) {
                 return Ok(HostInterface {
                     name: host.name,
                     index: host.index,
@@ -112,17 +130,55 @@ async fn find_host_interface(node: &Netlink, container: &LinkFacts, prev: &PrevR
             }
         }
     }
+    let mut not_veth = None;
     for name in prev.host_interfaces() {
-        if let Some(host) = node.link_by_name(name).await?.map(|m| LinkFacts::from(&m)) {
-            warn!(interface = %container.name, host_interface = %host.name,
-                  "pod interface has no veth peer in this namespace; using the host interface from prevResult");
-            return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PrevResult });
+        let Some(host) = node.link_by_name(name).await?.map(|m| LinkFacts::from(&m)) else { continue };
+        if !host.is_veth() {
+            not_veth.get_or_insert(host);
+            continue;
         }
+        if let Some(owner) = holder_of_interface(store, &host, container_id)? {
+            return Err(CniError::new(
+                Code::HostInterface,
+                format!(
+                    "host interface {} named in prevResult belongs to pod {} (container {})",
+                    host.name, owner.pod, owner.container_id
+                ),
+            )
+            .with_details(format!(
+                "its record holds interface {} (index {}); prevResult must name this pod's own host interface",
+                host.name, host.index
+            )));
+        }
+        warn!(interface = %container.name, host_interface = %host.name,
+              "pod interface has no veth peer in this namespace; using the host interface from prevResult");
+        return Ok(HostInterface { name: host.name, index: host.index, source: HostInterfaceSource::PrevResult });
+    }
+    if let Some(host) = not_veth {
+        let kind = host.kind.map_or_else(|| "link without a kind (a NIC?)".to_string(), |k| k.to_string());
+        return Err(CniError::new(
+            Code::HostInterface,
+            format!("host interface {} named in prevResult is a {kind}, not a veth", host.name),
+        )
+        .with_details(format!(
+            "pod interface {} has no veth peer in the node namespace, and only a pod's own veth can carry its \
+             identity",
+            container.name
+        )));
     }
     Err(CniError::new(Code::HostInterface, format!("cannot find the host side of pod interface {}", container.name))
         .with_details(
             "it is not a veth whose peer is in the node namespace, and prevResult names no host interface here",
         ))
+}
+
+/// The record of another attachment (another container) that holds `host`, the same name and
+/// index: the interface is that pod's, not a former one's of the same name.
+fn holder_of_interface(store: &Store, host: &LinkFacts, container_id: &str) -> Result<Option<PodRecord>> {
+    let (records, _) = store.list()?;
+    Ok(records.into_iter().find(|r| {
+        r.container_id != container_id && r.host_interface.name == host.name && r.host_interface.index == host.index
+    }))
 }
 
 /// Routes each intercepted address to the node unless the pod's routes already do;
@@ -178,10 +234,17 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
         Err(e) => return Err(e.into()),
     };
     // iamlinkd removes the entry when it answers in time (its netlink socket stays open, so no
-    // wait for the kernel's RCU grace period when a socket closes); else the plugin does.
+    // wait for the kernel's RCU grace period when a socket closes); else the plugin does. A
+    // record its slot does not name has no entry: the slot's element and chain are its holder's.
     if let Some(r) = &record {
-        if !daemon::release(store, r) {
-            intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+        match store.slot_holder(r)? {
+            SlotHolder::This => {
+                if !daemon::release(store, r) {
+                    intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+                }
+            }
+            holder => info!(container = %container_id, pod = %r.pod, host_interface = %r.host_interface.name,
+                            slot = r.slot, holder = ?holder, "record does not hold its slot: the interception is left to the slot's holder"),
         }
     }
     store.remove(lock, container_id, ifname)?;

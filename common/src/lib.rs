@@ -21,4 +21,4 @@ pub mod store;
 pub use mark::{MarkMask, Slot};
 pub use netconf::NetconfEntry;
 pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
-pub use store::{SlotIdentity, Store, StoreError, StoreLock};
+pub use store::{SlotHolder, SlotIdentity, Store, StoreError, StoreLock};

@@ -123,19 +123,29 @@ impl Netlink {
 pub struct LinkFacts {
     pub name: String,
     pub index: u32,
-    pub is_veth: bool,
+    /// `IFLA_INFO_KIND` (`veth`, `bridge`, ...); `None` for a link without one (a NIC, `lo`).
+    pub kind: Option<InfoKind>,
     pub peer_index: Option<u32>,
+}
+
+impl LinkFacts {
+    pub fn is_veth(&self) -> bool {
+        self.kind == Some(InfoKind::Veth)
+    }
 }
 
 impl From<&LinkMessage> for LinkFacts {
     fn from(m: &LinkMessage) -> Self {
-        let mut facts = LinkFacts { name: String::new(), index: m.header.index, is_veth: false, peer_index: None };
+        let mut facts = LinkFacts { name: String::new(), index: m.header.index, kind: None, peer_index: None };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => facts.name = n.clone(),
                 LinkAttribute::Link(i) => facts.peer_index = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
-                    facts.is_veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+                    facts.kind = infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(k) => Some(k.clone()),
+                        _ => None,
+                    })
                 }
                 _ => {}
             }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::intercept::RuleSet;
 use crate::netlink::{LinkFacts, Netlink, NetlinkError};
-use crate::{PodRecord, Store};
+use crate::{PodRecord, SlotHolder, Store};
 
 /// Whether any of a pod's addresses (CIDR strings, as CNI results and records spell them) is IPv6.
 pub fn has_ipv6<'a>(addresses: impl IntoIterator<Item = &'a str>) -> bool {
@@ -85,8 +85,12 @@ pub struct SlotChain {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plumbing {
-    /// `slots/<slot>` links to this record.
+    /// `slots/<slot>` links to this record: it holds its slot ([`SlotHolder`]).
     pub slot_linked: bool,
+    /// The attachment `slots/<slot>` links to instead (`namespace/pod (container <id>)`, or
+    /// its record key when that record cannot be read); `None`: this record, or no link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_held_by: Option<String>,
     /// Why `slots/<slot>` could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot_error: Option<String>,
@@ -104,17 +108,28 @@ pub struct Plumbing {
 /// map's slot for the record's host interface, as the caller read it (one listing of the map
 /// serves a whole node).
 pub async fn gather(store: &Store, record: &PodRecord, entry: Option<u32>, netns: &str, routed: &[IpAddr]) -> Plumbing {
-    let (slot_linked, slot_error) = match store.by_slot(record.slot) {
-        Ok(linked) => (linked.as_ref() == Some(record), None),
-        Err(e) => (false, Some(e.to_string())),
+    let (slot_linked, slot_held_by, slot_error) = match store.slot_holder(record) {
+        Ok(SlotHolder::This) => (true, None, None),
+        Ok(SlotHolder::Nobody) => (false, None, None),
+        Ok(SlotHolder::Other(key)) => (false, Some(attachment_name(store, &key)), None),
+        Err(e) => (false, None, Some(e.to_string())),
     };
     Plumbing {
         slot_linked,
+        slot_held_by,
         slot_error,
         entry,
         slot_chain: None,
         host: host_link(record).await,
         pod: pod_side(record, netns, routed).await,
+    }
+}
+
+/// The attachment a record key names, as an operator knows it: its pod and container.
+fn attachment_name(store: &Store, key: &str) -> String {
+    match store.get_by_key(key) {
+        Ok(Some(r)) => format!("{} (container {})", r.pod, r.container_id),
+        _ => format!("record {key}"),
     }
 }
 
@@ -169,6 +184,11 @@ pub enum Finding {
     SlotNotLinked {
         slot: u32,
     },
+    /// `holder`: the attachment the slot's link names, as [`Plumbing::slot_held_by`] says it.
+    SlotHeldByOther {
+        slot: u32,
+        holder: String,
+    },
     SlotUnreadable {
         slot: u32,
         reason: String,
@@ -184,6 +204,11 @@ pub enum Finding {
     },
     EntryMissing {
         host_interface: String,
+    },
+    /// The record holds no slot, yet the pods map sends its host interface to `entry`.
+    EntryWithoutSlot {
+        host_interface: String,
+        entry: u32,
     },
     EntryWrongSlot {
         host_interface: String,
@@ -249,9 +274,13 @@ impl Finding {
 
     pub fn part(&self) -> Part {
         match self {
-            Finding::SlotNotLinked { .. } | Finding::SlotUnreadable { .. } => Part::Slot,
+            Finding::SlotNotLinked { .. } | Finding::SlotHeldByOther { .. } | Finding::SlotUnreadable { .. } => {
+                Part::Slot
+            }
             Finding::SlotChainMissing { .. } | Finding::SlotChainWrongMark { .. } => Part::SlotChain,
-            Finding::EntryMissing { .. } | Finding::EntryWrongSlot { .. } => Part::Entry,
+            Finding::EntryMissing { .. } | Finding::EntryWithoutSlot { .. } | Finding::EntryWrongSlot { .. } => {
+                Part::Entry
+            }
             Finding::HostInterfaceRecreated { .. }
             | Finding::HostInterfaceGone { .. }
             | Finding::HostInterfaceUnreadable { .. } => Part::HostInterface,
@@ -270,10 +299,11 @@ impl Plumbing {
     pub fn findings(&self, record: &PodRecord) -> Vec<Finding> {
         let (slot, host) = (record.slot, &record.host_interface);
         let mut out = vec![];
-        match &self.slot_error {
-            Some(reason) => out.push(Finding::SlotUnreadable { slot, reason: reason.clone() }),
-            None if !self.slot_linked => out.push(Finding::SlotNotLinked { slot }),
-            None => {}
+        match (&self.slot_error, &self.slot_held_by) {
+            (Some(reason), _) => out.push(Finding::SlotUnreadable { slot, reason: reason.clone() }),
+            (None, Some(holder)) => out.push(Finding::SlotHeldByOther { slot, holder: holder.clone() }),
+            (None, None) if !self.slot_linked => out.push(Finding::SlotNotLinked { slot }),
+            (None, None) => {}
         }
         if let (Some(chain), Some(entry)) = (&self.slot_chain, self.entry) {
             match chain.mark {
@@ -289,6 +319,11 @@ impl Plumbing {
             }
         }
         match self.entry {
+            // A record that holds no slot has no entry (the guard removes one).
+            None if !self.slot_linked && self.slot_error.is_none() => {}
+            Some(entry) if !self.slot_linked && self.slot_error.is_none() => {
+                out.push(Finding::EntryWithoutSlot { host_interface: host.name.clone(), entry })
+            }
             Some(s) if s == slot => {}
             Some(entry) => out.push(Finding::EntryWrongSlot { host_interface: host.name.clone(), entry, slot }),
             None => out.push(Finding::EntryMissing { host_interface: host.name.clone() }),
@@ -325,8 +360,15 @@ impl fmt::Display for Finding {
         match self {
             Finding::SlotNotLinked { slot } => write!(
                 f,
-                "slot {slot} does not link to this record (slots/{slot} is missing or names another): iamlinkd \
-                 cannot identify this pod"
+                "slot {slot} not linked (slots/{slot} is missing): the pod's ADD did not finish, so the record holds \
+                 no slot and the pod gets no credentials; the runtime's repeated ADD gives it a free slot (else \
+                 delete and recreate the pod)"
+            ),
+            Finding::SlotHeldByOther { slot, holder } => write!(
+                f,
+                "slot {slot} held by {holder}, not this record: the pod's ADD did not finish and the slot went to \
+                 another pod, so this pod gets no credentials; the runtime's repeated ADD gives it a free slot (else \
+                 delete and recreate the pod)"
             ),
             Finding::SlotUnreadable { slot, reason } => {
                 write!(f, "slots/{slot} cannot be read ({reason}): iamlinkd cannot identify this pod")
@@ -346,6 +388,11 @@ impl fmt::Display for Finding {
                 f,
                 "record without interception entry: the pods map has no entry for {host_interface}, so the pod's \
                  connections carry no identity (iamlinkd answers 404)"
+            ),
+            Finding::EntryWithoutSlot { host_interface, entry } => write!(
+                f,
+                "interception entry for {host_interface} points at slot-{entry}, but the record holds no slot: its \
+                 connections carry slot {entry}'s identity; iamlinkd removes the entry when it runs"
             ),
             Finding::EntryWrongSlot { host_interface, entry, slot } => write!(
                 f,
@@ -426,6 +473,7 @@ mod tests {
     fn healthy() -> Plumbing {
         Plumbing {
             slot_linked: true,
+            slot_held_by: None,
             slot_error: None,
             entry: Some(3),
             slot_chain: Some(SlotChain { mark: Some(3), expected_mark: 3, mark_read_as: Some(3) }),
@@ -455,6 +503,29 @@ mod tests {
             vec![Finding::EntryWrongSlot { host_interface: "veth1".into(), entry: 9, slot: 3 }]
         );
         assert!(texts(&p)[0].contains("slot-9, not the record's slot-3"));
+    }
+
+    /// A record its slot does not name holds nothing: its problem is the slot, with the holder
+    /// and the fix; it should have no entry, and one it has is a problem of its own.
+    #[test]
+    fn a_record_its_slot_does_not_name_is_named_with_the_holder_and_the_fix() {
+        let holder = "team-b/api (container c2)".to_string();
+        let held = Plumbing { slot_linked: false, slot_held_by: Some(holder.clone()), entry: None, ..healthy() };
+        assert_eq!(held.findings(&record()), vec![Finding::SlotHeldByOther { slot: 3, holder }]);
+        let text = &texts(&held)[0];
+        assert!(text.starts_with("slot 3 held by team-b/api (container c2), not this record"), "{text}");
+        assert!(text.contains("repeated ADD gives it a free slot"), "{text}");
+        let unlinked = Plumbing { slot_linked: false, entry: None, ..healthy() };
+        assert_eq!(unlinked.findings(&record()), vec![Finding::SlotNotLinked { slot: 3 }]);
+        assert!(texts(&unlinked)[0].starts_with("slot 3 not linked (slots/3 is missing)"));
+        let marked = Plumbing { slot_linked: false, ..healthy() };
+        assert_eq!(
+            marked.findings(&record()),
+            vec![
+                Finding::SlotNotLinked { slot: 3 },
+                Finding::EntryWithoutSlot { host_interface: "veth1".into(), entry: 3 }
+            ]
+        );
     }
 
     #[test]

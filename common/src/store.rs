@@ -77,6 +77,21 @@ impl SlotIdentity {
     }
 }
 
+/// Who holds a record's slot, by the one rule that ADD, DEL, iamlinkd's guard and `explain` all
+/// follow: a record holds its slot only while `slots/<slot>` names it. A record its slot does not
+/// name (an ADD killed between writing it and linking; its slot since given to another pod)
+/// holds nothing: it gets no interception element, a repeated ADD gives it a free slot, and its
+/// DEL leaves the slot's element and chain to the slot's holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotHolder {
+    /// `slots/<slot>` names this record.
+    This,
+    /// `slots/<slot>` names another attachment: its record key (`<containerID>.<ifname>`).
+    Other(String),
+    /// `slots/<slot>` does not exist.
+    Nobody,
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     dir: PathBuf,
@@ -216,6 +231,31 @@ impl Store {
         }
     }
 
+    /// Who holds `record`'s slot (see [`SlotHolder`]): one readlink, the record is not read.
+    pub fn slot_holder(&self, record: &PodRecord) -> Result<SlotHolder, StoreError> {
+        let Some(target) = self.slot_target(record.slot)? else { return Ok(SlotHolder::Nobody) };
+        let named = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json"));
+        Ok(match named {
+            Some(key) if key == record.key() => SlotHolder::This,
+            other => SlotHolder::Other(other.unwrap_or_default().to_string()),
+        })
+    }
+
+    /// Every readable record that holds its slot ([`SlotHolder::This`]), in slot order, and the
+    /// unreadable ones: what the rule set's elements are derived from.
+    pub fn slot_holders(&self) -> Result<(Vec<PodRecord>, Vec<StoreError>), StoreError> {
+        let (records, mut bad) = self.list()?;
+        let mut holders = Vec::with_capacity(records.len());
+        for r in records {
+            match self.slot_holder(&r) {
+                Ok(SlotHolder::This) => holders.push(r),
+                Ok(_) => {}
+                Err(e) => bad.push(e),
+            }
+        }
+        Ok((holders, bad))
+    }
+
     /// Where slot `slot`'s link points (an attachment's record, relative to the slots
     /// directory); None when there is no link.
     fn slot_target(&self, slot: u32) -> Result<Option<PathBuf>, StoreError> {
@@ -273,7 +313,7 @@ impl Store {
     }
 
     /// Removes one attachment's slot link and record; returns what was removed.
-    /// The slot link is removed only while it still points at this record.
+    /// The slot link is removed only while it names this record ([`SlotHolder::This`]).
     pub fn remove(&self, _lock: &StoreLock, container_id: &str, ifname: &str) -> Result<Option<PodRecord>, StoreError> {
         let path = self.record_path(container_id, ifname);
         let record = match self.get(container_id, ifname) {
@@ -284,9 +324,8 @@ impl Store {
             Err(e) => return Err(e),
         };
         if let Some(r) = &record {
-            let link = self.slot_path(r.slot);
-            let points_here = fs::read_link(&link).map(|t| t.file_name() == path.file_name()).unwrap_or(false);
-            if points_here {
+            if matches!(self.slot_holder(r), Ok(SlotHolder::This)) {
+                let link = self.slot_path(r.slot);
                 fs::remove_file(&link).map_err(io_err(&link))?;
                 sync_dir(&self.slots_dir())?;
             }
@@ -393,6 +432,30 @@ mod tests {
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].container_id, "new");
         assert_eq!(store.by_slot(2).unwrap().unwrap().container_id, "new");
+    }
+
+    /// The crash the rule is for: ADD(A) wrote its record and died before linking its slot; ADD(B)
+    /// took the slot. A holds nothing; B holds the slot; only B is among the slot holders.
+    #[test]
+    fn a_record_holds_its_slot_only_while_the_slot_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lock = store.lock().unwrap();
+        let a = record("a", "vethA", 1);
+        store.insert(&lock, &a).unwrap();
+        assert_eq!(store.slot_holder(&a).unwrap(), SlotHolder::This);
+        fs::remove_file(dir.path().join("slots/1")).unwrap();
+        assert_eq!(store.slot_holder(&a).unwrap(), SlotHolder::Nobody, "record written, link not");
+        assert_eq!(store.free_slot(&lock, 511, &[]).unwrap(), 1, "free by the links");
+        let b = record("b", "vethB", 1);
+        store.insert(&lock, &b).unwrap();
+        assert_eq!(store.slot_holder(&a).unwrap(), SlotHolder::Other(b.key()));
+        assert_eq!(store.slot_holder(&b).unwrap(), SlotHolder::This);
+        let (holders, bad) = store.slot_holders().unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(holders, vec![b.clone()], "A gets no element");
+        assert_eq!(store.remove(&lock, "a", "eth0").unwrap(), Some(a), "A's record goes");
+        assert_eq!(store.by_slot(1).unwrap(), Some(b), "B's link stays");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Before any listener exists: no connection is accepted under a layout not yet verified.
     let (records, start_repairs) = {
         let lock = store.lock()?;
-        let (records, bad) = store.list()?;
+        let (records, bad) = store.slot_holders()?;
         for e in bad {
             warn!(error = %e, "skipping unreadable pod record");
         }

@@ -48,6 +48,8 @@ def bench(make_module_bench):
     # A namespace whose eth0 is a bridge: not a veth, and named nowhere in prevResult.
     b.bridge_ns = b.node.new_netns()
     b.node.exec(["ip", "link", "add", "eth0", "type", "bridge"], netns=b.bridge_ns)
+    # A bridge in the node's namespace, as a bridge CNI plugin's cni0 would be.
+    b.node.exec(["ip", "link", "add", "iamlinkbr0", "type", "bridge"])
     return b
 
 
@@ -138,6 +140,11 @@ CNI_CASES = {
         conf(prevResult={"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "x"}],
                          "ips": [{"address": "198.18.65.2/24", "gateway": "198.18.65.1", "interface": 0}]}),
         100, "cannot find the host side of pod interface eth0", "1.0.0"),
+    "prevResult-names-a-bridge": (
+        "ADD", env(CNI_NETNS=lambda b: f"/var/run/netns/{b.bridge_ns}"),
+        conf(prevResult={"cniVersion": "1.0.0", "interfaces": [{"name": "iamlinkbr0"}, {"name": "eth0", "sandbox": "x"}],
+                         "ips": [{"address": "198.18.65.2/24", "gateway": "198.18.65.1", "interface": 1}]}),
+        100, "host interface iamlinkbr0 named in prevResult is a bridge, not a veth", "1.0.0"),
     "no-such-interface": ("ADD", env(CNI_IFNAME="eth7"), conf(), 100, "no interface eth7", "1.0.0"),
     "stdin-over-1-MiB": ("ADD", env(), lambda b: b"{" + b" " * (1 << 20) + b"}", 6, "larger than 1 MiB", "1.1.0"),
     "stdin-not-utf8": ("ADD", env(), lambda b: b'{"cniVersion": "1.0.0", "name": "\xff\xfe"}', 6, "not UTF-8", "1.0.0"),
@@ -224,6 +231,31 @@ def test_cni_add_repeated_for_the_same_container_succeeds_with_the_same_slot(ben
     assert [n for n, t in links.items() if t.endswith(mine)] == [str(first["slot"])], links
     rules = bench.node.exec(["nft", "list", "map", "inet", "iamlink", "pods"]).stdout
     assert rules.count(f'"{pod.host_ifname}"') == 1 and f'"{pod.host_ifname}" : jump slot-{first["slot"]}' in rules, rules
+
+
+def test_cni_add_whose_prevResult_names_a_live_pods_host_interface_is_refused_and_that_pod_keeps_its_role(bench):
+    """A pod whose eth0 is no veth (so the plugin falls back to prevResult), with an address and
+    its gateway on-link, and a prevResult naming team-a/web's host interface: refused, naming
+    the interface and its owner; web keeps its element and its role."""
+    ns = bench.node.new_netns()
+    bench.callback(bench.node.delete_netns, ns)
+    for argv in (["ip", "link", "add", "eth0", "type", "bridge"], ["ip", "addr", "add", "198.18.65.2/24", "dev", "eth0"],
+                 ["ip", "link", "set", "eth0", "up"]):
+        bench.node.exec(argv, netns=ns)
+    web = bench.web
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": web.host_ifname}, {"name": "eth0", "sandbox": "x"}],
+            "ips": [{"address": "198.18.65.2/24", "gateway": "198.18.65.1", "interface": 1}]}
+    before = node_state(bench)
+    p = run_plugin(bench, dict(base_env(bench), CNI_NETNS=f"/var/run/netns/{ns}"),
+                   json.dumps(dict(base_conf(bench), prevResult=prev)).encode())
+    out = p.stdout.decode("utf-8", "replace")
+    assert p.returncode != 0, f"exit 0: {out}"
+    err = json.loads(out)
+    assert err["code"] == 100, err
+    for fragment in (f"host interface {web.host_ifname}", "team-a/web", web.cid):
+        assert fragment in err["msg"], f"{fragment!r} missing: {err}"
+    assert node_state(bench) == before, "the store or the rule set changed"
+    assert_still_serving(bench)
 
 
 # ---------------------------------------------------------------------------------------------

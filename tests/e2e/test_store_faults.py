@@ -15,10 +15,11 @@ the node's metadata service by the fake upstream.
 
 import json
 import os
+import re
 import shutil
 import time
 
-from harness import is_assumed_role, wait_until
+from harness import IAMLINKD, is_assumed_role, wait_until
 from harness.netns_threads import NetnsThreads
 from harness.rawhttp import request
 from harness.sts_faults import StsFaultProxy
@@ -106,6 +107,99 @@ def test_slot_link_to_another_pods_record_is_not_trusted(make_bench):
     listing, answer = creds_answer(web, "batch")
     assert listing.status != 200 and answer.status != 200, \
         f"{web} was answered as team-b/batch: listing {listing}, credentials {answer}"
+
+
+def slot_of(bench, pod):
+    with open(record_path(bench, pod)) as f:
+        return json.load(f)["slot"]
+
+
+def pods_map(bench):
+    """The rule set's pods map: [(host interface, slot)], one pair per element."""
+    text = bench.node.exec(["nft", "list", "map", "inet", "iamlink", "pods"]).stdout
+    return [(name, int(slot)) for name, slot in re.findall(r'"([^"]+)" : jump slot-(\d+)', text)]
+
+
+def crash_before_slot_link(bench, pod):
+    """What ADD killed after writing its record and before linking its slot leaves: the record,
+    and no slot link, element or slot chain. Returns the slot. Made with iamlinkd stopped (a
+    node coming back), since a running one repairs the rule set within milliseconds."""
+    slot = slot_of(bench, pod)
+    bench.daemon.stop()
+    os.remove(os.path.join(bench.store_dir, "slots", str(slot)))
+    bench.node.exec(["nft", "-f", "-"], input=f'delete element inet iamlink pods {{ "{pod.host_ifname}" }}\n'
+                                              f"delete chain inet iamlink slot-{slot}\n")
+    return slot
+
+
+def iamlinkd_cli(bench, *args):
+    return bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path] + list(args), check=False)
+
+
+def test_add_repeated_after_a_crash_before_its_slot_link_never_lends_its_role_to_the_slots_new_holder(make_bench):
+    """ADD(A) killed after writing its record and before linking its slot (iamlinkd down
+    meanwhile, as on a node coming back); ADD(B) takes that slot, free by the links; the runtime
+    repeats ADD(A). B gets B's role only, A gets A's, and iamlinkd's guard keeps one element per
+    slot, each its holder's."""
+    bench = make_bench(pod_roles=ROLES)
+    a = bench.pods.add("team-a", "a")
+    slot = crash_before_slot_link(bench, a)
+    b = bench.pods.add("team-b", "b")
+    assert slot_of(bench, b) == slot, "B takes the slot that no link names"
+    again = bench.pods.add_iamlink_again(a)
+    assert again.returncode == 0 and json.loads(again.stdout) == a.result, (again.stdout, again.stderr)
+    bench.daemon.start()
+
+    assert_gets_own_role(bench, b, "batch")
+    _, web_for_b = creds_answer(b, "web")
+    assert web_for_b.status == 404, f"{b} asked for A's role: {web_for_b}"
+    assert_gets_own_role(bench, a, "web")
+    a_slot = slot_of(bench, a)
+    assert a_slot != slot, f"the repeated ADD of A kept slot {slot}, which B holds"
+    # iamlinkd's guard, which repaired the rule set from the store at start, keeps one element
+    # per slot, each its holder's.
+    wait_until(lambda: sorted(pods_map(bench)) == sorted([(a.host_ifname, a_slot), (b.host_ifname, slot)]), 5,
+               f"the pods map to hold exactly A's and B's elements: {pods_map(bench)}")
+    status = iamlinkd_cli(bench, "status", "--json")
+    doc = json.loads(status.stdout)
+    assert status.returncode == 0 and doc["problems"] == [], doc
+    assert doc["records"] == 2 and doc["interceptionEntries"] == 2, doc
+
+
+def test_a_record_whose_slot_went_to_another_pod_gets_no_element_is_explained_and_its_del_leaves_that_pod_alone(
+        make_bench):
+    bench = make_bench(pod_roles=ROLES)
+    a = bench.pods.add("team-a", "a")
+    slot = crash_before_slot_link(bench, a)
+    b = bench.pods.add("team-b", "b")
+    assert slot_of(bench, b) == slot, "B takes the slot that no link names"
+    bench.daemon.start()
+
+    # The guard gives A's record no element: A's packets carry no slot, never B's.
+    assert pods_map(bench) == [(b.host_ifname, slot)], pods_map(bench)
+    listing, _ = creds_answer(a, "batch")
+    assert listing.status == 404 and "batch" not in listing.text, f"{a} is answered as team-b/b: {listing}"
+    assert_gets_own_role(bench, b, "batch")
+
+    explained = iamlinkd_cli(bench, "explain", a.key)
+    holder = f"team-b/b (container {b.cid})"
+    assert explained.returncode == 1, explained
+    assert f"(slot {slot}, HELD BY {holder}, created" in explained.stdout, explained.stdout
+    assert f"slot {slot} held by {holder}, not this record" in explained.stdout, explained.stdout
+    assert "the runtime's repeated ADD gives it a free slot" in explained.stdout, explained.stdout
+    status = iamlinkd_cli(bench, "status", "--json")
+    doc = json.loads(status.stdout)
+    assert status.returncode == 1 and doc["recordsWithoutEntry"] == 0, doc
+    assert [p for p in doc["problems"] if p.startswith(f"{a.key}: slot {slot} held by {holder}")], doc
+
+    # A's DEL removes A's record and nothing of B's.
+    bench.pods.delete(a)
+    assert not os.path.exists(record_path(bench, a))
+    assert os.readlink(os.path.join(bench.store_dir, "slots", str(slot))) == f"../records/{b.cid}.eth0.json"
+    assert pods_map(bench) == [(b.host_ifname, slot)], pods_map(bench)
+    assert_gets_own_role(bench, b, "batch")
+    status = iamlinkd_cli(bench, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["problems"] == [], status.stdout
 
 
 def test_store_removed_under_a_running_node_never_lends_a_new_pods_identity(make_bench):

@@ -9,7 +9,8 @@ import subprocess
 import uuid
 
 from .netns import netns_path
-from .util import AWS_VPC_CNI_SHAPED, BASE_PATH, CNIRT, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS, RELEASE, tool
+from .util import (AWS_VPC_CNI_SHAPED, BASE_PATH, CNIRT, IAMLINK_PLUGIN, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS,
+                   RELEASE, tool)
 
 NETWORK = "iamlink-test"
 
@@ -221,6 +222,17 @@ class Pods:
         with open(path, "w") as f:
             json.dump(only, f, indent=2)
         return self.cnirt_run("del", pod, conflist=path)
+
+    def add_iamlink_again(self, pod):
+        """The runtime's repeated ADD as iamlink sees it: its own conflist entry, the pod's
+        result as prevResult (the plugins before it are not run again: they would refuse an
+        interface that exists). Returns the run."""
+        entry = next(p for p in self.conflist["plugins"] if p["type"] == "iamlink")
+        conf = dict(entry, cniVersion=self.conflist["cniVersion"], name=NETWORK, prevResult=pod.result)
+        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod.cid,
+               "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_ARGS": pod.cni_args(),
+               "CNI_PATH": self.bin_dirs}
+        return self.node.exec([IAMLINK_PLUGIN], env=env, input=json.dumps(conf), check=False)
 
     def del_again(self, pod):
         """containerd's RemovePodSandbox DEL: empty CNI_NETNS and no prevResult. Returns the run."""

@@ -274,21 +274,24 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
 }
 
 /// Makes the rule set what the store says, under the store lock; logs and counts each repair.
+/// Only records that hold their slot have an element (`SlotHolder`): one whose slot names
+/// another record must not mark packets with that record's slot.
 fn check_rule_set<S>(app: &App<S>) -> Result<(), Error> {
     let rules = app.config.rule_set();
-    let (records, _) = app.store.list()?;
+    let (records, _) = app.store.slot_holders()?;
     if !rules.needs_repair(&records)? {
         return Ok(());
     }
     let lock = app.store.lock()?;
-    let (records, _) = app.store.list()?;
+    let (records, _) = app.store.slot_holders()?;
     for r in ensure(&rules, &lock, &records)? {
         app.metrics.repaired(r.kind());
     }
     Ok(())
 }
 
-/// One ensure of the rule set, each repair logged; start-up runs it too.
+/// One ensure of the rule set from `records` (those that hold their slot), each repair logged;
+/// start-up runs it too.
 pub fn ensure(
     rules: &RuleSet,
     lock: &iamlink_common::StoreLock,

@@ -234,6 +234,7 @@ mod tests {
     fn without_entry() -> Plumbing {
         Plumbing {
             slot_linked: true,
+            slot_held_by: None,
             slot_error: None,
             entry: None,
             slot_chain: None,

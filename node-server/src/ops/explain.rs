@@ -243,16 +243,15 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         let _ = writeln!(out, "pod {}", r.pod);
         line(&mut out, "uid", if r.pod.uid.is_empty() { "(not passed by the runtime)" } else { &r.pod.uid });
         line(&mut out, "container", &format!("{} (interface {}, network {})", r.container_id, r.ifname, r.network));
+        let held = match (&p.slot_held_by, p.slot_linked) {
+            (_, true) => String::new(),
+            (Some(holder), false) => format!(", HELD BY {holder}"),
+            (None, false) => ", NOT LINKED".to_string(),
+        };
         line(
             &mut out,
             "record",
-            &format!(
-                "{} (slot {}{}, created {})",
-                pod.record_file.display(),
-                r.slot,
-                if p.slot_linked { "" } else { ", NOT linked from its slot" },
-                r.created
-            ),
+            &format!("{} (slot {}{held}, created {})", pod.record_file.display(), r.slot, r.created),
         );
         line(&mut out, "netns", &r.netns);
         line(&mut out, "addresses", &r.ips.join(", "));
@@ -303,7 +302,9 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
                 Some(SlotChain { mark: None, .. }) => format!("{} → slot-{s}: MISSING slot chain", host.name),
                 None => format!("{} → slot-{s}", host.name),
             },
+            (Some(s), _) if !p.slot_linked => format!("{} → slot-{s}: the record holds no slot", host.name),
             (Some(s), _) => format!("{} → slot-{s}: WRONG SLOT (the record holds slot-{})", host.name, r.slot),
+            (None, _) if !p.slot_linked => format!("none for {} (the record holds no slot)", host.name),
             (None, _) => format!("MISSING: no entry for {} in the pods map", host.name),
         };
         line(&mut out, "interception", &entry);
@@ -442,7 +443,8 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
     let (mut without_entry, mut tally, mut unchecked) = (0, Tally::default(), vec![]);
     for record in &view.records {
         let p = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
-        without_entry += usize::from(p.entry != Some(record.slot));
+        // A record that holds no slot has no entry by the rule: its problem is the slot.
+        without_entry += usize::from(p.slot_linked && p.entry != Some(record.slot));
         let found = diagnose::findings(&p, record, &view.rule_set);
         tally.add(&found);
         let (pod_problems, pod_unchecked) = split(&found);
@@ -570,6 +572,7 @@ mod tests {
         };
         let plumbing = Plumbing {
             slot_linked: true,
+            slot_held_by: None,
             slot_error: None,
             entry,
             slot_chain: Some(SlotChain { mark: Some(1), expected_mark: 1, mark_read_as: Some(1) }),

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use iamlink_common::intercept::{InterceptError, PodRemover};
 use iamlink_common::pod_events::{Event, ReleaseAnswer};
 use iamlink_common::record::rfc3339;
-use iamlink_common::PodRecord;
+use iamlink_common::{PodRecord, SlotHolder};
 
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, CacheState};
@@ -254,11 +254,21 @@ async fn pod_event<S: AssumeRole>(app: &Arc<App<S>>, event: Event) -> Response<F
 }
 
 /// Removes the record's entry for the plugin, which holds the store lock until the deadline.
+/// A record its slot does not name (`SlotHolder`) is refused: the slot's element and chain are
+/// its holder's.
 async fn release<S: AssumeRole>(
     app: &Arc<App<S>>,
     record: PodRecord,
     deadline_boottime_ns: u64,
 ) -> Response<Full<Bytes>> {
+    match app.store.slot_holder(&record) {
+        Ok(SlotHolder::This) => {}
+        Ok(_) => {
+            let reason = format!("record {} does not hold slot {}", record.key(), record.slot);
+            return json_reply(StatusCode::CONFLICT, to_json(&reason));
+        }
+        Err(e) => return json_reply(StatusCode::INTERNAL_SERVER_ERROR, to_json(&e.to_string())),
+    }
     let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
     let app = app.clone();
     let done = tokio::task::spawn_blocking(move || {
