@@ -56,6 +56,9 @@ class Daemon:
 
     LISTEN_HOST = "198.18.0.1"
     LISTEN_PORT = 8181
+    # Metrics and probes on the node's address, as the DaemonSet binds them (iamlinkd's default
+    # is loopback): reachable from the node, and from pods through the node's address.
+    METRICS_PORT = 9101
 
     def __init__(self, node, moto, store_dir, pod_roles, default_role=None, settings=None, sts=None,
                  binary=IAMLINKD, wrapper=None, associations=()):
@@ -71,6 +74,7 @@ class Daemon:
         self.wrapper = list(wrapper or [])
         self.settings = {
             "listen": f"{self.LISTEN_HOST}:{self.LISTEN_PORT}",
+            "metrics_listen": f"{self.LISTEN_HOST}:{self.METRICS_PORT}",
             "store_dir": store_dir,
             "imdsv1": True,
             "upstream": "http://169.254.169.254",
