@@ -12,7 +12,6 @@ each), and the quiet pod's IMDSv2 exchange done as an SDK does it (token, listin
 service by the fake upstream.
 """
 
-import http.client
 import os
 import re
 import resource
@@ -49,10 +48,10 @@ def bench(make_bench):
     b.hostile = b.pods.add("team-a", "hostile")
     b.quiet = b.pods.add("team-b", "quiet")
     host, port = b.daemon.settings["metrics_listen"].rsplit(":", 1)
-    b.metrics = (host, int(port))
     # Every listener a pod reaches: the metadata and credentials addresses (DNATed to the pod
     # listener) and the metrics port on the node's address.
-    b.targets = {"metadata": ("169.254.169.254", 80), "credentials": ("169.254.170.23", 80), "metrics": b.metrics}
+    b.targets = {"metadata": ("169.254.169.254", 80), "credentials": ("169.254.170.23", 80),
+                 "metrics": (host, int(port))}
     return b
 
 
@@ -119,19 +118,6 @@ def ask_credentials():
     return result, time.monotonic() - t0
 
 
-def metrics_get(bench, path):
-    def get():
-        conn = http.client.HTTPConnection(*bench.metrics, timeout=2)
-        try:
-            conn.request("GET", path)
-            r = conn.getresponse()
-            return r.status, r.read().decode()
-        finally:
-            conn.close()
-
-    return bench.node.call(get)
-
-
 def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_within_1s(bench, bench_report):
     held = {}
     sampler = FdSampler(bench.daemon.proc.pid)
@@ -163,7 +149,7 @@ def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_wi
     assert sampler.limit == HARD_LIMIT, f"iamlinkd did not raise its soft descriptor limit: {sampler.limit}"
 
     # The caps closed the hostile pod's connections at once, counted them, and said so rarely.
-    status, text = metrics_get(bench, "/metrics")
+    _, text = bench.daemon.metrics_get("/metrics")
     refused = {m.group(1): float(m.group(2)) for m in
                re.finditer(r'^iamlink_connections_refused_total\{listener="([^"]+)"\} (\S+)$', text, re.M)}
     assert refused.get("metrics", 0) > 0, f"no refused metrics connection counted: {refused}"
@@ -173,7 +159,7 @@ def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_wi
     assert 0 < len(cap_lines) <= 20, f"{len(cap_lines)} log lines about the connection caps"
 
     # Everything answers again: probes, the quiet pod, and the hostile pod its own role.
-    wait_until(lambda: metrics_get(bench, "/readyz")[0] == 200, 10, "/readyz 200 after the connections closed")
+    wait_until(lambda: bench.daemon.metrics_get("/readyz")[0] == 200, 10, "/readyz 200 after the connections closed")
     with NetnsThreads(bench.quiet.netns) as in_quiet, NetnsThreads(bench.hostile.netns) as in_hostile:
         quiet, _ = in_quiet.call(ask_credentials)
         hostile, _ = in_hostile.call(ask_credentials)

@@ -1,5 +1,6 @@
 """Daemon: iamlinkd from target/release, configured and run inside the node."""
 
+import http.client
 import os
 import signal
 
@@ -164,6 +165,21 @@ class Daemon:
         if default_role is not None:
             self.default_role = default_role
         return self.start()
+
+    def metrics_get(self, path, timeout=2):
+        """(status, body) of GET path on the metrics listener, from inside the node."""
+        host, port = self.settings["metrics_listen"].rsplit(":", 1)
+
+        def get():
+            conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                return r.status, r.read().decode()
+            finally:
+                conn.close()
+
+        return self.node.call(get)
 
     def log_text(self):
         try:
