@@ -1,6 +1,6 @@
 //! The daemon's configuration file (TOML); `conf/iamlinkd.toml` documents every key.
 
-use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ pub struct Config {
     pub roles: RolesConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// Prometheus metrics, /healthz and /readyz; "" turns the listener off.
+    /// Prometheus metrics, /healthz and /readyz ([`MetricsListen`]); "" turns the listener off.
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: String,
     #[serde(default)]
@@ -189,8 +189,10 @@ fn default_proxy_allow() -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+/// Loopback: a node address, where kubelet's probes and Prometheus reach it, is chosen explicitly
+/// (the DaemonSet: `$HOST_IP:9101`), never every address the node has.
 fn default_metrics_listen() -> String {
-    "0.0.0.0:9101".into()
+    "127.0.0.1:9101".into()
 }
 fn default_region() -> String {
     "us-east-1".into()
@@ -252,11 +254,9 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("credentials_address {a:?}: {e}")))
     }
 
-    pub fn metrics_listen(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-        match self.metrics_listen.as_str() {
-            "" => Ok(None),
-            a => a.parse().map(Some).map_err(|e| ConfigError::Invalid(format!("metrics_listen {a:?}: {e}"))),
-        }
+    pub fn metrics_listen(&self) -> Result<MetricsListen, ConfigError> {
+        let a = &self.metrics_listen;
+        MetricsListen::parse(a).map_err(|e| ConfigError::Invalid(format!("metrics_listen {a:?}: {e}")))
     }
 
     /// The plugin's netconf entry for this daemon, as `install-cni` writes it: every key set, so
@@ -294,6 +294,55 @@ impl Config {
 
     pub fn sts_timeout(&self) -> Duration {
         Duration::from_secs(self.sts.timeout_seconds)
+    }
+}
+
+/// Where metrics and probes are served: off (`""`), an address, or a port on the IP an
+/// environment variable holds (`$HOST_IP:9101`): one ConfigMap for every node, each node binding
+/// its own address, which the DaemonSet sets from `status.hostIP`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    At(SocketAddr),
+    FromEnv { var: String, port: u16 },
+}
+
+impl MetricsListen {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Ok(MetricsListen::Off);
+        }
+        let Some(rest) = text.strip_prefix('$') else {
+            return text.parse().map(MetricsListen::At).map_err(|e| format!("{e} (ip:port or $VARIABLE:port)"));
+        };
+        let (var, port) = rest.rsplit_once(':').ok_or("expected $VARIABLE:port")?;
+        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("{var:?} is not an environment variable's name"));
+        }
+        let port = port.parse().map_err(|e| format!("port {port:?}: {e}"))?;
+        Ok(MetricsListen::FromEnv { var: var.to_string(), port })
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            MetricsListen::Off => None,
+            MetricsListen::At(a) => Some(a.port()),
+            MetricsListen::FromEnv { port, .. } => Some(*port),
+        }
+    }
+
+    /// The address to bind (`None`: off), reading the environment for `$VARIABLE:port`.
+    pub fn resolve(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let (var, port) = match self {
+            MetricsListen::Off => return Ok(None),
+            MetricsListen::At(a) => return Ok(Some(*a)),
+            MetricsListen::FromEnv { var, port } => (var, *port),
+        };
+        let invalid = |why: String| ConfigError::Invalid(format!("metrics_listen \"${var}:{port}\": {why}"));
+        let value = std::env::var(var).map_err(|e| invalid(format!("${var}: {e}")))?;
+        let ip: IpAddr =
+            value.trim().parse().map_err(|_| invalid(format!("${var} is {value:?}, not an IP address")))?;
+        Ok(Some(SocketAddr::new(ip, port)))
     }
 }
 
@@ -376,6 +425,25 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("proxy_allow") && e.contains(secret), "{secret}: {e}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_unless_an_address_or_a_variable_is_given() {
+        let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n{extra}"));
+        let default = parse("").unwrap().metrics_listen().unwrap();
+        assert_eq!(default.resolve().unwrap(), Some("127.0.0.1:9101".parse().unwrap()));
+        let at = parse("metrics_listen = \"198.18.0.1:9101\"").unwrap().metrics_listen().unwrap();
+        assert_eq!(at.resolve().unwrap(), Some("198.18.0.1:9101".parse().unwrap()));
+        assert_eq!(parse("metrics_listen = \"\"").unwrap().metrics_listen().unwrap().resolve().unwrap(), None);
+        let env = parse("metrics_listen = \"$IAMLINK_TEST_UNSET_HOST_IP:9102\"").unwrap().metrics_listen().unwrap();
+        assert_eq!(env, MetricsListen::FromEnv { var: "IAMLINK_TEST_UNSET_HOST_IP".into(), port: 9102 });
+        assert_eq!(env.port(), Some(9102));
+        let e = env.resolve().unwrap_err().to_string();
+        assert!(e.contains("metrics_listen") && e.contains("$IAMLINK_TEST_UNSET_HOST_IP"), "{e}");
+        for bad in ["$:9101", "$HOST IP:9101", "$HOST_IP", "$HOST_IP:http", "0.0.0.0"] {
+            let e = parse(&format!("metrics_listen = \"{bad}\"")).unwrap_err().to_string();
+            assert!(e.contains("metrics_listen"), "{bad}: {e}");
         }
     }
 

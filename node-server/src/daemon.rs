@@ -21,10 +21,13 @@ use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
 use crate::role::kube_view::{self, KubeError};
+use crate::serve::{self, Caps, ConnectionCap};
 
 /// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops.
 pub async fn run(config: Config) -> Result<(), Error> {
     accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
+    let caps = descriptor_budget(&config)?;
+    let metrics_listen = config.metrics_listen()?.resolve()?;
     let store = Store::open(&config.store_dir)?;
     let rules = config.rule_set();
     // Before any listener exists: no connection is accepted under a layout not yet verified.
@@ -77,16 +80,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
     tokio::spawn(refresh::run(app.clone(), pod_changes));
-    local_api::spawn(app.clone());
+    local_api::spawn(
+        app.clone(),
+        ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),
+    );
 
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    // One cap for the IPv4 and IPv6 listeners: the budget is the pods', whichever family.
+    let pods = ConnectionCap::new("pods", caps.pods, app.metrics.connections_refused("pods"));
     for listener in listeners {
-        tokio::spawn(accept::serve(app.clone(), listener));
+        tokio::spawn(accept::serve(app.clone(), listener, pods.clone()));
     }
-    if let Some(addr) = app.config.metrics_listen().ok().flatten() {
+    if let Some(addr) = metrics_listen {
         if let Some(listener) = metrics::bind(addr).await {
-            tokio::spawn(metrics::serve(app.metrics.clone(), listener));
+            let cap = ConnectionCap::new("metrics", caps.metrics, app.metrics.connections_refused("metrics"));
+            tokio::spawn(metrics::serve(app.metrics.clone(), listener, cap));
         }
     }
     tokio::select! {
@@ -94,6 +103,30 @@ pub async fn run(config: Config) -> Result<(), Error> {
         _ = int.recv() => info!("SIGINT: stopping; pods stay intercepted"),
     }
     Ok(())
+}
+
+/// The listeners' connection caps, sized from the descriptor limit once its soft limit is raised
+/// to the hard one: no flood of connections can take the descriptors the guard, the store and
+/// the other listeners need.
+fn descriptor_budget(config: &Config) -> Result<Caps, Error> {
+    let limit = match serve::raise_descriptor_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the descriptor limit; assuming 1024");
+            1024
+        }
+    };
+    let caps = Caps::for_limit(limit, config.limits.connections)?;
+    if config.limits.connections != 0 && (caps.pods as u64) < u64::from(config.limits.connections) {
+        warn!(
+            configured = config.limits.connections,
+            cap = caps.pods,
+            descriptors = limit,
+            "limits.connections lowered to what the descriptor limit allows"
+        );
+    }
+    info!(descriptors = limit, pods = caps.pods, metrics = caps.metrics, local_api = caps.local_api, "connection caps");
+    Ok(caps)
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, Error> {

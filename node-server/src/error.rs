@@ -37,6 +37,8 @@ pub enum Error {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     CniConfig(#[from] CniConfigError),
+    #[error(transparent)]
+    Descriptors(#[from] crate::serve::TooFewDescriptors),
 }
 
 impl Error {

@@ -29,9 +29,11 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   imdsv1              answer GETs without an IMDSv2 token (default true)
   upstream            the real metadata service (default http://169.254.169.254)
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
-  metrics_listen      ip:port for /metrics (Prometheus), /healthz and /readyz (default 0.0.0.0:9101; empty = off)
+  metrics_listen      ip:port or $VARIABLE:port (the IP from the environment) for /metrics (Prometheus), /healthz
+                      and /readyz (default 127.0.0.1:9101; empty = off)
   audit_log           file for JSON audit lines, one per credential answer and refusal (default: stderr only)
-  [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); 0 = off
+  [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); all pods together:
+          connections (4096, lowered to what the descriptor limit allows); 0 = off
   [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
   [roles] base_arn, default, [[roles.pod]] entries {namespace, name (optional), role} and
           [[roles.association]] entries {namespace, service_account, role}

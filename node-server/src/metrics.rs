@@ -9,7 +9,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -22,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::serve::accept_loop;
+use crate::serve::{accept_loop, http1, ConnectionCap};
 
 type Labels = Vec<(&'static str, String)>;
 /// An answer's outcome label: static strings in a fixed array, so that counting an answer (once
@@ -33,6 +32,7 @@ type OutcomeLabel = [(&'static str, &'static str); 1];
 pub struct Metrics {
     registry: Registry,
     answers: Family<OutcomeLabel, Counter>,
+    connections_refused: Family<OutcomeLabel, Counter>,
     pub sts_calls: Family<Labels, Counter>,
     pub sts_seconds: Histogram,
     pub cache_hits: Counter,
@@ -54,6 +54,7 @@ impl Default for Metrics {
         let mut m = Metrics {
             registry: Registry::with_prefix("iamlink"),
             answers: Family::default(),
+            connections_refused: Family::default(),
             sts_calls: Family::default(),
             sts_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             cache_hits: Counter::default(),
@@ -69,6 +70,11 @@ impl Default for Metrics {
         };
         let r = &mut m.registry;
         r.register("answers", "Metadata answers to pods by outcome", m.answers.clone());
+        r.register(
+            "connections_refused",
+            "Connections closed at once because their listener (pods, metrics, local API) had all it may have",
+            m.connections_refused.clone(),
+        );
         r.register("sts_calls", "AssumeRole calls by result", m.sts_calls.clone());
         r.register("sts_call_seconds", "AssumeRole call latency", m.sts_seconds.clone());
         r.register("credential_cache_hits", "Credential requests answered from the cache", m.cache_hits.clone());
@@ -99,6 +105,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn answer(&self, outcome: &'static str) {
         self.answers.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// The counter of `listener`'s connections refused at its cap.
+    pub fn connections_refused(&self, listener: &'static str) -> Counter {
+        self.connections_refused.get_or_create(&[("listener", listener)]).clone()
     }
 
     pub fn sts_call(&self, ok: bool, seconds: f64) {
@@ -156,10 +167,11 @@ impl Metrics {
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
-pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
-    accept_loop("metrics", listener, |stream, _| {
+pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, cap: ConnectionCap) {
+    accept_loop(cap, listener, |stream, _, place| {
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move {
@@ -177,7 +189,7 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
                     Ok::<_, Infallible>(r)
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1().serve_connection(TokioIo::new(stream), service).await;
         });
     })
     .await
@@ -202,6 +214,7 @@ mod tests {
     fn the_exposition_names_every_series() {
         let m = Metrics::default();
         m.answer("credentials served");
+        m.connections_refused("metrics").inc();
         m.sts_call(true, 0.02);
         m.cache_hits.inc();
         m.repaired("table");
@@ -210,6 +223,7 @@ mod tests {
         let text = m.render();
         for series in [
             "iamlink_answers_total{outcome=\"credentials served\"} 1",
+            "iamlink_connections_refused_total{listener=\"metrics\"} 1",
             "iamlink_sts_calls_total{result=\"ok\"} 1",
             "iamlink_sts_call_seconds_count 1",
             "iamlink_credential_cache_hits_total 1",

@@ -1,5 +1,6 @@
 """Daemon: iamlinkd from target/release, configured and run inside the node."""
 
+import http.client
 import os
 import signal
 
@@ -56,6 +57,9 @@ class Daemon:
 
     LISTEN_HOST = "198.18.0.1"
     LISTEN_PORT = 8181
+    # Metrics and probes on the node's address, as the DaemonSet binds them (iamlinkd's default
+    # is loopback): reachable from the node, and from pods through the node's address.
+    METRICS_PORT = 9101
 
     def __init__(self, node, moto, store_dir, pod_roles, default_role=None, settings=None, sts=None,
                  binary=IAMLINKD, wrapper=None, associations=()):
@@ -71,6 +75,7 @@ class Daemon:
         self.wrapper = list(wrapper or [])
         self.settings = {
             "listen": f"{self.LISTEN_HOST}:{self.LISTEN_PORT}",
+            "metrics_listen": f"{self.LISTEN_HOST}:{self.METRICS_PORT}",
             "store_dir": store_dir,
             "imdsv1": True,
             "upstream": "http://169.254.169.254",
@@ -160,6 +165,21 @@ class Daemon:
         if default_role is not None:
             self.default_role = default_role
         return self.start()
+
+    def metrics_get(self, path, timeout=2):
+        """(status, body) of GET path on the metrics listener, from inside the node."""
+        host, port = self.settings["metrics_listen"].rsplit(":", 1)
+
+        def get():
+            conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                return r.status, r.read().decode()
+            finally:
+                conn.close()
+
+        return self.node.call(get)
 
     def log_text(self):
         try:

@@ -4,7 +4,7 @@ then iamlinkd.
 
 Everything comes from the rendered YAML (`helm template` of deploy/helm/iamlink with the default
 values, checked to be the DaemonSet of deploy/kubernetes too): command and args, env (fieldRef
-spec.nodeName is the test node's name), securityContext (privileged, capabilities add/drop,
+spec.nodeName is the test node's name, status.hostIP its address), securityContext (privileged, capabilities add/drop,
 readOnlyRootFilesystem, runAsUser, allowPrivilegeEscalation → no_new_privs, seccompProfile),
 resources (as the kubelet turns them into cgroup limits), volumeMounts of the hostPath volumes, the
 ConfigMap (its data written to a directory, mounted read-only as the kubelet does) and the memory
@@ -36,6 +36,14 @@ HELM = os.path.join(REPO, ".build", "bin", "helm")  # where scripts/setup puts i
 IMAGE_ARCHIVE = os.path.join(REPO, ".build", "image", "iamlink.oci.tar")  # scripts/build-image
 NAMESPACE = "iamlink-system"
 NODE_IP = "198.18.0.1"  # the node's address (on its lo): where a kubelet's probes reach a hostNetwork pod
+
+
+# The downward API's fields the translation knows, each as the test node's value.
+FIELD_VALUES = {"spec.nodeName": lambda node_name: node_name, "status.hostIP": lambda node_name: NODE_IP}
+
+
+def _field_path(env):
+    return env.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
 
 
 class Untranslated(AssertionError):
@@ -220,7 +228,7 @@ class PodSpec:
             raise Untranslated(f"{where}: imagePullPolicy {c['imagePullPolicy']} (the image is imported, not pulled)")
         for e in c.get("env", []):
             _known(e, f"{where} env", ("name", "value", "valueFrom"))
-            if "valueFrom" in e and e["valueFrom"] != {"fieldRef": {"fieldPath": "spec.nodeName"}}:
+            if "valueFrom" in e and _field_path(e) not in FIELD_VALUES:
                 raise Untranslated(f"{where} env {e['name']}: {e['valueFrom']}")
         _known(c.get("securityContext", {}), f"{where} securityContext",
                ("privileged", "runAsUser", "readOnlyRootFilesystem", "allowPrivilegeEscalation", "capabilities",
@@ -279,7 +287,7 @@ class PodSpec:
         pb = self.pb
         envs = []
         for e in c.get("env", []):
-            value = node_name if "valueFrom" in e else str(e["value"])
+            value = FIELD_VALUES[_field_path(e)](node_name) if "valueFrom" in e else str(e["value"])
             envs.append(pb.KeyValue(key=e["name"], value=value))
         envs += [pb.KeyValue(key=k, value=v) for k, v in (env_extra or {}).items()]
         mounts = []

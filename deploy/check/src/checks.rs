@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Volume};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::daemon::Config;
+use crate::daemon::{Config, MetricsListen};
 use crate::objects::Manifests;
 
 pub const DAEMON: &str = "iamlinkd";
@@ -34,6 +34,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("the listen address is link-local and set up by node-setup", the_listen_address_is_link_local_and_set_up),
     ("NODE_NAME comes from the pod spec", node_name_comes_from_the_pod_spec),
     ("the probes and scrape use the metrics port", the_probes_and_scrape_use_the_metrics_port),
+    ("metrics are served on the node's address only", metrics_are_served_on_the_node_address_only),
     ("the ConfigMap holds a config iamlinkd accepts, at the path it is given", the_config_is_accepted_where_given),
     ("every host path the daemon needs is mounted at the same path", every_host_path_is_mounted_at_the_same_path),
     ("the ClusterRole only reads pods, namespaces, service accounts", the_cluster_role_only_reads),
@@ -221,7 +222,7 @@ pub fn node_name_comes_from_the_pod_spec(m: &Manifests) {
 pub fn the_probes_and_scrape_use_the_metrics_port(m: &Manifests) {
     let config = config(m);
     let metrics_port =
-        config.metrics_listen().expect("metrics_listen").expect("metrics_listen must be on for the probes").port();
+        config.metrics_listen().expect("metrics_listen").port().expect("metrics_listen must be on for the probes");
     let spec = pod_spec(&m.daemon_set);
     let daemon = container(spec, DAEMON);
     let port = daemon.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).expect("port metrics");
@@ -243,6 +244,19 @@ pub fn the_probes_and_scrape_use_the_metrics_port(m: &Manifests) {
     assert_eq!(annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"));
     assert_eq!(annotations.get("prometheus.io/port"), Some(&metrics_port.to_string()));
     assert_eq!(annotations.get("prometheus.io/path").map(String::as_str), Some("/metrics"));
+}
+
+/// Pods reach the node's address too (the listener's cap and header timeout protect it), but no
+/// other address of the node serves metrics: the probes and Prometheus use the pod IP, which is
+/// the node's `status.hostIP` on the host network.
+pub fn metrics_are_served_on_the_node_address_only(m: &Manifests) {
+    let config = config(m);
+    let MetricsListen::FromEnv { var, .. } = config.metrics_listen().expect("metrics_listen") else {
+        panic!("metrics_listen {:?}: expected $VARIABLE:port, the node's address", config.metrics_listen);
+    };
+    let daemon = container(pod_spec(&m.daemon_set), DAEMON);
+    let field = env(daemon, &var).value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+    assert_eq!(field.map(|f| f.field_path.as_str()), Some("status.hostIP"), "${var}");
 }
 
 pub fn the_config_is_accepted_where_given(m: &Manifests) {

@@ -2,5 +2,5 @@
 //! ConfigMap is checked by the code that will read it) and the metrics it exports (so the
 //! dashboard is checked against the real names). If iamlinkd's modules move, only this file changes.
 
-pub use iamlinkd::config::Config;
+pub use iamlinkd::config::{Config, MetricsListen};
 pub use iamlinkd::metrics::Metrics;

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -36,7 +35,7 @@ use iamlink_common::{PodRecord, SlotHolder};
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, CacheState};
 use crate::role::resolve::{Grant, Resolution};
-use crate::serve::accept_loop;
+use crate::serve::{accept_loop, http1, ConnectionCap};
 
 /// The role and credentials of one pod, as the daemon sees them now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +184,7 @@ fn route<S: AssumeRole>(app: &App<S>, started: Instant, path: &str) -> Response<
 
 /// Binds the socket (root-only, replacing a stale one) and serves it for the daemon's lifetime.
 /// A failure is logged, not fatal: pods matter more than operators' questions.
-pub fn spawn<S: AssumeRole>(app: Arc<App<S>>) {
+pub fn spawn<S: AssumeRole>(app: Arc<App<S>>, cap: ConnectionCap) {
     let path = app.store.api_socket();
     let bind = || -> Result<UnixListener, Box<dyn std::error::Error>> {
         app.store.remove_stale_api_socket()?;
@@ -197,19 +196,20 @@ pub fn spawn<S: AssumeRole>(app: Arc<App<S>>) {
     match bound {
         Ok(listener) => {
             info!(socket = %path.display(), "answering `iamlinkd explain` and `status`");
-            tokio::spawn(serve(app, listener));
+            tokio::spawn(serve(app, listener, cap));
         }
         Err(e) => warn!(socket = %path.display(), error = %e, "cannot serve `iamlinkd explain` and `status`"),
     }
 }
 
-async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
+async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener, cap: ConnectionCap) {
     let started = Instant::now();
-    accept_loop("local API", listener, |stream, _| {
+    accept_loop(cap, listener, |stream, _, place| {
         let app = app.clone();
         // Who is connecting, from the kernel: only root may send the plugin's messages.
         let root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
         tokio::spawn(async move {
+            let _place = place;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let app = app.clone();
                 async move {
@@ -227,7 +227,7 @@ async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: UnixListener) {
                     Ok::<_, Infallible>(reply)
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1().serve_connection(TokioIo::new(stream), service).await;
         });
     })
     .await

@@ -9,9 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::socket::{getsockopt, sockopt};
@@ -24,12 +23,8 @@ use crate::app::App;
 use crate::creds::cache::AssumeRole;
 use crate::request::identify::{Conn, Destination};
 use crate::request::imds;
-use crate::serve::accept_loop;
+use crate::serve::{accept_loop, http1, ConnectionCap};
 
-/// Slow clients must send their headers within this (slowloris).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// SDK requests are a few hundred bytes; larger heads are refused (431) before any work.
-const MAX_HEAD: usize = 16 * 1024;
 /// A pod over its rate waits this long for its 429: a flood costs the daemon little work per
 /// second and the pod's own connections, not the other pods' share.
 const RATE_LIMITED_DELAY: Duration = Duration::from_millis(200);
@@ -87,9 +82,11 @@ fn last_heard(stream: &TcpStream, now: u64) -> u64 {
     now.saturating_sub(u64::from(age_ms) * 1_000_000)
 }
 
-pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
+/// Serves pods on `listener`; `cap` bounds the connections of all pods together (shared by the
+/// IPv4 and IPv6 listeners), [`Limits`](crate::request::limits::Limits) each pod's.
+pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener, cap: ConnectionCap) {
     let intercepted: Vec<IpAddr> = app.config.rule_set().addresses;
-    accept_loop("pods", listener, |stream, peer| {
+    accept_loop(cap, listener, |stream, peer, overall| {
         let accepted_at = boottime_ns();
         // The table was just created or deleted by someone: its marks are read only once the
         // guard has checked their layout. Closed unanswered; SDKs retry.
@@ -116,7 +113,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
         let conn = Conn { mark, slot, accepted_at, heard_at: last_heard(&stream, accepted_at), peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
-            let _place = place;
+            let _places = (overall, place);
             let service = service_fn(move |req| {
                 let app = app.clone();
                 async move {
@@ -129,12 +126,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener) {
                     Ok(imds::answer(&app, &conn, &req).await)
                 }
             });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let served = http1().serve_connection(TokioIo::new(stream), service).await;
             if let Err(e) = served {
                 debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -1,5 +1,6 @@
 //! Per-pod fairness: a bound on each pod's open connections and a token bucket on its request
-//! rate, so that one pod flooding the daemon cannot starve the others.
+//! rate, so that one pod flooding the daemon cannot starve the others. The bound on all pods'
+//! connections together is the pod listener's cap (`serve::ConnectionCap`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,10 @@ pub struct LimitsConfig {
     /// Open connections per pod; more are closed at once. 0 turns the bound off.
     #[serde(default = "default_connections")]
     pub connections_per_pod: u32,
+    /// Open connections of all pods together; more are closed at once. The daemon lowers it to
+    /// what its descriptor limit allows; 0: as many as that allows.
+    #[serde(default = "default_total_connections")]
+    pub connections: u32,
 }
 
 impl Default for LimitsConfig {
@@ -29,6 +34,7 @@ impl Default for LimitsConfig {
             requests_per_second: default_rate(),
             burst: default_burst(),
             connections_per_pod: default_connections(),
+            connections: default_total_connections(),
         }
     }
 }
@@ -41,6 +47,9 @@ fn default_burst() -> u32 {
 }
 fn default_connections() -> u32 {
     64
+}
+fn default_total_connections() -> u32 {
+    4096
 }
 
 struct Bucket {
@@ -120,7 +129,8 @@ mod tests {
 
     #[test]
     fn connections_are_bounded_per_pod_and_freed_on_drop() {
-        let limits = Limits::new(LimitsConfig { requests_per_second: 0, burst: 0, connections_per_pod: 2 });
+        let limits =
+            Limits::new(LimitsConfig { requests_per_second: 0, burst: 0, connections_per_pod: 2, connections: 0 });
         let a = limits.admit_connection(Slot::new(1)).unwrap();
         let _b = limits.admit_connection(Slot::new(1)).unwrap();
         assert!(limits.admit_connection(Slot::new(1)).is_none(), "third connection of pod 1");
@@ -131,7 +141,8 @@ mod tests {
 
     #[test]
     fn rate_allows_the_burst_then_the_sustained_rate_per_pod() {
-        let limits = Limits::new(LimitsConfig { requests_per_second: 10, burst: 5, connections_per_pod: 0 });
+        let limits =
+            Limits::new(LimitsConfig { requests_per_second: 10, burst: 5, connections_per_pod: 0, connections: 0 });
         let t0 = Instant::now();
         assert_eq!((0..8).filter(|_| limits.allow_request_at(Slot::new(1), t0)).count(), 5);
         assert!(limits.allow_request_at(Slot::new(2), t0), "another pod has its own bucket");

@@ -41,7 +41,7 @@ store_dir = {{ $v.storeDir | toJson }}
 mark_mask = {{ include "iamlink.markMask" . }}
 credentials_address = {{ $v.credentialsAddress | toJson }}
 imdsv1 = {{ $v.imdsv1 }}
-metrics_listen = {{ printf "0.0.0.0:%d" (int $v.metrics.port) | toJson }}
+metrics_listen = {{ printf "$HOST_IP:%d" (int $v.metrics.port) | toJson }}
 {{- with $v.auditLog }}
 audit_log = {{ . | toJson }}
 {{- end }}
