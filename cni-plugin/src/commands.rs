@@ -181,7 +181,7 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
     // wait for the kernel's RCU grace period when a socket closes); else the plugin does.
     if let Some(r) = &record {
         if !daemon::release(store, r) {
-            intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+            intercept::release(lock, store, r)?;
         }
     }
     store.remove(lock, container_id, ifname)?;

@@ -259,15 +259,14 @@ async fn release<S: AssumeRole>(
     record: PodRecord,
     deadline_boottime_ns: u64,
 ) -> Response<Full<Bytes>> {
-    let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
-    let app = app.clone();
+    let (app, held) = (app.clone(), record.clone());
     let done = tokio::task::spawn_blocking(move || {
         let mut kept = app.remover.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut remover = match kept.take() {
             Some(r) => r,
             None => PodRemover::open()?,
         };
-        let result = remover.remove_for_lock_holder(&ifname, slot, deadline_boottime_ns);
+        let result = remover.remove_for_lock_holder(&app.store, &held, deadline_boottime_ns);
         // A socket that failed is not kept: the next release opens a new one.
         if !matches!(result, Err(InterceptError::Netlink { .. } | InterceptError::Parse(_))) {
             *kept = Some(remover);
