@@ -529,7 +529,11 @@ impl RuleSet {
     }
 }
 
-/// One element of the pods map: packets from `ifname` jump to chain `slot-<slot>`.
+/// The slot of a map element that is not a jump to a slot chain.
+pub const NOT_A_SLOT: u32 = 0;
+
+/// One element of the pods map: packets from `ifname` jump to chain `slot-<slot>`
+/// ([`NOT_A_SLOT`]: any other verdict).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Entry {
     pub ifname: String,
@@ -580,11 +584,10 @@ fn read_entries_of(nft: &mut nftnl::Nft, table: &str) -> Result<Option<Vec<Entry
     let Some(elements) = nft.verdict_map(table, PODS_MAP)? else { return Ok(None) };
     let mut entries = Vec::with_capacity(elements.len());
     for e in elements {
-        let slot = e.jump_target().and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
-        match slot {
-            Some(slot) => entries.push(Entry { ifname: e.key, slot }),
-            None => return Err(InterceptError::Parse(format!("unexpected map element {e:?}"))),
-        }
+        // Anything but a jump to a slot chain (a goto, an accept: written by someone else) is
+        // slot 0, which no record holds: the guard removes it rather than fail to read the map.
+        let slot = e.jump_target().and_then(slot_of_chain).unwrap_or(NOT_A_SLOT);
+        entries.push(Entry { ifname: e.key, slot });
     }
     // In name order, as `nft list` shows them (the kernel's hash order is arbitrary).
     entries.sort();
@@ -1069,16 +1072,13 @@ mod tests {
     #[test]
     fn entries_and_slot_chains_are_compared_by_content_and_each_element_deleted_once() {
         let rs = rules();
-        let whole = Installed {
-            layout: Some(rs.layout()),
-            base_hash: rs.base_hash(),
-            base_chains: reference(),
-            // vethA points at slot 9, which the newest record does not hold; ghost has no record;
-            // slot-2's chain sets slot 1's bits.
-            entries: vec![Entry::new("vethA", 9), Entry::new("ghost", 4), Entry::new("vethB", 2)],
-            slot_marks: BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
-            ..Default::default()
-        };
+        // vethA points at slot 9, which the newest record does not hold; ghost has no record;
+        // slot-2's chain sets slot 1's bits.
+        let whole = whole(
+            &rs,
+            vec![Entry::new("vethA", 9), Entry::new("ghost", 4), Entry::new("vethB", 2)],
+            BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
+        );
         let records = [record("vethA", 3, 5), record("vethA", 1, 1), record("vethB", 2, 2)];
         let (script, repairs) = rs.repair_script(Some(&whole), &reference(), &records);
         assert_eq!(script.matches("delete element inet iamlink pods { \"vethA\" }").count(), 1, "{script}");
@@ -1107,6 +1107,18 @@ mod tests {
         assert!(rs.repair_script(Some(&flushed), &reference(), &records).1.contains(&Repair::BaseChains));
     }
 
+    /// A table of `rs`'s layout whose base chains equal [`reference`].
+    fn whole(rs: &RuleSet, entries: Vec<Entry>, slot_marks: BTreeMap<u32, Option<u32>>) -> Installed {
+        Installed {
+            layout: Some(rs.layout()),
+            base_hash: rs.base_hash(),
+            base_chains: reference(),
+            entries,
+            slot_marks,
+            ..Default::default()
+        }
+    }
+
     /// The base chains as a reference of four hooked chains of one rule each.
     fn reference() -> BaseChains {
         BASE_CHAINS
@@ -1124,14 +1136,7 @@ mod tests {
     #[test]
     fn any_rule_that_differs_from_the_reference_or_the_slots_mark_is_repaired() {
         let rs = rules();
-        let whole = Installed {
-            layout: Some(rs.layout()),
-            base_hash: rs.base_hash(),
-            base_chains: reference(),
-            entries: vec![Entry::new("vethA", 1)],
-            slot_marks: BTreeMap::from([(1, Some(0x1))]),
-            ..Default::default()
-        };
+        let whole = whole(&rs, vec![Entry::new("vethA", 1)], BTreeMap::from([(1, Some(0x1))]));
         let records = [record("vethA", 1, 1)];
         assert_eq!(rs.repair_script(Some(&whole), &reference(), &records), (String::new(), vec![]));
         let mut added = whole.clone();
@@ -1428,11 +1433,7 @@ mod tests {
         /// root process on the node would (`nft`), is found and repaired from the store.
         #[test]
         fn each_rule_is_compared_with_what_the_store_and_config_want_and_repaired() {
-            if !fresh_netns() {
-                return;
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path()).unwrap();
+            let Some((_dir, store)) = netns_and_store() else { return };
             let lock = store.lock().unwrap();
             let rs = rules();
             let records = [record("vethA", 1, 1), record("vethB", 3, 2)];
@@ -1456,6 +1457,12 @@ mod tests {
                     format!("add chain {t} slot-9 {{ type filter hook prerouting priority 0; }}\nadd rule {t} slot-9 meta mark set 0x3"),
                     Repair::Foreign { chains: vec!["slot-9".into()] },
                 ),
+                // Elements that are no jump to a slot chain: removed, or restored from the record.
+                (format!("add element {t} pods {{ \"vethX\" : accept }}"), Repair::StaleEntry { ifname: "vethX".into(), slot: 0 }),
+                (
+                    format!("delete element {t} pods {{ \"vethA\" }}\nadd element {t} pods {{ \"vethA\" : goto slot-3 }}"),
+                    Repair::Entry { ifname: "vethA".into(), slot: 1 },
+                ),
             ] {
                 nft_script("tamper", &tampering).unwrap();
                 assert!(rs.needs_repair(&records).unwrap(), "{tampering}");
@@ -1464,6 +1471,14 @@ mod tests {
                 let whole = installed().unwrap().unwrap();
                 assert_eq!(whole.slot_marks, BTreeMap::from([(1, Some(1)), (3, Some(3))]), "{tampering}");
             }
+        }
+
+        /// A network namespace of its own and an empty store; `None` (skip) without root.
+        fn netns_and_store() -> Option<(tempfile::TempDir, Store)> {
+            fresh_netns().then_some(())?;
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            Some((dir, store))
         }
 
         /// Pod A on vethA, slot 1: its record written and its entry added, as ADD does.
@@ -1480,11 +1495,7 @@ mod tests {
         /// host interface name and slot. iamlinkd's late commit must not remove B's entry.
         #[test]
         fn a_late_release_by_iamlinkd_never_removes_the_entry_of_a_pod_recreated_on_its_interface_and_slot() {
-            if !fresh_netns() {
-                return;
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path()).unwrap();
+            let Some((_dir, store)) = netns_and_store() else { return };
             let lock = store.lock().unwrap();
             let rs = rules();
             nft_script("install", &rs.base_script()).unwrap();
@@ -1510,11 +1521,7 @@ mod tests {
         /// leaves B's entry and slot chain.
         #[test]
         fn a_retried_del_of_an_old_record_keeps_the_entry_of_the_pod_now_on_its_interface_and_slot() {
-            if !fresh_netns() {
-                return;
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path()).unwrap();
+            let Some((_dir, store)) = netns_and_store() else { return };
             let lock = store.lock().unwrap();
             let rs = rules();
             nft_script("install", &rs.base_script()).unwrap();

@@ -3,9 +3,10 @@
 //! A firewall reload (`nft flush ruleset`), another agent deleting `table inet iamlink` or one of
 //! its map elements: nf_tables reports every change on its multicast group, and the change wakes
 //! a check that rebuilds what the store says should be there, under the store lock. A one-second
-//! tick covers the routing-policy rules (not nftables state); lost events count as a change. Each repair is
-//! logged and counted; while the table is being replaced `/readyz` is false and new connections
-//! are closed unanswered, so that no mark is read before its layout is verified.
+//! tick covers the routing-policy rules (not nftables state), in a task of their own; lost
+//! events count as a change. Each repair is logged and counted; from a change that may make a
+//! mark lie until a check that began after it finds the table whole, `/readyz` is false and new
+//! connections are closed unanswered ([`crate::health`]).
 //!
 //! A check reads every record and the whole table: O(pods). Every pod's ADD and DEL commits to
 //! the pods map and its slot chain, so a check per commit would cost O(pods) per pod change. A
@@ -42,11 +43,13 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// flushed, carries no slot; `intercept` still DNATs its new connections to iamlinkd (and
 /// `refuse` rejects what NAT never saw), and iamlinkd refuses a connection without a slot. A
 /// slot chain still jumped to cannot be deleted (the kernel answers `EBUSY`). So a deleted entry
-/// costs its pod availability until the repair, never the promise. What could name another
-/// slot, an element or slot rule *added* by someone else, is a write into iamlink's table by a
-/// root process on the node, which could as well ask the metadata service itself; the guard
-/// undoes it within this window, as it undoes any change after the fact. Changes that can open
-/// a path to the real service (base chains, the table, lost events) are checked at once.
+/// costs its pod availability until the repair, never the promise. A slot chain's rule other
+/// than its own mark, or a slot chain with a hook, could name another slot: it is no pod's part
+/// (see [`classify`]) and unverifies at once. What is left, an element *added* by someone else
+/// pointing a name at another pod's slot, is a write into iamlink's table by a root process on
+/// the node, which could as well ask the metadata service itself; the guard undoes it within
+/// this window. Changes that can open a path to the real service (base chains, the table, lost
+/// events) are checked at once too.
 pub const SETTLE: Duration = Duration::from_millis(200);
 /// `NFNLGRP_NFTABLES`: every committed nf_tables change.
 const NFNLGRP_NFTABLES: u32 = 7;
