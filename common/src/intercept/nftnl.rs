@@ -379,11 +379,14 @@ impl VerdictElement {
     }
 }
 
+/// One change of a [`Batch`]: message type, flags, what fills its attributes, and its words.
+type BatchMsg = (u16, u16, Box<dyn Fn(&mut Msg)>, String);
+
 /// The changes of one transaction, in order; [`Nft::commit`] sends them between
 /// `NFNL_MSG_BATCH_BEGIN` and `NFNL_MSG_BATCH_END`.
 #[derive(Default)]
 pub struct Batch {
-    msgs: Vec<(u16, u16, Box<dyn Fn(&mut Msg)>, String)>,
+    msgs: Vec<BatchMsg>,
 }
 
 impl Batch {
@@ -585,7 +588,7 @@ impl Nft {
         self.send(&msg.finish(), what)?;
         loop {
             let answers = self.receive(true, what)?.unwrap_or_default();
-            for a in answers.into_iter().filter(|a| a.seq == seq) {
+            if let Some(a) = answers.into_iter().find(|a| a.seq == seq) {
                 return match a.error() {
                     Some(e) if e == -(Errno::ENOENT as i32) => Ok(None),
                     Some(e) => Err(kernel_error(what, e)),

@@ -135,7 +135,7 @@ fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
 /// The role's source, and how it was written there when that is not the role's plain name.
 fn granted_text(grant: &Grant) -> String {
     let as_written = &grant.requested;
-    if as_written == &grant.role.arn() || as_written == grant.role.name() {
+    if *as_written == grant.role.arn() || as_written == grant.role.name() {
         format!("granted by {}", grant.source.as_str())
     } else {
         format!("granted by {} as {as_written:?}", grant.source.as_str())
