@@ -231,7 +231,8 @@ impl RuleSet {
     /// Makes the table what this config and the records say, in one transaction, whatever the
     /// kernel holds now: a missing table or one of another layout is rebuilt whole (slot chains
     /// included, so no mark is ever read under another mask); damaged or outdated base chains
-    /// are rewritten; entries and slot chains are compared with the records by content.
+    /// are rewritten (every rule compared with [`Self::reference`]); entries and slot chains are
+    /// compared with the records by content.
     pub fn ensure(&self, _lock: &StoreLock, records: &[PodRecord]) -> Result<Vec<Repair>, InterceptError> {
         let reference = self.reference()?;
         let installed = installed()?;
