@@ -240,7 +240,7 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
         match store.slot_holder(r)? {
             SlotHolder::This => {
                 if !daemon::release(store, r) {
-                    intercept::remove_pod(lock, &r.host_interface.name, r.slot)?;
+                    intercept::release(lock, store, r)?;
                 }
             }
             holder => info!(container = %container_id, pod = %r.pod, host_interface = %r.host_interface.name,

@@ -22,16 +22,19 @@
 
 mod nftnl;
 
-use std::collections::{BTreeMap, HashMap};
+pub use nftnl::{notices, Notice, Object};
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use crate::mark::MarkMask;
 use crate::record::{validate_ifname, PodRecord};
-use crate::store::StoreLock;
+use crate::store::{SlotHolder, Store, StoreLock};
 use tracing::warn;
 
 pub const TABLE: &str = "iamlink";
@@ -150,6 +153,8 @@ pub enum Repair {
     Migrated { from: String },
     /// Base chains missing, flushed, or written for another config: rewritten.
     BaseChains,
+    /// Chains iamlink does not write, or base chains hooked otherwise: rebuilt whole.
+    Foreign { chains: Vec<String> },
     /// A record's entry was missing or pointed elsewhere: restored.
     Entry { ifname: String, slot: u32 },
     /// An entry without a record (or superseded by a newer record): removed.
@@ -165,6 +170,7 @@ impl Repair {
             Repair::Created => "table",
             Repair::Migrated { .. } => "layout",
             Repair::BaseChains => "base chains",
+            Repair::Foreign { .. } => "foreign chains",
             Repair::Entry { .. } => "entry",
             Repair::StaleEntry { .. } => "stale entry",
             Repair::SlotChain { .. } => "slot chain",
@@ -178,6 +184,9 @@ impl fmt::Display for Repair {
             Repair::Created => write!(f, "table inet {TABLE} was missing: rebuilt from the store"),
             Repair::Migrated { from } => write!(f, "table inet {TABLE} had {from}: rebuilt from the store"),
             Repair::BaseChains => write!(f, "base chains were missing or altered: rewritten"),
+            Repair::Foreign { chains } => {
+                write!(f, "chains {} were not iamlink's or hooked otherwise: rebuilt from the store", chains.join(", "))
+            }
             Repair::Entry { ifname, slot } => write!(f, "entry {ifname} → slot-{slot} restored"),
             Repair::StaleEntry { ifname, slot } => write!(f, "entry {ifname} → slot-{slot} without a record removed"),
             Repair::SlotChain { slot } => write!(f, "chain slot-{slot} set another slot's mark: rewritten"),
@@ -222,15 +231,20 @@ impl RuleSet {
     /// Makes the table what this config and the records say, in one transaction, whatever the
     /// kernel holds now: a missing table or one of another layout is rebuilt whole (slot chains
     /// included, so no mark is ever read under another mask); damaged or outdated base chains
-    /// are rewritten; entries and slot chains are compared with the records by content.
+    /// are rewritten (every rule compared with [`Self::reference`]); entries and slot chains are
+    /// compared with the records by content.
     pub fn ensure(&self, _lock: &StoreLock, records: &[PodRecord]) -> Result<Vec<Repair>, InterceptError> {
+        let reference = self.reference()?;
         let installed = installed()?;
-        let (script, repairs) = self.repair_script(installed.as_ref(), records);
+        let (script, repairs) = self.repair_script(installed.as_ref(), &reference, records);
         if script.is_empty() {
             return Ok(repairs);
         }
         nft_script("repair rule set", &script)?;
-        if repairs.iter().any(|r| matches!(r, Repair::Created | Repair::Migrated { .. } | Repair::BaseChains)) {
+        let base = |r: &Repair| {
+            matches!(r, Repair::Created | Repair::Migrated { .. } | Repair::Foreign { .. } | Repair::BaseChains)
+        };
+        if repairs.iter().any(base) {
             self.forget_connections();
         }
         Ok(repairs)
@@ -240,11 +254,18 @@ impl RuleSet {
     /// that finds nothing wrong never makes an ADD wait. A record caught mid-ADD reads as a
     /// repair; the caller then takes the lock and ensures.
     pub fn needs_repair(&self, records: &[PodRecord]) -> Result<bool, InterceptError> {
-        Ok(!self.repair_script(installed()?.as_ref(), records).0.is_empty())
+        let reference = self.reference()?;
+        Ok(!self.repair_script(installed()?.as_ref(), &reference, records).0.is_empty())
     }
 
-    /// The transaction that turns `installed` into what the records want (pure, for tests).
-    fn repair_script(&self, installed: Option<&Installed>, records: &[PodRecord]) -> (String, Vec<Repair>) {
+    /// The transaction that turns `installed` into what the records want, base chains into
+    /// `reference` rule by rule (pure, for tests).
+    fn repair_script(
+        &self,
+        installed: Option<&Installed>,
+        reference: &BaseChains,
+        records: &[PodRecord],
+    ) -> (String, Vec<Repair>) {
         let t = format!("inet {TABLE}");
         let mut script = String::new();
         let mut repairs = vec![];
@@ -261,8 +282,16 @@ impl RuleSet {
                 script.push_str(&self.base_script());
                 &empty
             }
+            Some(i) if !i.foreign_chains.is_empty() || !i.rehooked_chains(reference).is_empty() => {
+                let mut chains = i.foreign_chains.clone();
+                chains.extend(i.rehooked_chains(reference));
+                repairs.push(Repair::Foreign { chains });
+                script.push_str(&format!("add table {t}\ndelete table {t}\n"));
+                script.push_str(&self.base_script());
+                &empty
+            }
             Some(i) => {
-                if i.base_hash != self.base_hash() || !i.damaged_chains(self).is_empty() {
+                if i.base_hash != self.base_hash() || !i.damaged_chains(reference).is_empty() {
                     repairs.push(Repair::BaseChains);
                     script.push_str(&self.base_script());
                 }
@@ -290,7 +319,8 @@ impl RuleSet {
                 }
             }
         }
-        let rebuilt = installed.is_none() || matches!(repairs.first(), Some(Repair::Migrated { .. }));
+        let rebuilt =
+            installed.is_none() || matches!(repairs.first(), Some(Repair::Migrated { .. } | Repair::Foreign { .. }));
         let wanted_slots: Vec<u32> = want.values().map(|r| r.slot).collect();
         for &slot in &wanted_slots {
             if have.slot_marks.get(&slot) != Some(&Some(self.mask.mark_for(slot))) {
@@ -343,11 +373,16 @@ impl RuleSet {
     /// `refuse` (forward, after NAT) rejects what NAT never saw (`notrack`, a SYN conntrack
     /// judged invalid): forwarded, it would reach the real service untouched.
     fn base_script(&self) -> String {
-        let t = format!("inet {TABLE}");
+        self.base_script_in(TABLE, "")
+    }
+
+    /// [`Self::base_script`] for table `table` created with `table_flags` (the reference copy).
+    fn base_script_in(&self, table: &str, table_flags: &str) -> String {
+        let t = format!("inet {table}");
         let layout = format!("{LAYOUT_PREFIX}{} mask {} base {}", LAYOUT_VERSION, self.mask, self.base_hash());
-        let script = self.base_rules().replace("@LAYOUT@", &layout);
+        let script = self.base_rules_in(table).replace("@LAYOUT@", &layout);
         format!(
-            "add table {t}\n\
+            "add table {t}{table_flags}\n\
              add map {t} {PODS_MAP} {{ type ifname : verdict; }}\n\
              add chain {t} identify {{ type filter hook prerouting priority mangle; policy accept; }}\n\
              add chain {t} identify-pod\n\
@@ -363,7 +398,11 @@ impl RuleSet {
 
     /// The base chains' rules; `@LAYOUT@` stands for the layout comment, which names their hash.
     fn base_rules(&self) -> String {
-        let t = format!("inet {TABLE}");
+        self.base_rules_in(TABLE)
+    }
+
+    fn base_rules_in(&self, table: &str) -> String {
+        let t = format!("inet {table}");
         let (v4, v6) = (self.family(false), self.family(true));
         let dnat6 = match self.daemon6 {
             Some(d) => format!("dnat ip6 to {d}"),
@@ -393,13 +432,36 @@ impl RuleSet {
         format!("{:08x}", hash >> 32)
     }
 
-    /// How many rules each base chain has when whole.
-    fn base_rule_counts(&self) -> HashMap<&'static str, usize> {
-        let rules = self.base_rules();
-        BASE_CHAINS
-            .into_iter()
-            .map(|c| (c, rules.lines().filter(|l| l.starts_with(&format!("add rule inet {TABLE} {c} "))).count()))
-            .collect()
+    /// The base chains as the kernel holds them when whole: [`Self::base_script`] written by
+    /// `nft` into a dormant table of its own (no hook of a dormant table's chains is registered,
+    /// so no packet meets it), read back as [`installed`] reads `iamlink`, then deleted. The
+    /// kernel compiles both from the same script, so a rule of `iamlink` that differs from its
+    /// reference in any expression was changed by someone else. Kept per base script for the
+    /// process's life: it changes only with the config, and costs one `nft` run to build.
+    pub fn reference(&self) -> Result<Arc<BaseChains>, InterceptError> {
+        static BUILT: Mutex<Vec<(String, Arc<BaseChains>)>> = Mutex::new(Vec::new());
+        let key = self.base_script();
+        let known = |built: &[(String, Arc<BaseChains>)]| built.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone());
+        if let Some(r) = known(&BUILT.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(r);
+        }
+        let table = format!("{TABLE}-reference-{}", std::process::id());
+        let replace = format!("add table inet {table}\ndelete table inet {table}\n");
+        nft_script(
+            "write the reference base chains",
+            &(replace.clone() + &self.base_script_in(&table, " { flags dormant; }")),
+        )?;
+        let read = read_installed(&mut nftnl::Nft::open()?, &table);
+        nft_script("delete the reference base chains", &replace)?;
+        let reference = match read? {
+            Some(i) if i.missing_chains.is_empty() => Arc::new(i.base_chains),
+            _ => return Err(InterceptError::Changed { what: format!("reading table inet {table}") }),
+        };
+        let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+        if known(&built).is_none() {
+            built.push((key, reference.clone()));
+        }
+        Ok(reference)
     }
 
     fn slot_chain_script(&self, slot: u32) -> String {
@@ -468,7 +530,11 @@ impl RuleSet {
     }
 }
 
-/// One element of the pods map: packets from `ifname` jump to chain `slot-<slot>`.
+/// The slot of a map element that is not a jump to a slot chain.
+pub const NOT_A_SLOT: u32 = 0;
+
+/// One element of the pods map: packets from `ifname` jump to chain `slot-<slot>`
+/// ([`NOT_A_SLOT`]: any other verdict).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Entry {
     pub ifname: String,
@@ -512,14 +578,17 @@ fn read_view(nft: &mut nftnl::Nft) -> Result<Option<PodView>, InterceptError> {
 
 /// The map's entries, each a jump to a slot chain; `None` when the table or map is missing.
 fn read_entries(nft: &mut nftnl::Nft) -> Result<Option<Vec<Entry>>, InterceptError> {
-    let Some(elements) = nft.verdict_map(TABLE, PODS_MAP)? else { return Ok(None) };
+    read_entries_of(nft, TABLE)
+}
+
+fn read_entries_of(nft: &mut nftnl::Nft, table: &str) -> Result<Option<Vec<Entry>>, InterceptError> {
+    let Some(elements) = nft.verdict_map(table, PODS_MAP)? else { return Ok(None) };
     let mut entries = Vec::with_capacity(elements.len());
     for e in elements {
-        let slot = e.jump_target().and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
-        match slot {
-            Some(slot) => entries.push(Entry { ifname: e.key, slot }),
-            None => return Err(InterceptError::Parse(format!("unexpected map element {e:?}"))),
-        }
+        // Anything but a jump to a slot chain (a goto, an accept: written by someone else) is
+        // slot 0, which no record holds: the guard removes it rather than fail to read the map.
+        let slot = e.jump_target().and_then(slot_of_chain).unwrap_or(NOT_A_SLOT);
+        entries.push(Entry { ifname: e.key, slot });
     }
     // In name order, as `nft list` shows them (the kernel's hash order is arbitrary).
     entries.sort();
@@ -541,8 +610,36 @@ pub fn remove_pod(_lock: &StoreLock, ifname: &str, slot: u32) -> Result<(), Inte
     remove_with(&mut nftnl::Nft::open()?, ifname, slot, || true)
 }
 
-/// [`remove_pod`] on `nft`; `still_held()` is asked before each reading of the rule set, and
-/// nothing more is read or sent once it says no.
+/// DEL's removal of `record`'s entry and slot chain (the plugin's own, when iamlinkd does not
+/// answer in time), under the store lock: nothing unless the record holds its slot.
+pub fn release(lock: &StoreLock, store: &Store, record: &PodRecord) -> Result<(), InterceptError> {
+    if !holds_its_slot(store, record) {
+        return Ok(());
+    }
+    remove_pod(lock, &record.host_interface.name, record.slot)
+}
+
+/// Whether `record` holds its slot by the store's one rule ([`SlotHolder::This`]): a record the
+/// slot does not name (a late or retried DEL after a newer pod took the slot, an ADD killed
+/// before linking) has no element or chain of its own to remove. An unreadable link counts as
+/// another's, so that nothing is cut on a guess; iamlinkd's check removes what is stale.
+fn holds_its_slot(store: &Store, record: &PodRecord) -> bool {
+    match store.slot_holder(record) {
+        Ok(SlotHolder::This) => true,
+        Ok(_) => false,
+        Err(e) => {
+            warn!(pod = %record.pod, interface = %record.host_interface.name, slot = record.slot, error = %e,
+                  "cannot read who holds the slot; the entry is left for iamlinkd's check");
+            false
+        }
+    }
+}
+
+/// [`remove_pod`] on `nft`; `still_held()` is asked right *after* each reading of the
+/// generation, and nothing more is read or sent once it says no. After, not before: a
+/// generation read while the lock was held makes the commit fail on any change made after the
+/// lock was let go (a pod recreated on the same interface and slot), whereas a check before the
+/// read says nothing of when the read happened.
 fn remove_with(
     nft: &mut nftnl::Nft,
     ifname: &str,
@@ -552,10 +649,10 @@ fn remove_with(
     validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
     let chain = format!("slot-{slot}");
     for _ in 0..TRIES {
+        let generation = nft.generation()?;
         if !still_held() {
             return Err(InterceptError::LockExpired);
         }
-        let generation = nft.generation()?;
         let element = nft.verdict_element(TABLE, PODS_MAP, ifname)?;
         let ours = element.as_ref().and_then(|e| e.jump_target()) == Some(chain.as_str());
         let mut batch = nftnl::Batch::default();
@@ -601,11 +698,25 @@ impl PodRemover {
     /// until `deadline_boottime_ns`. [`InterceptError::LockExpired`]: the deadline passed first.
     pub fn remove_for_lock_holder(
         &mut self,
-        ifname: &str,
-        slot: u32,
+        store: &Store,
+        record: &PodRecord,
         deadline_boottime_ns: u64,
     ) -> Result<(), InterceptError> {
-        remove_with(&mut self.nft, ifname, slot, || crate::record::boottime_ns() < deadline_boottime_ns)
+        self.remove_before(store, record, || crate::record::boottime_ns() < deadline_boottime_ns)
+    }
+
+    /// [`Self::remove_for_lock_holder`] with the deadline as a question (tests ask a fake clock).
+    /// The store is read before the generation, and so while the lock is still held.
+    fn remove_before(
+        &mut self,
+        store: &Store,
+        record: &PodRecord,
+        still_held: impl Fn() -> bool,
+    ) -> Result<(), InterceptError> {
+        if !holds_its_slot(store, record) {
+            return if still_held() { Ok(()) } else { Err(InterceptError::LockExpired) };
+        }
+        remove_with(&mut self.nft, &record.host_interface.name, record.slot, still_held)
     }
 }
 
@@ -624,13 +735,29 @@ pub struct Installed {
     pub base_hash: String,
     /// The base chains that are missing; empty when the rule set is whole.
     pub missing_chains: Vec<String>,
-    /// How many rules each base chain present has.
-    pub rule_counts: BTreeMap<String, usize>,
+    /// Each base chain present: its hook and every rule, whole, in order.
+    pub base_chains: BaseChains,
+    /// Chains that are neither a base chain nor a regular `slot-<n>` chain (a hooked chain
+    /// named `slot-7` would set slot 7's bits on every packet): only a rebuild removes them.
+    pub foreign_chains: Vec<String>,
     /// The pods map's (host interface, slot) entries.
     pub entries: Vec<Entry>,
-    /// Each slot chain and the mark bits its rule sets (`None`: it has no such rule): read from
-    /// the chain itself, never computed from a config.
+    /// Each slot chain and the mark bits it sets when its one rule is `meta mark set meta mark
+    /// or <bits>` (`None`: no such rule, or other rules beside it): read from the chain itself,
+    /// never computed from a config.
     pub slot_marks: BTreeMap<u32, Option<u32>>,
+}
+
+/// The base chains by name, as [`installed`] reads them.
+pub type BaseChains = BTreeMap<String, BaseChain>;
+
+/// One base chain as the kernel holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BaseChain {
+    /// Hook, priority, type and policy as the kernel reports them (`None`: not hooked).
+    pub hook: Option<Vec<u8>>,
+    /// Each rule's expressions (`nftnl::RuleFacts::expressions`) and comment, in order.
+    pub rules: Vec<(Vec<u8>, Option<String>)>,
 }
 
 impl Installed {
@@ -639,16 +766,22 @@ impl Installed {
         layout_text(self.layout)
     }
 
-    /// Base chains that are missing or whose rules were flushed or added to.
-    pub fn damaged_chains(&self, rules: &RuleSet) -> Vec<String> {
-        let counts = rules.base_rule_counts();
+    /// Base chains that are missing or differ from `reference` in any rule or in their hook.
+    pub fn damaged_chains(&self, reference: &BaseChains) -> Vec<String> {
         let mut damaged = self.missing_chains.clone();
-        for (chain, want) in counts {
-            if self.rule_counts.get(chain).is_some_and(|have| *have != want) {
+        for (chain, want) in reference {
+            if self.base_chains.get(chain).is_some_and(|have| have != want) {
                 damaged.push(chain.to_string());
             }
         }
         damaged
+    }
+
+    /// Base chains hooked otherwise than `reference` (or not at all): `nft` cannot change a
+    /// chain's hook in place, so only a rebuild restores them.
+    fn rehooked_chains(&self, reference: &BaseChains) -> Vec<String> {
+        let differs = |(name, have): (&String, &BaseChain)| reference.get(name).is_some_and(|w| w.hook != have.hook);
+        self.base_chains.iter().filter(|c| differs(*c)).map(|(name, _)| name.clone()).collect()
     }
 }
 
@@ -665,36 +798,44 @@ fn layout_text(layout: Option<Layout>) -> String {
 /// does not exist. The reads are repeated (bounded) until the generation is the same before and
 /// after them, so that they describe one rule set, as one `nft -j list` would.
 pub fn installed() -> Result<Option<Installed>, InterceptError> {
-    let mut nft = nftnl::Nft::open()?;
+    read_installed(&mut nftnl::Nft::open()?, TABLE)
+}
+
+/// [`installed`] of `table` (iamlink's, or the reference copy of its base chains).
+fn read_installed(nft: &mut nftnl::Nft, table: &str) -> Result<Option<Installed>, InterceptError> {
     for _ in 0..TRIES {
         let generation = nft.generation()?;
-        if !nft.table_exists(TABLE)? {
+        if !nft.table_exists(table)? {
             return Ok(None);
         }
-        let chains = nft.chain_names(TABLE)?;
-        let rules = nft.rules(TABLE)?;
-        let entries = read_entries(&mut nft)?.unwrap_or_default();
+        let chains = nft.chains(table)?;
+        let rules = nft.rules(table)?;
+        let entries = read_entries_of(nft, table)?.unwrap_or_default();
         if nft.generation()? == generation {
             return Ok(Some(Installed::from_parts(&chains, &rules, entries)));
         }
     }
-    Err(InterceptError::Changed { what: format!("reading table inet {TABLE}") })
+    Err(InterceptError::Changed { what: format!("reading table inet {table}") })
 }
 
 impl Installed {
     /// The same reading of chains and rules as [`parse_installed`] makes of `nft -j` output.
-    fn from_parts(chains: &[String], rules: &[nftnl::RuleFacts], entries: Vec<Entry>) -> Self {
+    fn from_parts(chains: &[nftnl::ChainFacts], rules: &[nftnl::RuleFacts], entries: Vec<Entry>) -> Self {
         let mut installed = Installed { entries, ..Default::default() };
-        for name in chains {
+        for chain in chains {
+            let name = &chain.name;
             if BASE_CHAINS.contains(&name.as_str()) {
-                installed.rule_counts.entry(name.clone()).or_default();
-            } else if let Some(slot) = name.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
-                installed.slot_marks.entry(slot).or_default();
+                installed.base_chains.insert(name.clone(), BaseChain { hook: chain.hook.clone(), rules: vec![] });
+            } else if let (Some(slot), None) = (slot_of_chain(name), &chain.hook) {
+                installed.slot_marks.insert(slot, None);
+            } else {
+                installed.foreign_chains.push(name.clone());
             }
         }
+        let mut slot_rules: BTreeMap<u32, usize> = BTreeMap::new();
         for rule in rules {
-            if let Some(count) = installed.rule_counts.get_mut(&rule.chain) {
-                *count += 1;
+            if let Some(base) = installed.base_chains.get_mut(&rule.chain) {
+                base.rules.push((rule.expressions.clone(), rule.comment.clone()));
             }
             if let Some((layout, base)) = rule.comment.as_deref().and_then(Layout::parse_comment) {
                 if rule.chain == "identify-pod" {
@@ -702,14 +843,21 @@ impl Installed {
                     installed.base_hash = base;
                 }
             }
-            if let Some(slot) = rule.chain.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
-                installed.slot_marks.insert(slot, rule.mark_or);
+            if let Some(slot) = slot_of_chain(&rule.chain).filter(|s| installed.slot_marks.contains_key(s)) {
+                let count = slot_rules.entry(slot).or_default();
+                *count += 1;
+                installed.slot_marks.insert(slot, if *count == 1 { rule.mark_or } else { None });
             }
         }
         installed.missing_chains =
-            BASE_CHAINS.into_iter().filter(|c| !installed.rule_counts.contains_key(*c)).map(String::from).collect();
+            BASE_CHAINS.into_iter().filter(|c| !installed.base_chains.contains_key(*c)).map(String::from).collect();
         installed
     }
+}
+
+/// `slot-<n>` → n.
+fn slot_of_chain(name: &str) -> Option<u32> {
+    name.strip_prefix("slot-").and_then(|s| s.parse().ok())
 }
 
 /// `nft -j list table` read the way iamlinkd read it before netlink: what the netlink reading is
@@ -728,18 +876,23 @@ fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
     let mut installed = Installed::default();
+    let mut slot_rules: BTreeMap<u32, usize> = BTreeMap::new();
     for item in &items {
         if let Some(name) = item["chain"]["name"].as_str() {
+            // The hook in words: `nft -j` and netlink agree on whether there is one, not on its bytes.
+            let hook = item["chain"].get("hook").map(|h| h.to_string().into_bytes());
             if BASE_CHAINS.contains(&name) {
-                installed.rule_counts.entry(name.to_string()).or_default();
-            } else if let Some(slot) = name.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
-                installed.slot_marks.entry(slot).or_default();
+                installed.base_chains.insert(name.to_string(), BaseChain { hook, rules: vec![] });
+            } else if let (Some(slot), None) = (slot_of_chain(name), &hook) {
+                installed.slot_marks.insert(slot, None);
+            } else {
+                installed.foreign_chains.push(name.to_string());
             }
         }
         let rule = &item["rule"];
         let Some(chain) = rule["chain"].as_str() else { continue };
-        if let Some(count) = installed.rule_counts.get_mut(chain) {
-            *count += 1;
+        if let Some(base) = installed.base_chains.get_mut(chain) {
+            base.rules.push((rule["expr"].to_string().into_bytes(), rule["comment"].as_str().map(String::from)));
         }
         if let Some((layout, base)) = rule["comment"].as_str().and_then(Layout::parse_comment) {
             if chain == "identify-pod" {
@@ -747,12 +900,14 @@ fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
                 installed.base_hash = base;
             }
         }
-        if let Some(slot) = chain.strip_prefix("slot-").and_then(|s| s.parse().ok()) {
-            installed.slot_marks.insert(slot, mark_set_by(rule));
+        if let Some(slot) = slot_of_chain(chain).filter(|s| installed.slot_marks.contains_key(s)) {
+            let count = slot_rules.entry(slot).or_default();
+            *count += 1;
+            installed.slot_marks.insert(slot, if *count == 1 { mark_set_by(rule) } else { None });
         }
     }
     installed.missing_chains =
-        BASE_CHAINS.into_iter().filter(|c| !installed.rule_counts.contains_key(*c)).map(String::from).collect();
+        BASE_CHAINS.into_iter().filter(|c| !installed.base_chains.contains_key(*c)).map(String::from).collect();
     let map_only: Vec<serde_json::Value> =
         items.iter().filter(|i| i["map"]["name"].as_str() == Some(PODS_MAP)).cloned().collect();
     installed.entries = parse_entries(&serde_json::json!({ "nftables": map_only }).to_string())?;
@@ -889,7 +1044,8 @@ mod tests {
 
     #[test]
     fn a_missing_table_is_rebuilt_whole_from_the_records() {
-        let (script, repairs) = rules().repair_script(None, &[record("vethA", 1, 1), record("vethB", 2, 2)]);
+        let (script, repairs) =
+            rules().repair_script(None, &reference(), &[record("vethA", 1, 1), record("vethB", 2, 2)]);
         assert_eq!(repairs, vec![Repair::Created]);
         assert!(script.starts_with("add table inet iamlink\n"));
         assert!(script.contains("add rule inet iamlink slot-2 meta mark set meta mark or 0x2\n"));
@@ -905,7 +1061,7 @@ mod tests {
             ..Default::default()
         };
         let rs = RuleSet { mask: MarkMask::new(0x7e).unwrap(), ..rules() };
-        let (script, repairs) = rs.repair_script(Some(&old), &[record("vethA", 1, 1)]);
+        let (script, repairs) = rs.repair_script(Some(&old), &reference(), &[record("vethA", 1, 1)]);
         assert!(matches!(&repairs[..], [Repair::Migrated { from }] if from.contains("0x3f")), "{repairs:?}");
         let delete = script.find("delete table inet iamlink\n").unwrap();
         assert!(delete < script.find("add rule inet iamlink slot-1 meta mark set meta mark or 0x2\n").unwrap());
@@ -915,18 +1071,15 @@ mod tests {
     #[test]
     fn entries_and_slot_chains_are_compared_by_content_and_each_element_deleted_once() {
         let rs = rules();
-        let whole = Installed {
-            layout: Some(rs.layout()),
-            base_hash: rs.base_hash(),
-            rule_counts: rs.base_rule_counts().into_iter().map(|(c, n)| (c.to_string(), n)).collect(),
-            // vethA points at slot 9, which the newest record does not hold; ghost has no record;
-            // slot-2's chain sets slot 1's bits.
-            entries: vec![Entry::new("vethA", 9), Entry::new("ghost", 4), Entry::new("vethB", 2)],
-            slot_marks: BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
-            ..Default::default()
-        };
+        // vethA points at slot 9, which the newest record does not hold; ghost has no record;
+        // slot-2's chain sets slot 1's bits.
+        let whole = whole(
+            &rs,
+            vec![Entry::new("vethA", 9), Entry::new("ghost", 4), Entry::new("vethB", 2)],
+            BTreeMap::from([(9, Some(0x9)), (4, Some(0x4)), (2, Some(0x1))]),
+        );
         let records = [record("vethA", 3, 5), record("vethA", 1, 1), record("vethB", 2, 2)];
-        let (script, repairs) = rs.repair_script(Some(&whole), &records);
+        let (script, repairs) = rs.repair_script(Some(&whole), &reference(), &records);
         assert_eq!(script.matches("delete element inet iamlink pods { \"vethA\" }").count(), 1, "{script}");
         assert!(script.contains("add element inet iamlink pods { \"vethA\" : jump slot-3 }"));
         assert!(script.contains("add rule inet iamlink slot-2 meta mark set meta mark or 0x2\n"));
@@ -944,11 +1097,68 @@ mod tests {
                 slot_marks: BTreeMap::from([(3, Some(0x3)), (2, Some(0x2))]),
                 ..whole.clone()
             }),
+            &reference(),
             &records,
         );
         assert!(nothing.is_empty() && none.is_empty(), "{nothing}");
-        let flushed = Installed { rule_counts: BTreeMap::from([("intercept".to_string(), 0)]), ..whole };
-        assert!(rs.repair_script(Some(&flushed), &records).1.contains(&Repair::BaseChains));
+        let mut flushed = whole.clone();
+        flushed.base_chains.get_mut("intercept").unwrap().rules.clear();
+        assert!(rs.repair_script(Some(&flushed), &reference(), &records).1.contains(&Repair::BaseChains));
+    }
+
+    /// A table of `rs`'s layout whose base chains equal [`reference`].
+    fn whole(rs: &RuleSet, entries: Vec<Entry>, slot_marks: BTreeMap<u32, Option<u32>>) -> Installed {
+        Installed {
+            layout: Some(rs.layout()),
+            base_hash: rs.base_hash(),
+            base_chains: reference(),
+            entries,
+            slot_marks,
+            ..Default::default()
+        }
+    }
+
+    /// The base chains as a reference of four hooked chains of one rule each.
+    fn reference() -> BaseChains {
+        BASE_CHAINS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (c.to_string(), BaseChain { hook: Some(vec![i as u8]), rules: vec![(vec![1, i as u8], None)] })
+            })
+            .collect()
+    }
+
+    /// A rule added, a rule's expression changed, a slot chain given a second rule, a chain
+    /// iamlink never writes, a base chain hooked elsewhere: each is repaired, the last two by a
+    /// rebuild.
+    #[test]
+    fn any_rule_that_differs_from_the_reference_or_the_slots_mark_is_repaired() {
+        let rs = rules();
+        let whole = whole(&rs, vec![Entry::new("vethA", 1)], BTreeMap::from([(1, Some(0x1))]));
+        let records = [record("vethA", 1, 1)];
+        assert_eq!(rs.repair_script(Some(&whole), &reference(), &records), (String::new(), vec![]));
+        let mut added = whole.clone();
+        added.base_chains.get_mut("identify-pod").unwrap().rules.push((vec![9], None));
+        assert_eq!(rs.repair_script(Some(&added), &reference(), &records).1, vec![Repair::BaseChains]);
+        let mut changed = whole.clone();
+        changed.base_chains.get_mut("intercept").unwrap().rules[0].0.push(0);
+        assert_eq!(rs.repair_script(Some(&changed), &reference(), &records).1, vec![Repair::BaseChains]);
+        let two_rules = Installed { slot_marks: BTreeMap::from([(1, None)]), ..whole.clone() };
+        let (script, repairs) = rs.repair_script(Some(&two_rules), &reference(), &records);
+        assert_eq!(repairs, vec![Repair::SlotChain { slot: 1 }]);
+        assert!(script.contains("flush chain inet iamlink slot-1\n"), "{script}");
+        let foreign = Installed { foreign_chains: vec!["evil".into()], ..whole.clone() };
+        let (script, repairs) = rs.repair_script(Some(&foreign), &reference(), &records);
+        assert_eq!(repairs, vec![Repair::Foreign { chains: vec!["evil".into()] }]);
+        assert!(script.starts_with("add table inet iamlink\ndelete table inet iamlink\n"), "{script}");
+        assert!(script.contains("add element inet iamlink pods { \"vethA\" : jump slot-1 }"), "{script}");
+        let mut rehooked = whole;
+        rehooked.base_chains.get_mut("identify").unwrap().hook = Some(vec![7]);
+        assert_eq!(
+            rs.repair_script(Some(&rehooked), &reference(), &records).1,
+            vec![Repair::Foreign { chains: vec!["identify".into()] }]
+        );
     }
 
     #[test]
@@ -975,7 +1185,7 @@ mod tests {
         assert_eq!(got.layout, Some(Layout { version: 2, mask: MarkMask::new(0x307e).unwrap() }));
         assert_eq!(got.base_hash, "0abc");
         assert_eq!(got.slot_marks, BTreeMap::from([(2, Some(4))]));
-        assert_eq!(got.rule_counts.get("identify-pod"), Some(&1));
+        assert_eq!(got.base_chains.get("identify-pod").map(|c| c.rules.len()), Some(1));
     }
 
     #[test]
@@ -1102,7 +1312,12 @@ mod tests {
             let view = pod_view().unwrap().unwrap();
             assert_eq!((view.layout, view.entries), (Some(rs.layout()), installed.entries.clone()));
             let record = record("vethA", 7, 1);
-            assert_eq!(rs.repair_script(Some(&installed), &[record]).1, vec![], "nothing for iamlinkd to repair");
+            let reference = rs.reference().unwrap();
+            assert_eq!(
+                rs.repair_script(Some(&installed), &reference, &[record]).1,
+                vec![],
+                "nothing for iamlinkd to repair"
+            );
         }
 
         #[test]
@@ -1173,9 +1388,20 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let lock = store.lock().unwrap();
             let rs = rules();
+            // `nft -j` spells expressions and hooks in words: the two readings agree on which
+            // chains there are, hooked or not, and on each rule's place and comment.
+            let shape = |i: Option<Installed>| {
+                i.map(|mut i| {
+                    for c in i.base_chains.values_mut() {
+                        c.hook = c.hook.as_ref().map(|_| vec![]);
+                        c.rules.iter_mut().for_each(|r| r.0.clear());
+                    }
+                    i
+                })
+            };
             let same = |what: &str| {
-                let (netlink, json) = (installed().unwrap(), installed_by_nft().unwrap());
-                assert_eq!(netlink, json, "{what}");
+                let netlink = installed().unwrap();
+                assert_eq!(shape(netlink.clone()), shape(installed_by_nft().unwrap()), "{what}");
                 netlink
             };
             assert_eq!(same("no table"), None);
@@ -1195,11 +1421,120 @@ mod tests {
             let damaged = same("damaged").unwrap();
             assert_eq!(damaged.slot_marks, BTreeMap::from([(3, Some(5)), (9, None), (0x7f, Some(0x7f))]));
             assert_eq!(damaged.missing_chains, vec!["refuse".to_string()]);
-            let mut hurt = damaged.damaged_chains(&rs);
+            let mut hurt = damaged.damaged_chains(&rs.reference().unwrap());
             hurt.sort();
             assert_eq!(hurt, ["identify", "intercept", "refuse"]);
             nft_script("layout 1", &format!("delete table {t}\nadd table {t}\nadd chain {t} identify-pod\nadd rule {t} identify-pod meta mark set meta mark and 0xffffff00\n")).unwrap();
             assert_eq!(same("layout 1").unwrap().layout, None);
+        }
+
+        /// The table iamlinkd writes equals its reference; then each tampering, made the way a
+        /// root process on the node would (`nft`), is found and repaired from the store.
+        #[test]
+        fn each_rule_is_compared_with_what_the_store_and_config_want_and_repaired() {
+            let Some((_dir, store)) = netns_and_store() else { return };
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            let records = [record("vethA", 1, 1), record("vethB", 3, 2)];
+            assert_eq!(rs.ensure(&lock, &records).unwrap(), vec![Repair::Created]);
+            assert_eq!(rs.ensure(&lock, &records).unwrap(), vec![], "the table as written equals its reference");
+            let t = format!("inet {TABLE}");
+            for (tampering, repair) in [
+                // Pod 1 would carry slot 1 | 2 = 3: pod B's identity.
+                (format!("insert rule {t} slot-1 meta mark set meta mark or 0x2"), Repair::SlotChain { slot: 1 }),
+                (format!("insert rule {t} identify-pod meta mark set meta mark or 0x3"), Repair::BaseChains),
+                (format!("add rule {t} refuse accept"), Repair::BaseChains),
+                // Same rule count, the credentials address no longer intercepted.
+                (
+                    format!(
+                        "flush chain {t} identify\nadd rule {t} identify ip daddr 169.254.169.254 tcp dport 80 jump identify-pod\n\
+                         add rule {t} identify ip6 daddr {{ fd00:ec2::254, fd00:ec2::23 }} tcp dport 80 jump identify-pod"
+                    ),
+                    Repair::BaseChains,
+                ),
+                (
+                    format!("add chain {t} slot-9 {{ type filter hook prerouting priority 0; }}\nadd rule {t} slot-9 meta mark set 0x3"),
+                    Repair::Foreign { chains: vec!["slot-9".into()] },
+                ),
+                // Elements that are no jump to a slot chain: removed, or restored from the record.
+                (format!("add element {t} pods {{ \"vethX\" : accept }}"), Repair::StaleEntry { ifname: "vethX".into(), slot: 0 }),
+                (
+                    format!("delete element {t} pods {{ \"vethA\" }}\nadd element {t} pods {{ \"vethA\" : goto slot-3 }}"),
+                    Repair::Entry { ifname: "vethA".into(), slot: 1 },
+                ),
+            ] {
+                nft_script("tamper", &tampering).unwrap();
+                assert!(rs.needs_repair(&records).unwrap(), "{tampering}");
+                assert_eq!(rs.ensure(&lock, &records).unwrap(), vec![repair], "{tampering}");
+                assert_eq!(rs.ensure(&lock, &records).unwrap(), vec![], "whole again after {tampering}");
+                let whole = installed().unwrap().unwrap();
+                assert_eq!(whole.slot_marks, BTreeMap::from([(1, Some(1)), (3, Some(3))]), "{tampering}");
+            }
+        }
+
+        /// A network namespace of its own and an empty store; `None` (skip) without root.
+        fn netns_and_store() -> Option<(tempfile::TempDir, Store)> {
+            fresh_netns().then_some(())?;
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            Some((dir, store))
+        }
+
+        /// Pod A on vethA, slot 1: its record written and its entry added, as ADD does.
+        fn pod(store: &Store, lock: &StoreLock, rs: &RuleSet, container: &str) -> PodRecord {
+            let mut r = record("vethA", 1, crate::record::boottime_ns());
+            r.container_id = container.into();
+            store.insert(lock, &r).unwrap();
+            rs.add_pod(lock, "vethA", 1, pod_view().unwrap().as_ref()).unwrap();
+            r
+        }
+
+        /// iamlinkd's thread checks the plugin's deadline, then stalls past it; meanwhile the
+        /// plugin removes pod A itself, lets go of the lock, and pod B is added on the same
+        /// host interface name and slot. iamlinkd's late commit must not remove B's entry.
+        #[test]
+        fn a_late_release_by_iamlinkd_never_removes_the_entry_of_a_pod_recreated_on_its_interface_and_slot() {
+            let Some((_dir, store)) = netns_and_store() else { return };
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            nft_script("install", &rs.base_script()).unwrap();
+            let a = pod(&store, &lock, &rs, "a");
+            let (deadline, now) = (1_000, std::cell::Cell::new(0));
+            let mut remover = PodRemover::open().unwrap();
+            let result = remover.remove_before(&store, &a, || {
+                let held = now.get() < deadline;
+                if now.get() == 0 {
+                    now.set(deadline + 1);
+                    release(&lock, &store, &a).unwrap();
+                    store.remove(&lock, "a", "eth0").unwrap();
+                    pod(&store, &lock, &rs, "b");
+                }
+                held
+            });
+            assert_eq!(entries().unwrap(), vec![Entry::new("vethA", 1)], "pod B keeps its entry ({result:?})");
+            assert!(matches!(result, Err(InterceptError::LockExpired)), "{result:?}");
+        }
+
+        /// A's DEL removed its slot link but not its record (it failed, the runtime retries);
+        /// pod B got vethA and slot 1 in between. The retried DEL, by the plugin or by iamlinkd,
+        /// leaves B's entry and slot chain.
+        #[test]
+        fn a_retried_del_of_an_old_record_keeps_the_entry_of_the_pod_now_on_its_interface_and_slot() {
+            let Some((_dir, store)) = netns_and_store() else { return };
+            let lock = store.lock().unwrap();
+            let rs = rules();
+            nft_script("install", &rs.base_script()).unwrap();
+            let a = pod(&store, &lock, &rs, "a");
+            pod(&store, &lock, &rs, "b");
+            release(&lock, &store, &a).unwrap();
+            assert_eq!(entries().unwrap(), vec![Entry::new("vethA", 1)], "the plugin's retried DEL");
+            PodRemover::open().unwrap().remove_for_lock_holder(&store, &a, u64::MAX).unwrap();
+            assert_eq!(entries().unwrap(), vec![Entry::new("vethA", 1)], "iamlinkd's retried DEL");
+            assert_eq!(installed().unwrap().unwrap().slot_marks, BTreeMap::from([(1, Some(1))]));
+            // B's own DEL removes both.
+            let b = store.by_slot(1).unwrap().unwrap();
+            release(&lock, &store, &b).unwrap();
+            assert_eq!(installed().unwrap().map(|i| (i.entries, i.slot_marks)), Some((vec![], BTreeMap::new())));
         }
 
         #[test]

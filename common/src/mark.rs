@@ -12,6 +12,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Calico 0xffff0000, kube-proxy 0x4000/0x8000, aws-vpc-cni 0x80 and Cilium 0x0f00 stay free.
 pub const DEFAULT_MARK_MASK: u32 = 0x307f;
 
+/// The mark bits other dataplanes set on a node's packets, and whose they are. A mask sharing
+/// them lets their marks read as a slot (a pod served another pod's role) and lets iamlink's
+/// `identify-pod` clear or set their bits (their SNAT, masquerade or drop decisions change).
+pub const OTHER_DATAPLANES: [(u32, &str); 5] = [
+    (0xffff_0000, "Calico's (Felix's default iptablesMarkMask)"),
+    (0x4000, "kube-proxy's masquerade mark"),
+    (0x8000, "kube-proxy's drop mark"),
+    (0x0f00, "Cilium's"),
+    (0x80, "aws-vpc-cni's connmark"),
+];
+
 /// A pod's slot: the number its interface's mark carries. Never 0; "no pod" is `None`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slot(NonZeroU32);
@@ -65,6 +76,17 @@ impl MarkMask {
         Slot::new(
             self.set_bits().enumerate().filter(|(_, bit)| mark & bit != 0).fold(0, |slot, (i, _)| slot | (1 << i)),
         )
+    }
+
+    /// The bits of [`OTHER_DATAPLANES`] this mask shares, in words (`0x4000 (kube-proxy's
+    /// masquerade mark)`, …); `None` when it shares none.
+    pub fn overlap(self) -> Option<String> {
+        let shared: Vec<String> = OTHER_DATAPLANES
+            .iter()
+            .filter(|(bits, _)| self.0 & bits != 0)
+            .map(|(bits, whose)| format!("{:#x} ({whose})", self.0 & bits))
+            .collect();
+        (!shared.is_empty()).then(|| shared.join(", "))
     }
 
     /// The mask's set bits, lowest first, each as a one-bit value.
@@ -135,6 +157,18 @@ mod tests {
             for slot in 1..=m.max_slot() {
                 assert_eq!(m.mark_for(slot) & taken, 0, "slot {slot} touches {taken:#x}");
             }
+        }
+    }
+
+    #[test]
+    fn a_mask_sharing_other_dataplanes_bits_names_each_and_whose_it_is() {
+        assert_eq!(MarkMask::default().overlap(), None);
+        assert_eq!(MarkMask::new(0x3070).unwrap().overlap(), None);
+        let kube_proxy = MarkMask::new(0x4000).unwrap().overlap().unwrap();
+        assert_eq!(kube_proxy, "0x4000 (kube-proxy's masquerade mark)");
+        let many = MarkMask::new(0x1_c180).unwrap().overlap().unwrap();
+        for part in ["0x10000 (Calico", "0x8000 (kube-proxy's drop", "0x100 (Cilium", "0x80 (aws-vpc-cni"] {
+            assert!(many.contains(part), "{part}: {many}");
         }
     }
 

@@ -36,6 +36,10 @@ pub struct NetconfEntry {
     pub store_dir: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mark_mask: Option<MarkMask>,
+    /// `true`: use a `markMask` that shares bits other dataplanes set (iamlinkd's
+    /// `allow_mark_overlap`); otherwise such a mask is refused, as iamlinkd refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_mark_overlap: Option<bool>,
     /// The second intercepted address; `""` disables it (and its IPv6 twin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_address: Option<String>,
@@ -71,6 +75,7 @@ impl Default for NetconfEntry {
             daemon_address6: None,
             store_dir: None,
             mark_mask: None,
+            allow_mark_overlap: None,
             credentials_address: None,
             log_file: None,
             capabilities: Value::Null,
@@ -92,6 +97,8 @@ pub enum NetconfError {
     CredentialsAddress(AddrParseError),
     #[error("waitForCredentials must be a duration such as \"1s\" or \"250ms\" (at most 60s): {0}")]
     WaitForCredentials(String),
+    #[error("{0}")]
+    MarkOverlap(String),
 }
 
 /// A credentials address as both configs spell it: `""` disables it.
@@ -105,12 +112,13 @@ pub fn parse_credentials_address(address: &str) -> Result<Option<Ipv4Addr>, Addr
 impl NetconfEntry {
     /// The keys iamlinkd owns in an entry: install-cni sets or removes exactly these and leaves
     /// any other key an operator added.
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 9] = [
         "type",
         "daemonAddress",
         "daemonAddress6",
         "storeDir",
         "markMask",
+        "allowMarkOverlap",
         "credentialsAddress",
         "logFile",
         "capabilities",
@@ -154,8 +162,27 @@ impl NetconfEntry {
             None => Some(DEFAULT_CREDENTIALS_ADDRESS),
             Some(a) => parse_credentials_address(a).map_err(NetconfError::CredentialsAddress)?,
         };
-        Ok(RuleSet::new(daemon, daemon6, self.mark_mask.unwrap_or_default(), credentials))
+        let mask = self.mark_mask.unwrap_or_default();
+        if let (Some(shared), false) = (mask.overlap(), self.allow_mark_overlap.unwrap_or(false)) {
+            return Err(NetconfError::MarkOverlap(mark_overlap_refusal(
+                "markMask",
+                mask,
+                &shared,
+                "allowMarkOverlap: true",
+            )));
+        }
+        Ok(RuleSet::new(daemon, daemon6, mask, credentials))
     }
+}
+
+/// Why a mask sharing other dataplanes' bits is refused, and the way out; the plugin and
+/// iamlinkd say the same, each with its own key names.
+pub fn mark_overlap_refusal(key: &str, mask: MarkMask, shared: &str, allow: &str) -> String {
+    format!(
+        "{key} {mask} shares mark bits other dataplanes set on this node's packets: {shared}. Their marks would \
+         read as a pod's slot (a pod served another pod's role) and iamlink would clear or set their bits; \
+         choose a mask clear of them (the default 0x307f is), or set {allow} if none of them runs on this node"
+    )
 }
 
 #[cfg(test)]
@@ -168,6 +195,7 @@ mod tests {
             daemon_address6: Some("[fd00:198:18::1]:8181".into()),
             store_dir: Some("/run/iamlink".into()),
             mark_mask: Some(MarkMask::default()),
+            allow_mark_overlap: Some(true),
             credentials_address: Some("169.254.170.23".into()),
             log_file: Some("/var/log/iamlink/cni.log".into()),
             capabilities: NetconfEntry::declared_capabilities(),
@@ -180,7 +208,7 @@ mod tests {
         let text = serde_json::to_string(&full()).unwrap();
         assert_eq!(
             text,
-            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","credentialsAddress":"169.254.170.23","logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
+            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","allowMarkOverlap":true,"credentialsAddress":"169.254.170.23","logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
         );
         let keys: Vec<String> = match serde_json::from_str(&text).unwrap() {
             Value::Object(map) => map.keys().cloned().collect(),
@@ -192,6 +220,21 @@ mod tests {
         got.sort();
         assert_eq!(got, want, "KEYS names exactly what the struct writes");
         assert_eq!(serde_json::from_str::<NetconfEntry>(&text).unwrap(), full());
+    }
+
+    #[test]
+    fn the_plugin_refuses_a_mark_mask_on_other_dataplanes_bits_as_iamlinkd_does() {
+        let entry = |mask: u32, allow| NetconfEntry {
+            daemon_address: Some("198.18.0.1:8181".into()),
+            mark_mask: Some(MarkMask::new(mask).unwrap()),
+            allow_mark_overlap: allow,
+            ..Default::default()
+        };
+        let e = entry(0x4000, None).rule_set().unwrap_err().to_string();
+        assert!(e.contains("markMask 0x4000") && e.contains("kube-proxy") && e.contains("allowMarkOverlap"), "{e}");
+        assert!(entry(0x4000, Some(false)).rule_set().is_err());
+        assert_eq!(entry(0x4000, Some(true)).rule_set().unwrap().mask.bits(), 0x4000);
+        assert!(entry(0x3070, None).rule_set().is_ok());
     }
 
     #[test]

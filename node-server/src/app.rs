@@ -9,6 +9,7 @@ use iamlink_common::{PodRecord, Store};
 use crate::config::Config;
 use crate::creds::cache::{AssumeRole, Cache};
 use crate::creds::SessionKey;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::request::identify::Records;
 use crate::request::limits::Limits;
@@ -29,6 +30,8 @@ pub struct App<S> {
     pub(crate) upstream: Upstream,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
+    /// Whether connections may be answered; only the guard's `Verifier` verifies it.
+    pub(crate) health: Arc<Health>,
     /// The node's name, for session tags.
     pub(crate) node_name: String,
     /// The netlink socket DELs are committed on for the plugin, kept open for the daemon's
@@ -38,12 +41,21 @@ pub struct App<S> {
 }
 
 impl<S: AssumeRole> App<S> {
-    pub fn new(config: Config, store: Store, sts: S, tokens: Tokens, node_name: String, kube: Option<View>) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        sts: S,
+        tokens: Tokens,
+        node_name: String,
+        kube: Option<View>,
+        health: Arc<Health>,
+    ) -> Self {
         let metrics = Arc::new(Metrics::default());
         App {
             roles: PodRoles::new(&config, kube),
             cache: Cache::new(sts, metrics.clone()),
             metrics,
+            health,
             upstream: Upstream::new(&config.upstream),
             limits: Limits::new(config.limits.clone()),
             records: Records::new(store.clone()),

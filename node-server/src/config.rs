@@ -23,6 +23,9 @@ pub struct Config {
     pub store_dir: PathBuf,
     #[serde(default)]
     pub mark_mask: MarkMask,
+    /// Accept a `mark_mask` that shares bits other dataplanes use (refused by default).
+    #[serde(default)]
+    pub allow_mark_overlap: bool,
     #[serde(default = "default_credentials_address")]
     pub credentials_address: String,
     #[serde(default = "yes")]
@@ -229,6 +232,10 @@ impl Config {
                 return Err(ConfigError::Invalid("sts.external_id must be 2-1224 characters of [\\w+=,.@:/-]".into()));
             }
         }
+        if let (Some(shared), false) = (self.mark_mask.overlap(), self.allow_mark_overlap) {
+            let why = netconf::mark_overlap_refusal("mark_mask", self.mark_mask, &shared, "allow_mark_overlap = true");
+            return Err(ConfigError::Invalid(why));
+        }
         self.credentials_address()?;
         self.metrics_listen()?;
         // The node's credentials and user data never reach pods, whatever the config says.
@@ -267,6 +274,7 @@ impl Config {
             daemon_address6: self.listen6.map(|a| a.to_string()),
             store_dir: Some(self.store_dir.clone()),
             mark_mask: Some(self.mark_mask),
+            allow_mark_overlap: (self.allow_mark_overlap && self.mark_mask.overlap().is_some()).then_some(true),
             credentials_address: Some(self.credentials_address.clone()),
             log_file: self.cni.log_file.clone(),
             capabilities: NetconfEntry::declared_capabilities(),
@@ -381,7 +389,7 @@ mod tests {
         for text in [
             include_str!("../../conf/iamlinkd.toml"),
             "listen = \"198.18.0.1:80\"",
-            "listen = \"198.18.0.1:80\"\nlisten6 = \"[fd00::1]:80\"\nmark_mask = \"0xf000\"\ncredentials_address = \"\"",
+            "listen = \"198.18.0.1:80\"\nlisten6 = \"[fd00::1]:80\"\nmark_mask = \"0x3070\"\ncredentials_address = \"\"",
         ] {
             let c = Config::parse(text).unwrap();
             let written = serde_json::to_string(&c.netconf()).unwrap();
@@ -445,6 +453,28 @@ mod tests {
             let e = parse(&format!("metrics_listen = \"{bad}\"")).unwrap_err().to_string();
             assert!(e.contains("metrics_listen"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_mark_mask_sharing_other_dataplanes_bits_is_refused_naming_them_unless_allowed() {
+        for (mask, named) in [
+            ("0x4000", "0x4000 (kube-proxy's masquerade mark)"),
+            ("0x8000", "kube-proxy's drop mark"),
+            ("0x10000", "Calico"),
+            ("0x0100", "Cilium"),
+            ("0x00ff", "0x80 (aws-vpc-cni"),
+        ] {
+            let text = format!("listen = \"198.18.0.1:80\"\nmark_mask = \"{mask}\"");
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("mark_mask") && e.contains(named) && e.contains("allow_mark_overlap"), "{mask}: {e}");
+            let allowed = Config::parse(&format!("{text}\nallow_mark_overlap = true")).unwrap();
+            assert_eq!(allowed.mark_mask.bits(), mask.parse::<MarkMask>().unwrap().bits());
+            let entry = allowed.netconf();
+            assert_eq!(entry.allow_mark_overlap, Some(true), "the plugin is told too");
+            assert!(entry.rule_set().is_ok());
+        }
+        let clear = Config::parse("listen = \"198.18.0.1:80\"\nmark_mask = \"0x3070\"").unwrap();
+        assert_eq!(clear.netconf().allow_mark_overlap, None, "nothing to allow");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::backoff::backoff;
 use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
+use crate::health::Health;
 use crate::install::{cni_config, guard};
 use crate::metrics;
 use crate::ops::local_api;
@@ -30,7 +31,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let metrics_listen = config.metrics_listen()?.resolve()?;
     let store = Store::open(&config.store_dir)?;
     let rules = config.rule_set();
+    let (health, verifier) = Health::new();
+    // Subscribed before the start-up ensure reads the table: no change after that read goes
+    // unseen, and one that comes during it leaves the interception unverified for the guard.
+    let subscription = guard::subscribe(verifier.clone(), config.mark_mask);
     // Before any listener exists: no connection is accepted under a layout not yet verified.
+    let check = verifier.begin();
     let (records, start_repairs) = {
         let lock = store.lock()?;
         let (records, bad) = store.slot_holders()?;
@@ -39,6 +45,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         (records.len(), guard::ensure(&rules, &lock, &records)?)
     };
+    verifier.finished(check);
     let node = Netlink::here()?;
     for rule in node.ensure_policy_rules(&rules.addresses).await? {
         info!(rule = %rule, "added routing-policy rule");
@@ -70,12 +77,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
-    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube));
+    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube, health));
     for r in &start_repairs {
         app.metrics.repaired(r.kind());
     }
-    app.metrics.set_interception_verified(true);
-    tokio::spawn(guard::run(app.clone()));
+    tokio::spawn(guard::run(app.clone(), subscription));
     if discover_base_arn {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
@@ -95,7 +101,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(addr) = metrics_listen {
         if let Some(listener) = metrics::bind(addr).await {
             let cap = ConnectionCap::new("metrics", caps.metrics, app.metrics.connections_refused("metrics"));
-            tokio::spawn(metrics::serve(app.metrics.clone(), listener, cap));
+            tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
         }
     }
     tokio::select! {

@@ -11,6 +11,7 @@ pub mod creds;
 pub mod daemon;
 mod dir_watch;
 pub mod error;
+pub mod health;
 pub mod install;
 pub mod log_writer;
 pub mod memory;

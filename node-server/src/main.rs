@@ -25,6 +25,7 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   listen6             [ip]:port for IPv6 pods (= the plugin's daemonAddress6); unset: their IPv6 metadata traffic is dropped
   store_dir           pod records written by the CNI plugin (default /run/iamlink)
   mark_mask           packet-mark bits for pod identity (default 0x307f; = the plugin's markMask)
+  allow_mark_overlap  accept a mark_mask sharing Calico's, kube-proxy's, Cilium's or aws-vpc-cni's bits (default false)
   credentials_address second intercepted address (default 169.254.170.23; \"\" disables)
   imdsv1              answer GETs without an IMDSv2 token (default true)
   upstream            the real metadata service (default http://169.254.169.254)

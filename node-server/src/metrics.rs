@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::warn;
 
+use crate::health::Health;
 use crate::serve::{accept_loop, http1, ConnectionCap};
 
 type Labels = Vec<(&'static str, String)>;
@@ -43,10 +43,6 @@ pub struct Metrics {
     pub last_refresh: Gauge,
     interception_repairs: Family<Labels, Counter>,
     kubernetes_synced: Family<Labels, Gauge>,
-    /// Store read once (and the API view synced, with Kubernetes).
-    ready: AtomicBool,
-    /// The rule set is as the store says, in the daemon's layout (false while it is replaced).
-    interception_verified: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -65,8 +61,6 @@ impl Default for Metrics {
             last_refresh: Gauge::default(),
             interception_repairs: Family::default(),
             kubernetes_synced: Family::default(),
-            ready: AtomicBool::new(false),
-            interception_verified: AtomicBool::new(false),
         };
         let r = &mut m.registry;
         r.register("answers", "Metadata answers to pods by outcome", m.answers.clone());
@@ -127,33 +121,8 @@ impl Metrics {
         self.kubernetes_synced.get_or_create(&vec![("kind", kind.to_string())]).set(i64::from(listed));
     }
 
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
-    }
-
     pub fn repaired(&self, what: &'static str) {
         self.interception_repairs.get_or_create(&vec![("what", what.to_string())]).inc();
-    }
-
-    pub fn set_interception_verified(&self, verified: bool) {
-        self.interception_verified.store(verified, Ordering::Release);
-    }
-
-    /// Whether a connection's mark can be read now: false from the moment the table is created
-    /// or deleted by anyone until the guard has checked its layout.
-    pub fn interception_verified(&self) -> bool {
-        self.interception_verified.load(Ordering::Acquire)
-    }
-
-    /// `None` when ready; else why not.
-    fn not_ready(&self) -> Option<&'static str> {
-        if !self.interception_verified() {
-            Some("not ready: the interception rule set is being restored\n")
-        } else if !self.ready.load(Ordering::Relaxed) {
-            Some("not ready: store not read yet (or the Kubernetes API view not synced)\n")
-        } else {
-            None
-        }
     }
 
     /// The Prometheus text exposition `/metrics` serves.
@@ -167,18 +136,18 @@ impl Metrics {
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
-pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, cap: ConnectionCap) {
+pub async fn serve(metrics: Arc<Metrics>, health: Arc<Health>, listener: TcpListener, cap: ConnectionCap) {
     accept_loop(cap, listener, |stream, _, place| {
-        let metrics = metrics.clone();
+        let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {
             let _place = place;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
+                let (metrics, health) = (metrics.clone(), health.clone());
                 async move {
                     let (status, body) = match req.uri().path() {
                         "/metrics" => (StatusCode::OK, metrics.render()),
                         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        "/readyz" => match metrics.not_ready() {
+                        "/readyz" => match health.not_ready() {
                             None => (StatusCode::OK, "ready\n".to_string()),
                             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
                         },

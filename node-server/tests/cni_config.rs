@@ -385,6 +385,27 @@ fn install_cni_on_the_command_line_chains_or_fails_loudly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent.toml"));
 }
 
+/// A mask on kube-proxy's masquerade bit stops iamlinkd before it listens, naming the bit, whose
+/// it is and the override; with the override it starts.
+#[test]
+fn iamlinkd_refuses_a_mark_mask_on_kube_proxys_bits_unless_told_to_allow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("iamlinkd.toml");
+    fs::write(&config, "listen = \"198.18.0.1:8181\"\nmark_mask = 0x4000\n").unwrap();
+    let out = iamlinkd(&["--check-config", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("mark_mask")
+            && stderr.contains("0x4000 (kube-proxy's masquerade mark)")
+            && stderr.contains("allow_mark_overlap = true"),
+        "{stderr}"
+    );
+    fs::write(&config, "listen = \"198.18.0.1:8181\"\nmark_mask = 0x4000\nallow_mark_overlap = true\n").unwrap();
+    let out = iamlinkd(&["--check-config", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn help_describes_the_subcommands() {
     let out = iamlinkd(&["--help"]);

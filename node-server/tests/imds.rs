@@ -72,7 +72,8 @@ fn bench_with(top: &str, extra: &str) -> Bench {
     let text = format!("{top}{}{extra}", CONFIG.replace("STORE", &dir.path().display().to_string()));
     let config = Config::parse(&text).unwrap();
     let store = Store::open(&config.store_dir).unwrap();
-    let app = App::new(config, store, FakeSts::default(), Tokens::new().unwrap(), "node-1".into(), None);
+    let (health, _) = iamlinkd::health::Health::new();
+    let app = App::new(config, store, FakeSts::default(), Tokens::new().unwrap(), "node-1".into(), None, health);
     Bench { app: Arc::new(app), _dir: dir }
 }
 

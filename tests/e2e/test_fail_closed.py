@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import PYTHON, NODE_ROLE, IAMLINKD, role_of_arn, wait_until
+from harness import PYTHON, NODE_ROLE, IAMLINKD, Timeout, role_of_arn, wait_until
 from harness.imds_client import CREDS_PATH
 from harness.util import IMDS_CLIENT, stop_process
 
@@ -388,3 +388,70 @@ def test_explain_reads_the_slot_chain_the_kernel_has(make_bench):
     p = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "explain", batch.key], check=False)
     assert p.returncode == 1, p.stdout
     assert f"{batch_chain} sets mark {web_mark:#x}" in p.stdout, p.stdout
+
+
+# -- 4. a rule changed by hand, rule by rule --------------------------------------------------------
+
+
+def listing(bench):
+    """`nft list table inet iamlink` without handles, its lines sorted (a map's order is the kernel's)."""
+    return sorted(nft(bench, "list", "table", "inet", "iamlink").stdout.splitlines())
+
+
+def rule_handle(bench, chain, index):
+    """The kernel's handle of rule `index` of `chain`."""
+    rules = [item["rule"] for item in table(bench) or [] if item.get("rule", {}).get("chain") == chain]
+    return rules[index]["handle"], rules[index].get("comment")
+
+
+def tamperings(bench, web, api):
+    """Changes a root process could make that keep every chain's rule count or its last rule, each
+    making web's connections carry api's slot: web's slot 1 | 2 is slot 3."""
+    entries, marks = map_entries(bench), slot_marks(bench)
+    web_chain, bits = entries[web.host_ifname], marks[entries[api.host_ifname]] & ~marks[entries[web.host_ifname]]
+    assert bits, (marks, entries)
+    handle, comment = rule_handle(bench, "identify-pod", 0)
+    return {
+        # The issue's example: a rule before the slot chain's own.
+        "slot-rule-inserted": f"insert rule inet iamlink {web_chain} meta mark set meta mark or {bits:#x}\n",
+        # After the map's jump returns, a rule that adds bits for web's interface.
+        "base-rule-added": (f'add rule inet iamlink identify-pod iifname "{web.host_ifname}" '
+                            f"meta mark set meta mark or {bits:#x}\n"),
+        # The rule that clears iamlink's bits, replaced in place, comment and all: the same count,
+        # the same layout comment, another expression.
+        "base-expression-changed": (f"replace rule inet iamlink identify-pod handle {handle} "
+                                    f'meta mark set meta mark or {bits:#x} comment "{comment}"\n'),
+    }
+
+
+@pytest.mark.parametrize("tampering", ["slot-rule-inserted", "base-rule-added", "base-expression-changed"])
+def test_a_rule_changed_by_hand_never_serves_a_pod_another_pods_role_and_is_repaired(make_bench, tampering):
+    bench = make_bench()
+    web, batch, api = add_pods(bench)
+    script = tamperings(bench, web, api)[tampering]
+    before = listing(bench)
+    # Only web asks: every audit line is an answer to web, whichever pod it was taken for.
+    answered = lambda: len(bench.daemon.audit_lines())
+    client = loop(web, seconds=20)
+    try:
+        wait_until(lambda: answered() >= 3, 10, "web answered")
+        changed = time.monotonic()
+        nft(bench, "-f", "-", input=script)
+        try:
+            wait_until(lambda: listing(bench) == before, 3, f"iamlinkd to undo {tampering}")
+            not_undone = None
+        except Timeout as e:
+            not_undone = e  # what web was answered meanwhile is asserted first
+        count = answered()
+        wait_until(lambda: answered() >= count + 10, 10, "answers after the tampering")
+    finally:
+        s = summary(bench, client)
+    assert not bench.upstream.leaked(json.dumps(s)), f"the node's role reached the pod: {s['keys'].keys()}"
+    assert not wrong_answers(bench, web, s), f"{tampering}: {wrong_answers(bench, web, s)}"
+    assert not_undone is None, not_undone
+    # Runs of one outcome (first, last, outcome, count): own role answered again after the change.
+    ok_after = [max(first, changed) for first, last, o, _ in s["timeline"] if o == "ok" and last >= changed]
+    assert ok_after and ok_after[0] - changed <= 3, f"own role again late: {s['timeline']}"
+    for pod in (web, batch, api):
+        own_role_or_nothing(bench, pod, pod.imds("creds"), f"after {tampering} was undone")
+    assert "rule set repaired" in bench.daemon.log_text()

@@ -8,6 +8,7 @@
 //! kernel holds the same objects whichever wrote them (the tests compare `nft -j list`).
 //! Written from the kernel's UAPI headers; no libnftnl code (GPL) is used.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -48,7 +49,9 @@ const NFPROTO_INET: u8 = 1;
 const AF_UNSPEC: u8 = 0;
 
 // enum nf_tables_msg_types
+const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_DELCHAIN: u16 = 5;
@@ -66,8 +69,16 @@ const NFTA_TABLE_NAME: u16 = 1;
 // enum nft_chain_attributes
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+/// A base chain's hook and priority (absent on a regular chain), policy and type.
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
 /// How many references the chain has: its own rules, and every jump or goto to it.
 const NFTA_CHAIN_USE: u16 = 6;
+const NFTA_CHAIN_TYPE: u16 = 7;
+// enum nft_lookup_attributes
+const NFTA_LOOKUP_SET: u16 = 1;
+/// nft names the anonymous sets of a rule (`ip daddr { a, b }`) `__set<n>`, numbered per table.
+const ANONYMOUS_SET_PREFIX: &str = "__set";
 // enum nft_rule_attributes
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -264,6 +275,91 @@ pub struct RuleFacts {
     pub comment: Option<String>,
     /// `Some(bits)` when the rule is exactly `meta mark set meta mark or <bits>`.
     pub mark_or: Option<u32>,
+    /// The rule's expressions, each with every attribute the kernel reports, an anonymous set
+    /// written as its elements instead of its per-table name: equal bytes are the same rule,
+    /// whichever table holds it and however its sets were numbered.
+    pub expressions: Vec<u8>,
+}
+
+/// What the daemon checks of one chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainFacts {
+    pub name: String,
+    /// A base chain's hook, priority, type and policy as the kernel reports them; `None` for a
+    /// regular chain (reached only by a jump).
+    pub hook: Option<Vec<u8>>,
+}
+
+/// One nf_tables change notification (`NFNLGRP_NFTABLES`), as far as iamlinkd's guard tells
+/// them apart: decoded here, with the same attribute reading as every other message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub table: String,
+    pub object: Object,
+}
+
+/// What a [`Notice`] changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// The table was created or deleted.
+    Table,
+    /// A chain was created or deleted; `hooked`: a base chain.
+    Chain {
+        name: String,
+        hooked: bool,
+    },
+    /// A rule was added; `mark_or` as in [`RuleFacts::mark_or`].
+    NewRule {
+        chain: String,
+        mark_or: Option<u32>,
+    },
+    DelRule {
+        chain: String,
+    },
+    /// An element of `set` was added or deleted.
+    Element {
+        set: String,
+    },
+    /// Anything else in a table (a set, an object, a flowtable, a table's flags).
+    Other,
+}
+
+/// The notifications of one datagram, in order; other subsystems' messages and new generations
+/// (`NFT_MSG_NEWGEN`, which names no table) are left out.
+pub fn notices(datagram: &[u8]) -> Vec<Notice> {
+    let mut notices = vec![];
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            break;
+        }
+        // After the header, `struct nfgenmsg` (4 bytes), then the attributes.
+        let body = &rest[(NLMSG_HDRLEN + 4).min(len)..len];
+        let (subsys, msg) = (kind >> 8, kind & 0xff);
+        // The first attribute of every object message is its table's name.
+        let table = attr(body, NFTA_TABLE_NAME).map(string);
+        if let (NFNL_SUBSYS_NFTABLES, Some(table)) = (subsys, table.filter(|_| msg != NFT_MSG_NEWGEN)) {
+            let name = |kind| attr(body, kind).map(string).unwrap_or_default();
+            let object = match msg {
+                NFT_MSG_NEWTABLE | NFT_MSG_DELTABLE => Object::Table,
+                NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN => {
+                    Object::Chain { name: name(NFTA_CHAIN_NAME), hooked: attr(body, NFTA_CHAIN_HOOK).is_some() }
+                }
+                NFT_MSG_NEWRULE => Object::NewRule {
+                    chain: name(NFTA_RULE_CHAIN),
+                    mark_or: attr(body, NFTA_RULE_EXPRESSIONS).and_then(mark_or),
+                },
+                NFT_MSG_DELRULE => Object::DelRule { chain: name(NFTA_RULE_CHAIN) },
+                NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => Object::Element { set: name(NFTA_SET_ELEM_LIST_SET) },
+                _ => Object::Other,
+            };
+            notices.push(Notice { table, object });
+        }
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    notices
 }
 
 /// One element of an `ifname : verdict` map.
@@ -283,11 +379,14 @@ impl VerdictElement {
     }
 }
 
+/// One change of a [`Batch`]: message type, flags, what fills its attributes, and its words.
+type BatchMsg = (u16, u16, Box<dyn Fn(&mut Msg)>, String);
+
 /// The changes of one transaction, in order; [`Nft::commit`] sends them between
 /// `NFNL_MSG_BATCH_BEGIN` and `NFNL_MSG_BATCH_END`.
 #[derive(Default)]
 pub struct Batch {
-    msgs: Vec<(u16, u16, Box<dyn Fn(&mut Msg)>, String)>,
+    msgs: Vec<BatchMsg>,
 }
 
 impl Batch {
@@ -489,7 +588,7 @@ impl Nft {
         self.send(&msg.finish(), what)?;
         loop {
             let answers = self.receive(true, what)?.unwrap_or_default();
-            for a in answers.into_iter().filter(|a| a.seq == seq) {
+            if let Some(a) = answers.into_iter().find(|a| a.seq == seq) {
                 return match a.error() {
                     Some(e) if e == -(Errno::ENOENT as i32) => Ok(None),
                     Some(e) => Err(kernel_error(what, e)),
@@ -566,9 +665,9 @@ impl Nft {
         Ok(comments)
     }
 
-    /// The names of the table's chains (`NFT_MSG_GETCHAIN` dump; `NFTA_CHAIN_NAME` of each
-    /// answer whose `NFTA_CHAIN_TABLE` is the table).
-    pub fn chain_names(&mut self, table: &str) -> Result<Vec<String>, InterceptError> {
+    /// The table's chains (`NFT_MSG_GETCHAIN` dump; each answer whose `NFTA_CHAIN_TABLE` is the
+    /// table): name, and hook when it is a base chain.
+    pub fn chains(&mut self, table: &str) -> Result<Vec<ChainFacts>, InterceptError> {
         let build = |seq| {
             let mut m = Msg::nft(NFT_MSG_GETCHAIN, NLM_F_DUMP, seq);
             m.put_str(NFTA_CHAIN_TABLE, table);
@@ -578,7 +677,17 @@ impl Nft {
         Ok(chains
             .iter()
             .filter(|c| attr(c, NFTA_CHAIN_TABLE).map(string).as_deref() == Some(table))
-            .filter_map(|c| attr(c, NFTA_CHAIN_NAME).map(string))
+            .filter_map(|c| {
+                let hook = attr(c, NFTA_CHAIN_HOOK).map(|hook| {
+                    let mut facts = hook.to_vec();
+                    for kind in [NFTA_CHAIN_TYPE, NFTA_CHAIN_POLICY] {
+                        facts.extend(attr(c, kind).unwrap_or_default());
+                        facts.push(0);
+                    }
+                    facts
+                });
+                Some(ChainFacts { name: attr(c, NFTA_CHAIN_NAME).map(string)?, hook })
+            })
             .collect())
     }
 
@@ -590,15 +699,76 @@ impl Nft {
             m
         };
         let rules = self.dump(build, &format!("reading the rules of table {table}"))?.unwrap_or_default();
-        Ok(rules
-            .iter()
-            .filter(|r| attr(r, NFTA_RULE_TABLE).map(string).as_deref() == Some(table))
-            .map(|r| RuleFacts {
+        let mut sets = HashMap::new();
+        let mut facts = Vec::with_capacity(rules.len());
+        for r in rules.iter().filter(|r| attr(r, NFTA_RULE_TABLE).map(string).as_deref() == Some(table)) {
+            let exprs = attr(r, NFTA_RULE_EXPRESSIONS).unwrap_or_default();
+            facts.push(RuleFacts {
                 chain: attr(r, NFTA_RULE_CHAIN).map(string).unwrap_or_default(),
                 comment: attr(r, NFTA_RULE_USERDATA).and_then(comment),
-                mark_or: attr(r, NFTA_RULE_EXPRESSIONS).and_then(mark_or),
-            })
-            .collect())
+                mark_or: mark_or(exprs),
+                expressions: self.canonical(table, exprs, &mut sets)?,
+            });
+        }
+        Ok(facts)
+    }
+
+    /// A rule's expressions as [`RuleFacts::expressions`] holds them: per expression its name,
+    /// then each attribute (type, length, value), a lookup's anonymous set replaced by its
+    /// elements (read once per set into `sets`).
+    fn canonical(
+        &mut self,
+        table: &str,
+        exprs: &[u8],
+        sets: &mut HashMap<String, Vec<u8>>,
+    ) -> Result<Vec<u8>, InterceptError> {
+        let mut out = Vec::with_capacity(exprs.len());
+        for (_, expr) in attrs(exprs) {
+            let name = attr(expr, NFTA_EXPR_NAME).map(string).unwrap_or_default();
+            out.extend(name.as_bytes());
+            out.push(0);
+            for (kind, value) in attrs(attr(expr, NFTA_EXPR_DATA).unwrap_or_default()) {
+                let set = (name == "lookup" && kind == NFTA_LOOKUP_SET).then(|| string(value));
+                let value = match set.filter(|s| s.starts_with(ANONYMOUS_SET_PREFIX)) {
+                    Some(set) => match sets.get(&set) {
+                        Some(elements) => elements.clone(),
+                        None => {
+                            let elements = self.set_elements(table, &set)?;
+                            sets.insert(set, elements.clone());
+                            elements
+                        }
+                    },
+                    None => value.to_vec(),
+                };
+                out.extend(kind.to_ne_bytes());
+                out.extend((value.len() as u32).to_ne_bytes());
+                out.extend(value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The elements of a set, each whole as the kernel reports it, sorted (a hash set's order
+    /// is arbitrary) and written one after another with their lengths.
+    fn set_elements(&mut self, table: &str, set: &str) -> Result<Vec<u8>, InterceptError> {
+        let build = |seq| {
+            let mut m = Msg::nft(NFT_MSG_GETSETELEM, NLM_F_DUMP, seq);
+            m.put_str(NFTA_SET_ELEM_LIST_TABLE, table).put_str(NFTA_SET_ELEM_LIST_SET, set);
+            m
+        };
+        let messages = self.dump(build, &format!("reading set {set}"))?.unwrap_or_default();
+        let mut elements: Vec<&[u8]> = messages
+            .iter()
+            .filter_map(|m| attr(m, NFTA_SET_ELEM_LIST_ELEMENTS))
+            .flat_map(|list| attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM).map(|(_, e)| e))
+            .collect();
+        elements.sort();
+        let mut out = vec![];
+        for e in elements {
+            out.extend((e.len() as u32).to_ne_bytes());
+            out.extend(e);
+        }
+        Ok(out)
     }
 
     /// The elements of an `ifname : verdict` map (`NFT_MSG_GETSETELEM` dump); `None` when the
@@ -784,6 +954,33 @@ mod tests {
         let bitwise = attr(exprs[1], NFTA_EXPR_DATA).unwrap();
         assert_eq!(attr(attr(bitwise, NFTA_BITWISE_MASK).unwrap(), NFTA_DATA_VALUE).unwrap(), &(!3u32).to_ne_bytes());
         assert_eq!(attr(attr(bitwise, NFTA_BITWISE_XOR).unwrap(), NFTA_DATA_VALUE).unwrap(), &3u32.to_ne_bytes());
+    }
+
+    /// The guard reads change notifications with the same decoding: ADD's slot rule is known as
+    /// exactly slot 3's mark; a table, another table, another message are told apart.
+    #[test]
+    fn notifications_name_the_table_the_object_and_a_slot_rules_mark() {
+        let mut batch = Batch::default();
+        batch.add_mark_or_rule("iamlink", "slot-3", 0x3);
+        batch.delete_ifname("iamlink", "pods", "vethA");
+        batch.delete_chain("other", "x");
+        let mut datagram = vec![];
+        for (msg, flags, fill, _) in &batch.msgs {
+            let mut m = Msg::nft(*msg, *flags, 1);
+            fill(&mut m);
+            datagram.extend(m.finish());
+        }
+        let notices = notices(&datagram);
+        let object = |table: &str, object| Notice { table: table.into(), object };
+        assert_eq!(
+            notices,
+            vec![
+                object("iamlink", Object::NewRule { chain: "slot-3".into(), mark_or: Some(3) }),
+                object("iamlink", Object::Element { set: "pods".into() }),
+                object("other", Object::Chain { name: "x".into(), hooked: false }),
+            ]
+        );
+        assert_eq!(super::notices(&datagram[..10]), vec![], "truncated");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, mut pod_changes: Option<mpsc::
             }
         }
         if app.roles.view().is_none_or(|view| view.all_synced()) {
-            app.metrics.set_ready();
+            app.health.set_store_read();
         }
         let refresh_due = last_refresh.elapsed() >= REFRESH_EVERY;
         if refresh_due {

@@ -3,9 +3,10 @@
 //! A firewall reload (`nft flush ruleset`), another agent deleting `table inet iamlink` or one of
 //! its map elements: nf_tables reports every change on its multicast group, and the change wakes
 //! a check that rebuilds what the store says should be there, under the store lock. A one-second
-//! tick covers the routing-policy rules (not nftables state); lost events count as a change. Each repair is
-//! logged and counted; while the table is being replaced `/readyz` is false and new connections
-//! are closed unanswered, so that no mark is read before its layout is verified.
+//! tick covers the routing-policy rules (not nftables state), in a task of their own; lost
+//! events count as a change. Each repair is logged and counted; from a change that may make a
+//! mark lie until a check that began after it finds the table whole, `/readyz` is false and new
+//! connections are closed unanswered ([`crate::health`]).
 //!
 //! A check reads every record and the whole table: O(pods). Every pod's ADD and DEL commits to
 //! the pods map and its slot chain, so a check per commit would cost O(pods) per pod change. A
@@ -18,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use iamlink_common::intercept::{self, InterceptError, RuleSet};
+use iamlink_common::intercept::{self, InterceptError, Object, RuleSet};
 use iamlink_common::netlink::Netlink;
-use iamlink_common::PodRecord;
+use iamlink_common::{MarkMask, PodRecord};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::Socket;
 use tokio::sync::Notify;
@@ -29,6 +30,7 @@ use tracing::warn;
 use crate::app::App;
 use crate::creds::cache::AssumeRole;
 use crate::error::Error;
+use crate::health::Verifier;
 use crate::metrics::Metrics;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -41,32 +43,16 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// flushed, carries no slot; `intercept` still DNATs its new connections to iamlinkd (and
 /// `refuse` rejects what NAT never saw), and iamlinkd refuses a connection without a slot. A
 /// slot chain still jumped to cannot be deleted (the kernel answers `EBUSY`). So a deleted entry
-/// costs its pod availability until the repair, never the promise. What could name another
-/// slot, an element or slot rule *added* by someone else, is a write into iamlink's table by a
-/// root process on the node, which could as well ask the metadata service itself; the guard
-/// undoes it within this window, as it undoes any change after the fact. Changes that can open
-/// a path to the real service (base chains, the table, lost events) are checked at once.
+/// costs its pod availability until the repair, never the promise. A slot chain's rule other
+/// than its own mark, or a slot chain with a hook, could name another slot: it is no pod's part
+/// (see [`classify`]) and unverifies at once. What is left, an element *added* by someone else
+/// pointing a name at another pod's slot, is a write into iamlink's table by a root process on
+/// the node, which could as well ask the metadata service itself; the guard undoes it within
+/// this window. Changes that can open a path to the real service (base chains, the table, lost
+/// events) are checked at once too.
 pub const SETTLE: Duration = Duration::from_millis(200);
 /// `NFNLGRP_NFTABLES`: every committed nf_tables change.
 const NFNLGRP_NFTABLES: u32 = 7;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_DELCHAIN: u16 = 5;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_DELRULE: u16 = 8;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFT_MSG_NEWGEN: u16 = 15;
-/// The first attribute of table, chain, rule, set and element messages is the table's name.
-const NFTA_TABLE_NAME: u16 = 1;
-/// `NFTA_CHAIN_NAME`: a chain message's name.
-const NFTA_CHAIN_NAME: u16 = 3;
-/// `NFTA_RULE_CHAIN`: a rule message's chain.
-const NFTA_RULE_CHAIN: u16 = 2;
-/// `NFTA_SET_ELEM_LIST_SET`: an element message's set.
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 
 /// What one nf_tables event means for iamlink's table, in order of urgency: a datagram of
 /// several messages is the most urgent of them.
@@ -74,72 +60,42 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 pub enum Event {
     /// Another table, or not an object message.
     Other,
-    /// A pod's part changed: an element of the pods map, a `slot-N` chain or its rules (what
-    /// every ADD and DEL commits). Checked after [`SETTLE`].
+    /// A pod's part changed as ADD and DEL change it: an element of the pods map, a regular
+    /// `slot-N` chain, its flush, or its one rule setting exactly slot N's bits. Checked after
+    /// [`SETTLE`].
     Pod,
-    /// Something else inside the table changed (a base chain, its rules, a set): checked at once.
+    /// Something else inside the table changed (a base chain or its rules, a set, a slot chain
+    /// given another rule or a hook): unverified and checked at once.
     Touched,
     /// The table itself was created or deleted: its layout is unknown until checked.
     Table,
 }
 
 /// Classifies one datagram of nf_tables notifications (several netlink messages).
-pub fn classify(datagram: &[u8]) -> Event {
-    let mut event = Event::Other;
-    let mut rest = datagram;
-    while rest.len() >= 16 {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        if len < 16 || len > rest.len() {
-            break;
+pub fn classify(datagram: &[u8], mask: MarkMask) -> Event {
+    let event = |object: Object| match object {
+        Object::Table => Event::Table,
+        Object::Element { set } if set == intercept::PODS_MAP => Event::Pod,
+        Object::Chain { name, hooked: false } | Object::DelRule { chain: name } if slot_of(&name).is_some() => {
+            Event::Pod
         }
-        let (subsys, msg) = (kind >> 8, kind & 0xff);
-        // After the 16-byte header, the 4-byte nfgenmsg, then attributes.
-        let attrs = &rest[20.min(len)..len];
-        if subsys == NFNL_SUBSYS_NFTABLES && msg != NFT_MSG_NEWGEN && table_name(attrs) == Some(intercept::TABLE) {
-            let this = match msg {
-                NFT_MSG_NEWTABLE | NFT_MSG_DELTABLE => Event::Table,
-                NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM
-                    if string_attr(attrs, NFTA_SET_ELEM_LIST_SET) == Some(intercept::PODS_MAP) =>
-                {
-                    Event::Pod
-                }
-                NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN if is_slot_chain(string_attr(attrs, NFTA_CHAIN_NAME)) => Event::Pod,
-                NFT_MSG_NEWRULE | NFT_MSG_DELRULE if is_slot_chain(string_attr(attrs, NFTA_RULE_CHAIN)) => Event::Pod,
-                _ => Event::Touched,
-            };
-            event = event.max(this);
-        }
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-    }
-    event
-}
-
-fn table_name(attrs: &[u8]) -> Option<&str> {
-    string_attr(attrs, NFTA_TABLE_NAME)
+        Object::NewRule { chain, mark_or } => match slot_of(&chain) {
+            Some(slot) if mark_or == Some(mask.mark_for(slot)) => Event::Pod,
+            _ => Event::Touched,
+        },
+        _ => Event::Touched,
+    };
+    intercept::notices(datagram)
+        .into_iter()
+        .filter(|n| n.table == intercept::TABLE)
+        .map(|n| event(n.object))
+        .max()
+        .unwrap_or(Event::Other)
 }
 
 /// `slot-<number>`: a pod's slot chain, never a base chain.
-fn is_slot_chain(name: Option<&str>) -> bool {
-    name.and_then(|n| n.strip_prefix("slot-")).is_some_and(|n| n.parse::<u32>().is_ok())
-}
-
-/// The NUL-terminated string value of the first top-level attribute of type `wanted`.
-fn string_attr(mut attrs: &[u8], wanted: u16) -> Option<&str> {
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind == wanted {
-            let value = &attrs[4..len];
-            let value = value.split(|b| *b == 0).next()?;
-            return std::str::from_utf8(value).ok();
-        }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
-    }
-    None
+fn slot_of(name: &str) -> Option<u32> {
+    name.strip_prefix("slot-").and_then(|n| n.parse().ok())
 }
 
 /// The reader thread's news: a wake-up for every change to iamlink's table, and whether one
@@ -156,23 +112,40 @@ impl Events {
     }
 }
 
-/// Wakes its owner on every nf_tables change to iamlink's table. A change to the table itself
-/// marks the interception unverified at once, in the reader thread, before anyone is woken.
-/// The thread holds only weak references and ends with its owner. `None`: no such socket.
-fn nft_events(metrics: &Arc<Metrics>) -> Option<Arc<Events>> {
+/// The guard's subscription to nf_tables events, made before the start-up ensure so that no
+/// change after it goes unseen.
+pub struct Subscription {
+    events: Option<Arc<Events>>,
+    verifier: Verifier,
+}
+
+/// Subscribes to nf_tables events: a change that may make a mark lie (the table, a base chain,
+/// a slot chain given another rule) marks the interception unverified at once, in the reader
+/// thread, before anyone is woken; every change to iamlink's table wakes the guard. The thread
+/// holds only a weak reference to the guard's side and ends with it. No events (logged): the
+/// rule set is checked every second.
+pub fn subscribe(verifier: Verifier, mask: MarkMask) -> Subscription {
+    let events = nft_events(&verifier, mask);
+    if events.is_none() {
+        warn!("cannot subscribe to nf_tables events; the rule set is checked every second only");
+    }
+    Subscription { events, verifier }
+}
+
+fn nft_events(verifier: &Verifier, mask: MarkMask) -> Option<Arc<Events>> {
     let mut socket = Socket::new(NETLINK_NETFILTER).ok()?;
     socket.bind_auto().ok()?;
     socket.add_membership(NFNLGRP_NFTABLES).ok()?;
     let events = Arc::new(Events { wake: Notify::new(), urgent: AtomicBool::new(false) });
     let waker: Weak<Events> = Arc::downgrade(&events);
-    let metrics: Weak<Metrics> = Arc::downgrade(metrics);
+    let verifier = verifier.clone();
     std::thread::Builder::new()
         .name("nft-events".into())
         .spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
             loop {
                 let event = match socket.recv(&mut &mut buf[..], 0) {
-                    Ok(n) => classify(&buf[..n]),
+                    Ok(n) => classify(&buf[..n], mask),
                     // ENOBUFS: events were lost; anything may have happened.
                     Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => Event::Table,
                     Err(e) => {
@@ -180,13 +153,12 @@ fn nft_events(metrics: &Arc<Metrics>) -> Option<Arc<Events>> {
                         break;
                     }
                 };
-                let (Some(n), Some(m)) = (waker.upgrade(), metrics.upgrade()) else { break };
+                let Some(n) = waker.upgrade() else { break };
                 match event {
                     Event::Other => continue,
                     Event::Pod => {}
-                    Event::Touched => n.urgent.store(true, Ordering::Release),
-                    Event::Table => {
-                        m.set_interception_verified(false);
+                    Event::Touched | Event::Table => {
+                        verifier.changed();
                         n.urgent.store(true, Ordering::Release);
                     }
                 }
@@ -223,52 +195,60 @@ async fn settle(events: &Option<Arc<Events>>) {
 }
 
 /// Runs for the daemon's life: checks the rule set at each nf_tables event (after [`SETTLE`]
-/// for a pod's part; every second when there are no events to be had), the policy rules every
-/// second.
-pub async fn run<S: AssumeRole>(app: Arc<App<S>>) {
-    let events = nft_events(&app.metrics);
-    if events.is_none() {
-        warn!("cannot subscribe to nf_tables events; the rule set is checked every second only");
-    }
-    let node = match Netlink::here() {
-        Ok(n) => Some(n),
-        Err(e) => {
-            warn!(error = %e, "no netlink connection; the routing-policy rules are not kept");
-            None
-        }
-    };
-    let addresses = app.config.rule_set().addresses;
+/// for a pod's part; every second when there are no events to be had or it is unverified). A
+/// check verifies the interception only if no change came while it ran. The routing-policy
+/// rules, the second layer, are kept by a task of their own, never behind the store lock.
+pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
+    let Subscription { events, verifier } = subscription;
+    tokio::spawn(keep_policy_rules(app.config.rule_set().addresses, app.metrics.clone()));
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         // The rule set is read when nf_tables says it changed, when events were lost (the
         // reader reports ENOBUFS as a change), or every second while it is unverified or
-        // without events; the policy rules (one netlink dump) at every tick.
+        // without events.
         let changed = tokio::select! {
             _ = woken(&events) => true,
-            _ = tick.tick() => !events_alive(&events) || !app.metrics.interception_verified(),
+            _ = tick.tick() => !events_alive(&events) || !app.health.interception_verified(),
         };
-        if changed {
-            let urgent = events.as_ref().is_some_and(|e| e.take_urgent());
-            if !urgent && app.metrics.interception_verified() {
-                settle(&events).await;
-            }
-            let checker = app.clone();
-            match tokio::task::spawn_blocking(move || check_rule_set(&checker)).await {
-                Ok(Ok(())) => app.metrics.set_interception_verified(true),
-                Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
-                Err(e) => warn!(error = %e, "rule set check did not finish"),
-            }
+        if !changed {
+            continue;
         }
-        if let Some(node) = &node {
-            match node.ensure_policy_rules(&addresses).await {
-                Ok(added) => {
-                    for rule in added {
-                        warn!(rule = %rule, "routing-policy rule was missing: restored");
-                        app.metrics.repaired("policy rule");
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot check the routing-policy rules"),
+        let urgent = events.as_ref().is_some_and(|e| e.take_urgent());
+        if !urgent && app.health.interception_verified() {
+            settle(&events).await;
+        }
+        let check = verifier.begin();
+        let checker = app.clone();
+        match tokio::task::spawn_blocking(move || check_rule_set(&checker)).await {
+            Ok(Ok(())) => {
+                verifier.finished(check);
             }
+            Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
+            Err(e) => warn!(error = %e, "rule set check did not finish"),
+        }
+    }
+}
+
+/// Puts back the routing-policy rules every [`CHECK_EVERY`] (one netlink dump each time).
+async fn keep_policy_rules(addresses: Vec<std::net::IpAddr>, metrics: Arc<Metrics>) {
+    let node = match Netlink::here() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "no netlink connection; the routing-policy rules are not kept");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    loop {
+        tick.tick().await;
+        match node.ensure_policy_rules(&addresses).await {
+            Ok(added) => {
+                for rule in added {
+                    warn!(rule = %rule, "routing-policy rule was missing: restored");
+                    metrics.repaired("policy rule");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot check the routing-policy rules"),
         }
     }
 }
@@ -307,6 +287,26 @@ pub fn ensure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // linux/netfilter/nf_tables.h, nfnetlink.h: what the kernel sends.
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWTABLE: u16 = 0;
+    const NFT_MSG_DELTABLE: u16 = 2;
+    const NFT_MSG_NEWCHAIN: u16 = 3;
+    const NFT_MSG_DELCHAIN: u16 = 5;
+    const NFT_MSG_NEWRULE: u16 = 6;
+    const NFT_MSG_DELRULE: u16 = 8;
+    const NFT_MSG_NEWSETELEM: u16 = 12;
+    const NFT_MSG_DELSETELEM: u16 = 14;
+    const NFTA_TABLE_NAME: u16 = 1;
+    const NFTA_RULE_CHAIN: u16 = 2;
+    const NFTA_CHAIN_NAME: u16 = 3;
+    const NFTA_CHAIN_HOOK: u16 = 4;
+    const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+
+    fn classify(datagram: &[u8]) -> Event {
+        super::classify(datagram, MarkMask::default())
+    }
 
     /// A netlink message: header, nfgenmsg, the NFTA_*_TABLE attribute, then `more` string
     /// attributes.
@@ -356,7 +356,6 @@ mod tests {
         let rule = |msg, chain| message_with(msg, "iamlink", &[(NFTA_RULE_CHAIN, chain)]);
         let mut add = chain(NFT_MSG_NEWCHAIN, "slot-7");
         add.extend(rule(NFT_MSG_DELRULE, "slot-7"));
-        add.extend(rule(NFT_MSG_NEWRULE, "slot-7"));
         add.extend(element(NFT_MSG_NEWSETELEM, "pods"));
         assert_eq!(classify(&add), Event::Pod, "an ADD");
         let mut del = element(NFT_MSG_DELSETELEM, "pods");
@@ -369,7 +368,17 @@ mod tests {
         let mut both = element(NFT_MSG_DELSETELEM, "pods");
         both.extend(rule(NFT_MSG_DELRULE, "refuse"));
         assert_eq!(classify(&both), Event::Touched, "the more urgent wins");
-        assert_eq!(classify(&rule(NFT_MSG_NEWRULE, "slot-3")), Event::Pod);
         assert_eq!(classify(&message_with(NFT_MSG_NEWRULE, "filter", &[(NFTA_RULE_CHAIN, "slot-3")])), Event::Other);
+    }
+
+    /// A slot chain's rule other than its own mark (`nft insert rule inet iamlink slot-1 meta mark
+    /// set meta mark or 0x2`), or a slot chain with a hook, may name another pod's slot: checked
+    /// at once, unverified meanwhile. (The rule ADD writes is told apart in `nftnl`'s tests.)
+    #[test]
+    fn a_slot_chain_given_another_rule_or_a_hook_is_checked_at_once() {
+        let rule = message_with(NFT_MSG_NEWRULE, "iamlink", &[(NFTA_RULE_CHAIN, "slot-1")]);
+        assert_eq!(classify(&rule), Event::Touched, "no expressions: not slot 1's mark");
+        let hooked = message_with(NFT_MSG_NEWCHAIN, "iamlink", &[(NFTA_CHAIN_NAME, "slot-9"), (NFTA_CHAIN_HOOK, "")]);
+        assert_eq!(classify(&hooked), Event::Touched);
     }
 }

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use iamlink_common::intercept::{InterceptError, PodRemover};
 use iamlink_common::pod_events::{Event, ReleaseAnswer};
 use iamlink_common::record::rfc3339;
-use iamlink_common::{PodRecord, SlotHolder};
+use iamlink_common::PodRecord;
 
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, CacheState};
@@ -134,7 +134,7 @@ fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
 /// The role's source, and how it was written there when that is not the role's plain name.
 fn granted_text(grant: &Grant) -> String {
     let as_written = &grant.requested;
-    if as_written == &grant.role.arn() || as_written == grant.role.name() {
+    if *as_written == grant.role.arn() || as_written == grant.role.name() {
         format!("granted by {}", grant.source.as_str())
     } else {
         format!("granted by {} as {as_written:?}", grant.source.as_str())
@@ -261,23 +261,14 @@ async fn release<S: AssumeRole>(
     record: PodRecord,
     deadline_boottime_ns: u64,
 ) -> Response<Full<Bytes>> {
-    match app.store.slot_holder(&record) {
-        Ok(SlotHolder::This) => {}
-        Ok(_) => {
-            let reason = format!("record {} does not hold slot {}", record.key(), record.slot);
-            return json_reply(StatusCode::CONFLICT, to_json(&reason));
-        }
-        Err(e) => return json_reply(StatusCode::INTERNAL_SERVER_ERROR, to_json(&e.to_string())),
-    }
-    let (ifname, slot) = (record.host_interface.name.clone(), record.slot);
-    let app = app.clone();
+    let (app, held) = (app.clone(), record.clone());
     let done = tokio::task::spawn_blocking(move || {
         let mut kept = app.remover.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut remover = match kept.take() {
             Some(r) => r,
             None => PodRemover::open()?,
         };
-        let result = remover.remove_for_lock_holder(&ifname, slot, deadline_boottime_ns);
+        let result = remover.remove_for_lock_holder(&app.store, &held, deadline_boottime_ns);
         // A socket that failed is not kept: the next release opens a new one.
         if !matches!(result, Err(InterceptError::Netlink { .. } | InterceptError::Parse(_))) {
             *kept = Some(remover);

@@ -90,7 +90,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener, cap: 
         let accepted_at = boottime_ns();
         // The table was just created or deleted by someone: its marks are read only once the
         // guard has checked their layout. Closed unanswered; SDKs retry.
-        if !app.metrics.interception_verified() {
+        if !app.health.interception_verified() {
             debug!(%peer, "interception rule set not verified; closing");
             app.metrics.answer("rule set not verified");
             return;
