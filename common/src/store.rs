@@ -86,7 +86,8 @@ impl SlotIdentity {
 pub enum SlotHolder {
     /// `slots/<slot>` names this record.
     This,
-    /// `slots/<slot>` names another attachment: its record key (`<containerID>.<ifname>`).
+    /// `slots/<slot>` names another attachment: its record key (`<containerID>.<ifname>`), or
+    /// the link's target when that names no record file.
     Other(String),
     /// `slots/<slot>` does not exist.
     Nobody,
@@ -237,7 +238,8 @@ impl Store {
         let named = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json"));
         Ok(match named {
             Some(key) if key == record.key() => SlotHolder::This,
-            other => SlotHolder::Other(other.unwrap_or_default().to_string()),
+            Some(key) => SlotHolder::Other(key.to_string()),
+            None => SlotHolder::Other(target.display().to_string()),
         })
     }
 
