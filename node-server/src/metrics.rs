@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::serve::{accept_loop, http1, ConnectionCap};
+use crate::serve::{accept_loop, http1, NodeApart};
 
 type Labels = Vec<(&'static str, String)>;
 /// An answer's outcome label: static strings in a fixed array, so that counting an answer (once
@@ -167,7 +167,7 @@ impl Metrics {
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
-pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, cap: ConnectionCap) {
+pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, cap: NodeApart) {
     accept_loop(cap, listener, |stream, _, place| {
         let metrics = metrics.clone();
         tokio::spawn(async move {
