@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
 use crate::role::kube_view::{self, KubeError};
-use crate::serve::{self, Caps, ConnectionCap};
+use crate::serve::{self, Caps, ConnectionCap, NodeApart};
 
 /// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops.
 pub async fn run(config: Config) -> Result<(), Error> {
@@ -100,7 +100,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     if let Some(addr) = metrics_listen {
         if let Some(listener) = metrics::bind(addr).await {
-            let cap = ConnectionCap::new("metrics", caps.metrics, app.metrics.connections_refused("metrics"));
+            let counter = |what| app.metrics.connections_refused(what);
+            let cap = NodeApart {
+                node: ConnectionCap::new("metrics from the node", caps.node_metrics, counter("metrics from the node")),
+                others: ConnectionCap::new("metrics", caps.metrics, counter("metrics")),
+            };
             tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
         }
     }
@@ -131,7 +135,14 @@ fn descriptor_budget(config: &Config) -> Result<Caps, Error> {
             "limits.connections lowered to what the descriptor limit allows"
         );
     }
-    info!(descriptors = limit, pods = caps.pods, metrics = caps.metrics, local_api = caps.local_api, "connection caps");
+    info!(
+        descriptors = limit,
+        pods = caps.pods,
+        metrics = caps.metrics,
+        node_metrics = caps.node_metrics,
+        local_api = caps.local_api,
+        "connection caps"
+    );
     Ok(caps)
 }
 

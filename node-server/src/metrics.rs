@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::health::Health;
-use crate::serve::{accept_loop, http1, ConnectionCap};
+use crate::serve::{accept_loop, http1, NodeApart};
 
 type Labels = Vec<(&'static str, String)>;
 /// An answer's outcome label: static strings in a fixed array, so that counting an answer (once
@@ -136,7 +136,7 @@ impl Metrics {
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (rule set verified, store read).
-pub async fn serve(metrics: Arc<Metrics>, health: Arc<Health>, listener: TcpListener, cap: ConnectionCap) {
+pub async fn serve(metrics: Arc<Metrics>, health: Arc<Health>, listener: TcpListener, cap: NodeApart) {
     accept_loop(cap, listener, |stream, _, place| {
         let (metrics, health) = (metrics.clone(), health.clone());
         tokio::spawn(async move {

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,11 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// the guard's and the release netlink sockets, the Kubernetes watches, the store, its lock and
 /// directory watches, the log and audit files, the runtime's epoll and signal descriptors.
 pub const RESERVE: u64 = 256;
-/// Probes and scrapes need a handful; the rest is what a flood could take.
+/// Scrapes need a handful; the rest is what a flood could take.
 pub const METRICS_CONNECTIONS: usize = 32;
+/// The node's own metrics clients (kubelet's probes), apart from the others so that pods, which
+/// reach the node's address too, cannot take their places and have the daemon restarted.
+pub const NODE_METRICS_CONNECTIONS: usize = 8;
 /// The plugin's prefetch and release messages (one per ADD and DEL, in parallel on a busy node)
 /// and operators' `explain` and `status`.
 pub const LOCAL_API_CONNECTIONS: usize = 128;
@@ -143,17 +147,61 @@ impl ConnectionCap {
     }
 }
 
-/// Hands every accepted connection, with its place under `cap`, to `handle` for the daemon's
-/// lifetime; a connection over the cap is closed before `handle` sees it.
+/// Which cap an accepted connection takes its place under.
+pub trait Admission<S, P>: Send + 'static {
+    /// A place for the connection, or `None`: it is closed at once.
+    fn admit(&self, stream: &S, peer: &P) -> Option<Place>;
+    /// Logs a failed accept (rarely).
+    fn accept_failed(&self, e: &io::Error);
+}
+
+impl<S, P> Admission<S, P> for ConnectionCap {
+    fn admit(&self, _: &S, _: &P) -> Option<Place> {
+        ConnectionCap::admit(self)
+    }
+    fn accept_failed(&self, e: &io::Error) {
+        ConnectionCap::accept_failed(self, e)
+    }
+}
+
+/// Two caps: one for the node's own clients (a connection from one of the node's addresses to
+/// another, as a kubelet's probe of a host-network pod is, or over loopback), one for the rest.
+pub struct NodeApart {
+    pub node: ConnectionCap,
+    pub others: ConnectionCap,
+}
+
+impl NodeApart {
+    /// Whether a connection from `peer` to `local` comes from the node itself: a handshake from a
+    /// spoofed node address cannot complete, its SYN-ACK goes to the node.
+    fn from_the_node(local: Option<SocketAddr>, peer: &SocketAddr) -> bool {
+        peer.ip().is_loopback() || local.is_some_and(|l| l.ip() == peer.ip())
+    }
+}
+
+impl Admission<TcpStream, SocketAddr> for NodeApart {
+    fn admit(&self, stream: &TcpStream, peer: &SocketAddr) -> Option<Place> {
+        match Self::from_the_node(stream.local_addr().ok(), peer) {
+            true => self.node.admit(),
+            false => self.others.admit(),
+        }
+    }
+    fn accept_failed(&self, e: &io::Error) {
+        self.others.accept_failed(e)
+    }
+}
+
+/// Hands every accepted connection, with its place under its cap, to `handle` for the daemon's
+/// lifetime; a connection over its cap is closed before `handle` sees it.
 pub async fn accept_loop<L: Listener>(
-    cap: ConnectionCap,
+    cap: impl Admission<L::Stream, L::Peer>,
     listener: L,
     mut handle: impl FnMut(L::Stream, L::Peer, Place),
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if let Some(place) = cap.admit() {
+                if let Some(place) = cap.admit(&stream, &peer) {
                     handle(stream, peer, place);
                 }
             }
@@ -178,6 +226,7 @@ pub fn http1() -> http1::Builder {
 pub struct Caps {
     pub pods: usize,
     pub metrics: usize,
+    pub node_metrics: usize,
     pub local_api: usize,
 }
 
@@ -197,7 +246,7 @@ impl Caps {
         if limit < MIN_LIMIT {
             return Err(TooFewDescriptors(limit));
         }
-        let others = (METRICS_CONNECTIONS + LOCAL_API_CONNECTIONS) as u64;
+        let others = (METRICS_CONNECTIONS + NODE_METRICS_CONNECTIONS + LOCAL_API_CONNECTIONS) as u64;
         let fit = (limit - RESERVE - others) / DESCRIPTORS_PER_POD_CONNECTION;
         let pods = match u64::from(pods_wanted) {
             0 => fit,
@@ -206,6 +255,7 @@ impl Caps {
         Ok(Caps {
             pods: usize::try_from(pods).unwrap_or(usize::MAX),
             metrics: METRICS_CONNECTIONS,
+            node_metrics: NODE_METRICS_CONNECTIONS,
             local_api: LOCAL_API_CONNECTIONS,
         })
     }
@@ -248,6 +298,16 @@ mod tests {
     }
 
     #[test]
+    fn the_nodes_own_connections_have_places_of_their_own() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let node = Some(at("198.18.0.1:9101"));
+        assert!(NodeApart::from_the_node(node, &at("198.18.0.1:40000")), "kubelet probing the node's address");
+        assert!(NodeApart::from_the_node(node, &at("127.0.0.1:40000")), "loopback");
+        assert!(!NodeApart::from_the_node(node, &at("198.18.64.2:40000")), "a pod");
+        assert!(!NodeApart::from_the_node(None, &at("198.18.0.1:40000")), "unknown local address: not the node");
+    }
+
+    #[test]
     fn a_flood_of_refusals_is_one_line_per_interval_counting_them_all() {
         let log = Occurrences::default();
         let t0 = Instant::now();
@@ -263,6 +323,7 @@ mod tests {
             let caps = Caps::for_limit(limit, 0).unwrap();
             let used = caps.pods as u64 * DESCRIPTORS_PER_POD_CONNECTION
                 + caps.metrics as u64
+                + caps.node_metrics as u64
                 + caps.local_api as u64
                 + RESERVE;
             assert!(used <= limit, "{caps:?} use {used} of {limit}");

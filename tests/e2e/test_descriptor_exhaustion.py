@@ -118,6 +118,14 @@ def ask_credentials():
     return result, time.monotonic() - t0
 
 
+def kubelet_probe(bench):
+    """/healthz asked from the node itself, as a kubelet's liveness probe: its status, or the error."""
+    try:
+        return bench.daemon.metrics_get("/healthz")[0]
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_within_1s(bench, bench_report):
     held = {}
     sampler = FdSampler(bench.daemon.proc.pid)
@@ -131,6 +139,7 @@ def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_wi
             asks = []
             for _ in range(QUIET_ASKS):
                 asks.append(in_quiet.call(ask_credentials))
+            probe = kubelet_probe(bench)
             peak_held = sampler.peak
     finally:
         for socks in held.values():
@@ -144,6 +153,7 @@ def test_idle_connections_to_every_listener_leave_another_pod_its_credentials_wi
         assert result.get("ok") and result["role"] == "batch", \
             f"while a hostile pod held idle connections, another pod got no credentials: {result}"
         assert seconds <= ANSWER_WITHIN, f"another pod's credentials took {seconds:.2f} s"
+    assert probe == 200, f"the node's liveness probe got {probe} while a pod held the metrics listener's connections"
     assert sampler.samples > 0 and peak_held < sampler.limit, \
         f"the daemon's open descriptors reached {peak_held} of its limit {sampler.limit}"
     assert sampler.limit == HARD_LIMIT, f"iamlinkd did not raise its soft descriptor limit: {sampler.limit}"

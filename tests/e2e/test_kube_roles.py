@@ -10,7 +10,6 @@ runs kmock's KubernetesEmulator (with the gaps listed in ../shared/REFERENCE.md 
 namespace; it speaks kube-apiserver's JSON list/watch/get wire format, which is what `kube` reads.
 """
 
-import http.client
 import json
 import os
 import re
@@ -353,17 +352,7 @@ IRSA_SA = {"eks.amazonaws.com/role-arn": role_arn("irsa")}
 
 def metrics_get(bench, path):
     """(status, body) of GET path on iamlinkd's metrics port, from inside the node."""
-
-    def get():
-        conn = http.client.HTTPConnection(*METRICS, timeout=5)
-        try:
-            conn.request("GET", path)
-            r = conn.getresponse()
-            return r.status, r.read().decode()
-        finally:
-            conn.close()
-
-    return bench.node.call(get)
+    return bench.daemon.metrics_get(path, timeout=5)
 
 
 def synced_gauge(bench, kind):

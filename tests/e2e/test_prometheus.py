@@ -9,7 +9,6 @@ Order matters in one place: Prometheus scrapes before any pod exists, so that th
 by prefetch and the AWS CLI land between two scrapes and `rate()` over them is defined.
 """
 
-import http.client
 import time
 
 import pytest
@@ -18,8 +17,7 @@ from conftest import STANDARD_PODS, add_standard_pods
 from harness import is_assumed_role
 from harness.prometheus import Prometheus, finite
 
-METRICS_HOST, METRICS_PORT = "198.18.0.1", 9101
-METRICS_LISTEN = f"{METRICS_HOST}:{METRICS_PORT}"
+METRICS_LISTEN = "198.18.0.1:9101"
 ROLE_PODS = [f"{ns}/{name}" for ns, name, role in STANDARD_PODS if role]
 NO_ROLE_POD = "team-c/norole"
 
@@ -42,16 +40,7 @@ def bench(make_module_bench):
 
 def metrics_get(bench, path):
     """(status, body) of GET path on iamlinkd's metrics port, from inside the node."""
-
-    def get():
-        conn = http.client.HTTPConnection(METRICS_HOST, METRICS_PORT, timeout=5)
-        conn.request("GET", path)
-        r = conn.getresponse()
-        body = r.read().decode()
-        conn.close()
-        return r.status, body
-
-    return bench.node.call(get)
+    return bench.daemon.metrics_get(path, timeout=5)
 
 
 def test_the_aws_cli_got_each_pods_role_and_nothing_for_the_pod_without_one(bench):
