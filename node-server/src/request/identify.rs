@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
+use iamlink_common::record::JIFFY_SLACK_NS;
 use iamlink_common::{MarkMask, PodRecord, Slot, SlotIdentity, Store, StoreError};
 
 /// The intercepted address a connection was opened to: what it may ask for depends on it.
@@ -46,10 +47,6 @@ impl Destination {
         }
     }
 }
-
-/// TCP_INFO's ages count whole jiffies (a jiffy is up to 10 ms, at HZ=100): a connection was
-/// established up to this much earlier than its age says.
-pub const JIFFY_SLACK_NS: u64 = 10_000_000;
 
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
