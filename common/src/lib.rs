@@ -19,6 +19,8 @@ pub mod policy_rules;
 pub mod record;
 pub mod sock_destroy;
 pub mod store;
+#[cfg(test)]
+mod test_netns;
 
 pub use mark::{MarkMask, Slot};
 pub use netconf::NetconfEntry;

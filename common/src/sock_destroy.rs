@@ -322,21 +322,10 @@ mod tests {
         use super::*;
         use crate::mark::MarkMask;
         use crate::store::Store;
-        use nix::sched::{unshare, CloneFlags};
+        use crate::test_netns::fresh_netns;
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         use std::os::fd::AsFd;
-
-        fn fresh_netns() -> bool {
-            match unshare(CloneFlags::CLONE_NEWNET) {
-                Ok(()) => true,
-                Err(Errno::EPERM) => {
-                    eprintln!("skipped: needs root for a network namespace of its own");
-                    false
-                }
-                Err(e) => panic!("unshare(CLONE_NEWNET): {e}"),
-            }
-        }
 
         /// A connection to `port` on loopback whose accepted side carries `mark`, as iamlinkd's
         /// do (tcp_fwmark_accept, the client's SO_MARK standing in for the interception rule).
