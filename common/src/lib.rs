@@ -13,6 +13,7 @@ pub mod intercept;
 pub mod mark;
 pub mod netconf;
 pub mod netlink;
+mod nlsock;
 pub mod plumbing;
 pub mod pod_events;
 pub mod policy_rules;

@@ -17,27 +17,15 @@
 //! `TCP_NEW_SYN_RECV` state.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    bind, recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
-use nix::sys::time::TimeVal;
+use nix::sys::socket::SockProtocol;
 
 use crate::intercept::RuleSet;
 use crate::mark::MarkMask;
+use crate::nlsock::{Message, NlSocket, ReceiveError, NLMSG_DONE, NLMSG_HDRLEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use crate::store::StoreLock;
 
-// linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
 // linux/sock_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -68,8 +56,6 @@ const STATES: u32 =
 /// Rounds of dump-and-destroy before sockets that keep appearing count as surviving: a packet
 /// that took the slot's mark just before its entry went may still create one.
 const ROUNDS: usize = 3;
-/// How long an answer may take; the kernel answers while the request is sent.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SockDestroyError {
@@ -152,9 +138,7 @@ struct Found {
 
 /// A `NETLINK_SOCK_DIAG` socket in the namespace it was opened in.
 struct SockDiag {
-    fd: OwnedFd,
-    seq: u32,
-    buf: Vec<u8>,
+    socket: NlSocket,
 }
 
 fn io_error(what: &str) -> impl Fn(Errno) -> SockDestroyError + '_ {
@@ -194,41 +178,17 @@ fn request(kind: u16, flags: u16, seq: u32, family: u8, states: u32, id: &[u8; S
 
 impl SockDiag {
     fn open() -> Result<Self, SockDestroyError> {
-        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkSockDiag)
-            .map_err(io_error("opening a NETLINK_SOCK_DIAG socket"))?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(io_error("binding the sock_diag socket"))?;
-        let timeout = TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(io_error("setting the answer timeout"))?;
-        Ok(SockDiag { fd, seq: std::process::id(), buf: vec![0; 1 << 16] })
+        let socket = NlSocket::open(SockProtocol::NetlinkSockDiag).map_err(|(step, e)| io_error(step)(e))?;
+        Ok(SockDiag { socket })
     }
 
-    fn send(&mut self, msg: &[u8], what: &str) -> Result<(), SockDestroyError> {
-        sendto(self.fd.as_raw_fd(), msg, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(io_error(what))?;
-        Ok(())
-    }
-
-    /// Messages of one datagram answering `seq`: (type, payload).
-    fn receive(&mut self, seq: u32, what: &str) -> Result<Vec<(u16, Vec<u8>)>, SockDestroyError> {
-        let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()).map_err(io_error(what))?;
-        let mut out = vec![];
-        let mut rest = &self.buf[..n];
-        while rest.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if len < NLMSG_HDRLEN || len > rest.len() {
-                return Err(SockDestroyError::Parse(format!("{what} (a message of {len} bytes in {n})")));
-            }
-            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-            if u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]) == seq {
-                out.push((kind, rest[NLMSG_HDRLEN..len].to_vec()));
-            }
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-        Ok(out)
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
+    /// The messages of one datagram that answer `seq`.
+    fn receive(&mut self, seq: u32, what: &str) -> Result<Vec<Message>, SockDestroyError> {
+        let messages = self.socket.receive(true).map_err(|e| match e {
+            ReceiveError::Io(e) => io_error(what)(e),
+            e => SockDestroyError::Parse(format!("{what} ({e})")),
+        })?;
+        Ok(messages.unwrap_or_default().into_iter().filter(|m| m.seq == seq).collect())
     }
 
     /// The slot's sockets now, both families, every port.
@@ -247,22 +207,24 @@ impl SockDiag {
 
     fn dump(&mut self, family: u8, bytecode: &[u8]) -> Result<Vec<Found>, SockDestroyError> {
         let what = "listing the slot's connections (sock_diag)";
-        let seq = self.next_seq();
-        self.send(&request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, seq, family, STATES, &[0; SOCKID_LEN], bytecode), what)?;
+        let seq = self.socket.next_seq();
+        let dump = request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, seq, family, STATES, &[0; SOCKID_LEN], bytecode);
+        self.socket.send(&dump).map_err(io_error(what))?;
         let mut found = vec![];
         loop {
-            for (kind, payload) in self.receive(seq, what)? {
-                match kind {
-                    NLMSG_DONE => return Ok(found),
-                    NLMSG_ERROR => return Err(kernel_error(what, error_code(&payload))),
-                    SOCK_DIAG_BY_FAMILY => {
-                        let id = payload
+            for m in self.receive(seq, what)? {
+                match (m.kind, m.error()) {
+                    (NLMSG_DONE, _) => return Ok(found),
+                    (_, Some(e)) => return Err(kernel_error(what, e)),
+                    (SOCK_DIAG_BY_FAMILY, _) => {
+                        let id = m
+                            .payload
                             .get(MSG_SOCKID_AT..MSG_SOCKID_AT + SOCKID_LEN)
                             .and_then(|b| <[u8; SOCKID_LEN]>::try_from(b).ok())
                             .ok_or_else(|| SockDestroyError::Parse(what.to_string()))?;
-                        found.push(Found { family: payload[0], id });
+                        found.push(Found { family: m.payload[0], id });
                     }
-                    _ => return Err(SockDestroyError::Parse(format!("{what} (message type {kind})"))),
+                    (kind, _) => return Err(SockDestroyError::Parse(format!("{what} (message type {kind})"))),
                 }
             }
         }
@@ -271,25 +233,21 @@ impl SockDiag {
     /// Destroys one socket; one already gone (`ENOENT`) is fine.
     fn destroy(&mut self, s: &Found) -> Result<(), SockDestroyError> {
         let what = "closing a connection with the slot's mark (SOCK_DESTROY)";
-        let seq = self.next_seq();
-        self.send(&request(SOCK_DESTROY, NLM_F_ACK, seq, s.family, STATES, &s.id, &[]), what)?;
+        let seq = self.socket.next_seq();
+        self.socket
+            .send(&request(SOCK_DESTROY, NLM_F_ACK, seq, s.family, STATES, &s.id, &[]))
+            .map_err(io_error(what))?;
         loop {
-            for (kind, payload) in self.receive(seq, what)? {
-                if kind == NLMSG_ERROR {
-                    return match error_code(&payload) {
-                        0 => Ok(()),
-                        e if e == -(Errno::ENOENT as i32) => Ok(()),
-                        e => Err(kernel_error(what, e)),
-                    };
+            for m in self.receive(seq, what)? {
+                match m.error() {
+                    Some(0) => return Ok(()),
+                    Some(e) if e == -(Errno::ENOENT as i32) => return Ok(()),
+                    Some(e) => return Err(kernel_error(what, e)),
+                    None => {}
                 }
             }
         }
     }
-}
-
-/// `struct nlmsgerr`'s error; a payload too short to hold one reads as EPROTO.
-fn error_code(payload: &[u8]) -> i32 {
-    payload.get(..4).map_or(-(Errno::EPROTO as i32), |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[cfg(test)]
@@ -323,9 +281,10 @@ mod tests {
         use crate::mark::MarkMask;
         use crate::store::Store;
         use crate::test_netns::fresh_netns;
+        use nix::sys::socket::{setsockopt, sockopt, AddressFamily, SockFlag, SockType};
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
-        use std::os::fd::AsFd;
+        use std::os::fd::{AsFd, AsRawFd};
 
         /// A connection to `port` on loopback whose accepted side carries `mark`, as iamlinkd's
         /// do (tcp_fwmark_accept, the client's SO_MARK standing in for the interception rule).
