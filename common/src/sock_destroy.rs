@@ -7,10 +7,10 @@
 //! next pod: queued in iamlinkd's listen queue, or half open with its last ACK held back until
 //! after the next ADD (then its socket is created, and dated, after the new record). So the
 //! slot is freed only once none is left: the node's TCP sockets on iamlinkd's port(s) whose mark
-//! carries the slot's bits, in every state but listening and TIME_WAIT (request sockets
-//! included), are found with one `NETLINK_SOCK_DIAG` dump per family, filtered in the kernel
-//! (`INET_DIAG_REQ_BYTECODE`: local port, mark), and each is destroyed (`SOCK_DESTROY`: the
-//! client gets a reset). Needs `CAP_NET_ADMIN` and `CONFIG_INET_DIAG_DESTROY`.
+//! carries the slot's bits, in every state but listening, TIME_WAIT and CLOSE (request sockets
+//! included), are found with one `NETLINK_SOCK_DIAG` dump per family and port, filtered in the
+//! kernel (`INET_DIAG_REQ_BYTECODE`: local port, mark), and each is destroyed (`SOCK_DESTROY`:
+//! the client gets a reset). Needs `CAP_NET_ADMIN` and `CONFIG_INET_DIAG_DESTROY`.
 //!
 //! Encoded by hand from `linux/sock_diag.h` and `linux/inet_diag.h`: `netlink-packet-sock-diag`
 //! (0.5) emits no request attributes, so it cannot carry the bytecode, and has no
@@ -129,7 +129,8 @@ pub fn destroy_slot_sockets(_lock: &StoreLock, which: &SlotSockets) -> Result<us
 }
 
 /// One socket as the dump names it: its family and `struct inet_diag_sockid` (cookie included,
-/// so a destroy never reaches a later socket with the same addresses).
+/// so a destroy never reaches a later socket with the same addresses, nor the listener the
+/// kernel's lookup falls back to once the socket is gone).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Found {
     family: u8,
