@@ -2,9 +2,10 @@
 
 use std::net::IpAddr;
 
-use iamlink_common::intercept;
+use iamlink_common::intercept::{self, RuleSet};
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
-use iamlink_common::record::{boottime_ns, now_rfc3339};
+use iamlink_common::record::{answerable_from, boottime_ns, now_rfc3339};
+use iamlink_common::sock_destroy::{self, SlotSockets};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, SlotHolder, Store, StoreError, StoreLock};
 use tracing::{info, warn};
 
@@ -80,7 +81,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let added = match routed {
         Ok(added) => added,
         Err(e) => {
-            undo(&store, &lock, &record);
+            undo(&store, &lock, &record, &rules);
             return Err(e);
         }
     };
@@ -91,16 +92,53 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     if let Some(p) = prefetching {
         p.wait(&record.pod.to_string());
     }
+    wait_until_answerable(&record);
     Ok(prev_raw.get().to_string())
 }
 
-/// Best-effort rollback of a failed ADD, so that nothing is left behind.
-fn undo(store: &Store, lock: &StoreLock, record: &PodRecord) {
+/// Returns once a connection the pod opens is certainly dated after its record (iamlinkd refuses
+/// one that may predate it): at most 20 ms after the record was written, usually no wait at all,
+/// as the wait for credentials takes longer.
+fn wait_until_answerable(record: &PodRecord) {
+    let wait = answerable_from(record.created_boottime_ns).saturating_sub(boottime_ns());
+    std::thread::sleep(std::time::Duration::from_nanos(wait));
+}
+
+/// Best-effort rollback of a failed ADD, so that nothing is left behind. A record whose slot's
+/// connections cannot be closed stays, holding the slot, for the DEL that follows a failed ADD.
+fn undo(store: &Store, lock: &StoreLock, record: &PodRecord, rules: &RuleSet) {
     if let Err(e) = intercept::remove_pod(lock, &record.host_interface.name, record.slot) {
         warn!(container = %record.container_id, error = %e, "rollback: cannot remove interception entry");
     }
+    if let Err(e) = close_slot_connections(rules, lock, record) {
+        warn!(container = %record.container_id, error = %e, "rollback: record kept until DEL");
+        return;
+    }
     if let Err(e) = store.remove(lock, &record.container_id, &record.ifname) {
         warn!(container = %record.container_id, error = %e, "rollback: cannot remove record");
+    }
+}
+
+/// Closes every connection to iamlinkd that carries `record`'s slot, once its entry is gone and
+/// before its record is: the next pod on the slot must never be answered on one of them (one
+/// queued in iamlinkd's listen queue, or whose handshake the old pod completes later). Fails
+/// (try again later) while one may still be open: the record, and so the slot, stays.
+fn close_slot_connections(rules: &RuleSet, lock: &StoreLock, record: &PodRecord) -> Result<()> {
+    match sock_destroy::destroy_slot_sockets(lock, &SlotSockets::of(rules, record.slot)) {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            info!(pod = %record.pod, host_interface = %record.host_interface.name, slot = record.slot, connections = n,
+                  "closed the pod's open connections to iamlinkd");
+            Ok(())
+        }
+        Err(e) => Err(CniError::new(
+            Code::TryAgainLater,
+            format!(
+                "cannot close the connections to iamlinkd of pod {} (interface {}); slot {} stays taken until they are",
+                record.pod, record.host_interface.name, record.slot
+            ),
+        )
+        .with_details(e)),
     }
 }
 
@@ -219,15 +257,16 @@ async fn ensure_pod_routes(
     Ok(added)
 }
 
-/// Removes exactly this attachment's record and interception entry; anything already gone is fine.
+/// Removes exactly this attachment's record, interception entry and open connections to
+/// iamlinkd; anything already gone is fine.
 pub fn cmd_del(conf: &NetConf, env: &Env) -> Result<()> {
     env.require(false)?;
     let store = Store::open(conf.store_dir())?;
     let lock = store.lock()?;
-    remove_attachment(&store, &lock, &env.container_id, &env.ifname)
+    remove_attachment(conf, &store, &lock, &env.container_id, &env.ifname)
 }
 
-fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname: &str) -> Result<()> {
+fn remove_attachment(conf: &NetConf, store: &Store, lock: &StoreLock, container_id: &str, ifname: &str) -> Result<()> {
     let record = match store.get(container_id, ifname) {
         Ok(r) => r,
         Err(StoreError::Corrupt { .. }) => None,
@@ -242,7 +281,9 @@ fn remove_attachment(store: &Store, lock: &StoreLock, container_id: &str, ifname
                 if !daemon::release(store, r) {
                     intercept::release(lock, store, r)?;
                 }
+                close_slot_connections(&conf.rule_set()?, lock, r)?;
             }
+            // The slot's connections are its holder's too.
             holder => info!(container = %container_id, pod = %r.pod, host_interface = %r.host_interface.name,
                             slot = r.slot, holder = ?holder, "record does not hold its slot: the interception is left to the slot's holder"),
         }
@@ -318,7 +359,7 @@ pub fn cmd_gc(conf: &NetConf) -> Result<()> {
         let listed = valid.iter().any(|a| a.container_id == r.container_id && a.ifname == r.ifname);
         if !listed {
             info!(container = %r.container_id, pod = %r.pod, "gc: attachment no longer valid");
-            remove_attachment(&store, &lock, &r.container_id, &r.ifname)?;
+            remove_attachment(conf, &store, &lock, &r.container_id, &r.ifname)?;
         }
     }
     Ok(())

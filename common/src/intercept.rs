@@ -1208,19 +1208,7 @@ mod tests {
     mod kernel {
         use super::*;
         use crate::store::Store;
-        use nix::sched::{unshare, CloneFlags};
-
-        /// Moves this thread into a new, empty network namespace; `false` (skip) without root.
-        fn fresh_netns() -> bool {
-            match unshare(CloneFlags::CLONE_NEWNET) {
-                Ok(()) => true,
-                Err(nix::errno::Errno::EPERM) => {
-                    eprintln!("skipped: needs root for a network namespace of its own");
-                    false
-                }
-                Err(e) => panic!("unshare(CLONE_NEWNET): {e}"),
-            }
-        }
+        use crate::test_netns::fresh_netns;
 
         /// `nft -j list table inet iamlink` without handles (numbering, not content).
         fn listed() -> serde_json::Value {

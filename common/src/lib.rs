@@ -5,18 +5,23 @@
 //! store directory, runs `nft`, writes nf_tables or writes ip rules. [`netlink`] reads links and routes in the
 //! node's and pods' namespaces; [`plumbing`] reads one pod's plumbing with it and names what is
 //! wrong (CNI CHECK, `iamlinkd explain` and `status`). [`netconf`] is the plugin's conflist entry
-//! that `iamlinkd install-cni` writes and the plugin reads.
+//! that `iamlinkd install-cni` writes and the plugin reads. [`sock_destroy`] closes a freed
+//! slot's connections to iamlinkd, and nobody else destroys sockets.
 
 pub mod atomic_file;
 pub mod intercept;
 pub mod mark;
 pub mod netconf;
 pub mod netlink;
+mod nlsock;
 pub mod plumbing;
 pub mod pod_events;
 pub mod policy_rules;
 pub mod record;
+pub mod sock_destroy;
 pub mod store;
+#[cfg(test)]
+mod test_netns;
 
 pub use mark::{MarkMask, Slot};
 pub use netconf::NetconfEntry;

@@ -23,7 +23,8 @@ pub struct PodRecord {
     pub ips: Vec<String>,
     /// RFC 3339 UTC, for operators.
     pub created: String,
-    /// CLOCK_BOOTTIME at creation: a connection accepted before this cannot belong to this pod.
+    /// CLOCK_BOOTTIME at creation: a connection established before this, or less than
+    /// [`JIFFY_SLACK_NS`] after it, is not this pod's.
     pub created_boottime_ns: u64,
     /// The pod's IAM annotations ([`POD_ANNOTATIONS`]) as the runtime passed them at ADD; `None`
     /// when it passed no annotations at all (no `io.kubernetes.cri.pod-annotations` capability).
@@ -67,6 +68,18 @@ impl std::fmt::Display for PodRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
+}
+
+/// TCP_INFO dates a connection to a jiffy (up to 10 ms, at HZ=100): iamlinkd answers a
+/// connection for a record only when it was established more than this after the record was
+/// created, so that one that may predate the record (its slot's previous pod's) is refused.
+pub const JIFFY_SLACK_NS: u64 = 10_000_000;
+
+/// When a connection opened from then on is certainly dated after a record created at
+/// `created_boottime_ns`: the slack, and the jiffy a handshake's date may run early. ADD returns
+/// no sooner, so that a pod's first request is never taken for its slot's previous pod's.
+pub fn answerable_from(created_boottime_ns: u64) -> u64 {
+    created_boottime_ns.saturating_add(2 * JIFFY_SLACK_NS)
 }
 
 /// Now, on the clock that record creation and connection accept times are compared on.

@@ -106,7 +106,7 @@ impl Bench {
             mark,
             slot: Conn::slot_of(mark, Some(Destination::Metadata), self.app.config().mark_mask),
             accepted_at: boottime_ns(),
-            heard_at: boottime_ns(),
+            established_at: boottime_ns(),
             peer: "198.18.64.2:40000".parse().unwrap(),
             original_dst: Some("169.254.169.254:80".parse().unwrap()),
             to: Some(Destination::Metadata),
@@ -242,7 +242,7 @@ async fn connections_without_a_current_pod_get_nothing() {
         mark: 0,
         slot: None,
         accepted_at: boottime_ns(),
-        heard_at: boottime_ns(),
+        established_at: boottime_ns(),
         peer: "198.18.0.1:1".parse().unwrap(),
         original_dst: Some("169.254.169.254:80".parse().unwrap()),
         to: Some(Destination::Metadata),
@@ -255,12 +255,12 @@ async fn connections_without_a_current_pod_get_nothing() {
     let empty_slot = Conn { mark: mask.mark_for(9), slot: Slot::new(9), ..nobody };
     assert_eq!(b.call(&empty_slot, Method::GET, CREDS, &[]).await.0, StatusCode::NOT_FOUND);
 
-    // A connection heard from before the record that now holds its slot was written.
+    // A connection established before the record that now holds its slot was written.
     let early = Conn {
         mark: mask.mark_for(4),
         slot: Slot::new(4),
         accepted_at: boottime_ns() - 2_000_000_000,
-        heard_at: boottime_ns() - 2_000_000_000,
+        established_at: boottime_ns() - 2_000_000_000,
         ..nobody
     };
     b.pod(4, "team-a", "web");

@@ -7,6 +7,7 @@ fake upstream's request log are attached to the report.
 """
 
 import contextlib
+import json
 import os
 import sys
 
@@ -49,6 +50,12 @@ def add_standard_pods(bench, pods=STANDARD_PODS):
         pod.role = role
         out[pod.key] = pod
     return out
+
+
+def record_of(bench, pod):
+    """The pod's record in the bench's store, as JSON."""
+    with open(os.path.join(bench.store_dir, "records", f"{pod.cid}.eth0.json")) as f:
+        return json.load(f)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import add_standard_pods
+from conftest import add_standard_pods, record_of
 from harness import PYTHON, is_assumed_role, parse_time, wait_until
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -143,11 +143,6 @@ for k in ("listing", "listing with the new token"):
         break
 print(json.dumps(out), flush=True)
 """.replace("CREDS", repr(CREDS))
-
-
-def record_of(bench, pod):
-    with open(os.path.join(bench.store_dir, "records", f"{pod.cid}.eth0.json")) as f:
-        return json.load(f)
 
 
 def test_keep_alive_connection_held_across_its_slots_reuse_is_never_answered_for_the_new_pod(make_bench):

@@ -9,27 +9,17 @@
 //! Written from the kernel's UAPI headers; no libnftnl code (GPL) is used.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    bind, recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
-use nix::sys::time::TimeVal;
+use nix::sys::socket::SockProtocol;
+
+use crate::nlsock::{Message, NlSocket, ReceiveError, NLMSG_DONE, NLMSG_HDRLEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 
 use super::InterceptError;
 
 // linux/netlink.h
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 /// Set on a dump's messages when the rule set changed while it was being dumped.
 const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -123,10 +113,6 @@ const NFTA_GEN_ID: u16 = 1;
 const UDATA_RULE_COMMENT: u8 = 0;
 /// `IFNAMSIZ`: an `ifname` set key is the name zero-padded to 16 bytes.
 const IFNAMSIZ: usize = 16;
-
-/// How long an answer may take; the kernel answers a request while it is sent, so this only
-/// bounds a kernel that never answers.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One netlink message under construction: header, `struct nfgenmsg`, attributes.
 struct Msg {
@@ -504,28 +490,19 @@ fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
 
 /// A `NETLINK_NETFILTER` socket in the namespace it was opened in.
 pub struct Nft {
-    fd: OwnedFd,
-    seq: u32,
-    buf: Vec<u8>,
+    socket: NlSocket,
 }
 
-/// One answer of the kernel: a message's type, flags, sequence number and payload after the
-/// netlink header.
-struct Answer {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    payload: Vec<u8>,
-}
+/// One answer of the kernel.
+type Answer = Message;
 
-impl Answer {
-    /// `struct nlmsgerr`'s error (0: an acknowledgement), for `NLMSG_ERROR`.
-    fn error(&self) -> Option<i32> {
-        (self.kind == NLMSG_ERROR)
-            .then(|| self.payload.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])))?
-    }
-
+/// What follows the netlink header of an nf_tables answer.
+trait NfgenPayload {
     /// The attributes after `struct nfgenmsg`.
+    fn attrs(&self) -> &[u8];
+}
+
+impl NfgenPayload for Message {
     fn attrs(&self) -> &[u8] {
         self.payload.get(4..).unwrap_or_default()
     }
@@ -537,49 +514,24 @@ fn io_error(what: &str) -> impl Fn(Errno) -> InterceptError + '_ {
 
 impl Nft {
     pub fn open() -> Result<Self, InterceptError> {
-        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkNetFilter)
-            .map_err(io_error("opening a NETLINK_NETFILTER socket"))?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(io_error("binding the netlink socket"))?;
-        let timeout = TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(io_error("setting the answer timeout"))?;
-        // Sequence numbers only pair answers with requests on this socket.
-        Ok(Nft { fd, seq: std::process::id(), buf: vec![0; 1 << 16] })
+        let socket = NlSocket::open(SockProtocol::NetlinkNetFilter).map_err(|(step, e)| io_error(step)(e))?;
+        Ok(Nft { socket })
     }
 
     fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
+        self.socket.next_seq()
     }
 
     fn send(&self, bytes: &[u8], what: &str) -> Result<(), InterceptError> {
-        sendto(self.fd.as_raw_fd(), bytes, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(io_error(what))?;
-        Ok(())
+        self.socket.send(bytes).map_err(io_error(what))
     }
 
     /// The messages of one datagram; `wait`: block until one comes (bounded by the timeout).
     fn receive(&mut self, wait: bool, what: &str) -> Result<Option<Vec<Answer>>, InterceptError> {
-        let flags = if wait { MsgFlags::empty() } else { MsgFlags::MSG_DONTWAIT };
-        let n = match recv(self.fd.as_raw_fd(), &mut self.buf, flags) {
-            Ok(n) => n,
-            Err(Errno::EAGAIN) if !wait => return Ok(None),
-            Err(e) => return Err(io_error(what)(e)),
-        };
-        let mut answers = vec![];
-        let mut rest = &self.buf[..n];
-        while rest.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if len < NLMSG_HDRLEN || len > rest.len() {
-                return Err(InterceptError::Parse(format!("a netlink message of {len} bytes in {n} while {what}")));
-            }
-            answers.push(Answer {
-                kind: u16::from_ne_bytes([rest[4], rest[5]]),
-                flags: u16::from_ne_bytes([rest[6], rest[7]]),
-                seq: u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]),
-                payload: rest[NLMSG_HDRLEN..len].to_vec(),
-            });
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-        Ok(Some(answers))
+        self.socket.receive(wait).map_err(|e| match e {
+            ReceiveError::Io(e) => io_error(what)(e),
+            e => InterceptError::Parse(format!("{e} while {what}")),
+        })
     }
 
     /// A request answered by one message (`NFT_MSG_GET*` without `NLM_F_DUMP`); `None` when

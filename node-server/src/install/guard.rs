@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use iamlink_common::intercept::{self, InterceptError, Object, RuleSet};
 use iamlink_common::netlink::Netlink;
+use iamlink_common::sock_destroy::{self, SlotSockets};
 use iamlink_common::{MarkMask, PodRecord};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::Socket;
@@ -280,8 +281,30 @@ pub fn ensure(
     let repairs = rules.ensure(lock, records)?;
     for r in &repairs {
         warn!(repair = %r, records = records.len(), "interception rule set repaired");
+        if let intercept::Repair::StaleEntry { ifname, slot } = r {
+            close_freed_slots_connections(rules, lock, records, ifname, *slot);
+        }
     }
     Ok(repairs)
+}
+
+/// A stale entry's slot, held by no record, is free once the entry is gone: its connections to
+/// iamlinkd are closed, as DEL closes a pod's, so none is answered for the slot's next pod.
+fn close_freed_slots_connections(
+    rules: &RuleSet,
+    lock: &iamlink_common::StoreLock,
+    records: &[PodRecord],
+    ifname: &str,
+    slot: u32,
+) {
+    if records.iter().any(|r| r.slot == slot) {
+        return;
+    }
+    match sock_destroy::destroy_slot_sockets(lock, &SlotSockets::of(rules, slot)) {
+        Ok(0) => {}
+        Ok(n) => warn!(interface = ifname, slot, connections = n, "closed a stale entry's connections"),
+        Err(e) => warn!(interface = ifname, slot, error = %e, "cannot close a stale entry's connections"),
+    }
 }
 
 #[cfg(test)]

@@ -63,10 +63,11 @@ fn original_destination(stream: &TcpStream, peer: SocketAddr) -> Option<SocketAd
     }
 }
 
-/// The CLOCK_BOOTTIME of the last segment the kernel received of `stream` (TCP_INFO gives the
-/// ages of the last data and the last ACK; the handshake came before both). `now` when TCP_INFO
-/// cannot be read.
-fn last_heard(stream: &TcpStream, now: u64) -> u64 {
+/// The CLOCK_BOOTTIME at which `stream`'s handshake completed, from TCP_INFO's
+/// `tcpi_last_data_sent`: the kernel stamps it when it creates the accepted socket, and only
+/// data we send refreshes it (nothing before accept), so no segment of the client's moves it.
+/// 0 (older than any record: refused) when TCP_INFO cannot be read.
+fn established_at(stream: &TcpStream, peer: SocketAddr, now: u64) -> u64 {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a zeroed tcp_info and `len` its size; the kernel writes at most `len` bytes.
@@ -74,12 +75,12 @@ fn last_heard(stream: &TcpStream, now: u64) -> u64 {
         libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
     };
     if rc != 0 {
-        return now;
+        warn!(%peer, error = %std::io::Error::last_os_error(), "cannot read TCP_INFO; the connection is refused");
+        return 0;
     }
     // SAFETY: a tcp_info is plain integers; zeroed and partly overwritten by the kernel, it is valid.
     let info = unsafe { info.assume_init() };
-    let age_ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
-    now.saturating_sub(u64::from(age_ms) * 1_000_000)
+    now.saturating_sub(u64::from(info.tcpi_last_data_sent) * 1_000_000)
 }
 
 /// Serves pods on `listener`; `cap` bounds the connections of all pods together (shared by the
@@ -110,7 +111,8 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener, cap: 
             debug!(%peer, ?slot, "pod has too many open connections; closing");
             return;
         };
-        let conn = Conn { mark, slot, accepted_at, heard_at: last_heard(&stream, accepted_at), peer, original_dst, to };
+        let established_at = established_at(&stream, peer, accepted_at);
+        let conn = Conn { mark, slot, accepted_at, established_at, peer, original_dst, to };
         let app = app.clone();
         tokio::spawn(async move {
             let _places = (overall, place);

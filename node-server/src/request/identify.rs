@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
+use iamlink_common::record::JIFFY_SLACK_NS;
 use iamlink_common::{MarkMask, PodRecord, Slot, SlotIdentity, Store, StoreError};
 
 /// The intercepted address a connection was opened to: what it may ask for depends on it.
@@ -47,10 +48,6 @@ impl Destination {
     }
 }
 
-/// TCP_INFO's ages count whole jiffies (a jiffy is up to 10 ms): the last segment was received
-/// up to this much later than they say.
-pub const JIFFY_SLACK_NS: u64 = 10_000_000;
-
 /// What the kernel told us about an accepted connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn {
@@ -61,10 +58,11 @@ pub struct Conn {
     pub slot: Option<Slot>,
     /// CLOCK_BOOTTIME when accepted, compared with the record's creation.
     pub accepted_at: u64,
-    /// CLOCK_BOOTTIME of the last segment the kernel received of it before the accept (TCP_INFO,
-    /// jiffy precision): a connection that waited in the listen queue while its pod went and
-    /// another took the slot is dated by its client, not by the accept.
-    pub heard_at: u64,
+    /// CLOCK_BOOTTIME when its handshake completed (TCP_INFO, jiffy precision; 0 when
+    /// unknown), which no later segment of the client's changes: a connection that waited in
+    /// the listen queue while its pod went and another took the slot is dated by its
+    /// handshake, not by its last bytes or the accept.
+    pub established_at: u64,
     pub peer: SocketAddr,
     /// The destination the client dialled, before the DNAT (None: conntrack has no entry, so
     /// the connection was not NATed), kept for the log.
@@ -157,11 +155,17 @@ pub fn identify(records: &Records, conn: &Conn) -> Result<Arc<PodRecord>, Uniden
     if record.slot != slot.get() {
         return Err(Unidentified::WrongSlot(slot, record.slot));
     }
-    let heard_by = conn.heard_at.saturating_add(JIFFY_SLACK_NS);
-    if record.created_boottime_ns > conn.accepted_at || record.created_boottime_ns > heard_by {
+    if !established_after(conn, &record) {
         return Err(Unidentified::Stale(slot));
     }
     Ok(record)
+}
+
+/// Whether `conn` was certainly established after `record` was written: its handshake's time is
+/// known only to a jiffy, so one that may predate the record by that much is not.
+fn established_after(conn: &Conn, record: &PodRecord) -> bool {
+    record.created_boottime_ns.saturating_add(JIFFY_SLACK_NS) < conn.established_at
+        && record.created_boottime_ns <= conn.accepted_at
 }
 
 #[cfg(test)]
@@ -207,6 +211,53 @@ mod tests {
         // The record replaced in place (an ADD again for the same attachment).
         store.insert(&store.lock().unwrap(), &record("c2", "pod-c", 4)).unwrap();
         assert_eq!(pod(records.by_slot(4).unwrap()), Some("pod-c".into()));
+    }
+
+    fn conn_established(at: u64, accepted_at: u64) -> Conn {
+        Conn {
+            mark: 0,
+            slot: Slot::new(4),
+            accepted_at,
+            established_at: at,
+            peer: "198.18.64.2:40000".parse().unwrap(),
+            original_dst: Some("169.254.169.254:80".parse().unwrap()),
+            to: Some(Destination::Metadata),
+        }
+    }
+
+    #[test]
+    fn a_connection_is_its_slots_pod_only_when_established_more_than_a_jiffy_after_the_record() {
+        let created = 5_000_000_000;
+        let r = PodRecord { created_boottime_ns: created, ..record("c1", "pod-b", 4) };
+        let accepted = created + 3_000_000_000;
+        let after = |established: u64| established_after(&conn_established(established, accepted), &r);
+        // A pod's first connection comes after ADD returned, well after its record was written.
+        assert!(after(created + 50_000_000));
+        assert!(after(created + JIFFY_SLACK_NS + 1));
+        // Within a jiffy of the record, the connection may predate it: refused.
+        assert!(!after(created + JIFFY_SLACK_NS));
+        assert!(!after(created + 1));
+        assert!(!after(created - 1), "established before the record: the slot's previous pod");
+        // Queued while the slot changed hands, and heard from only after: its handshake dates it.
+        assert!(!after(created - 2_000_000_000));
+        assert!(!after(0), "TCP_INFO unreadable");
+        // Accepted before the record was written (a kept connection): never the new pod's.
+        let kept = conn_established(created + 50_000_000, created - 1);
+        assert!(!established_after(&kept, &r));
+    }
+
+    #[test]
+    fn identify_refuses_a_connection_established_before_its_slots_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = iamlink_common::record::boottime_ns();
+        let r = PodRecord { created_boottime_ns: now - 1_000_000_000, ..record("c2", "pod-b", 4) };
+        store.insert(&store.lock().unwrap(), &r).unwrap();
+        let records = Records::new(store);
+        let queued = conn_established(now - 2_000_000_000, now);
+        assert!(matches!(identify(&records, &queued), Err(Unidentified::Stale(s)) if s.get() == 4));
+        let fresh = conn_established(now - 500_000_000, now);
+        assert_eq!(identify(&records, &fresh).unwrap().pod.name, "pod-b");
     }
 
     #[test]
