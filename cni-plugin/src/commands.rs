@@ -2,9 +2,9 @@
 
 use std::net::IpAddr;
 
-use iamlink_common::intercept;
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
 use iamlink_common::record::{boottime_ns, now_rfc3339};
+use iamlink_common::{annotation, intercept};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, Store, StoreError, StoreLock};
 use tracing::{info, warn};
 
@@ -80,12 +80,24 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     };
     info!(container = %record.container_id, pod = %record.pod, uid = %record.pod.uid,
           host_interface = %record.host_interface.name, slot, routes_added = ?added, "pod recorded and intercepted");
+    warn_oversized(&record);
     // The wait for credentials holds up this pod only, never the store for other pods' ADD and DEL.
     drop(lock);
     if let Some(p) = prefetching {
         p.wait(&record.pod.to_string());
     }
     Ok(prev_raw.get().to_string())
+}
+
+/// Names the runtime annotations recorded as invalid (too long to be valid): the pod gets no role
+/// from them, and its operator should know why.
+fn warn_oversized(record: &PodRecord) {
+    for (key, value) in record.runtime_annotations.iter().flatten() {
+        if let Some(bytes) = annotation::oversized(value) {
+            warn!(pod = %record.pod, uid = %record.pod.uid, host_interface = %record.host_interface.name, key, bytes,
+                  "runtime annotation longer than any valid value: recorded as invalid, so iamlinkd refuses the pod");
+        }
+    }
 }
 
 /// Best-effort rollback of a failed ADD, so that nothing is left behind.

@@ -5,8 +5,10 @@
 //! store directory, runs `nft`, writes nf_tables or writes ip rules. [`netlink`] reads links and routes in the
 //! node's and pods' namespaces; [`plumbing`] reads one pod's plumbing with it and names what is
 //! wrong (CNI CHECK, `iamlinkd explain` and `status`). [`netconf`] is the plugin's conflist entry
-//! that `iamlinkd install-cni` writes and the plugin reads.
+//! that `iamlinkd install-cni` writes and the plugin reads. [`annotation`] bounds the annotation
+//! values both keep.
 
+pub mod annotation;
 pub mod atomic_file;
 pub mod intercept;
 pub mod mark;
