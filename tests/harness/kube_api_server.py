@@ -41,9 +41,10 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
 - Control endpoints under `/_emulator/`: `GET status` (resourceVersion, history start, open
   watches by resource), `POST save` (writes the state file if anything changed), `POST
   break-watches` (ends every open watch stream cleanly, like a server-side timeout), `POST
-  expire-history` (forgets the history, as an etcd compaction: every resumed watch gets 410), `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those
-  resources answer 403 Forbidden, as with a client whose RBAC lacks them; changes still go
-  through, as from another client; `[]` lifts it; not kept across a restart).
+  expire-history` (forgets the history, as an etcd compaction: every resumed watch gets 410),
+  `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those resources answer 403
+  Forbidden, as with a client whose RBAC lacks them; changes still go through, as from another
+  client; `[]` lifts it; not kept across a restart).
 - Metadata-only reads, as kube-apiserver answers them (apimachinery's `PartialObjectMetadata`,
   `metav1.AsPartialObjectMetadata` in the handlers' response transform): an `Accept` of
   `application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1` on a list answers
