@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use iamlink_common::annotation;
 use iamlink_common::intercept::{self, RuleSet};
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
 use iamlink_common::record::{answerable_from, boottime_ns, now_rfc3339};
@@ -87,6 +88,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     };
     info!(container = %record.container_id, pod = %record.pod, uid = %record.pod.uid,
           host_interface = %record.host_interface.name, slot, routes_added = ?added, "pod recorded and intercepted");
+    warn_oversized(&record);
     // The wait for credentials holds up this pod only, never the store for other pods' ADD and DEL.
     drop(lock);
     if let Some(p) = prefetching {
@@ -94,6 +96,17 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     }
     wait_until_answerable(&record);
     Ok(prev_raw.get().to_string())
+}
+
+/// Names the runtime annotations recorded as invalid (too long to be valid): the pod gets no role
+/// from them, and its operator should know why.
+fn warn_oversized(record: &PodRecord) {
+    for (key, value) in record.runtime_annotations.iter().flatten() {
+        if let Some(bytes) = annotation::oversized(value) {
+            warn!(pod = %record.pod, uid = %record.pod.uid, host_interface = %record.host_interface.name, key, bytes,
+                  "runtime annotation longer than any valid value: recorded as invalid, so iamlinkd refuses the pod");
+        }
+    }
 }
 
 /// Returns once a connection the pod opens is certainly dated after its record (iamlinkd refuses

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use iamlink_common::annotation;
 use iamlink_common::intercept::RuleSet;
 use iamlink_common::plumbing;
 use iamlink_common::record::POD_ANNOTATIONS;
@@ -112,10 +113,12 @@ impl NetConf {
         })
     }
 
-    /// The pod's IAM annotations for its record; `None` when the runtime passed no annotations.
+    /// The pod's IAM annotations for its record, each bounded: one longer than any valid value is
+    /// recorded as invalid (a marker), so that iamlinkd refuses the pod rather than the record
+    /// growing with it. `None` when the runtime passed no annotations.
     pub fn iam_annotations(&self) -> Option<BTreeMap<String, String>> {
         let all = self.runtime_config.pod_annotations.as_ref()?;
-        Some(POD_ANNOTATIONS.iter().filter_map(|k| all.get(*k).map(|v| (k.to_string(), v.clone()))).collect())
+        Some(annotation::kept(|k| all.get(k).map(String::as_str), &POD_ANNOTATIONS))
     }
 
     pub fn version_at_least(&self, major: u32, minor: u32) -> bool {
@@ -334,6 +337,27 @@ mod tests {
             parse(format!(r#"{base},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{{"a":1}}}}}}"#).as_bytes())
                 .unwrap_err();
         assert_eq!(e.code, Code::InvalidNetConf);
+    }
+
+    #[test]
+    fn an_over_long_runtime_annotation_is_recorded_as_invalid_never_cut_short() {
+        let huge_role = format!("arn:aws:iam::123456789012:role/admin{}", "0".repeat(300 * 1024));
+        let longest_role = format!("arn:aws:iam::123456789012:role/{}", "a".repeat(annotation::MAX_ROLE_PATH));
+        let long_id = "x".repeat(annotation::MAX_EXTERNAL_ID + 1);
+        for (role, id, want_role, want_id) in [
+            (&huge_role, "ext-1", format!("invalid: {} bytes", huge_role.len()), "ext-1".to_string()),
+            (&longest_role, long_id.as_str(), longest_role.clone(), "invalid: 1225 bytes".to_string()),
+        ] {
+            let input = serde_json::json!({"cniVersion": "1.0.0", "runtimeConfig": {
+                "io.kubernetes.cri.pod-annotations": {
+                    "iam.amazonaws.com/role": role, "iam.amazonaws.com/external-id": id, "other": huge_role}}});
+            let kept = parse(input.to_string().as_bytes()).unwrap().iam_annotations().unwrap();
+            let want = BTreeMap::from([
+                ("iam.amazonaws.com/external-id".to_string(), want_id),
+                ("iam.amazonaws.com/role".to_string(), want_role),
+            ]);
+            assert_eq!(kept, want);
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! node's and pods' namespaces; [`plumbing`] reads one pod's plumbing with it and names what is
 //! wrong (CNI CHECK, `iamlinkd explain` and `status`). [`netconf`] is the plugin's conflist entry
 //! that `iamlinkd install-cni` writes and the plugin reads. [`sock_destroy`] closes a freed
-//! slot's connections to iamlinkd, and nobody else destroys sockets.
+//! slot's connections to iamlinkd, and nobody else destroys sockets. [`annotation`] bounds the
+//! annotation values both keep.
 
+pub mod annotation;
 pub mod atomic_file;
 pub mod intercept;
 pub mod mark;

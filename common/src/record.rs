@@ -6,6 +6,8 @@ use std::time::SystemTime;
 use nix::time::{clock_gettime, ClockId};
 use serde::{Deserialize, Serialize};
 
+use crate::annotation::{self, Key};
+
 /// One pod attachment: which host interface carries which pod, and its slot in the mark bits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -26,7 +28,7 @@ pub struct PodRecord {
     /// CLOCK_BOOTTIME at creation: a connection established before this, or less than
     /// [`JIFFY_SLACK_NS`] after it, is not this pod's.
     pub created_boottime_ns: u64,
-    /// The pod's IAM annotations ([`POD_ANNOTATIONS`]) as the runtime passed them at ADD; `None`
+    /// The pod's IAM annotations ([`POD_ANNOTATIONS`], bounded) as the runtime passed them at ADD; `None`
     /// when it passed no annotations at all (no `io.kubernetes.cri.pod-annotations` capability).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_annotations: Option<BTreeMap<String, String>>,
@@ -36,8 +38,12 @@ pub struct PodRecord {
 pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 /// The pod annotation giving the ExternalId of its AssumeRole calls.
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
-/// The only pod annotations a record keeps: the rest are none of iamlink's business.
-pub const POD_ANNOTATIONS: [&str; 2] = [ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION];
+/// The only pod annotations a record (and iamlinkd's view of a pod) keeps, each bounded: the rest
+/// are none of iamlink's business.
+pub const POD_ANNOTATIONS: [Key; 2] = [
+    Key { name: ROLE_ANNOTATION, max: annotation::MAX_ROLE_ARN },
+    Key { name: EXTERNAL_ID_ANNOTATION, max: annotation::MAX_EXTERNAL_ID },
+];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -9,8 +9,9 @@ kube-apiserver's JSON wire format over plain HTTP without auth on 198.18.0.5:644
 `kubeconfig_path` points a client at it. Objects are created, patched and deleted over that HTTP
 API, so watchers get real events. `requests()` is the server's request log.
 
-Lifecycle: `stop()` kills the process (the API is down, open watches break); `start()` brings it
-back with the objects and resourceVersions it had (they are kept in a state file, as etcd would)
+Lifecycle: `stop()` has the server write its state file, then kills it (the API is down, open
+watches break); `start()` brings it back with the objects and resourceVersions it had (they are
+kept in that file, as etcd would)
 but without the event history, so a client that resumes a watch from a version older than the
 restart gets 410 Gone and relists; `restart()` is both. While it is stopped the object helpers
 still work: they edit the state file, as if another API server of the cluster took the change;
@@ -97,7 +98,13 @@ class KubeApi:
         wait_until(ready, timeout, f"emulated Kubernetes API on {self.HOST}:{self.PORT}", interval=0.05)
 
     def stop(self):
-        """Abrupt: SIGKILL, so open watches break as with a crashed or unreachable server."""
+        """Abrupt: SIGKILL, so open watches break as with a crashed or unreachable server; the
+        state file is written first (the server writes it only shortly after changes)."""
+        if self.running:
+            try:
+                self._request("POST", "/_emulator/save", timeout=60)
+            except OSError:
+                pass  # not answering: it keeps what it last wrote
         if self.proc is not None:
             stop_process(self.proc, timeout=5, sig=9)
             self.node.forget(self.proc)

@@ -32,15 +32,19 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
 - 404 and 409 bodies carry the real reasons `NotFound` and `AlreadyExists` (kube's
   `is_not_found()` compares the reason).
 - Creation stamps `uid`, `creationTimestamp`, `apiVersion` and `kind` unless given.
-- State survives a restart: every change rewrites the `--state` file (objects and the counter),
-  loaded at start like etcd. The event history does not survive (see above). While the process is
-  down the harness may edit the file; such changes produce no events (a relist shows them).
+- State survives a restart: the `--state` file (objects and the counter), loaded at start like
+  etcd, is written on `POST /_emulator/save` (which `KubeApi.stop()` calls before it kills the
+  server) and on SIGTERM, when anything changed. Not on every change: each write is the whole
+  state, so 1,000 objects of 250 KiB made one by one would write 125 GB. The event history does
+  not survive (see above). While the process is down the harness may edit the file; such changes
+  produce no events (a relist shows them).
 - Control endpoints under `/_emulator/`: `GET status` (resourceVersion, history start, open
-  watches by resource), `POST break-watches` (ends every open watch stream cleanly, like a
-  server-side timeout), `POST expire-history` (forgets the history, as an etcd compaction: every
-  resumed watch gets 410), `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those
-  resources answer 403 Forbidden, as with a client whose RBAC lacks them; changes still go
-  through, as from another client; `[]` lifts it; not kept across a restart).
+  watches by resource), `POST save` (writes the state file if anything changed), `POST
+  break-watches` (ends every open watch stream cleanly, like a server-side timeout), `POST
+  expire-history` (forgets the history, as an etcd compaction: every resumed watch gets 410),
+  `POST forbid` (`{"plurals": [...]}`: lists, watches and gets of those resources answer 403
+  Forbidden, as with a client whose RBAC lacks them; changes still go through, as from another
+  client; `[]` lifts it; not kept across a restart).
 - Metadata-only reads, as kube-apiserver answers them (apimachinery's `PartialObjectMetadata`,
   `metav1.AsPartialObjectMetadata` in the handlers' response transform): an `Accept` of
   `application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1` on a list answers
@@ -71,6 +75,7 @@ strategic-merge semantics (treated as merge patch), bookmarks, server-side apply
 import argparse
 import asyncio
 import base64
+import bisect
 import datetime
 import json
 import os
@@ -103,6 +108,11 @@ def parse_path(path):
 
 
 parsing.parse_path = parse_path  # kmock's Request._parse looks it up on the module
+
+
+def list_key(obj):
+    """The order of lists and the position a continue token names: [namespace, name]."""
+    return [obj["metadata"].get("namespace") or "", obj["metadata"]["name"]]
 
 
 def now_rfc3339():
@@ -255,11 +265,14 @@ class Emulator(kmock.KubernetesEmulator):
         self.history = []  # (rv, resource, type, obj, prev)
         self.watches = {}  # asyncio.Queue -> resource plural
         self.forbidden = set()  # plurals whose reads answer 403 (POST /_emulator/forbid)
+        self.unsaved = False  # a change since the state file was last written
+        self._list_cache = None  # (query, objects, keys) of the last list (_listed)
         self._load()
         self["post /_emulator/break-watches"] << self._break_watches
         self["post /_emulator/expire-history"] << self._expire_history
         self["get /_emulator/status"] << self._status
         self["post /_emulator/forbid"] << self._forbid
+        self["post /_emulator/save"] << self._save_now
 
     # -- persistence --------------------------------------------------------------------------
     def _load(self):
@@ -273,7 +286,14 @@ class Emulator(kmock.KubernetesEmulator):
             self.objects[res, o["namespace"], o["name"]] = o["object"]
         self.rv = self.first_rv = int(state["resourceVersion"])
 
-    def _save(self):
+    def _save_now(self, request):
+        return {"saved": self.save()}
+
+    def save(self):
+        """Writes the state file if anything changed since the last write; whether it did."""
+        if not self.unsaved:
+            return False
+        self.unsaved = False
         objects = [{"group": res.group, "version": res.version, "plural": res.plural, "namespace": ns,
                     "name": name, "object": obj.raw}
                    for (res, ns, name), obj in self.objects.items() if not obj.deleted]
@@ -281,12 +301,16 @@ class Emulator(kmock.KubernetesEmulator):
         with open(tmp, "w") as f:
             json.dump({"resourceVersion": str(self.rv), "objects": objects}, f)
         os.replace(tmp, self.state_path)
+        return True
 
     # -- requests -----------------------------------------------------------------------------
     async def _handle(self, request):
         """Logs the request, then routes it with kmock's dispatcher. KubernetesEmulator's own
         prelude (which changes objects without resourceVersions) is skipped on purpose: our
-        `_serve_*` handlers own every change."""
+        `_serve_*` handlers own every change. kmock keeps every request it received and its
+        dispatcher scans them all for each new one (a thousand requests take minutes); the log
+        here is ours, so it keeps only the request being routed (no await since it was added)."""
+        del self._requests[:-1]
         try:
             as_ = transform_of(request)
         except ApiError:
@@ -317,14 +341,23 @@ class Emulator(kmock.KubernetesEmulator):
         for queue, plural in self.watches.items():
             if plural == resource.plural:
                 queue.put_nowait((self.rv, resource, type_, obj, prev))
-        self._save()
+        self.unsaved = True
+
+    def _listed(self, want, request):
+        """(objects, their keys): what a list asks for, sorted by [namespace, name]. Kept for the
+        next page while nothing changes: a list of N objects comes N / limit pages at a time."""
+        query = (self.rv, want.resource, want.namespace, request.params.get("fieldSelector"),
+                 request.params.get("labelSelector"))
+        if self._list_cache is None or self._list_cache[0] != query:
+            items = [obj.raw for (res, _, _), obj in self.objects.items()
+                     if res == want.resource and not obj.deleted and want.matches(obj.raw)]
+            items.sort(key=list_key)
+            self._list_cache = (query, items, [list_key(o) for o in items])
+        return self._list_cache[1], self._list_cache[2]
 
     async def _serve_list(self, request):
         want = Want(request)
-        items = [obj.raw for (res, _, _), obj in self.objects.items()
-                 if res == want.resource and not obj.deleted and want.matches(obj.raw)]
-        key = lambda o: [o["metadata"].get("namespace") or "", o["metadata"]["name"]]  # noqa: E731
-        items.sort(key=key)
+        items, keys = self._listed(want, request)
         rv, meta = str(self.rv), {}
         if request.params.get("continue"):
             try:
@@ -332,12 +365,12 @@ class Emulator(kmock.KubernetesEmulator):
                 rv, after = token["rv"], token["after"]
             except (ValueError, KeyError, TypeError):
                 raise ApiError(status=400, reason="BadRequest", message="invalid continue token")
-            items = [o for o in items if key(o) > after]
+            items = items[bisect.bisect_right(keys, after):]
         limit = int(request.params.get("limit") or 0)
         if 0 < limit < len(items):
             items = items[:limit]
             meta["continue"] = base64.urlsafe_b64encode(
-                json.dumps({"rv": rv, "after": key(items[-1])}).encode()).decode()
+                json.dumps({"rv": rv, "after": list_key(items[-1])}).encode()).decode()
         meta["resourceVersion"] = rv
         as_ = transform_of(request)
         if as_ == "PartialObjectMetadata":
@@ -524,6 +557,7 @@ async def serve(host, port, state, log):
         print(f"kube_api_server: listening on http://{host}:{port} at resourceVersion {emulator.rv}",
               file=sys.stderr, flush=True)
         await stop.wait()
+    emulator.save()
 
 
 def main():

@@ -1,5 +1,8 @@
 //! IAM's grammar for what reaches STS: role ARNs, role names joined to a base ARN, the account
 //! prefix of an identity, external IDs. A leaf: the config and the resolver both check with it.
+//! Its lengths are `iamlink_common::annotation`'s, which bounds what the view and records keep.
+
+use iamlink_common::annotation::{MAX_EXTERNAL_ID, MAX_PARTITION, MAX_ROLE_PATH};
 
 /// A role as STS wants it (ARN) and as IMDS names it (the last path element). Only [`Role::parse`]
 /// makes one, so a `Role` is always a well-formed IAM role ARN.
@@ -34,11 +37,12 @@ impl Role {
         let ok = parts.len() == 6
             && parts[0] == "arn"
             && parts[1].starts_with("aws")
+            && parts[1].len() <= MAX_PARTITION
             && parts[2] == "iam"
             && parts[3].is_empty()
             && valid_account(parts[4])
             && (1..=64).contains(&name.len())
-            && path.len() <= 512
+            && path.len() <= MAX_ROLE_PATH
             && path.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
             && path.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
         match ok {
@@ -75,7 +79,8 @@ pub fn role_prefix(identity_arn: &str) -> Option<String> {
 
 /// STS's grammar for ExternalId.
 pub fn valid_external_id(id: &str) -> bool {
-    (2..=1224).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c))
+    (2..=MAX_EXTERNAL_ID).contains(&id.len())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c))
 }
 
 fn valid_account(account: &str) -> bool {
@@ -85,6 +90,7 @@ fn valid_account(account: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iamlink_common::annotation::MAX_ROLE_ARN;
 
     const BASE: Option<&str> = Some("arn:aws:iam::123456789012:role/");
 
@@ -110,6 +116,25 @@ mod tests {
         ] {
             assert!(matches!(Role::parse(bad, BASE), Err(ArnError::Invalid(_))), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_longest_role_arn_accepted_is_as_long_as_the_view_keeps() {
+        let partition = format!("aws{}", "x".repeat(MAX_PARTITION - 3));
+        // A path of 63-character folders, then a 64-character name.
+        let path = format!("{}{}", format!("{}/", "p".repeat(63)).repeat(7), "n".repeat(64));
+        assert_eq!(path.len(), MAX_ROLE_PATH);
+        let arn = format!("arn:{partition}:iam::123456789012:role/{path}");
+        assert_eq!(arn.len(), MAX_ROLE_ARN);
+        assert!(Role::parse(&arn, None).is_ok(), "{arn}");
+        let longer_path = format!("{arn}a");
+        let longer_partition = arn.replacen(":iam::", "-:iam::", 1);
+        for bad in [longer_path, longer_partition] {
+            assert!(matches!(Role::parse(&bad, None), Err(ArnError::Invalid(_))), "{bad}");
+        }
+        assert!(
+            valid_external_id(&"x".repeat(MAX_EXTERNAL_ID)) && !valid_external_id(&"x".repeat(MAX_EXTERNAL_ID + 1))
+        );
     }
 
     #[test]

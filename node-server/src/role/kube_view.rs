@@ -7,7 +7,14 @@
 //! replacement for the deprecated `metadata_watcher`), since role resolution reads only their
 //! annotations, and each is stored trimmed to its name, namespace and the annotations role
 //! resolution reads ([`NAMESPACE_KEYS`], [`SERVICE_ACCOUNT_KEYS`]): no labels, managed fields or
-//! `last-applied-configuration`. Pods need their spec (the service account name) and are few.
+//! `last-applied-configuration`. Pods are watched whole (the spec names the service account) and
+//! stored trimmed the same way, with their UID, node and service account.
+//!
+//! Anyone who may edit one namespace writes what this view reads, up to 256 KiB of annotations
+//! per object, so what it costs is bounded twice: each kept value is at most as long as a valid
+//! one can be (a longer one is kept as a marker that refuses its pods,
+//! `iamlink_common::annotation`), and lists are read [`LIST_PAGE`] objects at a time, since kube
+//! holds a whole page in memory while it decodes it.
 //!
 //! The stores are what role resolution reads on each request, so they must never go empty
 //! because the API server does: a watch that fails reconnects with backoff and the store keeps
@@ -30,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
@@ -41,12 +48,13 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use iamlink_common::record::now_rfc3339;
+use iamlink_common::annotation::{self, Key, MAX_ROLE_ARN};
+use iamlink_common::record::{now_rfc3339, POD_ANNOTATIONS};
 use iamlink_common::Store as NodeStore;
 
 use crate::config::KubernetesConfig;
-use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, PERMITTED_ANNOTATION};
-use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION};
+use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, MAX_POLICY, PERMITTED_ANNOTATION};
+use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION, MAX_EXPIRATION};
 
 /// Room for pod changes between the reflector and the daemon; beyond it changes are dropped
 /// (prefetch is an optimisation: a pod whose change was dropped is fetched on its first request).
@@ -55,6 +63,13 @@ pub const POD_CHANGES: usize = 1024;
 /// Changes to namespaces and service accounts within this time make one snapshot write (a
 /// relist replays every object).
 const SNAPSHOT_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Objects per list request (kube's default is 500). kube reads a page whole and then decodes it:
+/// measured, a page costs about three times its size at its peak. Anyone who may edit a namespace
+/// can make objects of 256 KiB of annotations (and up to etcd's 1.5 MiB with labels): 500 of
+/// them would be ≈ 375 MiB in flight (the DaemonSet allows 256 MiB), 20 are ≈ 15 MiB (90 MiB),
+/// at 25 times the requests per list. Lists are rare: at start and after a 410 Gone.
+pub const LIST_PAGE: u32 = 20;
 
 /// Annotation maps by object: `name` for namespaces, `namespace/name` for service accounts.
 type Annotations = BTreeMap<String, BTreeMap<String, String>>;
@@ -65,31 +80,65 @@ pub type NamespaceMeta = PartialObjectMeta<Namespace>;
 pub type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
 
 /// The namespace annotations role resolution reads (the policy); the view keeps no others.
-pub const NAMESPACE_KEYS: [&str; 2] = [PERMITTED_ANNOTATION, ALLOWED_ROLES_ANNOTATION];
+pub const NAMESPACE_KEYS: [Key; 2] =
+    [Key { name: PERMITTED_ANNOTATION, max: MAX_POLICY }, Key { name: ALLOWED_ROLES_ANNOTATION, max: MAX_POLICY }];
 /// The service-account annotations role resolution reads (IRSA); the view keeps no others.
-pub const SERVICE_ACCOUNT_KEYS: [&str; 2] = [IRSA_ROLE_ANNOTATION, IRSA_EXPIRATION_ANNOTATION];
+pub const SERVICE_ACCOUNT_KEYS: [Key; 2] = [
+    Key { name: IRSA_ROLE_ANNOTATION, max: MAX_ROLE_ARN },
+    Key { name: IRSA_EXPIRATION_ANNOTATION, max: MAX_EXPIRATION },
+];
 
-/// Cuts an object's metadata down to what the view is read for: name, namespace and the
-/// annotations among `keys`. Thousands of namespaces and service accounts are held for the
-/// lifetime of the daemon, and managed fields, labels and other annotations are most of each.
-/// The watcher has already taken the resource version it resumes from, so dropping it is safe.
-fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[&str]) {
-    let meta = std::mem::take(&mut object.metadata);
+/// Cuts metadata down to what the view is read for: name, namespace and the annotations among
+/// `keys`, bounded. Thousands of namespaces and service accounts are held for the lifetime of the
+/// daemon, and managed fields, labels and other annotations are most of each. The watcher has
+/// already taken the resource version it resumes from, so dropping it is safe.
+fn trimmed(meta: ObjectMeta, keys: &[Key]) -> ObjectMeta {
     let annotations = kept(meta.annotations.as_ref(), keys);
-    object.types = None;
-    object.metadata = ObjectMeta {
+    for (key, value) in &annotations {
+        if let Some(bytes) = annotation::oversized(value) {
+            warn!(
+                namespace = meta.namespace.as_deref().unwrap_or_default(),
+                name = meta.name.as_deref().unwrap_or_default(),
+                key,
+                bytes,
+                "annotation longer than any valid value: kept as invalid, so pods that read it are refused"
+            );
+        }
+    }
+    ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         annotations: (!annotations.is_empty()).then_some(annotations),
         ..ObjectMeta::default()
-    };
+    }
+}
+
+/// A namespace or service account as the view keeps it ([`trimmed`]).
+fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[Key]) {
+    object.types = None;
+    object.metadata = trimmed(std::mem::take(&mut object.metadata), keys);
+}
+
+/// A pod as the view keeps it: what role resolution and prefetch read (name, namespace, UID, its
+/// IAM annotations bounded, node, service account), not its containers or status.
+fn trim_pod(pod: &mut Pod) {
+    let uid = pod.metadata.uid.take();
+    pod.metadata = ObjectMeta { uid, ..trimmed(std::mem::take(&mut pod.metadata), &POD_ANNOTATIONS) };
+    let spec = pod.spec.take().unwrap_or_default();
+    pod.spec = Some(PodSpec {
+        node_name: spec.node_name,
+        service_account_name: spec.service_account_name,
+        ..PodSpec::default()
+    });
+    pod.status = None;
 }
 
 /// The namespace policies and service-account roles of the last view, kept on the node so that
 /// a daemon restarted while the API server is down or forbids a list still applies them.
-/// Only the annotations role resolution reads are kept; every object is listed, with an empty
-/// map when it has none, so that one created since the snapshot is told apart from one without
-/// a role.
+/// Only the annotations role resolution reads are kept, bounded as in the view; every object is
+/// listed, with an empty map when it has none. A service account missing from it (created since
+/// it was written) is unknown, so its pods wait rather than fall to a lower source; a namespace
+/// missing from it has no policy, as one without annotations.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// When it was written (RFC 3339 UTC), for operators.
@@ -118,8 +167,8 @@ impl Snapshot {
     }
 }
 
-fn kept<'a>(annotations: Option<&'a BTreeMap<String, String>>, keys: &'a [&'a str]) -> BTreeMap<String, String> {
-    keys.iter().filter_map(|k| annotations?.get(*k).map(|v| (k.to_string(), v.clone()))).collect()
+fn kept(annotations: Option<&BTreeMap<String, String>>, keys: &[Key]) -> BTreeMap<String, String> {
+    annotation::kept(|k| annotations.and_then(|a| a.get(k)).map(String::as_str), keys)
 }
 
 /// A client for the API server: the kubeconfig file when configured, else the in-cluster service
@@ -231,7 +280,8 @@ impl View {
         let (pods, pod_writer) = reflector::store();
         let (namespaces, namespace_writer) = reflector::store();
         let (service_accounts, sa_writer) = reflector::store();
-        let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let config = watcher::Config::default().page_size(LIST_PAGE);
+        let pod_config = config.clone().fields(&format!("spec.nodeName={node_name}"));
         let mut dropped = 0u64;
         let snapshot = store.as_ref().and_then(load_snapshot).map(Arc::new);
         let changed = Arc::new(Notify::new());
@@ -239,7 +289,7 @@ impl View {
         let mut tasks = vec![
             tokio::spawn(follow(
                 "pods",
-                watcher(Api::<Pod>::all(client.clone()), pod_config),
+                watcher(Api::<Pod>::all(client.clone()), pod_config).modify(trim_pod),
                 pod_writer,
                 Arc::clone(&synced),
                 |s| &s.pods,
@@ -250,8 +300,7 @@ impl View {
             )),
             tokio::spawn(follow(
                 "namespaces",
-                watcher(Api::<NamespaceMeta>::all(client.clone()), watcher::Config::default())
-                    .modify(|n| trim(n, &NAMESPACE_KEYS)),
+                watcher(Api::<NamespaceMeta>::all(client.clone()), config.clone()).modify(|n| trim(n, &NAMESPACE_KEYS)),
                 namespace_writer,
                 Arc::clone(&synced),
                 |s| &s.namespaces,
@@ -259,8 +308,7 @@ impl View {
             )),
             tokio::spawn(follow(
                 "serviceaccounts",
-                watcher(Api::<ServiceAccountMeta>::all(client), watcher::Config::default())
-                    .modify(|sa| trim(sa, &SERVICE_ACCOUNT_KEYS)),
+                watcher(Api::<ServiceAccountMeta>::all(client), config).modify(|sa| trim(sa, &SERVICE_ACCOUNT_KEYS)),
                 sa_writer,
                 Arc::clone(&synced),
                 |s| &s.service_accounts,
@@ -524,6 +572,7 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iamlink_common::{EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use kube::core::Status;
     use std::collections::BTreeMap;
@@ -618,6 +667,82 @@ mod tests {
         trim(&mut sa, &SERVICE_ACCOUNT_KEYS);
         assert_eq!((sa.metadata.namespace.as_deref(), sa.metadata.name.as_deref()), (Some("shop"), Some("default")));
         assert_eq!(sa.metadata.annotations, None, "no IRSA annotation: nothing kept");
+    }
+
+    #[test]
+    fn an_annotation_longer_than_any_valid_value_is_kept_as_invalid() {
+        let huge = format!("arn:aws:iam::123456789012:role/admin{}", "0".repeat(250 * 1024));
+        let longest = "x".repeat(MAX_ROLE_ARN);
+        let sa = |role: &str| ServiceAccountMeta {
+            metadata: ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some("greedy".into()),
+                annotations: Some(BTreeMap::from([
+                    (IRSA_ROLE_ANNOTATION.to_string(), role.to_string()),
+                    (IRSA_EXPIRATION_ANNOTATION.to_string(), "7".repeat(MAX_EXPIRATION + 1)),
+                    ("other".to_string(), huge.clone()),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut over = sa(&huge);
+        trim(&mut over, &SERVICE_ACCOUNT_KEYS);
+        let want = BTreeMap::from([
+            (IRSA_ROLE_ANNOTATION.to_string(), format!("invalid: {} bytes", huge.len())),
+            (IRSA_EXPIRATION_ANNOTATION.to_string(), format!("invalid: {} bytes", MAX_EXPIRATION + 1)),
+        ]);
+        assert_eq!(over.metadata.annotations, Some(want));
+        let mut valid = sa(&longest);
+        trim(&mut valid, &SERVICE_ACCOUNT_KEYS);
+        assert_eq!(
+            valid.metadata.annotations.unwrap()[IRSA_ROLE_ANNOTATION],
+            longest,
+            "as long as a valid value can be: kept whole"
+        );
+
+        let mut policy = namespace("shop", &[(PERMITTED_ANNOTATION, &"a|".repeat(MAX_POLICY))]);
+        trim(&mut policy, &NAMESPACE_KEYS);
+        let kept = &policy.metadata.annotations.unwrap()[PERMITTED_ANNOTATION];
+        assert_eq!(kept, &format!("invalid: {} bytes", 2 * MAX_POLICY));
+    }
+
+    #[test]
+    fn pods_keep_only_what_role_resolution_reads() {
+        use k8s_openapi::api::core::v1::{Container, PodStatus};
+        let mut p = pod("shop", "web", "u1");
+        p.metadata.labels = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+        p.metadata.annotations = Some(BTreeMap::from([
+            (ROLE_ANNOTATION.to_string(), "x".repeat(MAX_ROLE_ARN + 1)),
+            (EXTERNAL_ID_ANNOTATION.to_string(), "ext-1".to_string()),
+            ("kubectl.kubernetes.io/last-applied-configuration".to_string(), "{}".repeat(100_000)),
+        ]));
+        p.spec = Some(PodSpec {
+            node_name: Some("node-1".into()),
+            service_account_name: Some("builder".into()),
+            containers: vec![Container { name: "app".into(), image: Some("busybox".into()), ..Default::default() }],
+            ..Default::default()
+        });
+        p.status = Some(PodStatus { phase: Some("Running".into()), ..Default::default() });
+        trim_pod(&mut p);
+        let annotations = BTreeMap::from([
+            (EXTERNAL_ID_ANNOTATION.to_string(), "ext-1".to_string()),
+            (ROLE_ANNOTATION.to_string(), format!("invalid: {} bytes", MAX_ROLE_ARN + 1)),
+        ]);
+        let meta = ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some("web".into()),
+            uid: Some("u1".into()),
+            annotations: Some(annotations),
+            ..Default::default()
+        };
+        let spec = PodSpec {
+            node_name: Some("node-1".into()),
+            service_account_name: Some("builder".into()),
+            ..Default::default()
+        };
+        assert_eq!(p, Pod { metadata: meta, spec: Some(spec), status: None });
+        assert_eq!(PodChange::of(&p).map(|c| c.uid), Some("u1".to_string()), "prefetch still knows the pod");
     }
 
     #[test]

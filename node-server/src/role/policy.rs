@@ -11,6 +11,9 @@ use crate::role::Role;
 
 pub const PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
 pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
+/// The longest policy annotation kept (a list of 200 role ARNs); a longer one is kept as invalid,
+/// which permits nothing.
+pub const MAX_POLICY: usize = 16 * 1024;
 
 /// The rule that refused a role, in words for the pod's log line and the audit log.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use iamlink_common::annotation::{self, MAX_ROLE_ARN};
 use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::RolesConfig;
@@ -28,6 +29,8 @@ use crate::role::policy;
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 /// The IRSA token lifetime in seconds, used here as the session duration.
 pub const IRSA_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
+/// The longest token expiration kept: more digits than any number of seconds it may hold.
+pub const MAX_EXPIRATION: usize = 20;
 
 /// Where a pod's role came from, logged and audited with every answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,6 +259,12 @@ impl Roles {
     ) -> Result<Grant, Resolution> {
         let denied =
             |reason: String| Resolution::Denied { outcome: "invalid role", requested: requested.into(), reason };
+        if let Some(bytes) = annotation::oversized(requested) {
+            return Err(denied(format!(
+                "the {} is {bytes} bytes long, longer than any role ARN ({MAX_ROLE_ARN})",
+                source.as_str()
+            )));
+        }
         let role = Role::parse(requested, self.base_arn()).map_err(|e| match e {
             ArnError::Invalid(_) => denied(e.to_string()),
             ArnError::NoBase(_) => Resolution::Pending(format!(
@@ -403,6 +412,35 @@ mod tests {
         assert_eq!((g.role.name(), g.source), ("assoc", Source::Association));
         let g = granted(r.resolve(&facts(&none, "default", None)));
         assert_eq!((g.role.name(), g.source), ("web", Source::Config));
+    }
+
+    #[test]
+    fn an_annotation_kept_as_invalid_is_refused_never_another_role() {
+        // The service account "builder" of namespace "a" has an association and the namespace a
+        // configured role: the lower sources an over-long annotation must not fall through to.
+        let no_base = || Roles::new(RolesConfig { base_arn: None, ..roles().config }, false);
+        let web = pod("a", "web");
+        let marker = annotation::bounded(&format!("{BASE}admin{}", "0".repeat(250 * 1024)), MAX_ROLE_ARN);
+        let sa = map(&[(IRSA_ROLE_ANNOTATION, &marker)]);
+        let on_pod = map(&[(ROLE_ANNOTATION, &marker)]);
+        let none = BTreeMap::new();
+        for (annotations, sa, runtime) in [(&none, &sa, None), (&on_pod, &none, None), (&on_pod, &none, Some(&on_pod))]
+        {
+            let api = ApiPod::Bound {
+                annotations,
+                service_account: "builder",
+                service_account_annotations: ServiceAccountFacts::Known(sa),
+            };
+            let facts = PodFacts { pod: &web, runtime, api, namespace: NamespaceFacts::Off };
+            for r in [roles(), no_base()] {
+                match r.resolve(&facts) {
+                    Resolution::Denied { outcome: "invalid role", reason, .. } => {
+                        assert!(reason.contains(&format!("{} bytes", 250 * 1024 + BASE.len() + 5)), "{reason}")
+                    }
+                    other => panic!("expected 403 for {marker}, got {other:?}"),
+                }
+            }
+        }
     }
 
     #[test]
