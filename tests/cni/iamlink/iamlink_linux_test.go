@@ -279,7 +279,7 @@ var _ = Describe("iamlink chained after ptp", func() {
 	It("honours markMask and an empty credentialsAddress", func() {
 		p := n.newPod("web")
 		conf := n.iamlinkConf()
-		conf["markMask"] = "0xf000"
+		conf["markMask"] = "0x3070"
 		conf["credentialsAddress"] = ""
 		n.mustAdd(conflist("1.0.0", n.ptpConf(), conf), p)
 		rec, _ := n.readRecord(p)
@@ -289,10 +289,10 @@ var _ = Describe("iamlink chained after ptp", func() {
 		_, rules := n.table()
 		slotRule, err := json.Marshal(rules[fmt.Sprintf("slot-%d", rec.Slot)])
 		Expect(err).NotTo(HaveOccurred())
-		Expect(string(slotRule)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, slotMark(rec.Slot, 0xf000))))
+		Expect(string(slotRule)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, slotMark(rec.Slot, 0x3070))))
 		identifyPod, err := json.Marshal(rules["identify-pod"])
 		Expect(err).NotTo(HaveOccurred())
-		Expect(string(identifyPod)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, ^uint32(0xf000))))
+		Expect(string(identifyPod)).To(ContainSubstring(fmt.Sprintf(`[{"meta":{"key":"mark"}},%d]`, ^uint32(0x3070))))
 		for _, chain := range []string{"identify", "intercept"} {
 			matches, err := json.Marshal(rules[chain])
 			Expect(err).NotTo(HaveOccurred())
