@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use iamlink_common::annotation;
 use iamlink_common::intercept::{self, RuleSet};
 use iamlink_common::plumbing::{self, routed_addresses, Finding};
-use iamlink_common::record::{answerable_from, boottime_ns, now_rfc3339};
+use iamlink_common::record::{boottime_ns, now_rfc3339};
 use iamlink_common::sock_destroy::{self, SlotSockets};
 use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, SlotHolder, Store, StoreError, StoreLock};
 use tracing::{info, warn};
@@ -94,7 +94,6 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     if let Some(p) = prefetching {
         p.wait(&record.pod.to_string());
     }
-    wait_until_answerable(&record);
     Ok(prev_raw.get().to_string())
 }
 
@@ -107,14 +106,6 @@ fn warn_oversized(record: &PodRecord) {
                   "runtime annotation longer than any valid value: recorded as invalid, so iamlinkd refuses the pod");
         }
     }
-}
-
-/// Returns once a connection the pod opens is certainly dated after its record (iamlinkd refuses
-/// one that may predate it): at most 20 ms after the record was written, usually no wait at all,
-/// as the wait for credentials takes longer.
-fn wait_until_answerable(record: &PodRecord) {
-    let wait = answerable_from(record.created_boottime_ns).saturating_sub(boottime_ns());
-    std::thread::sleep(std::time::Duration::from_nanos(wait));
 }
 
 /// Best-effort rollback of a failed ADD, so that nothing is left behind. A record whose slot's

@@ -25,8 +25,8 @@ pub struct PodRecord {
     pub ips: Vec<String>,
     /// RFC 3339 UTC, for operators.
     pub created: String,
-    /// CLOCK_BOOTTIME at creation: a connection established before this, or less than
-    /// [`JIFFY_SLACK_NS`] after it, is not this pod's.
+    /// CLOCK_BOOTTIME at creation: a connection established before this (by more than
+    /// [`JIFFY_SLACK_NS`], the precision of its date) is not this pod's.
     pub created_boottime_ns: u64,
     /// The pod's IAM annotations ([`POD_ANNOTATIONS`], bounded) as the runtime passed them at ADD; `None`
     /// when it passed no annotations at all (no `io.kubernetes.cri.pod-annotations` capability).
@@ -76,17 +76,12 @@ impl std::fmt::Display for PodRef {
     }
 }
 
-/// TCP_INFO dates a connection to a jiffy (up to 10 ms, at HZ=100): iamlinkd answers a
-/// connection for a record only when it was established more than this after the record was
-/// created, so that one that may predate the record (its slot's previous pod's) is refused.
+/// TCP_INFO dates a connection to a jiffy (up to 10 ms, at HZ=100): a connection is refused as
+/// older than a record only when it was established more than this before the record was
+/// created. Within that jiffy it can only be the record's pod's: its slot's previous pod lost its
+/// map element, and DEL destroyed its connections to iamlinkd, before the slot was free
+/// (`sock_destroy`), so no connection of it established that late carries the slot.
 pub const JIFFY_SLACK_NS: u64 = 10_000_000;
-
-/// When a connection opened from then on is certainly dated after a record created at
-/// `created_boottime_ns`: the slack, and the jiffy a handshake's date may run early. ADD returns
-/// no sooner, so that a pod's first request is never taken for its slot's previous pod's.
-pub fn answerable_from(created_boottime_ns: u64) -> u64 {
-    created_boottime_ns.saturating_add(2 * JIFFY_SLACK_NS)
-}
 
 /// Now, on the clock that record creation and connection accept times are compared on.
 /// CLOCK_BOOTTIME is shared by all processes of a boot and never jumps backwards.

@@ -161,10 +161,11 @@ pub fn identify(records: &Records, conn: &Conn) -> Result<Arc<PodRecord>, Uniden
     Ok(record)
 }
 
-/// Whether `conn` was certainly established after `record` was written: its handshake's time is
-/// known only to a jiffy, so one that may predate the record by that much is not.
+/// Whether `conn` may belong to `record`: it was accepted after the record was written, and not
+/// established before it by more than its date's precision (a jiffy; within it, see
+/// [`JIFFY_SLACK_NS`], only the record's pod can hold a connection with the slot's mark).
 fn established_after(conn: &Conn, record: &PodRecord) -> bool {
-    record.created_boottime_ns.saturating_add(JIFFY_SLACK_NS) < conn.established_at
+    record.created_boottime_ns <= conn.established_at.saturating_add(JIFFY_SLACK_NS)
         && record.created_boottime_ns <= conn.accepted_at
 }
 
@@ -226,18 +227,17 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_its_slots_pod_only_when_established_more_than_a_jiffy_after_the_record() {
+    fn a_connection_established_more_than_a_jiffy_before_its_slots_record_is_refused() {
         let created = 5_000_000_000;
         let r = PodRecord { created_boottime_ns: created, ..record("c1", "pod-b", 4) };
         let accepted = created + 3_000_000_000;
         let after = |established: u64| established_after(&conn_established(established, accepted), &r);
-        // A pod's first connection comes after ADD returned, well after its record was written.
+        // A pod's first connection comes after its record (the element is committed after it).
         assert!(after(created + 50_000_000));
-        assert!(after(created + JIFFY_SLACK_NS + 1));
-        // Within a jiffy of the record, the connection may predate it: refused.
-        assert!(!after(created + JIFFY_SLACK_NS));
-        assert!(!after(created + 1));
-        assert!(!after(created - 1), "established before the record: the slot's previous pod");
+        assert!(after(created + 1));
+        // Within the jiffy its date is known to, it can only be the record's pod's.
+        assert!(after(created - JIFFY_SLACK_NS));
+        assert!(!after(created - JIFFY_SLACK_NS - 1), "established before the record: the slot's previous pod");
         // Queued while the slot changed hands, and heard from only after: its handshake dates it.
         assert!(!after(created - 2_000_000_000));
         assert!(!after(0), "TCP_INFO unreadable");
