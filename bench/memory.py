@@ -130,7 +130,7 @@ def explain(r):
                      f"MiB with an empty API: ≈ {v['per_object_bytes']:.0f} B per object (VmRSS "
                      f"{v['full']['VmRSS'] / 1024:.1f} MiB). Namespaces and service accounts are watched as metadata "
                      "only and kept as name, namespace and the annotations roles are read from "
-                     "(`node-server/src/role/kube_view.rs`); listing them all (500 per page) took "
+                     "(`node-server/src/role/kube_view.rs`); listing them all (20 per page, `LIST_PAGE`, so that a relist of huge objects holds one small page at a time) took "
                      f"{v['listed_s']:.1f} s from the restart. Watched as whole objects, as before December 2026, "
                      "the same 25,000 objects held 104 MiB of anonymous memory, ≈ 4,250 B each (release build, "
                      "this bench); what remains per object is mostly kube's `ObjectMeta` and the reflector's "
