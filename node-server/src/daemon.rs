@@ -28,7 +28,12 @@ use crate::serve::{self, Caps, ConnectionCap, NodeApart};
 pub async fn run(config: Config) -> Result<(), Error> {
     accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
     let caps = descriptor_budget(&config)?;
-    let metrics_listen = config.metrics_listen()?.resolve()?;
+    // Bound first: the probes' port taken by another process stops the start, before the node
+    // is touched (see `metrics::bind`).
+    let metrics_listener = match config.metrics_listen()?.resolve()? {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let store = Store::open(&config.store_dir)?;
     let rules = config.rule_set();
     let (health, verifier) = Health::new();
@@ -98,15 +103,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     for listener in listeners {
         tokio::spawn(accept::serve(app.clone(), listener, pods.clone()));
     }
-    if let Some(addr) = metrics_listen {
-        if let Some(listener) = metrics::bind(addr).await {
-            let counter = |what| app.metrics.connections_refused(what);
-            let cap = NodeApart {
-                node: ConnectionCap::new("metrics from the node", caps.node_metrics, counter("metrics from the node")),
-                others: ConnectionCap::new("metrics", caps.metrics, counter("metrics")),
-            };
-            tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
-        }
+    if let Some(listener) = metrics_listener {
+        let counter = |what| app.metrics.connections_refused(what);
+        let cap = NodeApart {
+            node: ConnectionCap::new("metrics from the node", caps.node_metrics, counter("metrics from the node")),
+            others: ConnectionCap::new("metrics", caps.metrics, counter("metrics")),
+        };
+        tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
     }
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping; pods stay intercepted"),
