@@ -4,5 +4,6 @@
 pub mod commands;
 pub mod daemon;
 pub mod error;
+pub mod log_file;
 pub mod netconf;
 pub mod podnet;

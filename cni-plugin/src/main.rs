@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 
 use iamlink_cni::commands::{cmd_add, cmd_check, cmd_del, cmd_gc, cmd_status};
 use iamlink_cni::error::{CniError, Code};
+use iamlink_cni::log_file;
 use iamlink_cni::netconf::{self, Env, NetConf, LATEST_VERSION, SUPPORTED_VERSIONS};
 use tracing::warn;
 
@@ -70,13 +71,14 @@ fn fail(e: &CniError, cni_version: &str) -> ! {
     std::process::exit(1);
 }
 
-/// JSON lines to `logFile` when configured, else human-readable lines on stderr.
+/// JSON lines to `logFile` when configured (rotated at [`log_file::MAX_BYTES`], one older file
+/// kept), else human-readable lines on stderr.
 fn init_logging(conf: &NetConf) {
     let file = conf.entry.log_file.as_ref().and_then(|path| {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
+        log_file::RotatingLog::open(path, log_file::MAX_BYTES).ok()
     });
     // netlink-packet-route warns about attributes newer kernels add; that is not ours to report.
     let level = if file.is_some() { "info" } else { "warn" };

@@ -350,18 +350,7 @@ impl RuleSet {
     /// learned this). Dropping the entries makes their next packet meet the rule set.
     /// Best effort: without the `conntrack` tool only a warning is logged.
     fn forget_connections(&self) {
-        for addr in &self.addresses {
-            let family = if addr.is_ipv6() { "ipv6" } else { "ipv4" };
-            let addr = addr.to_string();
-            let args = ["-D", "-f", family, "-p", "tcp", "--orig-dst", addr.as_str(), "--dport", "80"];
-            match run(&find_tool("conntrack"), &args, None) {
-                // conntrack exits 1 when there was nothing to delete.
-                Ok(out) if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("0 flow entries") => {}
-                Ok(out) => warn!(address = %addr, stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                                 "cannot clear conntrack entries of the metadata address"),
-                Err(e) => warn!(address = %addr, error = %e, "cannot clear conntrack entries of the metadata address"),
-            }
-        }
+        forget_connections_to(&self.addresses);
     }
 
     /// Four base chains. `identify` (filter, before NAT) marks *every* packet to a metadata
@@ -858,6 +847,23 @@ impl Installed {
 /// `slot-<n>` → n.
 fn slot_of_chain(name: &str) -> Option<u32> {
     name.strip_prefix("slot-").and_then(|s| s.parse().ok())
+}
+
+/// Deletes the conntrack entries of TCP connections to port 80 of `addresses`: connections NAT
+/// judged under an earlier rule set are judged again by the current one.
+pub fn forget_connections_to(addresses: &[IpAddr]) {
+    for addr in addresses {
+        let family = if addr.is_ipv6() { "ipv6" } else { "ipv4" };
+        let addr = addr.to_string();
+        let args = ["-D", "-f", family, "-p", "tcp", "--orig-dst", addr.as_str(), "--dport", "80"];
+        match run(&find_tool("conntrack"), &args, None) {
+            // conntrack exits 1 when there was nothing to delete.
+            Ok(out) if out.status.success() || String::from_utf8_lossy(&out.stderr).contains("0 flow entries") => {}
+            Ok(out) => warn!(address = %addr, stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                             "cannot clear conntrack entries of the metadata address"),
+            Err(e) => warn!(address = %addr, error = %e, "cannot clear conntrack entries of the metadata address"),
+        }
+    }
 }
 
 /// `nft -j list table` read the way iamlinkd read it before netlink: what the netlink reading is

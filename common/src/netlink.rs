@@ -78,6 +78,24 @@ impl Netlink {
         not_found_is_none(req.try_next().await).map(Option::flatten)
     }
 
+    /// Which of `wanted` are assigned to an interface of this namespace, each with that
+    /// interface's index (one address dump, both families).
+    pub async fn local_addresses(&self, wanted: &[IpAddr]) -> Result<Vec<(IpAddr, u32)>, NetlinkError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut found = vec![];
+        let mut dump = self.handle.address().get().execute();
+        while let Some(message) = dump.try_next().await.map_err(|e| NetlinkError::Request(e.to_string()))? {
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attribute {
+                    if wanted.contains(a) && !found.iter().any(|(f, _)| f == a) {
+                        found.push((*a, message.header.index));
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// The output interface the kernel would use to reach `dst`, if it has a route at all.
     pub async fn route_oif(&self, dst: IpAddr) -> Result<Option<u32>, NetlinkError> {
         Ok(self.route_to(dst).await?.and_then(|r| r.oif))

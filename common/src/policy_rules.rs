@@ -89,6 +89,13 @@ impl Netlink {
 
     /// Deletes every rule of iamlink's (uninstall).
     pub async fn remove_policy_rules(&self) -> Result<(), NetlinkError> {
+        self.remove_policy_rules_except(&[]).await.map(drop)
+    }
+
+    /// Deletes iamlink's rules for addresses other than `keep` (no longer intercepted: the EKS
+    /// Pod Identity agent's, or a `credentials_address` turned off); returns those it deleted.
+    pub async fn remove_policy_rules_except(&self, keep: &[IpAddr]) -> Result<Vec<PolicyRule>, NetlinkError> {
+        let mut removed = vec![];
         for version in [IpVersion::V4, IpVersion::V6] {
             let rules: Vec<RuleMessage> = self
                 .handle()
@@ -99,7 +106,11 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(|e| NetlinkError::Request(e.to_string()))?;
-            for message in rules.into_iter().filter(|m| parse(m).is_some()) {
+            for (rule, message) in rules.into_iter().filter_map(|m| Some((parse(&m)?, m))) {
+                if keep.contains(&rule.to) {
+                    continue;
+                }
+                removed.push(rule);
                 self.handle()
                     .clone()
                     .rule()
@@ -109,7 +120,7 @@ impl Netlink {
                     .map_err(|e| NetlinkError::Request(e.to_string()))?;
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// iamlink's rules as the kernel holds them, both families.

@@ -3,8 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use iamlink_common::intercept::PodRemover;
+use iamlink_common::intercept::{PodRemover, RuleSet};
 use iamlink_common::{PodRecord, Store};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::creds::cache::{AssumeRole, Cache};
@@ -38,6 +39,16 @@ pub struct App<S> {
     /// lifetime (no RCU wait at a socket's close); `None` until the first DEL, and after an
     /// error (the next DEL opens a new one).
     pub(crate) remover: Mutex<Option<PodRemover>>,
+    /// Whether the EKS Pod Identity agent is on the node now (`install::pod_identity` sends it):
+    /// with it, the rule set may leave it the credentials address.
+    pub(crate) agent: watch::Receiver<bool>,
+}
+
+impl<S> App<S> {
+    /// The interception rule set as it stands now, beside the EKS Pod Identity agent or not.
+    pub(crate) fn rule_set(&self) -> RuleSet {
+        self.config.rule_set_beside(*self.agent.borrow())
+    }
 }
 
 impl<S: AssumeRole> App<S> {
@@ -64,7 +75,14 @@ impl<S: AssumeRole> App<S> {
             node_name,
             config,
             remover: Mutex::new(None),
+            agent: watch::channel(false).1,
         }
+    }
+
+    /// Follows the EKS Pod Identity agent's presence as `agent` reports it.
+    pub fn beside_agent(mut self, agent: watch::Receiver<bool>) -> Self {
+        self.agent = agent;
+        self
     }
 
     /// The AssumeRole request for a pod and its granted role.

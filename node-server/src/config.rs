@@ -26,8 +26,9 @@ pub struct Config {
     /// Accept a `mark_mask` that shares bits other dataplanes use (refused by default).
     #[serde(default)]
     pub allow_mark_overlap: bool,
-    #[serde(default = "default_credentials_address")]
-    pub credentials_address: String,
+    /// Unset: 169.254.170.23 unless the EKS Pod Identity agent holds it ([`CredentialsAddress`]).
+    #[serde(default)]
+    pub credentials_address: Option<String>,
     #[serde(default = "yes")]
     pub imdsv1: bool,
     #[serde(default = "default_upstream")]
@@ -174,9 +175,6 @@ fn default_conf_dir() -> PathBuf {
 fn default_bin_dir() -> PathBuf {
     PathBuf::from("/opt/cni/bin")
 }
-fn default_credentials_address() -> String {
-    DEFAULT_CREDENTIALS_ADDRESS.to_string()
-}
 fn yes() -> bool {
     true
 }
@@ -255,10 +253,20 @@ impl Config {
         Ok(())
     }
 
+    /// `credentials_address` as set: unset, `""` or an address.
+    pub fn credentials(&self) -> Result<CredentialsAddress, ConfigError> {
+        let Some(a) = &self.credentials_address else { return Ok(CredentialsAddress::Auto) };
+        match netconf::parse_credentials_address(a) {
+            Ok(Some(address)) => Ok(CredentialsAddress::At(address)),
+            Ok(None) => Ok(CredentialsAddress::Off),
+            Err(e) => Err(ConfigError::Invalid(format!("credentials_address {a:?}: {e}"))),
+        }
+    }
+
+    /// The container-credentials address iamlink intercepts on a node without the EKS Pod
+    /// Identity agent.
     pub fn credentials_address(&self) -> Result<Option<Ipv4Addr>, ConfigError> {
-        let a = &self.credentials_address;
-        netconf::parse_credentials_address(a)
-            .map_err(|e| ConfigError::Invalid(format!("credentials_address {a:?}: {e}")))
+        Ok(self.credentials()?.beside(false))
     }
 
     pub fn metrics_listen(&self) -> Result<MetricsListen, ConfigError> {
@@ -266,25 +274,39 @@ impl Config {
         MetricsListen::parse(a).map_err(|e| ConfigError::Invalid(format!("metrics_listen {a:?}: {e}")))
     }
 
-    /// The plugin's netconf entry for this daemon, as `install-cni` writes it: every key set, so
-    /// that the plugin uses this daemon's values, not its own defaults.
+    /// The plugin's netconf entry for this daemon on a node without the EKS Pod Identity agent.
     pub fn netconf(&self) -> NetconfEntry {
+        self.netconf_beside(false)
+    }
+
+    /// The plugin's netconf entry for this daemon, as `install-cni` writes it: every key set, so
+    /// that the plugin uses this daemon's values, not its own defaults; `agent`: the EKS Pod
+    /// Identity agent is on the node.
+    pub fn netconf_beside(&self, agent: bool) -> NetconfEntry {
+        let credentials = self.credentials().ok().and_then(|c| c.beside(agent));
         NetconfEntry {
             daemon_address: Some(self.listen.to_string()),
             daemon_address6: self.listen6.map(|a| a.to_string()),
             store_dir: Some(self.store_dir.clone()),
             mark_mask: Some(self.mark_mask),
             allow_mark_overlap: (self.allow_mark_overlap && self.mark_mask.overlap().is_some()).then_some(true),
-            credentials_address: Some(self.credentials_address.clone()),
+            credentials_address: Some(credentials.map(|a| a.to_string()).unwrap_or_default()),
             log_file: self.cni.log_file.clone(),
             capabilities: NetconfEntry::declared_capabilities(),
             ..NetconfEntry::default()
         }
     }
 
-    /// The same rule set the plugin builds from its netconf (a test holds them equal).
+    /// The rule set on a node without the EKS Pod Identity agent: every address iamlink may
+    /// intercept.
     pub fn rule_set(&self) -> RuleSet {
-        RuleSet::new(self.listen, self.listen6, self.mark_mask, self.credentials_address().ok().flatten())
+        self.rule_set_beside(false)
+    }
+
+    /// The same rule set the plugin builds from [`Self::netconf_beside`] (a test holds them equal).
+    pub fn rule_set_beside(&self, agent: bool) -> RuleSet {
+        let credentials = self.credentials().ok().and_then(|c| c.beside(agent));
+        RuleSet::new(self.listen, self.listen6, self.mark_mask, credentials)
     }
 
     /// The node's name, by one rule for the watch and the session tags: `[kubernetes] node_name`,
@@ -302,6 +324,31 @@ impl Config {
 
     pub fn sts_timeout(&self) -> Duration {
         Duration::from_secs(self.sts.timeout_seconds)
+    }
+}
+
+/// `credentials_address`: which container-credentials address iamlink intercepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialsAddress {
+    /// Unset: 169.254.170.23 and fd00:ec2::23, except while the EKS Pod Identity agent holds
+    /// them on the node: its pods' SDKs call it there, and it answers only with the role of the
+    /// token a pod sends, so its traffic is let through untouched.
+    Auto,
+    /// `""`: none.
+    Off,
+    /// Set explicitly: intercepted even beside the agent (taken over, with a warning).
+    At(Ipv4Addr),
+}
+
+impl CredentialsAddress {
+    /// The address intercepted; `agent`: the EKS Pod Identity agent is on the node.
+    pub fn beside(self, agent: bool) -> Option<Ipv4Addr> {
+        match self {
+            CredentialsAddress::Auto if agent => None,
+            CredentialsAddress::Auto => Some(DEFAULT_CREDENTIALS_ADDRESS),
+            CredentialsAddress::Off => None,
+            CredentialsAddress::At(a) => Some(a),
+        }
     }
 }
 
@@ -392,11 +439,30 @@ mod tests {
             "listen = \"198.18.0.1:80\"\nlisten6 = \"[fd00::1]:80\"\nmark_mask = \"0x3070\"\ncredentials_address = \"\"",
         ] {
             let c = Config::parse(text).unwrap();
-            let written = serde_json::to_string(&c.netconf()).unwrap();
-            let read: NetconfEntry = serde_json::from_str(&written).unwrap();
-            assert_eq!(read.rule_set().unwrap(), c.rule_set(), "{written}");
-            assert_eq!(read.store_dir(), c.store_dir, "{written}");
+            for agent in [false, true] {
+                let written = serde_json::to_string(&c.netconf_beside(agent)).unwrap();
+                let read: NetconfEntry = serde_json::from_str(&written).unwrap();
+                assert_eq!(read.rule_set().unwrap(), c.rule_set_beside(agent), "{written}");
+                assert_eq!(read.store_dir(), c.store_dir, "{written}");
+            }
         }
+    }
+
+    #[test]
+    fn the_credentials_address_is_left_to_the_pod_identity_agent_unless_set_explicitly() {
+        let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n{extra}")).unwrap();
+        let count = |c: &Config, agent| c.rule_set_beside(agent).addresses.len();
+        let auto = parse("");
+        assert_eq!(auto.credentials().unwrap(), CredentialsAddress::Auto);
+        assert_eq!((count(&auto, false), count(&auto, true)), (4, 2), "both credentials addresses, then none");
+        assert_eq!(auto.netconf_beside(true).credentials_address.as_deref(), Some(""));
+        assert_eq!(auto.netconf_beside(false).credentials_address.as_deref(), Some("169.254.170.23"));
+        let explicit = parse("credentials_address = \"169.254.170.23\"");
+        assert_eq!((count(&explicit, false), count(&explicit, true)), (4, 4), "taken over beside the agent");
+        let off = parse("credentials_address = \"\"");
+        assert_eq!((count(&off, false), count(&off, true)), (2, 2));
+        let e = Config::parse("listen = \"198.18.0.1:80\"\ncredentials_address = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("credentials_address"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{cni_config, guard};
+use crate::install::{cni_config, guard, pod_identity};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -28,9 +28,16 @@ use crate::serve::{self, Caps, ConnectionCap, NodeApart};
 pub async fn run(config: Config) -> Result<(), Error> {
     accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
     let caps = descriptor_budget(&config)?;
-    let metrics_listen = config.metrics_listen()?.resolve()?;
+    // Bound first: the probes' port taken by another process stops the start, before the node
+    // is touched (see `metrics::bind`).
+    let metrics_listener = match config.metrics_listen()?.resolve()? {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let store = Store::open(&config.store_dir)?;
-    let rules = config.rule_set();
+    // Whether the EKS Pod Identity agent holds the credentials address decides the rule set.
+    let (agent_watch, agent) = pod_identity::Watch::start(&config).await?;
+    let rules = config.rule_set_beside(*agent.borrow());
     let (health, verifier) = Health::new();
     // Subscribed before the start-up ensure reads the table: no change after that read goes
     // unseen, and one that comes during it leaves the interception unverified for the guard.
@@ -47,6 +54,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     verifier.finished(check);
     let node = Netlink::here()?;
+    node.remove_policy_rules_except(&rules.addresses).await?;
     for rule in node.ensure_policy_rules(&rules.addresses).await? {
         info!(rule = %rule, "added routing-policy rule");
     }
@@ -55,9 +63,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         listeners.push(bind(listen6.into()).await?);
     }
     if config.cni.manage {
-        let installer = cni_config::Installer::new(&config)?;
+        let installer = cni_config::Installer::new(&config, *agent.borrow())?;
         installer.install_binary()?;
-        tokio::spawn(cni_config::keep_chained(installer));
+        tokio::spawn(cni_config::keep_chained(installer, config.clone(), agent.clone()));
     }
     tokio::spawn(crate::memory::return_freed_memory());
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
@@ -77,7 +85,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
-    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube, health));
+    tokio::spawn(agent_watch.run(config.clone()));
+    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube, health).beside_agent(agent));
     for r in &start_repairs {
         app.metrics.repaired(r.kind());
     }
@@ -98,15 +107,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     for listener in listeners {
         tokio::spawn(accept::serve(app.clone(), listener, pods.clone()));
     }
-    if let Some(addr) = metrics_listen {
-        if let Some(listener) = metrics::bind(addr).await {
-            let counter = |what| app.metrics.connections_refused(what);
-            let cap = NodeApart {
-                node: ConnectionCap::new("metrics from the node", caps.node_metrics, counter("metrics from the node")),
-                others: ConnectionCap::new("metrics", caps.metrics, counter("metrics")),
-            };
-            tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
-        }
+    if let Some(listener) = metrics_listener {
+        let counter = |what| app.metrics.connections_refused(what);
+        let cap = NodeApart {
+            node: ConnectionCap::new("metrics from the node", caps.node_metrics, counter("metrics from the node")),
+            others: ConnectionCap::new("metrics", caps.metrics, counter("metrics")),
+        };
+        tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
     }
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping; pods stay intercepted"),

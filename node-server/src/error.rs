@@ -23,6 +23,12 @@ pub enum Error {
     FwmarkAccept(io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error(
+        "cannot listen for metrics and health checks on {addr} (metrics_listen): {source}. The DaemonSet's \
+         liveness and readiness probes use this port: free it, or choose another with metrics_listen (the chart's \
+         metrics.port); \"\" turns the listener off (and the probes must go too)"
+    )]
+    MetricsListen { addr: SocketAddr, source: io::Error },
     #[error("no randomness for token keys: {0}")]
     Randomness(getrandom::Error),
     #[error("cannot install a signal handler: {0}")]

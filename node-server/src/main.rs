@@ -26,7 +26,8 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   store_dir           pod records written by the CNI plugin (default /run/iamlink)
   mark_mask           packet-mark bits for pod identity (default 0x307f; = the plugin's markMask)
   allow_mark_overlap  accept a mark_mask sharing Calico's, kube-proxy's, Cilium's or aws-vpc-cni's bits (default false)
-  credentials_address second intercepted address (default 169.254.170.23; \"\" disables)
+  credentials_address second intercepted address (default 169.254.170.23, left to the EKS Pod Identity agent while
+                      it runs on the node; set explicitly: taken over even then; \"\" disables)
   imdsv1              answer GETs without an IMDSv2 token (default true)
   upstream            the real metadata service (default http://169.254.169.254)
   proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
@@ -134,7 +135,7 @@ async fn run() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::InstallCni) => install::install_cni(&config),
+        Some(Command::InstallCni) => install::install_cni(&config).await,
         Some(Command::UninstallCni) => install::uninstall_cni(&config).await,
         Some(Command::Explain { target, json }) => {
             return ExitCode::from(explain::explain(&config, &target, json).await.exit_code())

@@ -18,8 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::warn;
 
+use crate::error::Error;
 use crate::health::Health;
 use crate::serve::{accept_loop, http1, NodeApart};
 
@@ -164,15 +164,11 @@ pub async fn serve(metrics: Arc<Metrics>, health: Arc<Health>, listener: TcpList
     .await
 }
 
-/// Binds the metrics port; a failure is logged, not fatal: pods matter more than scrapes.
-pub async fn bind(addr: SocketAddr) -> Option<TcpListener> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            warn!(%addr, error = %e, "cannot listen for metrics and health checks");
-            None
-        }
-    }
+/// Binds the metrics port, at start: a failure is fatal, named with its address and errno. The
+/// DaemonSet's liveness and readiness probes use this port, so a daemon without it would be
+/// killed by kubelet a probe period later with no reason given; exiting at once says why.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::MetricsListen { addr, source })
 }
 
 #[cfg(test)]

@@ -47,8 +47,12 @@ impl Node {
         self.dir.path().join("iamlinkd.toml")
     }
 
+    fn config(&self) -> Config {
+        Config::parse(&self.config_text()).unwrap()
+    }
+
     fn installer(&self) -> Installer {
-        Installer::new(&Config::parse(&self.config_text()).unwrap()).unwrap()
+        Installer::new(&self.config(), false).unwrap()
     }
 
     /// The installer with its binary in place, as install-cni leaves it.
@@ -436,7 +440,8 @@ async fn the_keeper_puts_iamlink_back_when_aws_vpc_cni_or_calico_rewrite_their_f
     let node = Node::new();
     let path = node.put("10-aws.conflist", "10-aws.conflist");
     let installer = node.installed();
-    let keeper = tokio::spawn(keep_chained(installer));
+    let (_agent, no_agent) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(keep_chained(installer, node.config(), no_agent));
     assert!(within(Duration::from_secs(2), || has_iamlink(&path)).await, "chained at start");
 
     // aws-node restarts: writes 10-aws.conflist.tmp and renames it over the file.
@@ -455,5 +460,25 @@ async fn the_keeper_puts_iamlink_back_when_aws_vpc_cni_or_calico_rewrite_their_f
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(stamp(&path), settled, "no write without a change");
     assert_eq!(node.entries(), vec!["10-aws.conflist"]);
+    keeper.abort();
+}
+
+/// The EKS Pod Identity agent appearing on the node takes 169.254.170.23 out of the plugin's
+/// entry (no pod route, no ip rule for it at ADD); its leaving puts it back.
+#[tokio::test]
+async fn the_keeper_leaves_the_credentials_address_out_of_the_entry_while_the_pod_identity_agent_runs() {
+    let node = Node::new();
+    let path = node.put("10-aws.conflist", "10-aws.conflist");
+    let (agent, seen) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(keep_chained(node.installed(), node.config(), seen));
+    let credentials = |path: &Path| -> Option<String> {
+        let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+        plugins(&v).last()?.get("credentialsAddress")?.as_str().map(String::from)
+    };
+    assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("169.254.170.23")).await);
+    agent.send_replace(true);
+    assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("")).await, "left to the agent");
+    agent.send_replace(false);
+    assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("169.254.170.23")).await);
     keeper.abort();
 }

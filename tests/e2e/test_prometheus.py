@@ -9,6 +9,7 @@ Order matters in one place: Prometheus scrapes before any pod exists, so that th
 by prefetch and the AWS CLI land between two scrapes and `rate()` over them is defined.
 """
 
+import socket
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from conftest import STANDARD_PODS, add_standard_pods
 from harness import is_assumed_role
 from harness.prometheus import Prometheus, finite
+from harness.util import wait_until
 
 METRICS_LISTEN = "198.18.0.1:9101"
 ROLE_PODS = [f"{ns}/{name}" for ns, name, role in STANDARD_PODS if role]
@@ -109,3 +111,29 @@ def test_healthz_and_readyz_answer_ok(bench):
     assert metrics_get(bench, "/readyz") == (200, "ready\n")
     status, body = metrics_get(bench, "/metrics")
     assert status == 200 and "iamlink_store_records" in body, body[:500]
+
+
+def test_iamlinkd_stops_at_start_naming_the_probes_address_when_another_process_holds_it(make_bench):
+    """The DaemonSet's liveness and readiness probes use metrics_listen: a daemon that cannot bind
+    it exits at once saying why, before touching the node, instead of being killed by kubelet a
+    probe period later with no reason given."""
+    bench = make_bench(start_daemon=False)
+
+    def occupy():
+        s = socket.socket()
+        s.bind(("198.18.0.1", 9101))
+        s.listen()
+        return s
+
+    holder = bench.node.call(occupy)
+    try:
+        bench.daemon.start(wait=False)
+        wait_until(lambda: bench.daemon.proc.poll() is not None, 10, "iamlinkd exiting")
+        assert bench.daemon.proc.returncode == 1, bench.daemon.log_tail()
+        log = bench.daemon.log_text()
+        assert "cannot listen for metrics and health checks on 198.18.0.1:9101" in log, log[-2000:]
+        assert "Address already in use" in log and "probes" in log, log[-2000:]
+        table = bench.node.exec(["nft", "list", "table", "inet", "iamlink"], check=False)
+        assert table.returncode != 0, "iamlinkd stopped before installing the rule set"
+    finally:
+        holder.close()

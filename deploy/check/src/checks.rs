@@ -137,6 +137,13 @@ pub fn the_daemonset_runs_on_every_node_in_the_host_network(m: &Manifests) {
     );
     assert!(spec.termination_grace_period_seconds.is_some());
     assert_eq!(spec.service_account_name, m.service_account.metadata.name);
+    // The image holds x86_64 binaries only (`elf`): on an arm64 node it would crash-loop.
+    let selector = spec.node_selector.clone().unwrap_or_default();
+    assert_eq!(
+        selector.get("kubernetes.io/arch").map(String::as_str),
+        Some("amd64"),
+        "the image is x86_64 only: nodeSelector must say kubernetes.io/arch: amd64 until an arm64 build exists"
+    );
 
     let ds = m.daemon_set.spec.as_ref().expect("DaemonSet spec");
     let labels = ds.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();

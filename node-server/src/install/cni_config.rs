@@ -59,11 +59,11 @@ fn invalid(path: &Path, msg: impl Into<String>) -> CniConfigError {
     CniConfigError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// The iamlink netconf entry derived from iamlinkd's config ([`Config::netconf`]), as a JSON
-/// object in the struct's key order.
-pub fn iamlink_entry(config: &Config) -> Result<Map<String, Value>> {
+/// The iamlink netconf entry derived from iamlinkd's config ([`Config::netconf_beside`]), as a
+/// JSON object in the struct's key order; `agent`: the EKS Pod Identity agent is on the node.
+pub fn iamlink_entry(config: &Config, agent: bool) -> Result<Map<String, Value>> {
     let not_json = |msg: String| invalid(&config.store_dir, format!("cannot be written into a netconf: {msg}"));
-    match serde_json::to_value(config.netconf()) {
+    match serde_json::to_value(config.netconf_beside(agent)) {
         Ok(Value::Object(entry)) => Ok(entry),
         Ok(other) => Err(not_json(format!("the entry is not a JSON object: {other}"))),
         Err(e) => Err(not_json(e.to_string())),
@@ -209,7 +209,7 @@ pub struct Installer {
 }
 
 impl Installer {
-    pub fn new(config: &Config) -> Result<Self> {
+    pub fn new(config: &Config, agent: bool) -> Result<Self> {
         let plugin_path = match &config.cni.plugin_path {
             Some(path) => path.clone(),
             None => {
@@ -224,7 +224,7 @@ impl Installer {
             conf_dir: config.cni.conf_dir.clone(),
             bin_dir: config.cni.bin_dir.clone(),
             plugin_path,
-            entry: iamlink_entry(config)?,
+            entry: iamlink_entry(config, agent)?,
         })
     }
 
@@ -334,9 +334,10 @@ impl Installer {
 }
 
 /// Keeps iamlink chained: re-inserts it within moments of a primary plugin rewriting its file
-/// (inotify, and a check every second as a safety net). Writes only when the entry is missing or
-/// wrong; each distinct error is logged once.
-pub async fn keep_chained(installer: Installer) {
+/// (inotify, and a check every second as a safety net), and rewrites its entry when the EKS Pod
+/// Identity agent comes or goes (`agent`). Writes only when the entry is missing or wrong; each
+/// distinct error is logged once.
+pub async fn keep_chained(mut installer: Installer, config: Config, mut agent: tokio::sync::watch::Receiver<bool>) {
     let watch = watch_dir(&installer.conf_dir, "cni-conf-watch");
     if watch.is_none() {
         warn!(dir = %installer.conf_dir.display(), "cannot watch the CNI config directory; checking it every second");
@@ -344,13 +345,21 @@ pub async fn keep_chained(installer: Installer) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     let mut last_error = None;
     loop {
-        match &watch {
+        let agent_changed = match &watch {
             Some(w) => tokio::select! {
-                _ = w.notified() => {}
-                _ = tick.tick() => {}
+                _ = w.notified() => false,
+                _ = tick.tick() => false,
+                _ = crate::install::pod_identity::changed(&mut agent) => true,
             },
-            None => {
-                tick.tick().await;
+            None => tokio::select! {
+                _ = tick.tick() => false,
+                _ = crate::install::pod_identity::changed(&mut agent) => true,
+            },
+        };
+        if agent_changed {
+            match iamlink_entry(&config, *agent.borrow()) {
+                Ok(entry) => installer.entry = entry,
+                Err(e) => warn!(error = %e, "cannot derive the plugin's entry for the EKS Pod Identity agent's change"),
             }
         }
         match installer.ensure() {

@@ -4,7 +4,9 @@
 //! its map elements: nf_tables reports every change on its multicast group, and the change wakes
 //! a check that rebuilds what the store says should be there, under the store lock. A one-second
 //! tick covers the routing-policy rules (not nftables state), in a task of their own; lost
-//! events count as a change. Each repair is logged and counted; from a change that may make a
+//! events count as a change. The EKS Pod Identity agent coming or going ([`pod_identity`])
+//! changes the rule set wanted: it is ensured at once, and the policy-rule task drops or adds
+//! the credentials address's rules. Each repair is logged and counted; from a change that may make a
 //! mark lie until a check that began after it finds the table whole, `/readyz` is false and new
 //! connections are closed unanswered ([`crate::health`]).
 //!
@@ -15,6 +17,7 @@
 //! anything else in it, and lost events, are checked at once. See [`SETTLE`] for why that wait
 //! never serves a pod another's role or the node's.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -26,13 +29,13 @@ use iamlink_common::{MarkMask, PodRecord};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::Socket;
 use tokio::sync::Notify;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::app::App;
 use crate::creds::cache::AssumeRole;
 use crate::error::Error;
 use crate::health::Verifier;
-use crate::metrics::Metrics;
+use crate::install::pod_identity;
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a change to the pods map or a slot chain waits for the rest of its burst (churn
@@ -201,28 +204,34 @@ async fn settle(events: &Option<Arc<Events>>) {
 /// rules, the second layer, are kept by a task of their own, never behind the store lock.
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
     let Subscription { events, verifier } = subscription;
-    tokio::spawn(keep_policy_rules(app.config.rule_set().addresses, app.metrics.clone()));
+    tokio::spawn(keep_policy_rules(app.clone()));
     let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut agent = app.agent.clone();
+    // The addresses of the last rule set ensured: those a new one drops lose their connections.
+    let mut ensured = app.rule_set().addresses;
     loop {
         // The rule set is read when nf_tables says it changed, when events were lost (the
-        // reader reports ENOBUFS as a change), or every second while it is unverified or
-        // without events.
-        let changed = tokio::select! {
-            _ = woken(&events) => true,
-            _ = tick.tick() => !events_alive(&events) || !app.health.interception_verified(),
+        // reader reports ENOBUFS as a change), when the EKS Pod Identity agent came or went, or
+        // every second while it is unverified or without events.
+        let (changed, agent_changed) = tokio::select! {
+            _ = woken(&events) => (true, false),
+            _ = pod_identity::changed(&mut agent) => (true, true),
+            _ = tick.tick() => (!events_alive(&events) || !app.health.interception_verified(), false),
         };
         if !changed {
             continue;
         }
-        let urgent = events.as_ref().is_some_and(|e| e.take_urgent());
+        let urgent = events.as_ref().is_some_and(|e| e.take_urgent()) || agent_changed;
         if !urgent && app.health.interception_verified() {
             settle(&events).await;
         }
         let check = verifier.begin();
         let checker = app.clone();
-        match tokio::task::spawn_blocking(move || check_rule_set(&checker)).await {
-            Ok(Ok(())) => {
+        let rules = app.rule_set();
+        match tokio::task::spawn_blocking(move || check_rule_set(&checker, &rules).map(|()| rules)).await {
+            Ok(Ok(rules)) => {
                 verifier.finished(check);
+                forget_dropped(&mut ensured, rules.addresses).await;
             }
             Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
             Err(e) => warn!(error = %e, "rule set check did not finish"),
@@ -230,8 +239,24 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
     }
 }
 
-/// Puts back the routing-policy rules every [`CHECK_EVERY`] (one netlink dump each time).
-async fn keep_policy_rules(addresses: Vec<std::net::IpAddr>, metrics: Arc<Metrics>) {
+/// Connections NAT sent to iamlinkd for addresses the rule set no longer intercepts (left to
+/// the EKS Pod Identity agent) are forgotten, so that their next packet reaches the agent.
+async fn forget_dropped(ensured: &mut Vec<IpAddr>, now: Vec<IpAddr>) {
+    let dropped: Vec<IpAddr> = ensured.iter().filter(|a| !now.contains(a)).copied().collect();
+    *ensured = now;
+    if !dropped.is_empty() {
+        let forget = tokio::task::spawn_blocking(move || intercept::forget_connections_to(&dropped));
+        if let Err(e) = forget.await {
+            warn!(error = %e, "conntrack clean-up did not finish");
+        }
+    }
+}
+
+/// Puts back the routing-policy rules every [`CHECK_EVERY`] (one netlink dump each time), for the
+/// addresses the rule set intercepts now; those it stopped intercepting lose theirs.
+async fn keep_policy_rules<S>(app: Arc<App<S>>) {
+    let metrics = app.metrics.clone();
+    let mut addresses = app.rule_set().addresses;
     let node = match Netlink::here() {
         Ok(n) => n,
         Err(e) => {
@@ -242,6 +267,20 @@ async fn keep_policy_rules(addresses: Vec<std::net::IpAddr>, metrics: Arc<Metric
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         tick.tick().await;
+        let now = app.rule_set().addresses;
+        if now != addresses {
+            match node.remove_policy_rules_except(&now).await {
+                Ok(removed) => {
+                    for rule in removed {
+                        info!(rule = %rule, "routing-policy rule removed: its address is no longer intercepted");
+                    }
+                    addresses = now;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot remove the routing-policy rules of addresses no longer intercepted")
+                }
+            }
+        }
         match node.ensure_policy_rules(&addresses).await {
             Ok(added) => {
                 for rule in added {
@@ -257,15 +296,14 @@ async fn keep_policy_rules(addresses: Vec<std::net::IpAddr>, metrics: Arc<Metric
 /// Makes the rule set what the store says, under the store lock; logs and counts each repair.
 /// Only records that hold their slot have an element (`SlotHolder`): one whose slot names
 /// another record must not mark packets with that record's slot.
-fn check_rule_set<S>(app: &App<S>) -> Result<(), Error> {
-    let rules = app.config.rule_set();
+fn check_rule_set<S>(app: &App<S>, rules: &RuleSet) -> Result<(), Error> {
     let (records, _) = app.store.slot_holders()?;
     if !rules.needs_repair(&records)? {
         return Ok(());
     }
     let lock = app.store.lock()?;
     let (records, _) = app.store.slot_holders()?;
-    for r in ensure(&rules, &lock, &records)? {
+    for r in ensure(rules, &lock, &records)? {
         app.metrics.repaired(r.kind());
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 pub mod cni_config;
 pub mod guard;
+pub mod pod_identity;
 
 use tracing::info;
 
@@ -14,8 +15,10 @@ use crate::error::Error;
 
 /// `iamlinkd install-cni`. The binary first: an entry without its binary would fail every
 /// pod's ADD.
-pub fn install_cni(config: &Config) -> Result<(), Error> {
-    let installer = cni_config::Installer::new(config)?;
+/// The plugin's `credentialsAddress` leaves 169.254.170.23 to an EKS Pod Identity agent found on
+/// the node now (see [`pod_identity`]).
+pub async fn install_cni(config: &Config) -> Result<(), Error> {
+    let installer = cni_config::Installer::new(config, pod_identity::detect_here().await)?;
     let binary = installer.installed_binary();
     match installer.install_binary()? {
         true => info!(path = %binary.display(), "installed the iamlink plugin"),
@@ -32,7 +35,7 @@ pub fn install_cni(config: &Config) -> Result<(), Error> {
 /// binary is gone. The rule set goes last, under the store lock; routes and the primary plugin's
 /// rules stay.
 pub async fn uninstall_cni(config: &Config) -> Result<(), Error> {
-    let installer = cni_config::Installer::new(config)?;
+    let installer = cni_config::Installer::new(config, false)?;
     for file in installer.uninstall()? {
         info!(file = %file.display(), "removed iamlink from the CNI config");
     }

@@ -171,7 +171,7 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> Verdict {
 
     let socket = store.api_socket();
     let mut daemon = DaemonContact { socket: socket.clone(), answering: true, error: None };
-    let rules = config.rule_set();
+    let rules = crate::install::pod_identity::rule_set_here(config).await;
     let mut pods = vec![];
     for record in matched {
         let plumbing = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
@@ -431,7 +431,7 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
         Asked::NotFound => (DaemonContact { socket, answering: false, error: Some("no status endpoint".into()) }, None),
         Asked::NotAnswering(e) => (DaemonContact { socket, answering: false, error: Some(e) }, None),
     };
-    let rules = config.rule_set();
+    let rules = crate::install::pod_identity::rule_set_here(config).await;
     let mut problems = view.rule_set_findings();
     if !daemon.answering {
         problems.push(format!(

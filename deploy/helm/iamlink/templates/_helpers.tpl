@@ -39,7 +39,9 @@ escapes are TOML basic-string escapes, so any value stays one TOML string.
 listen = {{ printf "%s:%d" $v.listen.address (int $v.listen.port) | toJson }}
 store_dir = {{ $v.storeDir | toJson }}
 mark_mask = {{ include "iamlink.markMask" . }}
+{{- if not (kindIs "invalid" $v.credentialsAddress) }}
 credentials_address = {{ $v.credentialsAddress | toJson }}
+{{- end }}
 imdsv1 = {{ $v.imdsv1 }}
 metrics_listen = {{ printf "$HOST_IP:%d" (int $v.metrics.port) | toJson }}
 {{- with $v.auditLog }}
