@@ -8,7 +8,6 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use iamlink_common::netlink::Netlink;
 use iamlink_common::Store;
 
 use crate::app::App;
@@ -17,7 +16,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{cni_config, guard};
+use crate::install::{self, cni_config, guard};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -37,19 +36,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let subscription = guard::subscribe(verifier.clone(), config.mark_mask);
     // Before any listener exists: no connection is accepted under a layout not yet verified.
     let check = verifier.begin();
-    let (records, start_repairs) = {
-        let lock = store.lock()?;
-        let (records, bad) = store.slot_holders()?;
-        for e in bad {
-            warn!(error = %e, "skipping unreadable pod record");
-        }
-        (records.len(), guard::ensure(&rules, &lock, &records)?)
-    };
+    let (records, start_repairs) = install::ensure_table(&rules, &store)?;
     verifier.finished(check);
-    let node = Netlink::here()?;
-    for rule in node.ensure_policy_rules(&rules.addresses).await? {
-        info!(rule = %rule, "added routing-policy rule");
-    }
+    install::ensure_policy_rules(&rules).await?;
     let mut listeners = vec![bind(config.listen.into()).await?];
     if let Some(listen6) = config.listen6 {
         listeners.push(bind(listen6.into()).await?);

@@ -333,6 +333,49 @@ impl Installer {
     }
 }
 
+/// How often `install-cni --wait` says it is still waiting for the primary CNI's config.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(30);
+
+/// Returns once `dir` holds a CNI network config: the primary CNI (aws-vpc-cni, Calico) writes it
+/// when it starts, possibly after iamlink's pod. `install-cni --wait` waits here instead of
+/// exiting non-zero, which would cost a CrashLoopBackOff delay of up to minutes after the config
+/// appears. Woken by inotify, with a check every second as a safety net (and while the directory
+/// does not exist yet).
+pub async fn wait_for_config(dir: &Path) -> Result<PathBuf> {
+    let mut watch = None;
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        match config_file(dir) {
+            Ok(path) => {
+                if said.is_some() {
+                    info!(file = %path.display(), "the primary CNI's config appeared");
+                }
+                return Ok(path);
+            }
+            Err(CniConfigError::NoConfig(_)) => {}
+            Err(CniConfigError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if said.is_none_or(|t| t.elapsed() >= STILL_WAITING_EVERY) {
+            info!(dir = %dir.display(), "waiting for the primary CNI's network config (*.conf, *.conflist, *.json)");
+            said = Some(tokio::time::Instant::now());
+        }
+        if watch.is_none() {
+            watch = watch_dir(dir, "cni-conf-wait");
+        }
+        match &watch {
+            Some(w) => tokio::select! {
+                _ = w.notified() => {}
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+    }
+}
+
 /// Keeps iamlink chained: re-inserts it within moments of a primary plugin rewriting its file
 /// (inotify, and a check every second as a safety net). Writes only when the entry is missing or
 /// wrong; each distinct error is logged once.

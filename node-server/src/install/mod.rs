@@ -4,8 +4,9 @@
 pub mod cni_config;
 pub mod guard;
 
-use tracing::info;
+use tracing::{info, warn};
 
+use iamlink_common::intercept::{Repair, RuleSet};
 use iamlink_common::netlink::Netlink;
 use iamlink_common::{intercept, Store};
 
@@ -13,17 +14,59 @@ use crate::config::Config;
 use crate::error::Error;
 
 /// `iamlinkd install-cni`. The binary first: an entry without its binary would fail every
-/// pod's ADD.
-pub fn install_cni(config: &Config) -> Result<(), Error> {
+/// pod's ADD. With `wait`, a conf dir without the primary CNI's config is waited on, not an error.
+pub async fn install_cni(config: &Config, wait: bool) -> Result<(), Error> {
     let installer = cni_config::Installer::new(config)?;
     let binary = installer.installed_binary();
     match installer.install_binary()? {
         true => info!(path = %binary.display(), "installed the iamlink plugin"),
         false => info!(path = %binary.display(), "iamlink plugin already up to date"),
     }
+    if wait {
+        cni_config::wait_for_config(&installer.conf_dir).await?;
+    }
     match installer.chain()? {
         Some(file) => info!(file = %file.display(), "chained iamlink into the CNI config"),
         None => info!(dir = %installer.conf_dir.display(), "iamlink already chained"),
+    }
+    Ok(())
+}
+
+/// `iamlinkd install-table`: the interception rule set and routing-policy rules for the store's
+/// records, exactly as iamlinkd installs them at its start ([`ensure_table`],
+/// [`ensure_policy_rules`]), then exit. The DaemonSet's first init container runs it, so that from
+/// then on a pod without a record (one whose network came through the primary CNI alone, before
+/// install-cni chained iamlink) is refused, never forwarded to the node's metadata service.
+pub async fn install_table(config: &Config) -> Result<(), Error> {
+    let store = Store::open(&config.store_dir)?;
+    let rules = config.rule_set();
+    let (records, repairs) = ensure_table(&rules, &store)?;
+    if repairs.is_empty() {
+        info!(records, table = intercept::TABLE, "interception rule set already in place: not touched");
+    }
+    ensure_policy_rules(&rules).await?;
+    Ok(())
+}
+
+/// Makes the interception table what the config and the store's records say, under the store
+/// lock (`guard::ensure`: a missing table or one of another layout is rebuilt whole, conntrack
+/// entries of the metadata addresses are then deleted; a table already right is not touched).
+/// Returns the number of records and the repairs made.
+pub fn ensure_table(rules: &RuleSet, store: &Store) -> Result<(usize, Vec<Repair>), Error> {
+    let lock = store.lock()?;
+    let (records, bad) = store.slot_holders()?;
+    for e in bad {
+        warn!(error = %e, "skipping unreadable pod record");
+    }
+    let repairs = guard::ensure(rules, &lock, &records)?;
+    Ok((records.len(), repairs))
+}
+
+/// The routing-policy rules that refuse forwarded traffic to a metadata address when the table
+/// is gone; added where missing.
+pub async fn ensure_policy_rules(rules: &RuleSet) -> Result<(), Error> {
+    for rule in Netlink::here()?.ensure_policy_rules(&rules.addresses).await? {
+        info!(rule = %rule, "added routing-policy rule");
     }
     Ok(())
 }
