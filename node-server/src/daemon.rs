@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{self, cni_config, guard};
+use crate::install::{self, cni_config, guard, startup_taint};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -52,12 +52,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
+    let mut startup_taint = None;
     let (kube, pod_changes) = match &config.kubernetes {
         Some(k) => {
             if node_name.guessed {
                 return Err(KubeError::NoNodeName.into());
             }
             let client = kube_view::client(k).await?;
+            if !k.startup_taint.is_empty() {
+                startup_taint = Some((client.clone(), k.startup_taint.clone()));
+            }
             info!(node = %node_name.name, "watching this node's pods, namespaces and service accounts");
             let (view, changes) = kube_view::View::start(client, &node_name.name, Some(store.clone()));
             (Some(view), Some(changes))
@@ -80,6 +84,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),
     );
 
+    if let Some((client, key)) = startup_taint {
+        // Once ready: the rule set verified, the listeners bound, the store (and the view) read.
+        let node = app.node_name.clone();
+        tokio::spawn(startup_taint::remove_when_ready(client, node, key, app.health.clone()));
+    }
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     // One cap for the IPv4 and IPv6 listeners: the budget is the pods', whichever family.

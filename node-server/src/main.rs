@@ -39,7 +39,8 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   [roles] base_arn, default, [[roles.pod]] entries {namespace, name (optional), role} and
           [[roles.association]] entries {namespace, service_account, role}
   [kubernetes] node_name ($NODE_NAME), kubeconfig (in-cluster), runtime_annotations (true),
-          require_namespace_permission (false); unset: roles from [roles] only
+          require_namespace_permission (false), startup_taint (iamlink.io/agent-not-ready; removed from
+          this node once ready, \"\" = none); unset: roles from [roles] only
   [cni]   conf_dir (/etc/cni/net.d), bin_dir (/opt/cni/bin), plugin_path (default: iamlink next to iamlinkd),
           log_file (the plugin's logFile), manage (false; true: keep iamlink chained while iamlinkd runs)
 

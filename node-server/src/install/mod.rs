@@ -1,8 +1,10 @@
 //! What iamlinkd puts on the node and keeps there: the plugin's entry in the node's CNI config
-//! ([`cni_config`]) and the interception rule set and routing-policy rules ([`guard`]).
+//! ([`cni_config`]), the interception rule set and routing-policy rules ([`guard`]), and what it
+//! takes off the node: its startup taint ([`startup_taint`]).
 
 pub mod cni_config;
 pub mod guard;
+pub mod startup_taint;
 
 use tracing::{info, warn};
 
