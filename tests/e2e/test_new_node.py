@@ -260,3 +260,69 @@ def test_install_cni_waits_for_the_primary_cni_and_a_pod_created_meanwhile_gets_
     served = node_role_served_to(n, s, 0)
     assert not node_role and not served, (f"the node's role answered (seconds: first, last, count): {node_role}; the "
                                           f"node's metadata service served {len(served)}; outcomes: {counts}")
+
+
+OLD_MASK, NEW_MASK = "0x307f", "0x207f"  # a layout change: another mark_mask in the ConfigMap
+
+
+def test_a_layout_change_in_a_rolling_update_refuses_pod_creation_only_until_install_cni_chained(node, bench_report):
+    """The upgrade (README "Upgrading"): the ConfigMap's mark_mask changes, the DaemonSet's pod is
+    replaced; sandboxes are created back to back all along. node-setup rebuilds the table at the
+    new layout first, so ADD (the plugin reading the old conflist's markMask) fails with code 102
+    from then until install-cni rewrote the conflist; never before node-setup, never after
+    install-cni, and no pod is created at the old layout into the new table."""
+    n = node
+    plain_node(n)
+    config = os.path.join(n.runner.config_dir, "iamlinkd.toml")
+    with open(config) as f:
+        old_text = f.read()
+    assert f"mark_mask = {OLD_MASK}" in old_text
+    n.pod = n.runner.run_pod("iamlinkd-old")
+    made, stop_making = [], threading.Event()
+
+    def make_sandboxes():
+        i = 0
+        while not stop_making.is_set() and i < 200:
+            i += 1
+            t0 = time.monotonic()
+            try:
+                s = sandbox(n, f"upgrade-{i}")
+                made.append((t0, time.monotonic(), "ok", s))
+            except Exception as e:  # the CRI error: the plugin's CNI error, as a kubelet sees it
+                made.append((t0, time.monotonic(), str(e), None))
+
+    maker = threading.Thread(target=make_sandboxes, name="sandboxes", daemon=True)
+    try:
+        with open(config, "w") as f:
+            f.write(old_text.replace(f"mark_mask = {OLD_MASK}", f"mark_mask = {NEW_MASK}"))
+        maker.start()
+        wait_until(lambda: len(made) >= 3, 15, "sandboxes created under the old iamlinkd")
+        deleting = time.monotonic()
+        n.runner.delete_pod(n.pod)
+        n.pod = n.runner.run_pod("iamlinkd-new")
+        ready = time.monotonic()
+        wait_until(lambda: sum(1 for t0, _, r, _ in made if t0 > ready and r == "ok") >= 3, 15,
+                   "sandboxes created under the new iamlinkd")
+    finally:
+        stop_making.set()
+        maker.join(30)
+        with open(config, "w") as f:
+            f.write(old_text)
+        for _, _, _, s in made:
+            if s is not None:
+                n.ctd.stop_and_remove(s)
+    end = {}
+    for name in ("node-setup", "install-cni"):
+        status, _ = n.ctd.cri.container_status(n.pod.containers[name])
+        end[name] = monotonic_of(status.finished_at)
+    failed = [(round(t0 - end["node-setup"], 3), round(t1 - end["node-setup"], 3), r) for t0, t1, r, _ in made
+              if r != "ok"]
+    bench_report(f"upgrade ({OLD_MASK} → {NEW_MASK}): {len(made)} sandboxes created back to back from "
+                 f"{deleting - made[0][0]:.1f}s before the old pod's deletion; {len(failed)} failed; node-setup's end "
+                 f"to install-cni's end {end['install-cni'] - end['node-setup']:.2f}s (the 102 window), deletion to "
+                 f"iamlinkd ready {ready - deleting:.1f}s; failures (s after node-setup's end: start, end): "
+                 f"{[(a, b) for a, b, _ in failed]}")
+    for a, b, why in failed:
+        assert "102" in why or "layout" in why, f"a sandbox failed otherwise than on the layout: {why}"
+        assert b >= 0 and a <= end["install-cni"] - end["node-setup"], \
+            f"a sandbox failed outside node-setup's end..install-cni's end ({a}s..{b}s): {why}"
