@@ -123,6 +123,13 @@ def stop(n, client):
     return json.loads(out)
 
 
+def abandon(n, client):
+    """A client whose summary is not wanted (the test failed before): stopped, forgotten."""
+    if client is not None:
+        stop_process(client, timeout=10)
+        n.bench.node.forget(client)
+
+
 def monotonic_of(wall_ns):
     """A CRI timestamp (wall clock, ns) on time.monotonic()'s clock, as the client's timeline."""
     return wall_ns / 1e9 - (time.time() - time.monotonic())
@@ -169,9 +176,7 @@ def test_a_pod_of_the_plain_chain_gets_no_node_role_answer_once_node_setup_ran(n
         summary = stop(n, client)
         client = None
     finally:
-        if client is not None:
-            stop_process(client, timeout=10)
-            n.bench.node.forget(client)
+        abandon(n, client)
         n.ctd.stop_and_remove(s)
     status, _ = n.ctd.cri.container_status(n.pod.containers["node-setup"])
     setup_done = monotonic_of(status.finished_at)
@@ -243,9 +248,7 @@ def test_install_cni_waits_for_the_primary_cni_and_a_pod_created_meanwhile_gets_
         summary = stop(n, client)
         client = None
     finally:
-        if client is not None:
-            stop_process(client, timeout=10)
-            n.bench.node.forget(client)
+        abandon(n, client)
         if s is not None:
             n.ctd.stop_and_remove(s)
     with open(n.conflist_path) as f:

@@ -16,15 +16,17 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use iamlink_common::atomic_file;
 use iamlink_common::netconf::{NetconfEntry, PLUGIN_TYPE as PLUGIN_NAME};
 use serde_json::{Map, Value};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::dir_watch::watch_dir;
+use crate::dir_watch::{notified, watch_dir};
 
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
 const CONFIG_EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
@@ -364,15 +366,15 @@ pub async fn wait_for_config(dir: &Path) -> Result<PathBuf> {
         if watch.is_none() {
             watch = watch_dir(dir, "cni-conf-wait");
         }
-        match &watch {
-            Some(w) => tokio::select! {
-                _ = w.notified() => {}
-                _ = tick.tick() => {}
-            },
-            None => {
-                tick.tick().await;
-            }
-        }
+        changed_or_tick(&watch, &mut tick).await;
+    }
+}
+
+/// The directory's next change, or the next tick (which alone wakes without a watcher).
+async fn changed_or_tick(watch: &Option<Arc<Notify>>, tick: &mut tokio::time::Interval) {
+    tokio::select! {
+        _ = notified(watch) => {}
+        _ = tick.tick() => {}
     }
 }
 
@@ -387,15 +389,7 @@ pub async fn keep_chained(installer: Installer) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     let mut last_error = None;
     loop {
-        match &watch {
-            Some(w) => tokio::select! {
-                _ = w.notified() => {}
-                _ = tick.tick() => {}
-            },
-            None => {
-                tick.tick().await;
-            }
-        }
+        changed_or_tick(&watch, &mut tick).await;
         match installer.ensure() {
             Ok(written) => {
                 if let Some(path) = written {
