@@ -329,3 +329,23 @@ def test_a_layout_change_in_a_rolling_update_refuses_pod_creation_only_until_ins
         assert "102" in why or "layout" in why, f"a sandbox failed otherwise than on the layout: {why}"
         assert b >= 0 and a <= end["install-cni"] - end["node-setup"], \
             f"a sandbox failed outside node-setup's end..install-cni's end ({a}s..{b}s): {why}"
+
+
+def test_install_table_leaves_a_table_that_is_already_right_untouched(node):
+    """node-setup's install-table on a node whose table is already right (a restarted pod, a
+    rollout without a layout change): not one nf_tables object is replaced, running pods keep
+    their entries."""
+    n = node
+    plain_node(n)
+    n.pod = n.runner.run_pod("iamlinkd-table")
+    s = n.ctd.run_sandbox("team-rt", "kept", str(uuid.uuid4()), {ROLE: POD_ROLE})  # through iamlink now
+    try:
+        assert records_of(n, s), "the pod has no record: iamlink is not chained"
+        listing = ["nft", "-a", "list", "table", "inet", "iamlink"]  # with handles: a rebuild renumbers them
+        before = n.bench.node.exec(listing).stdout
+        log = n.runner.run_one_off("install-table", "node-setup",
+                                   ["/usr/local/bin/iamlinkd", "--config", "/etc/iamlink/iamlinkd.toml", "install-table"])
+        assert n.bench.node.exec(listing).stdout == before, f"install-table changed the table: {log}"
+        assert "already in place: not touched" in log, log
+    finally:
+        n.ctd.stop_and_remove(s)
