@@ -80,6 +80,7 @@ async fn main() {
         kubeconfig: Some(PathBuf::from(kubeconfig)),
         runtime_annotations: true,
         require_namespace_permission: false,
+        startup_taint: String::new(),
     };
     let client = match iamlinkd::role::kube_view::client(&config).await {
         Ok(c) => c,

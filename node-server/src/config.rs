@@ -66,6 +66,17 @@ pub struct KubernetesConfig {
     /// A namespace without a policy annotation permits no role (kiam) rather than any (kube2iam).
     #[serde(default)]
     pub require_namespace_permission: bool,
+    /// The taint iamlinkd removes from its own Node once ready (nodes registered with it run no
+    /// ordinary pod before iamlink can protect it); `""`: none is removed.
+    #[serde(default = "default_startup_taint")]
+    pub startup_taint: String,
+}
+
+/// Cilium's pattern (`node.cilium.io/agent-not-ready`) under iamlink's name.
+pub const DEFAULT_STARTUP_TAINT: &str = "iamlink.io/agent-not-ready";
+
+fn default_startup_taint() -> String {
+    DEFAULT_STARTUP_TAINT.into()
 }
 
 /// Where the node's CNI runtime looks for configs and plugins; `install-cni` and `manage`

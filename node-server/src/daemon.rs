@@ -8,7 +8,6 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use iamlink_common::netlink::Netlink;
 use iamlink_common::Store;
 
 use crate::app::App;
@@ -17,7 +16,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{cni_config, guard, pod_identity};
+use crate::install::{self, cni_config, guard, pod_identity, startup_taint};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -44,20 +43,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let subscription = guard::subscribe(verifier.clone(), config.mark_mask);
     // Before any listener exists: no connection is accepted under a layout not yet verified.
     let check = verifier.begin();
-    let (records, start_repairs) = {
-        let lock = store.lock()?;
-        let (records, bad) = store.slot_holders()?;
-        for e in bad {
-            warn!(error = %e, "skipping unreadable pod record");
-        }
-        (records.len(), guard::ensure(&rules, &lock, &records)?)
-    };
+    let (records, start_repairs) = install::ensure_table(&rules, &store)?;
     verifier.finished(check);
-    let node = Netlink::here()?;
-    node.remove_policy_rules_except(&rules.addresses).await?;
-    for rule in node.ensure_policy_rules(&rules.addresses).await? {
-        info!(rule = %rule, "added routing-policy rule");
-    }
+    install::ensure_policy_rules(&rules).await?;
     let mut listeners = vec![bind(config.listen.into()).await?];
     if let Some(listen6) = config.listen6 {
         listeners.push(bind(listen6.into()).await?);
@@ -71,12 +59,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
+    let mut startup_taint = None;
     let (kube, pod_changes) = match &config.kubernetes {
         Some(k) => {
             if node_name.guessed {
                 return Err(KubeError::NoNodeName.into());
             }
             let client = kube_view::client(k).await?;
+            if !k.startup_taint.is_empty() {
+                startup_taint = Some((client.clone(), k.startup_taint.clone()));
+            }
             info!(node = %node_name.name, "watching this node's pods, namespaces and service accounts");
             let (view, changes) = kube_view::View::start(client, &node_name.name, Some(store.clone()));
             (Some(view), Some(changes))
@@ -100,6 +92,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),
     );
 
+    if let Some((client, key)) = startup_taint {
+        // Once ready: the rule set verified, the listeners bound, the store (and the view) read.
+        let node = app.node_name.clone();
+        tokio::spawn(startup_taint::remove_when_ready(client, node, key, app.health.clone()));
+    }
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     // One cap for the IPv4 and IPv6 listeners: the budget is the pods', whichever family.

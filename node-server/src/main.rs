@@ -2,7 +2,7 @@
 //! identifying each pod by the interface its connection came in on.
 //!
 //! This file parses the command line, sets up logging and dispatches: the daemon
-//! (`daemon::run`), `install-cni`/`uninstall-cni` (`install`), `explain`/`status` (`ops`).
+//! (`daemon::run`), `install-table`/`install-cni`/`uninstall-cni` (`install`), `explain`/`status` (`ops`).
 //! `src/lib.rs` maps the folders.
 
 use std::path::{Path, PathBuf};
@@ -40,7 +40,8 @@ Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
   [roles] base_arn, default, [[roles.pod]] entries {namespace, name (optional), role} and
           [[roles.association]] entries {namespace, service_account, role}
   [kubernetes] node_name ($NODE_NAME), kubeconfig (in-cluster), runtime_annotations (true),
-          require_namespace_permission (false); unset: roles from [roles] only
+          require_namespace_permission (false), startup_taint (iamlink.io/agent-not-ready; removed from
+          this node once ready, \"\" = none); unset: roles from [roles] only
   [cni]   conf_dir (/etc/cni/net.d), bin_dir (/opt/cni/bin), plugin_path (default: iamlink next to iamlinkd),
           log_file (the plugin's logFile), manage (false; true: keep iamlink chained while iamlinkd runs)
 
@@ -71,7 +72,20 @@ enum Command {
     /// the last plugin of the CNI config the runtime uses: the first *.conf, *.conflist or *.json
     /// of [cni] conf_dir in lexical order; a .conf becomes a .conflist of the same stem.
     /// Idempotent, for init containers; a malformed config file is named and left untouched.
-    InstallCni,
+    InstallCni {
+        /// Wait for the primary CNI's config to appear in [cni] conf_dir instead of exiting
+        /// non-zero without one (an init container then neither fails nor restart-loops).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Install the interception rule set for the pods in the store, as iamlinkd does at start, then exit
+    ///
+    /// The nftables table (rebuilt whole from the store when it has another layout, untouched when
+    /// already right), the routing-policy rules, and the conntrack entries of connections to the
+    /// metadata addresses deleted when the table was (re)built. Run first on a node, before the
+    /// plugin is chained: pods without a record (their network set up without iamlink) are then
+    /// refused instead of reaching the node's metadata service. Idempotent, for init containers.
+    InstallTable,
     /// Remove iamlink's CNI entry, its binary and the interception rule set, then exit
     ///
     /// Pods keep their network: routes and the primary plugin's rules are not touched. Stop the
@@ -135,7 +149,8 @@ async fn run() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::InstallCni) => install::install_cni(&config).await,
+        Some(Command::InstallCni { wait }) => install::install_cni(&config, wait).await,
+        Some(Command::InstallTable) => install::install_table(&config).await,
         Some(Command::UninstallCni) => install::uninstall_cni(&config).await,
         Some(Command::Explain { target, json }) => {
             return ExitCode::from(explain::explain(&config, &target, json).await.exit_code())

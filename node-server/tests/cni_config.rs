@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use iamlinkd::config::Config;
-use iamlinkd::install::cni_config::{keep_chained, CniConfigError, Installer};
+use iamlinkd::install::cni_config::{keep_chained, wait_for_config, CniConfigError, Installer};
 
 /// A node's CNI directories and an iamlinkd config pointing at them.
 struct Node {
@@ -481,4 +481,21 @@ async fn the_keeper_leaves_the_credentials_address_out_of_the_entry_while_the_po
     agent.send_replace(false);
     assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("169.254.170.23")).await);
     keeper.abort();
+}
+
+#[tokio::test]
+async fn install_cni_wait_returns_once_the_primary_cni_writes_its_config_and_not_before() {
+    let node = Node::new();
+    let dir = node.conf.clone();
+    let waiter = tokio::spawn(async move { wait_for_config(&dir).await });
+    // A file that is no network config does not end the wait.
+    fs::write(node.conf.join("README"), "not a config").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "returned without a network config");
+    let started = Instant::now();
+    node.put("10-aws.conflist", "10-aws.conflist.tmp");
+    fs::rename(node.conf.join("10-aws.conflist.tmp"), node.conf.join("10-aws.conflist")).unwrap();
+    let found = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("still waiting").unwrap();
+    assert_eq!(found.unwrap(), node.conf.join("10-aws.conflist"));
+    assert!(started.elapsed() < Duration::from_millis(900), "woken by inotify, not the 1 s tick");
 }

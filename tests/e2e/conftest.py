@@ -73,7 +73,7 @@ def _bench_stack():
 
         yield make
         # The invariant of every test: nobody asked the node's metadata service for credentials.
-        leaks = [(b.node.name, r) for b in made if b.upstream for r in b.upstream.credential_requests()]
+        leaks = [(b.node.name, r) for b in made if b.upstream for r in b.upstream.unexpected_credential_requests()]
         assert not leaks, f"requests for the node's credentials reached the real metadata service: {leaks}"
 
 

@@ -242,8 +242,7 @@ def test_uninstall_cni_leaves_the_node_as_before_the_install(node):
     n.runner.delete_pod(n.pod)  # kubectl delete: the daemons go first ([cni] manage would put the entry back)
     n.pod = None
     install = n.runner.spec.container("install-cni")
-    command = install["command"][:-1] + ["uninstall-cni"]
-    assert install["command"][-1] == "install-cni"
+    command = install["command"][:install["command"].index("install-cni")] + ["uninstall-cni"]
     # uninstall-cni also removes the rule set and routing-policy rules (NET_ADMIN) under the store's
     # lock (/run/iamlink): the daemon container's securityContext and mounts, not install-cni's.
     log = n.runner.run_one_off("uninstall-cni", "iamlinkd", command)

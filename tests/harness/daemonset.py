@@ -33,7 +33,8 @@ from .util import REPO, run, tail, wait_until
 CHART = os.path.join(REPO, "deploy", "helm", "iamlink")
 MANIFEST = os.path.join(REPO, "deploy", "kubernetes", "daemonset.yaml")
 HELM = os.path.join(REPO, ".build", "bin", "helm")  # where scripts/setup puts it (deploy/check's tool location)
-IMAGE_ARCHIVE = os.path.join(REPO, ".build", "image", "iamlink.oci.tar")  # scripts/build-image
+# scripts/build-image's default output; IAMLINK_IMAGE_ARCHIVE names another (an image of a branch's own binaries).
+IMAGE_ARCHIVE = os.environ.get("IAMLINK_IMAGE_ARCHIVE") or os.path.join(REPO, ".build", "image", "iamlink.oci.tar")
 NAMESPACE = "iamlink-system"
 NODE_IP = "198.18.0.1"  # the node's address (on its lo): where a kubelet's probes reach a hostNetwork pod
 

@@ -14,6 +14,7 @@ import json
 import posixpath
 import secrets
 import threading
+import time
 
 from http_server import ThreadingServer
 
@@ -34,7 +35,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _record(self, status):
         entry = {"method": self.command, "path": self.path, "client": self.client_address[0],
                  "status": status, "token": bool(self.headers.get("X-aws-ec2-metadata-token")),
-                 "xff": self.headers.get("X-Forwarded-For")}
+                 "xff": self.headers.get("X-Forwarded-For"), "t": time.monotonic()}  # t: CLOCK_MONOTONIC
         with self.server.log_lock:
             self.server.log.write(json.dumps(entry) + "\n")
             self.server.log.flush()

@@ -11,7 +11,9 @@
         new connection per request; prints one summary: answers counted per (listed role,
         AccessKeyId) with the full credentials of each key (to resolve it with STS), answers
         without credentials, and errors by kind; with --timeline also every outcome in order, as
-        runs [first, last, outcome, count] (CLOCK_MONOTONIC seconds, as time.monotonic()).
+        runs [first, last, outcome, count] (CLOCK_MONOTONIC seconds, as time.monotonic()); with
+        --timeline-roles an answer with credentials is "ok:<listed role>" there, not "ok"; with
+        --say-first it writes "first outcome" on stderr once it has one.
     common options: --host 169.254.169.254 --port 80 --source IP --timeout SECONDS
 """
 
@@ -107,8 +109,10 @@ class Stop(BaseException):
 
 
 class Loop:
-    def __init__(self, client, seconds, max_answers, timeline=False, interval=0.0):
+    def __init__(self, client, seconds, max_answers, timeline=False, interval=0.0, roles=False, say_first=False):
         self.client = client
+        self.say_first = say_first
+        self.roles = roles  # the timeline says which role each answer listed
         self.interval = interval
         self.timeline = [] if timeline else None
         self.deadline = time.monotonic() + seconds
@@ -132,14 +136,17 @@ class Loop:
         self.mark(kind)
 
     def mark(self, outcome):
-        if self.timeline is None:
-            return
-        t = time.monotonic()
-        if self.timeline and self.timeline[-1][2] == outcome:
-            self.timeline[-1][1] = t
-            self.timeline[-1][3] += 1
-        else:
-            self.timeline.append([t, t, outcome, 1])
+        if self.timeline is not None:
+            t = time.monotonic()
+            if self.timeline and self.timeline[-1][2] == outcome:
+                self.timeline[-1][1] = t
+                self.timeline[-1][3] += 1
+            else:
+                self.timeline.append([t, t, outcome, 1])
+        if self.say_first:
+            self.say_first = False
+            sys.stderr.write("first outcome\n")  # --say-first: the caller knows the client asks
+            sys.stderr.flush()
 
     def headers(self):
         if self.token is None or time.monotonic() > self.token_expires:
@@ -176,7 +183,7 @@ class Loop:
                                        ("AccessKeyId", "SecretAccessKey", "Token", "Expiration")}}
         entry["roles"][role] = entry["roles"].get(role, 0) + 1
         self.answers += 1
-        self.mark("ok")
+        self.mark(f"ok:{role}" if self.roles else "ok")
 
     def run(self):
         try:
@@ -213,6 +220,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-answers", type=int, default=1_000_000)
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--say-first", action="store_true", help="loop: a line on stderr after the first outcome")
+    ap.add_argument("--timeline-roles", action="store_true", help="loop: the listed role in each \"ok\" of the timeline")
     ap.add_argument("--interval", type=float, default=0.0, help="loop: seconds from one request's start to the next")
     a = ap.parse_args()
     client = Client(a.host, a.port, a.source, a.timeout)
@@ -224,7 +233,8 @@ def main():
     elif a.command == "creds":
         out = creds(client, a.v1, a.ttl)
     else:
-        loop = Loop(client, a.seconds, a.max_answers, timeline=a.timeline, interval=a.interval)
+        loop = Loop(client, a.seconds, a.max_answers, timeline=a.timeline, interval=a.interval,
+                    roles=a.timeline_roles, say_first=a.say_first)
 
         def on_term(signum, frame):
             if not loop.stop:

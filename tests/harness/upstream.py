@@ -49,6 +49,9 @@ class FakeUpstream:
         with open(self.creds_path, "w") as f:
             json.dump(self.creds, f)
         self.proc = None
+        # (client address, CLOCK_MONOTONIC seconds): a test's declared window in which that client
+        # reaching the node's role is the point, not a leak (a pod before anything of iamlink runs).
+        self.expected = []
         if start:
             self.start()
 
@@ -90,6 +93,15 @@ class FakeUpstream:
     def credential_requests(self):
         """Requests for the node's credentials: none may come from anybody in the bench."""
         return [r for r in self.requests() if "/iam/" in r["path"]]
+
+    def expect_before(self, client, t):
+        """Credential requests from `client` answered before `t` (time.monotonic()) are what the
+        test shows on purpose; the bench's invariant leaves them out, the test says why."""
+        self.expected.append((client, t))
+
+    def unexpected_credential_requests(self):
+        return [r for r in self.credential_requests()
+                if not any(r["client"] == c and r.get("t", float("inf")) < t for c, t in self.expected)]
 
     def leaked(self, text):
         """True when `text` carries the node role's identity or keys."""

@@ -37,7 +37,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("metrics are served on the node's address only", metrics_are_served_on_the_node_address_only),
     ("the ConfigMap holds a config iamlinkd accepts, at the path it is given", the_config_is_accepted_where_given),
     ("every host path the daemon needs is mounted at the same path", every_host_path_is_mounted_at_the_same_path),
-    ("the ClusterRole only reads pods, namespaces, service accounts", the_cluster_role_only_reads),
+    ("the ClusterRole reads pods, namespaces, service accounts and patches nodes", the_cluster_role_only_reads),
     ("the binding names the ServiceAccount and ClusterRole that exist", the_binding_names_what_exists),
     ("the Namespace admits the DaemonSet under Pod Security", the_namespace_admits_the_daemonset),
 ];
@@ -194,11 +194,28 @@ pub fn only_node_setup_is_privileged(m: &Manifests) {
     let setup = container(spec, NODE_SETUP);
     let script = setup.command.iter().flatten().cloned().collect::<Vec<_>>().join(" ");
     assert!(script.contains("/proc/sys/net/ipv4/tcp_fwmark_accept"), "node-setup sets tcp_fwmark_accept");
-    assert!(setup.volume_mounts.iter().flatten().next().is_none(), "node-setup needs no volume");
+    // The interception table before anything else: a pod of the plain chain is refused from then on.
+    let first = setup
+        .command
+        .iter()
+        .flatten()
+        .last()
+        .and_then(|s| s.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+    assert!(
+        first.as_deref().is_some_and(|l| l.starts_with("/usr/local/bin/iamlinkd ") && l.ends_with(" install-table")),
+        "node-setup's first command installs the interception table: {first:?}"
+    );
+    let mounts: Vec<(&str, bool)> =
+        setup.volume_mounts.iter().flatten().map(|v| (v.name.as_str(), v.read_only == Some(true))).collect();
+    assert_eq!(mounts, [("config", true), ("store", false)], "node-setup mounts the config and the store only");
 
     let install = container(spec, INSTALL_CNI);
     let argv: Vec<&str> = install.command.iter().flatten().map(String::as_str).collect();
-    assert_eq!(argv.last(), Some(&"install-cni"));
+    assert_eq!(
+        argv[argv.len().saturating_sub(2)..],
+        ["install-cni", "--wait"],
+        "install-cni waits for the primary CNI"
+    );
     let sc = install.security_context.as_ref().expect("install-cni securityContext");
     let caps = sc.capabilities.as_ref().expect("install-cni capabilities");
     assert!(caps.add.is_none(), "install-cni writes files only");
@@ -332,6 +349,8 @@ pub fn the_cluster_role_only_reads(m: &Manifests) {
             wanted.insert((resource, verb));
         }
     }
+    // The startup taint: iamlinkd reads its own Node and removes that one taint.
+    wanted.extend([("nodes", "get"), ("nodes", "patch")]);
     assert_eq!(granted, wanted);
     assert!(m.cluster_role.aggregation_rule.is_none());
 }

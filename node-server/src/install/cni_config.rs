@@ -16,15 +16,17 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use iamlink_common::atomic_file;
 use iamlink_common::netconf::{NetconfEntry, PLUGIN_TYPE as PLUGIN_NAME};
 use serde_json::{Map, Value};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::dir_watch::watch_dir;
+use crate::dir_watch::{notified, watch_dir};
 
 /// The extensions libcni's `ConfFiles` lists for containerd and CRI-O.
 const CONFIG_EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
@@ -333,6 +335,49 @@ impl Installer {
     }
 }
 
+/// How often `install-cni --wait` says it is still waiting for the primary CNI's config.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(30);
+
+/// Returns once `dir` holds a CNI network config: the primary CNI (aws-vpc-cni, Calico) writes it
+/// when it starts, possibly after iamlink's pod. `install-cni --wait` waits here instead of
+/// exiting non-zero, which would cost a CrashLoopBackOff delay of up to minutes after the config
+/// appears. Woken by inotify, with a check every second as a safety net (and while the directory
+/// does not exist yet).
+pub async fn wait_for_config(dir: &Path) -> Result<PathBuf> {
+    let mut watch = None;
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        match config_file(dir) {
+            Ok(path) => {
+                if said.is_some() {
+                    info!(file = %path.display(), "the primary CNI's config appeared");
+                }
+                return Ok(path);
+            }
+            Err(CniConfigError::NoConfig(_)) => {}
+            Err(CniConfigError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if said.is_none_or(|t| t.elapsed() >= STILL_WAITING_EVERY) {
+            info!(dir = %dir.display(), "waiting for the primary CNI's network config (*.conf, *.conflist, *.json)");
+            said = Some(tokio::time::Instant::now());
+        }
+        if watch.is_none() {
+            watch = watch_dir(dir, "cni-conf-wait");
+        }
+        changed_or_tick(&watch, &mut tick).await;
+    }
+}
+
+/// The directory's next change, or the next tick (which alone wakes without a watcher).
+async fn changed_or_tick(watch: &Option<Arc<Notify>>, tick: &mut tokio::time::Interval) {
+    tokio::select! {
+        _ = notified(watch) => {}
+        _ = tick.tick() => {}
+    }
+}
+
 /// Keeps iamlink chained: re-inserts it within moments of a primary plugin rewriting its file
 /// (inotify, and a check every second as a safety net), and rewrites its entry when the EKS Pod
 /// Identity agent comes or goes (`agent`). Writes only when the entry is missing or wrong; each
@@ -345,16 +390,9 @@ pub async fn keep_chained(mut installer: Installer, config: Config, mut agent: t
     let mut tick = tokio::time::interval(CHECK_EVERY);
     let mut last_error = None;
     loop {
-        let agent_changed = match &watch {
-            Some(w) => tokio::select! {
-                _ = w.notified() => false,
-                _ = tick.tick() => false,
-                _ = crate::install::pod_identity::changed(&mut agent) => true,
-            },
-            None => tokio::select! {
-                _ = tick.tick() => false,
-                _ = crate::install::pod_identity::changed(&mut agent) => true,
-            },
+        let agent_changed = tokio::select! {
+            _ = changed_or_tick(&watch, &mut tick) => false,
+            _ = crate::install::pod_identity::changed(&mut agent) => true,
         };
         if agent_changed {
             match iamlink_entry(&config, *agent.borrow()) {

@@ -88,6 +88,7 @@ role = {{ required "roles.association[].role" .role | toJson }}
 # node_name: $NODE_NAME (spec.nodeName); the API through the in-cluster service account.
 runtime_annotations = {{ $v.kubernetes.runtimeAnnotations }}
 require_namespace_permission = {{ $v.kubernetes.requireNamespacePermission }}
+startup_taint = {{ $v.kubernetes.startupTaint | toJson }}
 {{- end }}
 
 [cni]
