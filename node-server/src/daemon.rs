@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{cni_config, guard};
+use crate::install::{adopt, cni_config, guard};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -39,6 +39,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let check = verifier.begin();
     let (records, start_repairs) = {
         let lock = store.lock()?;
+        // Pods that ran before iamlink was chained get their records first, so that the
+        // start-up ensure writes their entries with everyone else's.
+        adopt::adopt_running_pods(&config, &store, &lock).await;
         let (records, bad) = store.slot_holders()?;
         for e in bad {
             warn!(error = %e, "skipping unreadable pod record");

@@ -1,6 +1,8 @@
 //! What iamlinkd puts on the node and keeps there: the plugin's entry in the node's CNI config
-//! ([`cni_config`]) and the interception rule set and routing-policy rules ([`guard`]).
+//! ([`cni_config`]), the interception rule set and routing-policy rules ([`guard`]), and the
+//! records of pods that ran before iamlink was chained ([`adopt`]).
 
+pub mod adopt;
 pub mod cni_config;
 pub mod guard;
 
