@@ -37,16 +37,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let subscription = guard::subscribe(verifier.clone(), config.mark_mask);
     // Before any listener exists: no connection is accepted under a layout not yet verified.
     let check = verifier.begin();
-    let (records, start_repairs) = {
+    let adopter = adopt::Adopter::new(&config);
+    let (records, start_repairs, not_adopted) = {
         let lock = store.lock()?;
         // Pods that ran before iamlink was chained get their records first, so that the
         // start-up ensure writes their entries with everyone else's.
-        adopt::adopt_running_pods(&config, &store, &lock).await;
+        let refused = adopter.adopt_running_pods(&store, &lock).await.refused;
         let (records, bad) = store.slot_holders()?;
         for e in bad {
             warn!(error = %e, "skipping unreadable pod record");
         }
-        (records.len(), guard::ensure(&rules, &lock, &records)?)
+        (records.len(), guard::ensure(&rules, &lock, &records)?, refused)
     };
     verifier.finished(check);
     let node = Netlink::here()?;
@@ -89,6 +90,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
     tokio::spawn(refresh::run(app.clone(), pod_changes));
+    tokio::spawn(adopt::keep_adopting(adopter, app.store.clone(), rules, not_adopted));
     local_api::spawn(
         app.clone(),
         ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),

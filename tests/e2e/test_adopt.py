@@ -18,13 +18,15 @@ import uuid
 
 import pytest
 
-from harness import IAMLINK_PLUGIN, IAMLINKD
+from harness import IAMLINK_PLUGIN, IAMLINKD, wait_until
 from harness.containerd import Containerd, missing_prerequisites
+from harness.daemonset import loaded_cni_plugins
 from harness.imds_client import CREDS_PATH
 
 ROLES = [{"namespace": "team-a", "name": "web", "role": "web"},
          {"namespace": "team-a", "name": "batch", "role": "batch"},
-         {"namespace": "team-a", "name": "late", "role": "late"}]
+         {"namespace": "team-a", "name": "late", "role": "late"},
+         {"namespace": "team-a", "name": "between", "role": "between"}]
 
 
 @pytest.fixture
@@ -57,6 +59,7 @@ def install_and_start(bench):
     bench.daemon.write_config()
     p = bench.containerd.node_exec([IAMLINKD, "--config", bench.daemon.config_path, "install-cni"])
     assert p.returncode == 0, p.stderr
+    wait_until(lambda: "iamlink" in loaded_cni_plugins(bench.containerd.cri), 10, "containerd to load the chain")
     bench.daemon.start()
 
 
@@ -146,3 +149,21 @@ def test_bad_runtime_cache_entries_are_skipped_with_the_file_named_and_good_ones
             f"no log line names {name}:\n{node.daemon.log_tail()}"
     assert any("netns-gone" in line and "not adopted" in line for line in log.splitlines()), node.daemon.log_tail()
     assert node.daemon.running, node.daemon.log_tail()
+
+
+def test_a_pod_made_while_iamlink_was_out_of_the_conflist_is_adopted_while_iamlinkd_runs(node):
+    install_and_start(node)
+    ctd = node.containerd
+    conflist = os.path.join(ctd.conf_dir, "10-iamlink.conflist")
+    with open(conflist) as f:
+        chained = f.read()
+    # The primary plugin rewrites its conflist (aws-node restarting) before manage puts iamlink back.
+    with open(conflist, "w") as f:
+        json.dump(node.pods.conflist, f)
+    wait_until(lambda: "iamlink" not in loaded_cni_plugins(ctd.cri), 10, "containerd to load the plain chain")
+    between = run_pod(node, "between")
+    with open(conflist, "w") as f:
+        f.write(chained)
+    wait_until(lambda: record_of(node, between) is not None, 10, "iamlinkd to adopt the pod made in between")
+    assert record_of(node, between)["adopted"] is True
+    assert_role(between, "between")

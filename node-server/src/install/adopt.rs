@@ -15,20 +15,23 @@
 //! another pod's role) and named, with the reason, in the store's `not-adopted.json`, which
 //! `iamlinkd status` shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use iamlink_common::annotation;
+use iamlink_common::intercept::RuleSet;
 use iamlink_common::netlink::{LinkFacts, Netlink};
-use iamlink_common::record::{boottime_ns, now_rfc3339, POD_ANNOTATIONS};
+use iamlink_common::record::{boottime_ns, now_rfc3339, record_key, POD_ANNOTATIONS};
 use iamlink_common::{intercept, HostInterface, HostInterfaceSource, PodRecord, PodRef, Store, StoreLock};
 
 use crate::config::Config;
+use crate::dir_watch::{notified, watch_dir};
 use crate::error::Error;
 use crate::install::cni_config;
 
@@ -138,45 +141,145 @@ impl Attachment {
     }
 }
 
-/// Adopts what [`adopt`] can when iamlink is chained in the runtime's network config; never
-/// stops the start: a pod not adopted stays refused, as it was.
-pub async fn adopt_running_pods(config: &Config, store: &Store, lock: &StoreLock) {
-    let network = match cni_config::chained_network(&config.cni.conf_dir) {
-        Ok(Some(network)) => network,
-        Ok(None) => {
-            return info!(dir = %config.cni.conf_dir.display(), "iamlink is not chained: no running pod adopted")
+/// Where to adopt from and into: what adoption needs of the config, for the start and for
+/// [`keep_adopting`].
+#[derive(Clone, Debug)]
+pub struct Adopter {
+    conf_dir: PathBuf,
+    cache_dir: PathBuf,
+    max_slot: u32,
+}
+
+impl Adopter {
+    pub fn new(config: &Config) -> Self {
+        Adopter {
+            conf_dir: config.cni.conf_dir.clone(),
+            cache_dir: config.cni.cache_dir.clone(),
+            max_slot: config.mark_mask.max_slot(),
         }
-        Err(e) => return info!(error = %e, "cannot read the runtime's network config: no running pod adopted"),
-    };
-    match adopt(&config.cni.cache_dir, &network, store, lock, config.mark_mask.max_slot()).await {
-        Ok(0) => {}
-        Ok(n) => info!(network, adopted = n, "adopted running pods"),
-        Err(e) => warn!(error = %e, "adopting running pods failed; pods without a record stay refused"),
+    }
+
+    /// The network iamlink is chained into now, or why there is none.
+    fn network(&self) -> Result<String, String> {
+        match cni_config::chained_network(&self.conf_dir) {
+            Ok(Some(network)) => Ok(network),
+            Ok(None) => Err(format!("iamlink is not chained in {}", self.conf_dir.display())),
+            Err(e) => Err(format!("cannot read the runtime's network config: {e}")),
+        }
+    }
+
+    /// Adopts what [`adopt`] can when iamlink is chained in the runtime's network config.
+    /// Never fails: a pod not adopted stays refused, as it was.
+    pub async fn adopt_running_pods(&self, store: &Store, lock: &StoreLock) -> Adoption {
+        let network = match self.network() {
+            Ok(network) => network,
+            Err(why) => {
+                info!(reason = %why, "no running pod adopted");
+                return Adoption::default();
+            }
+        };
+        match adopt(&self.cache_dir, &network, store, lock, self.max_slot).await {
+            Ok(adoption) => {
+                if !adoption.records.is_empty() {
+                    info!(network, adopted = adoption.records.len(), "adopted running pods");
+                }
+                adoption
+            }
+            Err(e) => {
+                warn!(error = %e, "adopting running pods failed; pods without a record stay refused");
+                Adoption::default()
+            }
+        }
+    }
+
+    /// Whether the cache lists an attachment of the chained network without a record that the
+    /// last pass did not refuse (`refused`: record keys): read without the store lock, so that a
+    /// pass takes the lock only for a pod it has not tried yet.
+    fn has_new_candidates(&self, store: &Store, refused: &HashSet<String>) -> bool {
+        let Ok(network) = self.network() else { return false };
+        cache_files(&self.cache_dir.join("results")).iter().filter_map(|f| read_entry(f, false)).any(|a| {
+            a.network == network
+                && !refused.contains(&record_key(&a.container_id, &a.ifname))
+                && matches!(store.get(&a.container_id, &a.ifname), Ok(None))
+        })
     }
 }
 
-/// Adopts the running pods of `network` (the one iamlink is chained into) listed in
-/// `cache_dir` that have no record, under the store lock, before the rule set's entries are
-/// derived from the store; records the others in `not-adopted.json`. Returns how many it adopted.
-pub async fn adopt(
-    cache_dir: &Path,
-    network: &str,
-    store: &Store,
-    lock: &StoreLock,
-    max_slot: u32,
-) -> Result<usize, Error> {
-    let results = cache_dir.join("results");
-    let files = match fs::read_dir(&results) {
+/// What a pass adopted and refused.
+#[derive(Default)]
+pub struct Adoption {
+    /// The records written: their interception entries are the caller's to write.
+    pub records: Vec<PodRecord>,
+    /// The record keys of the pods refused.
+    pub refused: HashSet<String>,
+}
+
+/// How often the cache is read besides its inotify events (a missed event, a pod whose check
+/// failed while its plumbing was still being made).
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// Adopts, while iamlinkd runs, the pods the runtime makes while iamlink is not in its config
+/// (a primary plugin rewrote the conflist and `[cni] manage` had not put the entry back yet):
+/// each adopted record gets its interception entry as ADD writes it, under the same lock.
+/// Pods refused at a pass are tried again only with the next pod to adopt (their reason is
+/// logged at each try).
+pub async fn keep_adopting(adopter: Adopter, store: Store, rules: RuleSet, mut refused: HashSet<String>) {
+    let watch = watch_dir(&adopter.cache_dir.join("results"), "cni-cache-watch");
+    let mut tick = tokio::time::interval(RESCAN_EVERY);
+    loop {
+        tokio::select! {
+            _ = notified(&watch) => {}
+            _ = tick.tick() => {}
+        }
+        if !adopter.has_new_candidates(&store, &refused) {
+            continue;
+        }
+        let lock = match store.lock() {
+            Ok(lock) => lock,
+            Err(e) => {
+                warn!(error = %e, "cannot lock the store to adopt running pods");
+                continue;
+            }
+        };
+        let adoption = adopter.adopt_running_pods(&store, &lock).await;
+        refused = adoption.refused;
+        for record in adoption.records {
+            let added = intercept::pod_view()
+                .and_then(|view| rules.add_pod(&lock, &record.host_interface.name, record.slot, view.as_ref()));
+            if let Err(e) = added {
+                warn!(pod = %record.pod, host_interface = %record.host_interface.name, error = %e,
+                      "cannot add the adopted pod's interception entry: its record is removed, the pod stays refused");
+                if let Err(e) = store.remove(&lock, &record.container_id, &record.ifname) {
+                    warn!(pod = %record.pod, error = %e, "cannot remove the adopted record");
+                }
+            }
+        }
+    }
+}
+
+/// The cache's files, in name order; none when the directory cannot be read.
+fn cache_files(results: &Path) -> Vec<PathBuf> {
+    match fs::read_dir(results) {
         Ok(entries) => {
             let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             files.sort();
             files
         }
-        Err(e) => {
-            info!(dir = %results.display(), error = %e, "no runtime CNI cache to adopt running pods from");
-            vec![]
-        }
-    };
+        Err(_) => vec![],
+    }
+}
+
+/// Adopts the running pods of `network` (the one iamlink is chained into) listed in
+/// `cache_dir` that have no record, under the store lock; records the others in
+/// `not-adopted.json`.
+async fn adopt(
+    cache_dir: &Path,
+    network: &str,
+    store: &Store,
+    lock: &StoreLock,
+    max_slot: u32,
+) -> Result<Adoption, Error> {
+    let files = cache_files(&cache_dir.join("results"));
     let node = Netlink::here()?;
     // Slots the rule set still marks packets with keep their owner (as at ADD).
     let in_use: Vec<u32> = match intercept::entries() {
@@ -186,9 +289,9 @@ pub async fn adopt(
             vec![]
         }
     };
-    let (mut adopted, mut refused) = (0, vec![]);
+    let (mut adopted, mut refused) = (vec![], vec![]);
     for file in files {
-        let Some(a) = read_entry(&file) else { continue };
+        let Some(a) = read_entry(&file, true) else { continue };
         if a.network != network || !matches!(store.get(&a.container_id, &a.ifname), Ok(None)) {
             continue;
         }
@@ -212,7 +315,7 @@ pub async fn adopt(
                 store.insert(lock, &record)?;
                 info!(pod = %record.pod, uid = %record.pod.uid, container = %record.container_id,
                       host_interface = %record.host_interface.name, slot, "adopted a pod running before iamlink was chained");
-                adopted += 1;
+                adopted.push(record);
             }
             Err(reason) => {
                 warn!(pod = %a.pod, container = %a.container_id, file = %file.display(), reason = %reason,
@@ -229,11 +332,13 @@ pub async fn adopt(
         }
     }
     store.write_not_adopted(lock, &refused)?;
-    Ok(adopted)
+    let refused = refused.iter().map(|n| record_key(&n.container_id, &n.ifname)).collect();
+    Ok(Adoption { records: adopted, refused })
 }
 
-/// The attachment a cache file describes; `None` (logged with the file) when it is unreadable.
-fn read_entry(file: &Path) -> Option<Attachment> {
+/// The attachment a cache file describes; `None` (logged with the file when `log`) when it is
+/// unreadable.
+fn read_entry(file: &Path, log: bool) -> Option<Attachment> {
     let read = fs::metadata(file).and_then(|m| {
         if !m.is_file() || m.len() > MAX_ENTRY_BYTES {
             return Err(std::io::Error::other(format!("not a regular file of at most {MAX_ENTRY_BYTES} bytes")));
@@ -241,7 +346,13 @@ fn read_entry(file: &Path) -> Option<Attachment> {
         fs::read(file)
     });
     let parsed = read.map_err(|e| e.to_string()).and_then(|bytes| Attachment::parse(&bytes));
-    parsed.map_err(|e| warn!(file = %file.display(), error = %e, "skipping runtime CNI cache entry")).ok()
+    parsed
+        .map_err(|e| {
+            if log {
+                warn!(file = %file.display(), error = %e, "skipping runtime CNI cache entry")
+            }
+        })
+        .ok()
 }
 
 /// The pod's host interface, as a dataplane finds it and the kernel confirms it; else why not.
