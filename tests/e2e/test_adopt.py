@@ -164,6 +164,7 @@ def test_a_pod_made_while_iamlink_was_out_of_the_conflist_is_adopted_while_iamli
     between = run_pod(node, "between")
     with open(conflist, "w") as f:
         f.write(chained)
-    wait_until(lambda: record_of(node, between) is not None, 10, "iamlinkd to adopt the pod made in between")
+    # iamlinkd reads the cache on its inotify events and every 5 s (when the chain was back only after the event).
+    wait_until(lambda: record_of(node, between) is not None, 15, "iamlinkd to adopt the pod made in between")
     assert record_of(node, between)["adopted"] is True
     assert_role(between, "between")

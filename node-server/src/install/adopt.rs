@@ -224,9 +224,14 @@ const RESCAN_EVERY: Duration = Duration::from_secs(5);
 /// Pods refused at a pass are tried again only with the next pod to adopt (their reason is
 /// logged at each try).
 pub async fn keep_adopting(adopter: Adopter, store: Store, rules: RuleSet, mut refused: HashSet<String>) {
-    let watch = watch_dir(&adopter.cache_dir.join("results"), "cni-cache-watch");
+    let results = adopter.cache_dir.join("results");
+    let mut watch = None;
     let mut tick = tokio::time::interval(RESCAN_EVERY);
     loop {
+        // libcni makes the directory at the node's first pod: watched from when it exists.
+        if watch.is_none() {
+            watch = watch_dir(&results, "cni-cache-watch");
+        }
         tokio::select! {
             _ = notified(&watch) => {}
             _ = tick.tick() => {}
