@@ -33,7 +33,8 @@ from .util import REPO, run, tail, wait_until
 CHART = os.path.join(REPO, "deploy", "helm", "iamlink")
 MANIFEST = os.path.join(REPO, "deploy", "kubernetes", "daemonset.yaml")
 HELM = os.path.join(REPO, ".build", "bin", "helm")  # where scripts/setup puts it (deploy/check's tool location)
-IMAGE_ARCHIVE = os.path.join(REPO, ".build", "image", "iamlink.oci.tar")  # scripts/build-image
+# scripts/build-image's archive; IAMLINK_IMAGE_ARCHIVE: another one (a worktree's own build).
+IMAGE_ARCHIVE = os.environ.get("IAMLINK_IMAGE_ARCHIVE") or os.path.join(REPO, ".build", "image", "iamlink.oci.tar")
 NAMESPACE = "iamlink-system"
 NODE_IP = "198.18.0.1"  # the node's address (on its lo): where a kubelet's probes reach a hostNetwork pod
 
@@ -62,11 +63,13 @@ def missing_prerequisites():
 # paths inside containerd's private mount namespace (PLUGIN_PATHS), so that plugin and daemon meet.
 def host_paths(bench, containerd_dirs):
     """hostPath path → the test node's directory. `containerd_dirs`: the Containerd (or anything
-    with conf_dir, bin_dir, netns_dir)."""
+    with conf_dir, bin_dir, netns_dir, cni_results)."""
     return {
         "/etc/cni/net.d": containerd_dirs.conf_dir,   # containerd's [cni] conf_dir
         "/opt/cni/bin": containerd_dirs.bin_dir,      # containerd's [cni] bin_dir
         "/var/run/netns": containerd_dirs.netns_dir,  # where containerd mounts pod network namespaces
+        # libcni's cache as containerd's libcni writes it (its results/ directory's parent)
+        "/var/lib/cni": os.path.dirname(containerd_dirs.cni_results),
         **plugin_paths(bench),
     }
 
