@@ -69,6 +69,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         created: now_rfc3339(),
         created_boottime_ns: boottime_ns(),
         runtime_annotations: conf.iam_annotations(),
+        adopted: false,
     };
     store.insert(&lock, &record)?;
     // iamlinkd starts the pod's STS call now, while the rest of ADD runs.

@@ -32,6 +32,7 @@ fn main() {
             created: "2026-12-05T00:00:00Z".into(),
             created_boottime_ns: u64::from(slot),
             runtime_annotations: None,
+            adopted: false,
         })
         .collect();
     let rules = RuleSet::new(

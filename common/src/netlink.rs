@@ -11,6 +11,7 @@ use std::path::Path;
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sched::{setns, CloneFlags};
@@ -135,6 +136,36 @@ impl Netlink {
         }
         Ok(None)
     }
+
+    /// The id this namespace gives the network namespace at `path` (`RTM_GETNSID` with
+    /// `NETNSA_FD`: no setns, so no CAP_SYS_ADMIN); `None` when it has given it none (no link
+    /// of this namespace has its peer there). The id is what a veth's `IFLA_LINK_NETNSID` says.
+    pub async fn nsid_of(&self, path: &Path) -> Result<Option<i32>, NetlinkError> {
+        use std::os::fd::AsRawFd;
+        let not_netns =
+            |e: &dyn std::fmt::Display| NetlinkError::Netns { path: path.display().to_string(), detail: e.to_string() };
+        let file = File::open(path).map_err(|e| not_netns(&e))?;
+        let mut msg = NsidMessage::default();
+        msg.attributes.push(NsidAttribute::Fd(file.as_raw_fd() as u32));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut answers = self.handle.clone().request(req).map_err(|e| NetlinkError::Request(e.to_string()))?;
+        while let Some(answer) = answers.next().await {
+            match answer.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    let id = m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(id) => Some(*id),
+                        _ => None,
+                    });
+                    return Ok(id.filter(|&id| id >= 0));
+                }
+                // EINVAL: the file is not a network namespace (a mount point seen from outside its mount namespace).
+                NetlinkPayload::Error(e) => return Err(not_netns(&e)),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// A link's name, index, kind and peer (IFLA_LINK) as netlink reports them.
@@ -144,6 +175,9 @@ pub struct LinkFacts {
     /// `IFLA_INFO_KIND` (`veth`, `bridge`, ...); `None` for a link without one (a NIC, `lo`).
     pub kind: Option<InfoKind>,
     pub peer_index: Option<u32>,
+    /// `IFLA_LINK_NETNSID`: the id (see [`Netlink::nsid_of`]) of the namespace the peer lives in,
+    /// when that is not this one.
+    pub peer_netnsid: Option<i32>,
 }
 
 impl LinkFacts {
@@ -154,11 +188,13 @@ impl LinkFacts {
 
 impl From<&LinkMessage> for LinkFacts {
     fn from(m: &LinkMessage) -> Self {
-        let mut facts = LinkFacts { name: String::new(), index: m.header.index, kind: None, peer_index: None };
+        let mut facts =
+            LinkFacts { name: String::new(), index: m.header.index, kind: None, peer_index: None, peer_netnsid: None };
         for a in &m.attributes {
             match a {
                 LinkAttribute::IfName(n) => facts.name = n.clone(),
                 LinkAttribute::Link(i) => facts.peer_index = Some(*i),
+                LinkAttribute::LinkNetNsId(id) => facts.peer_netnsid = Some(*id),
                 LinkAttribute::LinkInfo(infos) => {
                     facts.kind = infos.iter().find_map(|i| match i {
                         LinkInfo::Kind(k) => Some(k.clone()),

@@ -32,6 +32,11 @@ pub struct PodRecord {
     /// when it passed no annotations at all (no `io.kubernetes.cri.pod-annotations` capability).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_annotations: Option<BTreeMap<String, String>>,
+    /// Written by iamlinkd for a pod that was running before iamlink was chained (from the
+    /// runtime's CNI result cache, its plumbing checked in the kernel), not by ADD: `created` is
+    /// when it was adopted. Absent (false) in every record ADD writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// The pod annotation naming its role (a name or an ARN), as kube2iam and kiam read it.
@@ -59,6 +64,9 @@ pub struct HostInterface {
 pub enum HostInterfaceSource {
     PeerIfindex,
     PrevResult,
+    /// Adoption (no ADD to read from): the node's route to the pod's addresses names a veth
+    /// whose peer lives in the network namespace the runtime recorded for the pod.
+    NodeRoute,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -172,11 +180,17 @@ mod tests {
             created: now_rfc3339(),
             created_boottime_ns: boottime_ns(),
             runtime_annotations: None,
+            adopted: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"containerId\":\"c1\""));
         assert!(json.contains("\"source\":\"peer-ifindex\""));
         assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), r);
         assert!(!json.contains("runtimeAnnotations"), "absent, not null: records of older plugins read the same");
+        assert!(!json.contains("adopted"), "absent when false: records read the same by older daemons");
+        let adopted = PodRecord { adopted: true, ..r };
+        let json = serde_json::to_string(&adopted).unwrap();
+        assert!(json.contains("\"adopted\":true"));
+        assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), adopted);
     }
 }

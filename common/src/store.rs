@@ -159,21 +159,29 @@ impl Store {
     /// Replaces the daemon's Kubernetes snapshot atomically (0600, like the records): only the
     /// daemon writes it, so it takes no store lock.
     pub fn write_kube_snapshot<T: Serialize>(&self, snapshot: &T) -> Result<(), StoreError> {
-        let path = self.kube_snapshot_path();
-        let json = serde_json::to_vec(snapshot).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
-        write_atomic(&path, &json)
+        write_json(&self.kube_snapshot_path(), snapshot)
     }
 
     /// The daemon's last Kubernetes snapshot; `None` when it never wrote one.
     pub fn read_kube_snapshot<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
-        let path = self.kube_snapshot_path();
-        match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path, source })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&path)(e)),
-        }
+        read_json(&self.kube_snapshot_path())
+    }
+
+    /// Where iamlinkd keeps the running pods it found without a record and did not adopt at its
+    /// last start, and why: `iamlinkd status` names them.
+    pub fn not_adopted_path(&self) -> PathBuf {
+        self.dir.join("not-adopted.json")
+    }
+
+    /// Replaces the list of pods not adopted atomically (0600): only iamlinkd writes it, under the
+    /// store lock it adopts under.
+    pub fn write_not_adopted<T: Serialize>(&self, _lock: &StoreLock, report: &T) -> Result<(), StoreError> {
+        write_json(&self.not_adopted_path(), report)
+    }
+
+    /// The pods not adopted at iamlinkd's last start; `None` when it never adopted.
+    pub fn read_not_adopted<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        read_json(&self.not_adopted_path())
     }
 
     /// Takes the exclusive write lock, waiting for other writers.
@@ -375,6 +383,23 @@ fn read_record(path: &Path) -> Result<Option<PodRecord>, StoreError> {
     serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
 }
 
+/// A file of the daemon's own (not a record) as JSON, replaced whole.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(value).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })?;
+    write_atomic(path, &json)
+}
+
+/// A file [`write_json`] wrote; `None` when there is none.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     crate::atomic_file::write(path, data, 0o600).map_err(io_err(path))
 }
@@ -401,6 +426,7 @@ mod tests {
             created: now_rfc3339(),
             created_boottime_ns: boottime_ns(),
             runtime_annotations: None,
+            adopted: false,
         }
     }
 

@@ -95,6 +95,10 @@ pub struct CniConfig {
     /// Keep iamlink chained while the daemon runs (primary plugins rewrite their conflist).
     #[serde(default)]
     pub manage: bool,
+    /// libcni's cache directory (its `results/` holds one file per attachment the runtime made):
+    /// iamlinkd adopts the running pods listed there that have no record, at start.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
 }
 
 impl Default for CniConfig {
@@ -105,6 +109,7 @@ impl Default for CniConfig {
             plugin_path: None,
             log_file: None,
             manage: false,
+            cache_dir: default_cache_dir(),
         }
     }
 }
@@ -185,6 +190,9 @@ fn default_conf_dir() -> PathBuf {
 }
 fn default_bin_dir() -> PathBuf {
     PathBuf::from("/opt/cni/bin")
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("/var/lib/cni")
 }
 fn yes() -> bool {
     true
@@ -440,6 +448,7 @@ mod tests {
         assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(c.cni.bin_dir, PathBuf::from("/opt/cni/bin"));
         assert!(!c.cni.manage);
+        assert_eq!(c.cni.cache_dir, PathBuf::from("/var/lib/cni"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{self, cni_config, guard, pod_identity, startup_taint};
+use crate::install::{self, adopt, cni_config, guard, pod_identity, startup_taint};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
@@ -43,7 +43,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let subscription = guard::subscribe(verifier.clone(), config.mark_mask);
     // Before any listener exists: no connection is accepted under a layout not yet verified.
     let check = verifier.begin();
-    let (records, start_repairs) = install::ensure_table(&rules, &store)?;
+    let adopter = adopt::Adopter::new(&config);
+    let (records, start_repairs, not_adopted) = {
+        let lock = store.lock()?;
+        // Pods that ran before iamlink was chained get their records first, so that the
+        // start-up ensure writes their entries with everyone else's.
+        let refused = adopter.adopt_running_pods(&store, &lock).await.refused;
+        let (records, repairs) = install::ensure_table(&rules, &store, &lock)?;
+        (records, repairs, refused)
+    };
     verifier.finished(check);
     install::ensure_policy_rules(&rules).await?;
     let mut listeners = vec![bind(config.listen.into()).await?];
@@ -87,6 +95,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
     tokio::spawn(refresh::run(app.clone(), pod_changes));
+    tokio::spawn(adopt::keep_adopting(adopter, app.store.clone(), rules, not_adopted));
     local_api::spawn(
         app.clone(),
         ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use iamlinkd::config::Config;
-use iamlinkd::install::cni_config::{keep_chained, wait_for_config, CniConfigError, Installer};
+use iamlinkd::install::cni_config::{chained_network, keep_chained, wait_for_config, CniConfigError, Installer};
 
 /// A node's CNI directories and an iamlinkd config pointing at them.
 struct Node {
@@ -160,6 +160,17 @@ fn iamlink_goes_last_into_aws_and_calico_conflists_and_nothing_else_changes() {
     let aws = read(&path);
     assert_eq!((aws["cniVersion"].as_str(), aws["disableCheck"].as_bool()), (Some("0.4.0"), Some(true)));
     assert_eq!(aws["plugins"][1]["ipam"]["dataDir"], "/run/cni/v4pd/egress-v6-ipam");
+}
+
+/// Adoption reads only the attachments of the network whose DEL goes through iamlink.
+#[test]
+fn the_chained_network_is_the_first_files_and_only_once_iamlink_is_in_it() {
+    let node = Node::new();
+    assert!(matches!(chained_network(&node.conf), Err(CniConfigError::NoConfig(_))));
+    let path = node.put("10-aws.conflist", "10-aws.conflist");
+    assert_eq!(chained_network(&node.conf).unwrap(), None, "not chained yet");
+    node.installed().chain().unwrap();
+    assert_eq!(chained_network(&node.conf).unwrap().as_deref(), read(&path)["name"].as_str());
 }
 
 #[test]

@@ -97,6 +97,7 @@ impl Bench {
             // A pod whose record was written a second ago.
             created_boottime_ns: boottime_ns() - 1_000_000_000,
             runtime_annotations: None,
+            adopted: false,
         };
         let store = &self.app.store();
         let lock = store.lock().unwrap();

@@ -63,11 +63,13 @@ def missing_prerequisites():
 # paths inside containerd's private mount namespace (PLUGIN_PATHS), so that plugin and daemon meet.
 def host_paths(bench, containerd_dirs):
     """hostPath path → the test node's directory. `containerd_dirs`: the Containerd (or anything
-    with conf_dir, bin_dir, netns_dir)."""
+    with conf_dir, bin_dir, netns_dir, cni_results)."""
     return {
         "/etc/cni/net.d": containerd_dirs.conf_dir,   # containerd's [cni] conf_dir
         "/opt/cni/bin": containerd_dirs.bin_dir,      # containerd's [cni] bin_dir
         "/var/run/netns": containerd_dirs.netns_dir,  # where containerd mounts pod network namespaces
+        # libcni's cache as containerd's libcni writes it (its results/ directory's parent)
+        "/var/lib/cni": os.path.dirname(containerd_dirs.cni_results),
         **plugin_paths(bench),
     }
 

@@ -323,6 +323,8 @@ pub fn every_host_path_is_mounted_at_the_same_path(m: &Manifests) {
     assert!(!writable, "{NETNS_DIR} is for reading");
     let netns = daemon.volume_mounts.iter().flatten().find(|v| v.mount_path == NETNS_DIR).expect("netns mount");
     assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"), "namespaces made later must appear");
+    let (_, writable) = host_mount(spec, daemon, &config.cni.cache_dir);
+    assert!(!writable, "{} (libcni's cache, read for adoption) is for reading", config.cni.cache_dir.display());
     let log_file = config.cni.log_file.as_ref().expect("[cni] log_file");
     host_mount(spec, daemon, log_file.parent().expect("log_file in a directory"));
     // The daemon's writable mounts are these host paths and its scratch /tmp, nothing else.

@@ -167,6 +167,14 @@ pub fn config_file(dir: &Path) -> Result<PathBuf> {
     config_files(dir)?.into_iter().next().ok_or_else(|| CniConfigError::NoConfig(dir.to_path_buf()))
 }
 
+/// The name of the network the runtime uses (its first config file) when iamlink is chained in
+/// it: only its attachments have a DEL that goes through iamlink. `None`: not chained.
+pub fn chained_network(dir: &Path) -> Result<Option<String>> {
+    let (_, list) = read_json(&config_file(dir)?)?;
+    let ours = list["plugins"].as_array().is_some_and(|ps| ps.iter().any(|p| p["type"] == PLUGIN_NAME));
+    Ok(list["name"].as_str().filter(|_| ours).map(str::to_string))
+}
+
 fn read_json(path: &Path) -> Result<(Vec<u8>, Value)> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let value: Value =

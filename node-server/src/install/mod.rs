@@ -1,8 +1,9 @@
 //! What iamlinkd puts on the node and keeps there: the plugin's entry in the node's CNI config
 //! ([`cni_config`]), the interception rule set and routing-policy rules ([`guard`]), beside the EKS
-//! Pod Identity agent when it runs ([`pod_identity`]), and what it takes off the node: its startup
-//! taint ([`startup_taint`]).
+//! Pod Identity agent when it runs ([`pod_identity`]), the records of pods that ran before iamlink
+//! was chained ([`adopt`]), and what it takes off the node: its startup taint ([`startup_taint`]).
 
+pub mod adopt;
 pub mod cni_config;
 pub mod guard;
 pub mod pod_identity;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 
 use iamlink_common::intercept::{Repair, RuleSet};
 use iamlink_common::netlink::Netlink;
+use iamlink_common::store::StoreLock;
 use iamlink_common::{intercept, Store};
 
 use crate::config::Config;
@@ -46,7 +48,7 @@ pub async fn install_cni(config: &Config, wait: bool) -> Result<(), Error> {
 pub async fn install_table(config: &Config) -> Result<(), Error> {
     let store = Store::open(&config.store_dir)?;
     let rules = pod_identity::rule_set_here(config).await;
-    let (records, repairs) = ensure_table(&rules, &store)?;
+    let (records, repairs) = ensure_table(&rules, &store, &store.lock()?)?;
     if repairs.is_empty() {
         info!(records, table = intercept::TABLE, "interception rule set already in place: not touched");
     }
@@ -58,13 +60,12 @@ pub async fn install_table(config: &Config) -> Result<(), Error> {
 /// lock (`guard::ensure`: a missing table or one of another layout is rebuilt whole, conntrack
 /// entries of the metadata addresses are then deleted; a table already right is not touched).
 /// Returns the number of records and the repairs made.
-pub fn ensure_table(rules: &RuleSet, store: &Store) -> Result<(usize, Vec<Repair>), Error> {
-    let lock = store.lock()?;
+pub fn ensure_table(rules: &RuleSet, store: &Store, lock: &StoreLock) -> Result<(usize, Vec<Repair>), Error> {
     let (records, bad) = store.slot_holders()?;
     for e in bad {
         warn!(error = %e, "skipping unreadable pod record");
     }
-    let repairs = guard::ensure(rules, &lock, &records)?;
+    let repairs = guard::ensure(rules, lock, &records)?;
     Ok((records.len(), repairs))
 }
 

@@ -227,6 +227,7 @@ mod tests {
             created: "2025-01-01T00:00:00Z".into(),
             created_boottime_ns: 1,
             runtime_annotations: None,
+            adopted: false,
         }
     }
 

@@ -17,6 +17,7 @@ use iamlink_common::{intercept, PodRecord, Store};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::install::adopt::NotAdopted;
 use crate::ops::diagnose::{self, NodeView, RuleSetState, Target};
 use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
@@ -251,7 +252,13 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
         line(
             &mut out,
             "record",
-            &format!("{} (slot {}{held}, created {})", pod.record_file.display(), r.slot, r.created),
+            &format!(
+                "{} (slot {}{held}, {} {})",
+                pod.record_file.display(),
+                r.slot,
+                if r.adopted { "adopted at" } else { "created" },
+                r.created
+            ),
         );
         line(&mut out, "netns", &r.netns);
         line(&mut out, "addresses", &r.ips.join(", "));
@@ -394,6 +401,9 @@ pub struct StatusReport {
     pub problems: Vec<String>,
     /// What could not be checked from here, each naming its pod: unknown, not problems.
     pub unchecked: Vec<String>,
+    /// Running pods iamlinkd found without a record at its last start and did not adopt (each
+    /// also among the problems): their metadata requests are refused.
+    pub not_adopted: Vec<NotAdopted>,
 }
 
 /// What the pods' findings add up to in `iamlinkd status`.
@@ -453,6 +463,21 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
     }
     let orphans = view.orphan_entries();
     problems.extend(orphans.iter().map(|e| diagnose::orphan_entry_finding(&e.ifname, e.slot)));
+    let not_adopted = store.read_not_adopted::<Vec<NotAdopted>>().unwrap_or_else(|e| {
+        problems.push(format!("cannot read the pods not adopted: {e}"));
+        None
+    });
+    // A pod adopted since (a later start) or gone (its runtime's DEL removed its cache entry, in a
+    // cache directory seen from here) is none.
+    let not_adopted: Vec<NotAdopted> = not_adopted
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !view.records.iter().any(|r| r.container_id == n.container_id && r.ifname == n.ifname))
+        .filter(|n| n.file.exists() || !n.file.parent().is_some_and(|d| d.is_dir()))
+        .collect();
+    problems.extend(not_adopted.iter().map(|n| {
+        format!("{}: running without a record, not adopted at {} (its requests are refused): {}", n.pod, n.at, n.reason)
+    }));
     let report = StatusReport {
         store_dir: view.store_dir.clone(),
         daemon,
@@ -468,6 +493,7 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
         pod_routes_unknown: tally.pod_routes_unknown,
         problems,
         unchecked,
+        not_adopted,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
@@ -532,6 +558,7 @@ pub fn render_status(s: &StatusReport) -> String {
         n => format!("{n} (pod netns not readable from here)"),
     };
     line(&mut out, "pod routes unknown", &unknown);
+    line(&mut out, "pods not adopted", &s.not_adopted.len().to_string());
     if s.problems.is_empty() {
         line(&mut out, "problems", "none");
     } else {
@@ -569,6 +596,7 @@ mod tests {
             created: "2025-01-01T00:00:00Z".into(),
             created_boottime_ns: 1,
             runtime_annotations: None,
+            adopted: false,
         };
         let plumbing = Plumbing {
             slot_linked: true,
@@ -688,6 +716,7 @@ mod tests {
             pod_routes_unknown: 1,
             problems: vec![],
             unchecked: vec!["team-a/web: cannot look into the pod's network namespace /run/x: gone".into()],
+            not_adopted: vec![],
         };
         let text = render_status(&s);
         for want in [

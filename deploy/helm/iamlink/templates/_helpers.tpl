@@ -98,4 +98,5 @@ bin_dir = {{ $v.cni.binDir | toJson }}
 log_file = {{ . | toJson }}
 {{- end }}
 manage = {{ $v.cni.manage }}
+cache_dir = {{ $v.cni.cacheDir | toJson }}
 {{- end }}
