@@ -211,6 +211,12 @@ pub fn the_listen_address_is_link_local_and_set_up(m: &Manifests) {
     assert!(ip.is_link_local(), "{ip}: the same link-local address on every node");
     assert_ne!(*ip, Ipv4Addr::new(169, 254, 169, 254));
     assert_ne!(Some(*ip), config.credentials_address().expect("credentials_address"));
+    let address6 = setup_env_value(container(spec, NODE_SETUP), "IAMLINK_ADDRESS6");
+    assert_eq!(address6, config.listen6.map(|a| a.ip().to_string()), "node-setup adds listen6's address (or none)");
+}
+
+fn setup_env_value(c: &Container, name: &str) -> Option<String> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
 }
 
 pub fn node_name_comes_from_the_pod_spec(m: &Manifests) {
@@ -301,6 +307,10 @@ pub fn every_host_path_is_mounted_at_the_same_path(m: &Manifests) {
     assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"), "namespaces made later must appear");
     let log_file = config.cni.log_file.as_ref().expect("[cni] log_file");
     host_mount(spec, daemon, log_file.parent().expect("log_file in a directory"));
+    if let Some(audit_log) = &config.audit_log {
+        let (_, writable) = host_mount(spec, daemon, audit_log.parent().expect("audit_log in a directory"));
+        assert!(writable, "audit_log {}: its directory must be writable", audit_log.display());
+    }
     // The daemon's writable mounts are these host paths and its scratch /tmp, nothing else.
     for mount in daemon.volume_mounts.iter().flatten().filter(|v| v.read_only != Some(true)) {
         let v = volume(spec, &mount.name);
