@@ -201,7 +201,9 @@ async fn settle(events: &Option<Arc<Events>>) {
 /// rules, the second layer, are kept by a task of their own, never behind the store lock.
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
     let Subscription { events, verifier } = subscription;
-    tokio::spawn(keep_policy_rules(app.config.rule_set().addresses, app.metrics.clone()));
+    // Stops with this task: aborting the guard stops all of it (before an uninstall at exit).
+    let _policy_rules =
+        AbortOnDrop(tokio::spawn(keep_policy_rules(app.config.rule_set().addresses, app.metrics.clone())));
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         // The rule set is read when nf_tables says it changed, when events were lost (the
@@ -227,6 +229,14 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
             Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
             Err(e) => warn!(error = %e, "rule set check did not finish"),
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,8 +1,10 @@
 //! What iamlinkd puts on the node and keeps there: the plugin's entry in the node's CNI config
-//! ([`cni_config`]) and the interception rule set and routing-policy rules ([`guard`]).
+//! ([`cni_config`]) and the interception rule set and routing-policy rules ([`guard`]), and
+//! takes them off when its DaemonSet is removed ([`owner`]).
 
 pub mod cni_config;
 pub mod guard;
+pub mod owner;
 
 use tracing::info;
 
