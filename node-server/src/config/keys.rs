@@ -19,6 +19,19 @@ pub struct Key {
     pub meaning: &'static str,
 }
 
+impl Key {
+    /// As `--help` shows it: a table in brackets as in a TOML file (`[sts]`, `[[roles.pod]]`).
+    pub fn shown(&self) -> String {
+        match self.example {
+            Some(_) => self.path.to_string(),
+            None if KEYS.iter().any(|k| k.path.starts_with(&format!("{}[].", self.path))) => {
+                format!("[[{}]]", self.path)
+            }
+            None => format!("[{}]", self.path),
+        }
+    }
+}
+
 const fn key(path: &'static str, default: Option<&'static str>, example: &'static str, meaning: &'static str) -> Key {
     Key { path, default, example: Some(example), meaning }
 }
@@ -80,15 +93,11 @@ pub const KEYS: &[Key] = &[
 
 /// The key summary `iamlinkd --help` ends with.
 pub fn help() -> String {
-    let width = KEYS.iter().map(|k| k.path.len()).max().unwrap_or(0);
+    let width = KEYS.iter().map(|k| k.shown().len()).max().unwrap_or(0);
     let mut out = String::from("Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):\n");
     for k in KEYS {
-        let default = match (k.example, k.default) {
-            (None, _) => " (a table)".to_string(),
-            (Some(_), Some(d)) => format!(" (default {d})"),
-            (Some(_), None) => String::new(),
-        };
-        let _ = writeln!(out, "  {:width$}  {}{default}", k.path, k.meaning);
+        let default = k.default.map(|d| format!(" (default {d})")).unwrap_or_default();
+        let _ = writeln!(out, "  {:width$}  {}{default}", k.shown(), k.meaning);
     }
     out.push_str(
         "\nWithout a subcommand iamlinkd runs the daemon. install-cni/uninstall-cni derive the plugin's netconf entry\n\
