@@ -1,4 +1,7 @@
-//! The daemon's configuration file (TOML); `conf/iamlinkd.toml` documents every key.
+//! The daemon's configuration file (TOML); [`KEYS`] lists every key, `conf/iamlinkd.toml`
+//! documents each.
+
+pub mod keys;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -10,6 +13,8 @@ use iamlink_common::MarkMask;
 use serde::Deserialize;
 
 use crate::request::limits::LimitsConfig;
+
+pub use keys::KEYS;
 
 pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
 

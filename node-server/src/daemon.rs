@@ -16,14 +16,15 @@ use crate::config::Config;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
-use crate::install::{self, adopt, cni_config, guard, pod_identity, startup_taint};
+use crate::install::{self, adopt, cni_config, guard, owner, pod_identity, startup_taint};
 use crate::metrics;
 use crate::ops::local_api;
 use crate::request::{accept, tokens};
 use crate::role::kube_view::{self, KubeError};
 use crate::serve::{self, Caps, ConnectionCap, NodeApart};
 
-/// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops.
+/// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops, unless its
+/// DaemonSet is being removed ([`owner`]): then it takes iamlink off the node as `uninstall-cni`.
 pub async fn run(config: Config) -> Result<(), Error> {
     accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
     let caps = descriptor_budget(&config)?;
@@ -58,17 +59,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(listen6) = config.listen6 {
         listeners.push(bind(listen6.into()).await?);
     }
+    // The tasks that put iamlink back on the node: stopped before it is taken off at exit.
+    let mut keepers = vec![];
     if config.cni.manage {
         let installer = cni_config::Installer::new(&config, *agent.borrow())?;
         installer.install_binary()?;
-        tokio::spawn(cni_config::keep_chained(installer, config.clone(), agent.clone()));
+        keepers.push(tokio::spawn(cni_config::keep_chained(installer, config.clone(), agent.clone())));
     }
     tokio::spawn(crate::memory::return_freed_memory());
     let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
     let mut startup_taint = None;
-    let (kube, pod_changes) = match &config.kubernetes {
+    let (kube, pod_changes, owner) = match &config.kubernetes {
         Some(k) => {
             if node_name.guessed {
                 return Err(KubeError::NoNodeName.into());
@@ -78,10 +81,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 startup_taint = Some((client.clone(), k.startup_taint.clone()));
             }
             info!(node = %node_name.name, "watching this node's pods, namespaces and service accounts");
+            let owner = owner::Owner::watch(client.clone());
             let (view, changes) = kube_view::View::start(client, &node_name.name, Some(store.clone()));
-            (Some(view), Some(changes))
+            (Some(view), Some(changes), owner)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
@@ -90,12 +94,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     for r in &start_repairs {
         app.metrics.repaired(r.kind());
     }
-    tokio::spawn(guard::run(app.clone(), subscription));
+    keepers.push(tokio::spawn(guard::run(app.clone(), subscription)));
     if discover_base_arn {
         tokio::spawn(discover_role_prefix(app.clone()));
     }
     tokio::spawn(refresh::run(app.clone(), pod_changes));
-    tokio::spawn(adopt::keep_adopting(adopter, app.store.clone(), rules, not_adopted));
+    keepers.push(tokio::spawn(adopt::keep_adopting(adopter, app.store.clone(), rules, not_adopted)));
     local_api::spawn(
         app.clone(),
         ConnectionCap::new("local API", caps.local_api, app.metrics.connections_refused("local API")),
@@ -122,10 +126,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tokio::spawn(metrics::serve(app.metrics.clone(), app.health.clone(), listener, cap));
     }
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping; pods stay intercepted"),
-        _ = int.recv() => info!("SIGINT: stopping; pods stay intercepted"),
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
     }
-    Ok(())
+    match owner {
+        Some(owner) if owner.removed().await => {
+            info!("this pod's DaemonSet is being removed: taking iamlink off the node");
+            for keeper in keepers {
+                keeper.abort();
+                let _ = keeper.await;
+            }
+            install::uninstall_cni(&app.config).await
+        }
+        _ => {
+            info!("pods stay intercepted");
+            Ok(())
+        }
+    }
 }
 
 /// The listeners' connection caps, sized from the descriptor limit once its soft limit is raised

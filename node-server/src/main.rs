@@ -19,37 +19,8 @@ use iamlinkd::log_writer::{self, BatchWriter, FlushGuard};
 use iamlinkd::ops::explain;
 use iamlinkd::{daemon, install};
 
-const CONFIG_HELP: &str = "\
-Configuration file keys (TOML; conf/iamlinkd.toml has them all, with comments):
-  listen              ip:port iamlinkd accepts intercepted traffic on (required; = the plugin's daemonAddress)
-  listen6             [ip]:port for IPv6 pods (= the plugin's daemonAddress6); unset: their IPv6 metadata traffic is dropped
-  store_dir           pod records written by the CNI plugin (default /run/iamlink)
-  mark_mask           packet-mark bits for pod identity (default 0x307f; = the plugin's markMask)
-  allow_mark_overlap  accept a mark_mask sharing Calico's, kube-proxy's, Cilium's or aws-vpc-cni's bits (default false)
-  credentials_address second intercepted address (default 169.254.170.23, left to the EKS Pod Identity agent while
-                      it runs on the node; set explicitly: taken over even then; \"\" disables)
-  imdsv1              answer GETs without an IMDSv2 token (default true)
-  upstream            the real metadata service (default http://169.254.169.254)
-  proxy_allow         paths pods may read from it (default: region, availability zone, identity document)
-  metrics_listen      ip:port or $VARIABLE:port (the IP from the environment) for /metrics (Prometheus), /healthz
-                      and /readyz (default 127.0.0.1:9101; empty = off)
-  audit_log           file for JSON audit lines, one per credential answer and refusal (default: stderr only)
-  [limits] per pod: requests_per_second (500), burst (1000), connections_per_pod (64); all pods together:
-          connections (4096, lowered to what the descriptor limit allows); 0 = off
-  [sts]   endpoint, region, duration_seconds (3600), external_id, session_tags, node_name, timeout_seconds
-  [roles] base_arn, default, [[roles.pod]] entries {namespace, name (optional), role} and
-          [[roles.association]] entries {namespace, service_account, role}
-  [kubernetes] node_name ($NODE_NAME), kubeconfig (in-cluster), runtime_annotations (true),
-          require_namespace_permission (false), startup_taint (iamlink.io/agent-not-ready; removed from
-          this node once ready, \"\" = none); unset: roles from [roles] only
-  [cni]   conf_dir (/etc/cni/net.d), bin_dir (/opt/cni/bin), plugin_path (default: iamlink next to iamlinkd),
-          log_file (the plugin's logFile), manage (false; true: keep iamlink chained while iamlinkd runs)
-
-Without a subcommand iamlinkd runs the daemon. install-cni/uninstall-cni derive the plugin's netconf entry
-from this file: daemonAddress = listen, daemonAddress6 = listen6, storeDir, markMask, credentialsAddress.";
-
 #[derive(Parser)]
-#[command(name = "iamlinkd", version, about = "iamlink node daemon: each pod gets its own IAM role's credentials", after_help = CONFIG_HELP)]
+#[command(name = "iamlinkd", version, about = "iamlink node daemon: each pod gets its own IAM role's credentials", after_help = config::keys::help())]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, env = "IAMLINKD_CONFIG", default_value = config::DEFAULT_PATH)]

@@ -1,7 +1,8 @@
 """The DaemonSet's containers, as the chart renders them, run through containerd on a node: the
 init containers set the node up and chain iamlink, iamlinkd with only NET_ADMIN and a read-only
-root serves pods their own role, a rolling update gives no pod a wrong or the node's answer, and
-uninstall-cni leaves the node as it was.
+root serves pods their own role, a rolling update gives no pod a wrong or the node's answer, deleting
+only the pod leaves iamlink in place (pods refused, never the node's role), and uninstall-cni, or
+deleting the DaemonSet then its pod, leaves the node as it was.
 
 Real parts: the iamlink image of scripts/build-image (an OCI archive, imported with `ctr`), the
 DaemonSet and ConfigMap of `helm template deploy/helm/iamlink` (the same DaemonSet as
@@ -24,8 +25,8 @@ import pytest
 
 from harness import PYTHON, is_assumed_role, role_of_arn, wait_until
 from harness.containerd import Containerd, missing_prerequisites as containerd_missing
-from harness.daemonset import (IMAGE_ARCHIVE, DaemonSetRunner, loaded_cni_plugins, missing_prerequisites,
-                               plugin_paths, quantity, render_chart, ruleset, same_as_manifest)
+from harness.daemonset import (IMAGE_ARCHIVE, NAMESPACE, DaemonSetRunner, loaded_cni_plugins,
+                               missing_prerequisites, plugin_paths, quantity, render_chart, ruleset, same_as_manifest)
 from harness.imds_client import CREDS_PATH
 from harness.util import IMDS_CLIENT, stop_process
 
@@ -63,6 +64,12 @@ def node(make_module_bench):
         f.seek(0)
         f.write(text)
     n.before = node_state(n)
+    # The DaemonSet object, as `kubectl apply`/`helm install` leave it in the API: its pods' controller
+    # reference names it (DaemonSetRunner registers each pod with it), and iamlinkd watches it.
+    bench.kube.create_namespace(NAMESPACE)
+    n.ds_path = f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets"
+    bench.kube.api("POST", n.ds_path, {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": n.ds["metadata"],
+                                       "spec": n.ds["spec"]})
     t0 = time.monotonic()
     n.ctd.start()
     n.runner = DaemonSetRunner(bench, n.ctd, n.ds, n.configmap)
@@ -236,6 +243,31 @@ def answers_in_log(pod, s):
                for line in text.splitlines())
 
 
+def test_deleting_only_the_pod_keeps_iamlink_on_the_node_and_its_pods_refused_until_the_next_pod(node):
+    """A rolling update's first half: the DaemonSet stays, its pod goes. Everything iamlink put on the
+    node stays, so a pod is refused (never the node's role) until the next iamlinkd serves it again."""
+    n = node
+    assert n.pod is not None, "the DaemonSet's pod did not start (first test)"
+    web = sandbox(n, "web-3", "web")
+    try:
+        wait_until(lambda: listing(web) == (200, "web"), 15, f"{web} to list web", interval=0.1)
+        installed = node_state(n)
+        old = n.pod
+        n.runner.delete_pod(old)
+        n.pod = None
+        assert "pods stay intercepted" in old.log("iamlinkd", lines=50)
+        after = node_state(n)
+        for what in installed:
+            assert after[what] == installed[what], f"{what} changed when only the pod was deleted:\n{after[what]}"
+        r = web.imds("request", "GET", CREDS_PATH, "--timeout", 3)
+        assert not n.bench.upstream.leaked(json.dumps(r)), f"the node's credentials with iamlinkd gone: {r}"
+        assert r.get("error") == "refused", f"expected connection refused with iamlinkd gone: {r}"
+        n.pod = n.runner.run_pod("iamlinkd-3")
+        wait_until(lambda: listing(web) == (200, "web"), 15, f"{web} to list web from the next iamlinkd", interval=0.1)
+    finally:
+        n.ctd.stop_and_remove(web)
+
+
 def test_uninstall_cni_leaves_the_node_as_before_the_install(node):
     n = node
     assert n.pod is not None, "the DaemonSet's pod did not start (first test)"
@@ -250,6 +282,34 @@ def test_uninstall_cni_leaves_the_node_as_before_the_install(node):
     for what in n.before:
         assert after[what] == n.before[what], f"{what} differs after uninstall-cni:\n{after[what]}\n" \
                                               f"before:\n{n.before[what]}\nuninstall-cni said: {log}"
+
+
+def test_deleting_the_daemonset_then_its_pod_leaves_the_node_as_before_the_install(node):
+    """`helm uninstall` or `kubectl delete -k`: the DaemonSet object goes, then its pods. Each
+    iamlinkd, stopping, sees its DaemonSet gone and takes iamlink off its node: no per-node cleanup
+    pod is needed."""
+    n = node
+    if n.pod is None:  # the previous test ran uninstall-cni: install again
+        n.pod = n.runner.run_pod("iamlinkd-4")
+    pod = n.pod
+    assert node_state(n)["rule set"] != n.before["rule set"], "iamlink is installed"
+    n.bench.kube.api("DELETE", f"{n.ds_path}/{n.ds['metadata']['name']}")
+    wait_until(lambda: "DaemonSet is being removed" in pod.log("iamlinkd", lines=50), 10,
+               "iamlinkd to see its DaemonSet deleted")
+    # The uninstall goes on removing the rest (helm deletes RBAC and the service account right after the
+    # DaemonSet): by the time the pod stops iamlinkd may read neither its pod nor its DaemonSet.
+    n.bench.kube.forbid("daemonsets", "pods")
+    try:
+        n.runner.delete_pod(pod)  # what the garbage collector, then the kubelet, do next
+    finally:
+        n.bench.kube.forbid()
+    n.pod = None
+    assert "taking iamlink off the node" in pod.log("iamlinkd", lines=50)
+    after = node_state(n)
+    for what in n.before:
+        assert after[what] == n.before[what], f"{what} differs after the DaemonSet and its pod were deleted:\n" \
+                                              f"{after[what]}\nbefore:\n{n.before[what]}\niamlinkd said:\n" \
+                                              f"{pod.log('iamlinkd', lines=15)}"
 
 
 def test_a_pod_spec_key_the_translation_does_not_know_fails_the_test():

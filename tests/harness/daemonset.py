@@ -33,14 +33,18 @@ from .util import REPO, run, tail, wait_until
 CHART = os.path.join(REPO, "deploy", "helm", "iamlink")
 MANIFEST = os.path.join(REPO, "deploy", "kubernetes", "daemonset.yaml")
 HELM = os.path.join(REPO, ".build", "bin", "helm")  # where scripts/setup puts it (deploy/check's tool location)
-# scripts/build-image's default output; IAMLINK_IMAGE_ARCHIVE names another (an image of a branch's own binaries).
+# scripts/build-image's archive; IAMLINK_IMAGE_ARCHIVE names another (one built from a branch's binaries:
+# `scripts/build-image target/image/iamlink.oci.tar`), so the shared one is never overwritten.
 IMAGE_ARCHIVE = os.environ.get("IAMLINK_IMAGE_ARCHIVE") or os.path.join(REPO, ".build", "image", "iamlink.oci.tar")
 NAMESPACE = "iamlink-system"
 NODE_IP = "198.18.0.1"  # the node's address (on its lo): where a kubelet's probes reach a hostNetwork pod
 
 
-# The downward API's fields the translation knows, each as the test node's value.
-FIELD_VALUES = {"spec.nodeName": lambda node_name: node_name, "status.hostIP": lambda node_name: NODE_IP}
+# The downward API's fields the translation knows, each as the test node's (and pod's) value.
+FIELD_VALUES = {"spec.nodeName": lambda node_name, pod_name: node_name,
+                "status.hostIP": lambda node_name, pod_name: NODE_IP,
+                "metadata.name": lambda node_name, pod_name: pod_name,
+                "metadata.namespace": lambda node_name, pod_name: NAMESPACE}
 
 
 def _field_path(env):
@@ -285,12 +289,13 @@ class PodSpec:
             linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
                 namespace_options=self.namespaces(), privileged=self.privileged)))
 
-    def container_config(self, c, node_name, volume_dirs, env_extra=None, command=None):
-        """The CRI ContainerConfig of container `c`. volume_dirs: volume name → directory on the node."""
+    def container_config(self, c, node_name, pod_name, volume_dirs, env_extra=None, command=None):
+        """The CRI ContainerConfig of container `c` in pod `pod_name`. volume_dirs: volume name → directory
+        on the node."""
         pb = self.pb
         envs = []
         for e in c.get("env", []):
-            value = FIELD_VALUES[_field_path(e)](node_name) if "valueFrom" in e else str(e["value"])
+            value = FIELD_VALUES[_field_path(e)](node_name, pod_name) if "valueFrom" in e else str(e["value"])
             envs.append(pb.KeyValue(key=e["name"], value=value))
         envs += [pb.KeyValue(key=k, value=v) for k, v in (env_extra or {}).items()]
         mounts = []
@@ -352,6 +357,7 @@ class DaemonSetRunner:
         self.ctd = containerd
         self.cri = containerd.cri
         self.spec = PodSpec(ds, configmap, self.cri.pb)
+        self.ds_name = ds["metadata"]["name"]
         self.dir = os.path.join(bench.node.workdir, "daemonset")
         self.pods = []
         self.host_paths = host_paths(bench, containerd)
@@ -388,6 +394,7 @@ class DaemonSetRunner:
 
     def _new_pod(self, name):
         pod = DaemonSetPod(self, name)
+        self._register(pod)
         config = self.spec.sandbox_config(name, pod.uid, pod.log_dir)
         pod.sandbox_config = config
         pod.id = self.cri.run_sandbox_config(config)
@@ -396,8 +403,26 @@ class DaemonSetRunner:
         self.pods.append(pod)
         return pod
 
+    def _register(self, pod):
+        """The pod's object in the emulated API, as the DaemonSet controller makes it: its
+        controller reference names the DaemonSet object, when the API holds one."""
+        kube = self.bench.kube
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{self.ds_name}"
+        status, ds = kube._request("GET", path)
+        if status != 200:
+            return
+        owner = {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": self.ds_name, "uid": ds["metadata"]["uid"],
+                 "controller": True, "blockOwnerDeletion": True}
+        obj = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod.name, "namespace": NAMESPACE, "uid": pod.uid, "labels": self.spec.labels,
+                            "ownerReferences": [owner]},
+               "spec": {"nodeName": self.bench.node.name, "serviceAccountName": "iamlinkd", "hostNetwork": True,
+                        "containers": [{"name": c["name"], "image": c["image"]} for c in self.spec.containers]},
+               "status": {"phase": "Running"}}
+        kube.api("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", obj)
+
     def _start(self, pod, c, env_extra=None, command=None):
-        config = self.spec.container_config(c, self.bench.node.name, pod.volumes, env_extra, command)
+        config = self.spec.container_config(c, self.bench.node.name, pod.name, pod.volumes, env_extra, command)
         cid = self.cri.create_container(pod.id, config, pod.sandbox_config)
         self.ctd.containers.add(cid)
         pod.containers[c["name"]] = cid

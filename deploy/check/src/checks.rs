@@ -32,13 +32,14 @@ pub const ALL: &[(&str, Check)] = &[
     ("the daemon has NET_ADMIN and nothing else", the_daemon_has_net_admin_and_nothing_else),
     ("only node-setup is privileged and it only sets up the node", only_node_setup_is_privileged),
     ("the listen address is link-local and set up by node-setup", the_listen_address_is_link_local_and_set_up),
-    ("NODE_NAME comes from the pod spec", node_name_comes_from_the_pod_spec),
+    ("NODE_NAME, POD_NAME and POD_NAMESPACE come from the pod spec", node_name_comes_from_the_pod_spec),
     ("the probes and scrape use the metrics port", the_probes_and_scrape_use_the_metrics_port),
     ("metrics are served on the node's address only", metrics_are_served_on_the_node_address_only),
     ("the ConfigMap holds a config iamlinkd accepts, at the path it is given", the_config_is_accepted_where_given),
     ("every host path the daemon needs is mounted at the same path", every_host_path_is_mounted_at_the_same_path),
     ("the ClusterRole reads pods, namespaces, service accounts and patches nodes", the_cluster_role_only_reads),
     ("the binding names the ServiceAccount and ClusterRole that exist", the_binding_names_what_exists),
+    ("the Role only reads the DaemonSet, bound to the ServiceAccount", the_role_only_reads_its_daemonset),
     ("the Namespace admits the DaemonSet under Pod Security", the_namespace_admits_the_daemonset),
 ];
 
@@ -120,6 +121,8 @@ pub fn namespaced_objects_are_in_the_namespace(m: &Manifests) {
         ("ServiceAccount", &m.service_account.metadata.namespace),
         ("ConfigMap", &m.config_map.metadata.namespace),
         ("DaemonSet", &m.daemon_set.metadata.namespace),
+        ("Role", &m.role.metadata.namespace),
+        ("RoleBinding", &m.role_binding.metadata.namespace),
     ] {
         assert_eq!(ns.as_deref(), Some(namespace), "{kind} must be in the {namespace} namespace");
     }
@@ -235,12 +238,22 @@ pub fn the_listen_address_is_link_local_and_set_up(m: &Manifests) {
     assert!(ip.is_link_local(), "{ip}: the same link-local address on every node");
     assert_ne!(*ip, Ipv4Addr::new(169, 254, 169, 254));
     assert_ne!(Some(*ip), config.credentials_address().expect("credentials_address"));
+    let address6 = setup_env_value(container(spec, NODE_SETUP), "IAMLINK_ADDRESS6");
+    assert_eq!(address6, config.listen6.map(|a| a.ip().to_string()), "node-setup adds listen6's address (or none)");
+}
+
+fn setup_env_value(c: &Container, name: &str) -> Option<String> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
 }
 
 pub fn node_name_comes_from_the_pod_spec(m: &Manifests) {
     let daemon = container(pod_spec(&m.daemon_set), DAEMON);
-    let field = env(daemon, "NODE_NAME").value_from.as_ref().and_then(|v| v.field_ref.as_ref());
-    assert_eq!(field.map(|f| f.field_path.as_str()), Some("spec.nodeName"));
+    for (name, path) in
+        [("NODE_NAME", "spec.nodeName"), ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")]
+    {
+        let field = env(daemon, name).value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(field.map(|f| f.field_path.as_str()), Some(path), "{name}");
+    }
 }
 
 pub fn the_probes_and_scrape_use_the_metrics_port(m: &Manifests) {
@@ -327,6 +340,10 @@ pub fn every_host_path_is_mounted_at_the_same_path(m: &Manifests) {
     assert!(!writable, "{} (libcni's cache, read for adoption) is for reading", config.cni.cache_dir.display());
     let log_file = config.cni.log_file.as_ref().expect("[cni] log_file");
     host_mount(spec, daemon, log_file.parent().expect("log_file in a directory"));
+    if let Some(audit_log) = &config.audit_log {
+        let (_, writable) = host_mount(spec, daemon, audit_log.parent().expect("audit_log in a directory"));
+        assert!(writable, "audit_log {}: its directory must be writable", audit_log.display());
+    }
     // The daemon's writable mounts are these host paths and its scratch /tmp, nothing else.
     for mount in daemon.volume_mounts.iter().flatten().filter(|v| v.read_only != Some(true)) {
         let v = volume(spec, &mount.name);
@@ -365,6 +382,27 @@ pub fn the_binding_names_what_exists(m: &Manifests) {
     let subjects = m.binding.subjects.as_deref().unwrap_or_default();
     assert_eq!(subjects.len(), 1, "the service account and nothing else");
     assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), m.service_account.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, m.service_account.metadata.namespace);
+}
+
+/// iamlinkd, stopping, reads its own DaemonSet to know whether it is being uninstalled: get, list
+/// and watch on that one object, in its namespace, and nothing else.
+pub fn the_role_only_reads_its_daemonset(m: &Manifests) {
+    let rules = m.role.rules.as_deref().unwrap_or_default();
+    assert_eq!(rules.len(), 1, "one rule: {rules:?}");
+    let rule = &rules[0];
+    assert_eq!(rule.api_groups.as_deref(), Some(&["apps".to_string()][..]));
+    assert_eq!(rule.resources.as_deref(), Some(&["daemonsets".to_string()][..]));
+    assert_eq!(
+        rule.resource_names.as_deref(),
+        Some(std::slice::from_ref(m.daemon_set.metadata.name.as_ref().expect("name")))
+    );
+    assert_eq!(rule.verbs, ["get", "list", "watch"]);
+    let binding = &m.role_binding;
+    assert_eq!((binding.role_ref.kind.as_str(), Some(&binding.role_ref.name)), ("Role", m.role.metadata.name.as_ref()));
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "the service account and nothing else");
     assert_eq!(Some(&subjects[0].name), m.service_account.metadata.name.as_ref());
     assert_eq!(subjects[0].namespace, m.service_account.metadata.namespace);
 }

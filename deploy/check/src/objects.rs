@@ -7,7 +7,7 @@ use std::path::Path;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -24,6 +24,9 @@ pub struct Manifests {
     pub service_account: ServiceAccount,
     pub cluster_role: ClusterRole,
     pub binding: ClusterRoleBinding,
+    /// iamlinkd's own DaemonSet, read to know whether it is being uninstalled.
+    pub role: Role,
+    pub role_binding: RoleBinding,
     pub config_map: ConfigMap,
     pub daemon_set: DaemonSet,
 }
@@ -83,6 +86,7 @@ impl Manifests {
     /// no key lost; an object of another kind, or a kind twice, is an error.
     pub fn from_documents(origin: &str, namespace_name: &str, docs: &[(String, Value)]) -> Self {
         let (mut ns, mut sa, mut cr, mut crb, mut cm, mut ds) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut role, mut rb) = (vec![], vec![]);
         for (from, doc) in docs {
             let api = (doc["apiVersion"].as_str().unwrap_or(""), doc["kind"].as_str().unwrap_or(""));
             match api {
@@ -93,6 +97,8 @@ impl Manifests {
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     crb.push(typed::<ClusterRoleBinding>(from, doc))
                 }
+                ("rbac.authorization.k8s.io/v1", "Role") => role.push(typed::<Role>(from, doc)),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => rb.push(typed::<RoleBinding>(from, doc)),
                 ("apps/v1", "DaemonSet") => ds.push(typed::<DaemonSet>(from, doc)),
                 other => panic!("{from}: unexpected object {other:?}"),
             }
@@ -105,6 +111,8 @@ impl Manifests {
             service_account: only(origin, "ServiceAccount", sa),
             cluster_role: only(origin, "ClusterRole", cr),
             binding: only(origin, "ClusterRoleBinding", crb),
+            role: only(origin, "Role", role),
+            role_binding: only(origin, "RoleBinding", rb),
             config_map: only(origin, "ConfigMap", cm),
             daemon_set: only(origin, "DaemonSet", ds),
         }

@@ -149,6 +149,8 @@ fn objects(m: &Manifests) -> BTreeMap<&'static str, Value> {
         ("ServiceAccount", comparable(&m.service_account)),
         ("ClusterRole", comparable(&m.cluster_role)),
         ("ClusterRoleBinding", comparable(&m.binding)),
+        ("Role", comparable(&m.role)),
+        ("RoleBinding", comparable(&m.role_binding)),
         ("ConfigMap", comparable(&m.config_map)),
         ("DaemonSet", comparable(&m.daemon_set)),
     ])

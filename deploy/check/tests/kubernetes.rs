@@ -101,6 +101,8 @@ fn kubectl_kustomize_renders_the_source_files_unchanged_and_they_pass_every_chec
     same("ServiceAccount", &rendered.service_account, &source.service_account);
     same("ClusterRole", &rendered.cluster_role, &source.cluster_role);
     same("ClusterRoleBinding", &rendered.binding, &source.binding);
+    same("Role", &rendered.role, &source.role);
+    same("RoleBinding", &rendered.role_binding, &source.role_binding);
     same("ConfigMap", &rendered.config_map, &source.config_map);
     same("DaemonSet", &rendered.daemon_set, &source.daemon_set);
 }

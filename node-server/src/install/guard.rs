@@ -204,7 +204,8 @@ async fn settle(events: &Option<Arc<Events>>) {
 /// rules, the second layer, are kept by a task of their own, never behind the store lock.
 pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
     let Subscription { events, verifier } = subscription;
-    tokio::spawn(keep_policy_rules(app.clone()));
+    // Stops with this task: aborting the guard stops all of it (before an uninstall at exit).
+    let _policy_rules = AbortOnDrop(tokio::spawn(keep_policy_rules(app.clone())));
     let mut tick = tokio::time::interval(CHECK_EVERY);
     let mut agent = app.agent.clone();
     // The addresses of the last rule set ensured: those a new one drops lose their connections.
@@ -236,6 +237,14 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
             Ok(Err(e)) => warn!(error = %e, "cannot check the interception rule set; retrying"),
             Err(e) => warn!(error = %e, "rule set check did not finish"),
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

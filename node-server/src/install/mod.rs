@@ -1,11 +1,13 @@
 //! What iamlinkd puts on the node and keeps there: the plugin's entry in the node's CNI config
 //! ([`cni_config`]), the interception rule set and routing-policy rules ([`guard`]), beside the EKS
 //! Pod Identity agent when it runs ([`pod_identity`]), the records of pods that ran before iamlink
-//! was chained ([`adopt`]), and what it takes off the node: its startup taint ([`startup_taint`]).
+//! was chained ([`adopt`]), what it takes off the node: its startup taint ([`startup_taint`]), and
+//! all of it when its DaemonSet is removed ([`owner`]).
 
 pub mod adopt;
 pub mod cni_config;
 pub mod guard;
+pub mod owner;
 pub mod pod_identity;
 pub mod startup_taint;
 

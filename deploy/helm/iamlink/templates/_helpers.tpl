@@ -31,72 +31,83 @@ app.kubernetes.io/component: node-daemon
 {{- end }}
 
 {{/*
-iamlinkd.toml (conf/iamlinkd.toml documents every key). Strings go through toJson: JSON string
-escapes are TOML basic-string escapes, so any value stays one TOML string.
+iamlinkd.toml (iamlinkd --help and conf/iamlinkd.toml list every key): the typed values as a
+table, and extraConfig (TOML) adding the keys they leave unset, written by toToml: one table in,
+one document out, so no key is written twice. A key set both ways is refused, and so are keys the
+chart sets up the node or the pod for (listen6, audit_log, cni.log_file: addresses and mounts).
 */}}
 {{- define "iamlink.config" -}}
 {{- $v := .Values -}}
-listen = {{ printf "%s:%d" $v.listen.address (int $v.listen.port) | toJson }}
-store_dir = {{ $v.storeDir | toJson }}
-mark_mask = {{ include "iamlink.markMask" . }}
-{{- if not (kindIs "invalid" $v.credentialsAddress) }}
-credentials_address = {{ $v.credentialsAddress | toJson }}
+{{- $c := dict "listen" (printf "%s:%d" $v.listen.address (int $v.listen.port)) -}}
+{{- with $v.listen6.address }}
+{{- $_ := set $c "listen6" (printf "[%s]:%d" . (int $v.listen6.port)) -}}
 {{- end }}
-imdsv1 = {{ $v.imdsv1 }}
-metrics_listen = {{ printf "$HOST_IP:%d" (int $v.metrics.port) | toJson }}
+{{- $_ := set $c "store_dir" $v.storeDir -}}
+{{- $_ := set $c "mark_mask" (fromToml (printf "m = %s" (include "iamlink.markMask" .))).m -}}
+{{- if not (kindIs "invalid" $v.credentialsAddress) }}{{ $_ := set $c "credentials_address" $v.credentialsAddress }}{{ end -}}
+{{- $_ := set $c "imdsv1" $v.imdsv1 -}}
+{{- $_ := set $c "proxy_allow" $v.proxyAllow -}}
+{{- $_ := set $c "metrics_listen" (printf "$HOST_IP:%d" (int $v.metrics.port)) -}}
 {{- with $v.auditLog }}
-audit_log = {{ . | toJson }}
+{{- $_ := set $c "audit_log" . -}}
 {{- end }}
-
-[sts]
-region = {{ required "sts.region" $v.sts.region | toJson }}
-duration_seconds = {{ int $v.sts.durationSeconds }}
-{{- with $v.sts.endpoint }}
-endpoint = {{ . | toJson }}
-{{- end }}
-{{- with $v.sts.externalId }}
-external_id = {{ . | toJson }}
-{{- end }}
-session_tags = {{ $v.sts.sessionTags }}
-
-[roles]
-{{- with $v.roles.baseArn }}
-base_arn = {{ . | toJson }}
-{{- end }}
-{{- with $v.roles.default }}
-default = {{ . | toJson }}
-{{- end }}
+{{- $l := $v.limits -}}
+{{- $_ := set $c "limits" (dict "requests_per_second" (int $l.requestsPerSecond) "burst" (int $l.burst) "connections_per_pod" (int $l.connectionsPerPod) "connections" (int $l.connections)) -}}
+{{- $sts := dict "region" (required "sts.region" $v.sts.region) "duration_seconds" (int $v.sts.durationSeconds) "session_tags" $v.sts.sessionTags "timeout_seconds" (int $v.sts.timeoutSeconds) -}}
+{{- with $v.sts.endpoint }}{{ $_ := set $sts "endpoint" . }}{{ end -}}
+{{- with $v.sts.externalId }}{{ $_ := set $sts "external_id" . }}{{ end -}}
+{{- $_ := set $c "sts" $sts -}}
+{{- $roles := dict -}}
+{{- with $v.roles.baseArn }}{{ $_ := set $roles "base_arn" . }}{{ end -}}
+{{- with $v.roles.default }}{{ $_ := set $roles "default" . }}{{ end -}}
+{{- $pods := list -}}
 {{- range $v.roles.pod }}
-
-[[roles.pod]]
-namespace = {{ required "roles.pod[].namespace" .namespace | toJson }}
-{{- with .name }}
-name = {{ . | toJson }}
+{{- $p := dict "namespace" (required "roles.pod[].namespace" .namespace) "role" (required "roles.pod[].role" .role) -}}
+{{- with .name }}{{ $_ := set $p "name" . }}{{ end -}}
+{{- $pods = append $pods $p -}}
 {{- end }}
-role = {{ required "roles.pod[].role" .role | toJson }}
-{{- end }}
+{{- with $pods }}{{ $_ := set $roles "pod" . }}{{ end -}}
+{{- $associations := list -}}
 {{- range $v.roles.association }}
-
-[[roles.association]]
-namespace = {{ required "roles.association[].namespace" .namespace | toJson }}
-service_account = {{ required "roles.association[].serviceAccount" .serviceAccount | toJson }}
-role = {{ required "roles.association[].role" .role | toJson }}
+{{- $associations = append $associations (dict "namespace" (required "roles.association[].namespace" .namespace) "service_account" (required "roles.association[].serviceAccount" .serviceAccount) "role" (required "roles.association[].role" .role)) -}}
 {{- end }}
+{{- with $associations }}{{ $_ := set $roles "association" . }}{{ end -}}
+{{- $_ := set $c "roles" $roles -}}
 {{- if $v.kubernetes.enabled }}
-
-[kubernetes]
-# node_name: $NODE_NAME (spec.nodeName); the API through the in-cluster service account.
-runtime_annotations = {{ $v.kubernetes.runtimeAnnotations }}
-require_namespace_permission = {{ $v.kubernetes.requireNamespacePermission }}
-startup_taint = {{ $v.kubernetes.startupTaint | toJson }}
+{{- $_ := set $c "kubernetes" (dict "runtime_annotations" $v.kubernetes.runtimeAnnotations "require_namespace_permission" $v.kubernetes.requireNamespacePermission "startup_taint" $v.kubernetes.startupTaint) -}}
 {{- end }}
-
-[cni]
-conf_dir = {{ $v.cni.confDir | toJson }}
-bin_dir = {{ $v.cni.binDir | toJson }}
-{{- with $v.cni.logFile }}
-log_file = {{ . | toJson }}
+{{- $cni := dict "conf_dir" $v.cni.confDir "bin_dir" $v.cni.binDir "manage" $v.cni.manage "cache_dir" $v.cni.cacheDir -}}
+{{- with $v.cni.logFile }}{{ $_ := set $cni "log_file" . }}{{ end -}}
+{{- $_ := set $c "cni" $cni -}}
+{{- with $v.extraConfig }}
+{{- $extra := fromToml . -}}
+{{- if hasKey $extra "Error" }}
+{{- fail (printf "extraConfig is not TOML: %s" $extra.Error) -}}
 {{- end }}
-manage = {{ $v.cni.manage }}
-cache_dir = {{ $v.cni.cacheDir | toJson }}
+{{- range $key, $typed := dict "listen6" "listen6.address" "audit_log" "auditLog" }}
+{{- if hasKey $extra $key }}
+{{- fail (printf "extraConfig sets %s: set the value %s instead (the chart sets up the node or the pod for it)" $key $typed) -}}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $extra "cni") (hasKey (get $extra "cni") "log_file") }}
+{{- fail "extraConfig sets cni.log_file: set the value cni.logFile instead (the chart mounts its directory)" -}}
+{{- end }}
+{{- range $key, $extraValue := $extra }}
+{{- if hasKey $c $key }}
+{{- $typed := get $c $key }}
+{{- if and (kindIs "map" $typed) (kindIs "map" $extraValue) }}
+{{- range $inner, $_ := $extraValue }}
+{{- if hasKey $typed $inner }}
+{{- fail (printf "extraConfig sets %s.%s, which a typed value sets too: set it in one place (deploy/README.md lists the typed values)" $key $inner) -}}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- fail (printf "extraConfig sets %s, which a typed value sets too: set it in one place (deploy/README.md lists the typed values)" $key) -}}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $c = mustMergeOverwrite $c $extra -}}
+{{- end -}}
+# Rendered by the chart: its typed values, and extraConfig's keys that they leave unset.
+{{ toToml $c }}
 {{- end }}
