@@ -24,9 +24,8 @@ import uuid
 import pytest
 
 from harness import PYTHON, is_assumed_role, role_of_arn, wait_until
-from harness.containerd import Containerd, missing_prerequisites as containerd_missing
-from harness.daemonset import (IMAGE_ARCHIVE, NAMESPACE, DaemonSetRunner, loaded_cni_plugins,
-                               missing_prerequisites, plugin_paths, quantity, render_chart, ruleset, same_as_manifest)
+from harness.daemonset import (NAMESPACE, DaemonSetRunner, loaded_cni_plugins, plain_chain_node, quantity,
+                               render_chart, ruleset, same_as_manifest)
 from harness.imds_client import CREDS_PATH
 from harness.util import IMDS_CLIENT, stop_process
 
@@ -37,28 +36,10 @@ AFTER_READY = 5.0    # seconds after the new iamlinkd is ready in which a stale 
 ANSWERS_EACH = 20    # answers each pod has from the old iamlinkd before the update, and from the new one after
 
 
-class Node:
-    """The module's node: bench, containerd, the DaemonSet runner and the node as it was before."""
-
-
 @pytest.fixture(scope="module")
 def node(make_module_bench):
-    missing = containerd_missing() + missing_prerequisites()
-    if missing:
-        pytest.fail("not installed or built: " + ", ".join(missing) + " (run scripts/setup)", pytrace=False)
-    n = Node()
-    n.ds, n.configmap = render_chart()
-    n.image = n.ds["spec"]["template"]["spec"]["containers"][0]["image"]
-    # The node's primary CNI alone (ptp + host-local): install-cni chains iamlink into it.
-    n.bench = bench = make_module_bench(pod_roles=[], kubernetes={}, with_daemon=False,
-                                        pods_options={"with_iamlink": False})
-    for role in ROLES:
-        bench.moto.create_role(role)
-    n.ctd = Containerd(bench.node, bench.pods, plugin_tap=False, host_binds=plugin_paths(bench),
-                       images=[(IMAGE_ARCHIVE, n.image)], shared_netns=True)
-    bench.callback(n.ctd.close)
-    bench.extra_logs.append(("containerd", n.ctd.log_path))
-    n.conflist_path = os.path.join(n.ctd.conf_dir, "10-iamlink.conflist")
+    n = plain_chain_node(make_module_bench, ROLES)
+    bench = n.bench
     with open(n.conflist_path, "r+") as f:  # as `jq .` writes it: two-space indent, a final newline
         text = json.dumps(json.load(f), indent=2) + "\n"
         f.seek(0)

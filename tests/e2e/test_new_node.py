@@ -27,17 +27,17 @@ pod still gets the node's role: nothing of iamlink has run yet.
 
 import json
 import os
+import re
 import select
 import threading
 import time
+import tomllib
 import uuid
 
 import pytest
 
 from harness import PYTHON, wait_until
-from harness.containerd import Containerd, missing_prerequisites as containerd_missing
-from harness.daemonset import (IMAGE_ARCHIVE, DaemonSetRunner, loaded_cni_plugins, missing_prerequisites,
-                               plugin_paths, render_chart, ruleset)
+from harness.daemonset import DaemonSetRunner, loaded_cni_plugins, plain_chain_node, ruleset
 from harness.upstream import NODE_ROLE
 from harness.util import IMDS_CLIENT, run, stop_process
 
@@ -48,27 +48,10 @@ ANSWERS_AFTER_READY = 5  # outcomes after iamlinkd is ready before the client st
 NODE_ROLE_ANSWER = f"ok:{NODE_ROLE}"
 
 
-class Node:
-    """The module's node: bench, containerd with the plain conflist, the DaemonSet runner."""
-
-
 @pytest.fixture(scope="module")
 def node(make_module_bench):
-    missing = containerd_missing() + missing_prerequisites()
-    if missing:
-        pytest.fail("not installed or built: " + ", ".join(missing) + " (run scripts/setup)", pytrace=False)
-    n = Node()
-    n.ds, n.configmap = render_chart()
-    n.image = n.ds["spec"]["template"]["spec"]["containers"][0]["image"]
-    # The node's primary CNI alone (ptp + host-local), no iamlinkd, no iamlink table.
-    n.bench = bench = make_module_bench(pod_roles=[], kubernetes={}, with_daemon=False,
-                                        pods_options={"with_iamlink": False})
-    bench.moto.create_role(POD_ROLE)
-    n.ctd = Containerd(bench.node, bench.pods, plugin_tap=False, host_binds=plugin_paths(bench),
-                       images=[(IMAGE_ARCHIVE, n.image)], shared_netns=True)
-    bench.callback(n.ctd.close)
-    bench.extra_logs.append(("containerd", n.ctd.log_path))
-    n.conflist_path = os.path.join(n.ctd.conf_dir, "10-iamlink.conflist")
+    n = plain_chain_node(make_module_bench, [POD_ROLE])
+    bench = n.bench
     # A primary CNI gives pods a default route (aws-vpc-cni, Calico): the metadata address is
     # reached through the node without iamlink's route.
     with open(n.conflist_path) as f:
@@ -283,7 +266,9 @@ def test_a_layout_change_in_a_rolling_update_refuses_pod_creation_only_until_ins
     config = os.path.join(n.runner.config_dir, "iamlinkd.toml")
     with open(config) as f:
         old_text = f.read()
-    assert f"mark_mask = {OLD_MASK}" in old_text
+    assert tomllib.loads(old_text)["mark_mask"] == int(OLD_MASK, 16)
+    new_text = re.sub(r"(?m)^mark_mask = .*$", f"mark_mask = {NEW_MASK}", old_text)
+    assert tomllib.loads(new_text)["mark_mask"] == int(NEW_MASK, 16)
     n.pod = n.runner.run_pod("iamlinkd-old")
     made, stop_making = [], threading.Event()
 
@@ -301,7 +286,7 @@ def test_a_layout_change_in_a_rolling_update_refuses_pod_creation_only_until_ins
     maker = threading.Thread(target=make_sandboxes, name="sandboxes", daemon=True)
     try:
         with open(config, "w") as f:
-            f.write(old_text.replace(f"mark_mask = {OLD_MASK}", f"mark_mask = {NEW_MASK}"))
+            f.write(new_text)
         maker.start()
         wait_until(lambda: len(made) >= 3, 15, "sandboxes created under the old iamlinkd")
         deleting = time.monotonic()

@@ -25,8 +25,10 @@ import os
 import tomllib
 import uuid
 
+import pytest
 import yaml
 
+from .containerd import Containerd, missing_prerequisites as containerd_missing
 from .moto import BASE_ARN, TEST_KEYS
 from .util import REPO, run, tail, wait_until
 
@@ -518,3 +520,29 @@ def ruleset(node):
 
 __all__ = ["DaemonSetRunner", "IMAGE_ARCHIVE", "Untranslated", "loaded_cni_plugins", "missing_prerequisites",
            "plugin_paths", "quantity", "render_chart", "ruleset", "same_as_manifest"]
+
+
+class PlainChainNode:
+    """A node for the DaemonSet's tests: the bench with the node's primary CNI alone (ptp +
+    host-local; no iamlinkd, no iamlink table), its containerd with the image imported, the chart's
+    DaemonSet and ConfigMap. Each test module adds what its tests need."""
+
+
+def plain_chain_node(make_module_bench, roles):
+    """The PlainChainNode of a module (`make_module_bench`: conftest's fixture), with `roles` in moto."""
+    missing = containerd_missing() + missing_prerequisites()
+    if missing:
+        pytest.fail("not installed or built: " + ", ".join(missing) + " (run scripts/setup)", pytrace=False)
+    n = PlainChainNode()
+    n.ds, n.configmap = render_chart()
+    n.image = n.ds["spec"]["template"]["spec"]["containers"][0]["image"]
+    n.bench = bench = make_module_bench(pod_roles=[], kubernetes={}, with_daemon=False,
+                                        pods_options={"with_iamlink": False})
+    for role in roles:
+        bench.moto.create_role(role)
+    n.ctd = Containerd(bench.node, bench.pods, plugin_tap=False, host_binds=plugin_paths(bench),
+                       images=[(IMAGE_ARCHIVE, n.image)], shared_netns=True)
+    bench.callback(n.ctd.close)
+    bench.extra_logs.append(("containerd", n.ctd.log_path))
+    n.conflist_path = os.path.join(n.ctd.conf_dir, "10-iamlink.conflist")
+    return n
