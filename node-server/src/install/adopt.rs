@@ -63,6 +63,9 @@ pub struct NotAdopted {
 struct CacheEntry {
     kind: String,
     container_id: String,
+    /// The netconf the runtime made the attachment with (Go `[]byte`: base64 JSON).
+    #[serde(default)]
+    config: String,
     if_name: String,
     network_name: String,
     #[serde(default)]
@@ -104,6 +107,9 @@ struct Attachment {
     /// CIDR strings, as records keep them.
     ips: Vec<String>,
     annotations: Option<BTreeMap<String, String>>,
+    /// Made through a chain with iamlink in it: never adopted. Without a record it is being
+    /// deleted (iamlink's DEL has run, the primary plugin's not yet) or its ADD failed.
+    through_iamlink: bool,
 }
 
 impl Attachment {
@@ -137,7 +143,21 @@ impl Attachment {
             netns,
             ips: e.result.ips.into_iter().map(|i| i.address).collect(),
             annotations,
+            through_iamlink: chains_iamlink(&e.config),
         })
+    }
+}
+
+/// Whether a cached netconf (base64 JSON: a conflist's `plugins`, or one plugin) runs iamlink.
+fn chains_iamlink(config: &str) -> bool {
+    use base64::Engine as _;
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(config) else { return false };
+    let Ok(conf) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return false };
+    let is_iamlink =
+        |p: &serde_json::Value| p.get("type").and_then(|t| t.as_str()) == Some(iamlink_common::netconf::PLUGIN_TYPE);
+    match conf.get("plugins").and_then(|p| p.as_array()) {
+        Some(plugins) => plugins.iter().any(is_iamlink),
+        None => is_iamlink(&conf),
     }
 }
 
@@ -192,16 +212,33 @@ impl Adopter {
         }
     }
 
-    /// Whether the cache lists an attachment of the chained network without a record that the
-    /// last pass did not refuse (`refused`: record keys): read without the store lock, so that a
-    /// pass takes the lock only for a pod it has not tried yet.
-    fn has_new_candidates(&self, store: &Store, refused: &HashSet<String>) -> bool {
+    /// Whether the cache lists an attachment of the chained network, not made through iamlink,
+    /// without a record that the last pass did not refuse (`refused`: record keys): read without
+    /// the store lock, so that a pass takes the lock only for a pod it has not tried yet. Each
+    /// file is read once (`judged`: the files seen before that were no candidate), so that a
+    /// node's churn costs one directory read per cache event, not one read of every entry.
+    fn has_new_candidates(&self, store: &Store, refused: &HashSet<String>, judged: &mut HashSet<PathBuf>) -> bool {
         let Ok(network) = self.network() else { return false };
-        cache_files(&self.cache_dir.join("results")).iter().filter_map(|f| read_entry(f, false)).any(|a| {
-            a.network == network
-                && !refused.contains(&record_key(&a.container_id, &a.ifname))
-                && matches!(store.get(&a.container_id, &a.ifname), Ok(None))
-        })
+        let files = cache_files(&self.cache_dir.join("results"));
+        judged.retain(|f| files.binary_search(f).is_ok());
+        let mut found = false;
+        for file in files {
+            if judged.contains(&file) {
+                continue;
+            }
+            let candidate = read_entry(&file, false).is_some_and(|a| {
+                a.network == network
+                    && !a.through_iamlink
+                    && !refused.contains(&record_key(&a.container_id, &a.ifname))
+                    && matches!(store.get(&a.container_id, &a.ifname), Ok(None))
+            });
+            if candidate {
+                found = true;
+            } else {
+                judged.insert(file);
+            }
+        }
+        found
     }
 }
 
@@ -227,6 +264,7 @@ pub async fn keep_adopting(adopter: Adopter, store: Store, rules: RuleSet, mut r
     let results = adopter.cache_dir.join("results");
     let mut watch = None;
     let mut tick = tokio::time::interval(RESCAN_EVERY);
+    let mut judged = HashSet::new();
     loop {
         // libcni makes the directory at the node's first pod: watched from when it exists.
         if watch.is_none() {
@@ -236,7 +274,7 @@ pub async fn keep_adopting(adopter: Adopter, store: Store, rules: RuleSet, mut r
             _ = notified(&watch) => {}
             _ = tick.tick() => {}
         }
-        if !adopter.has_new_candidates(&store, &refused) {
+        if !adopter.has_new_candidates(&store, &refused, &mut judged) {
             continue;
         }
         let lock = match store.lock() {
@@ -297,7 +335,7 @@ async fn adopt(
     let (mut adopted, mut refused) = (vec![], vec![]);
     for file in files {
         let Some(a) = read_entry(&file, true) else { continue };
-        if a.network != network || !matches!(store.get(&a.container_id, &a.ifname), Ok(None)) {
+        if a.network != network || a.through_iamlink || !matches!(store.get(&a.container_id, &a.ifname), Ok(None)) {
             continue;
         }
         match host_interface(&node, store, &a).await {
@@ -419,6 +457,26 @@ mod tests {
         assert_eq!(a.ips, vec!["198.18.64.5/24".to_string()]);
         let kept = a.annotations.unwrap();
         assert_eq!(kept.keys().collect::<Vec<_>>(), vec!["iam.amazonaws.com/role"], "only IAM annotations are kept");
+    }
+
+    #[test]
+    fn an_attachment_made_through_iamlink_is_known_by_its_cached_netconf() {
+        use base64::Engine as _;
+        let b64 = |json: &str| base64::engine::general_purpose::STANDARD.encode(json);
+        let with = |config: &str| ENTRY.replace("\"config\":\"e30=\"", &format!("\"config\":\"{config}\""));
+        let chained = b64(r#"{"name":"net","plugins":[{"type":"ptp"},{"type":"iamlink","daemonAddress":"x"}]}"#);
+        let plain = b64(r#"{"name":"net","plugins":[{"type":"ptp"}]}"#);
+        let single = b64(r#"{"name":"net","type":"iamlink"}"#);
+        for (config, through) in [
+            (chained.as_str(), true),
+            (single.as_str(), true),
+            (plain.as_str(), false),
+            ("e30=", false),
+            ("not base64!", false),
+        ] {
+            let a = Attachment::parse(with(config).as_bytes()).unwrap();
+            assert_eq!(a.through_iamlink, through, "{config}");
+        }
     }
 
     #[test]
