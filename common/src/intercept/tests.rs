@@ -345,10 +345,8 @@ mod kernel {
 
     #[test]
     fn a_change_after_the_read_is_never_overwritten_by_a_stale_transaction() {
-        let Some((_dir, store)) = netns_and_store() else { return };
+        let Some((_dir, store, rs)) = netns_store_and_base() else { return };
         let lock = store.lock().unwrap();
-        let rs = rules();
-        nft_script("install", &rs.base_script()).unwrap();
         let stale = pod_view().unwrap().unwrap();
         // Another writer points vethA elsewhere after the read.
         nft_add(&rs, "vethA", 9);
@@ -491,6 +489,14 @@ mod kernel {
         Some((dir, store))
     }
 
+    /// [`netns_and_store`] with the base of [`rules`] installed by `nft`.
+    fn netns_store_and_base() -> Option<(tempfile::TempDir, Store, RuleSet)> {
+        let (dir, store) = netns_and_store()?;
+        let rs = rules();
+        nft_script("install", &rs.base_script()).unwrap();
+        Some((dir, store, rs))
+    }
+
     /// Pod A on vethA, slot 1: its record written and its entry added, as ADD does.
     fn pod(store: &Store, lock: &StoreLock, rs: &RuleSet, container: &str) -> PodRecord {
         let mut r = record("vethA", 1, crate::record::boottime_ns());
@@ -505,10 +511,8 @@ mod kernel {
     /// host interface name and slot. iamlinkd's late commit must not remove B's entry.
     #[test]
     fn a_late_release_by_iamlinkd_never_removes_the_entry_of_a_pod_recreated_on_its_interface_and_slot() {
-        let Some((_dir, store)) = netns_and_store() else { return };
+        let Some((_dir, store, rs)) = netns_store_and_base() else { return };
         let lock = store.lock().unwrap();
-        let rs = rules();
-        nft_script("install", &rs.base_script()).unwrap();
         let a = pod(&store, &lock, &rs, "a");
         let (deadline, now) = (1_000, std::cell::Cell::new(0));
         let mut remover = PodRemover::open().unwrap();
@@ -531,10 +535,8 @@ mod kernel {
     /// leaves B's entry and slot chain.
     #[test]
     fn a_retried_del_of_an_old_record_keeps_the_entry_of_the_pod_now_on_its_interface_and_slot() {
-        let Some((_dir, store)) = netns_and_store() else { return };
+        let Some((_dir, store, rs)) = netns_store_and_base() else { return };
         let lock = store.lock().unwrap();
-        let rs = rules();
-        nft_script("install", &rs.base_script()).unwrap();
         let a = pod(&store, &lock, &rs, "a");
         pod(&store, &lock, &rs, "b");
         release(&lock, &store, &a).unwrap();
