@@ -262,22 +262,8 @@ impl RuleSet {
     /// conntrack entries, and with them their path around the interception (aad-pod-identity
     /// learned this). Dropping the entries makes their next packet meet the rule set.
     /// Best effort: without the `conntrack` tool only a warning is logged.
-    fn forget_connections(&self) {
+    pub(crate) fn forget_connections(&self) {
         forget_connections_to(&self.addresses);
-    }
-
-    /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
-    /// whose DEL never came). `view` is the rule set as the caller just read it with
-    /// [`pod_view`]; `None` means the table is missing: its base is written first. See
-    /// [`nftables::add_pod`].
-    pub fn add_pod(
-        &self,
-        _lock: &StoreLock,
-        ifname: &str,
-        slot: u32,
-        view: Option<&PodView>,
-    ) -> Result<(), InterceptError> {
-        nftables::add_pod(self, ifname, slot, view)
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::mark::MarkMask;
 use crate::record::validate_ifname;
+use crate::store::StoreLock;
 
 use super::nftnl::{notices, Object};
 use super::plan::{Applier, Op, Plan};
@@ -283,39 +284,48 @@ pub fn diff(plan: &Plan, installed: Option<&Installed>, reference: &BaseChains) 
     (ops, repairs)
 }
 
-/// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
-/// whose DEL never came). `view` is the rule set as the caller just read it; `None` means the
-/// table is missing: its base is written first (by `nft`, a rare path), then the pod's part, so
-/// a pod is never in the map without the rules. The pod's part is one netlink transaction,
-/// applied only at the generation its view was read at; if something else changed the rule set
-/// meanwhile, it is read again (layout included).
-pub(super) fn add_pod(rules: &RuleSet, ifname: &str, slot: u32, view: Option<&PodView>) -> Result<(), InterceptError> {
-    validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
-    let mut nft = nftnl::Nft::open()?;
-    let mut view = view.cloned();
-    for _ in 0..TRIES {
-        let Some(v) = &view else {
-            nft_script(&format!("add the base chains for {ifname}"), &rules.base_script())?;
-            rules.forget_connections();
-            view = read_view(&mut nft)?;
-            continue;
-        };
-        let mut ops = vec![Op::SlotChain { slot, mark: rules.mask.mark_for(slot) }];
-        if v.entries.iter().any(|e| e.ifname == ifname) {
-            ops.push(Op::DeleteElement { ifname: ifname.into() });
-        }
-        ops.push(Op::Element { ifname: ifname.into(), slot });
-        match nft.commit(batch_of(&ops), v.generation) {
-            Err(InterceptError::GenerationChanged) => {
+impl RuleSet {
+    /// Points `ifname` at `slot`, replacing whatever entry the name had (a stale one from a pod
+    /// whose DEL never came). `view` is the rule set as the caller just read it
+    /// ([`super::pod_view`]); `None` means the table is missing: its base is written first (by
+    /// `nft`, a rare path), then the pod's part, so a pod is never in the map without the rules.
+    /// The pod's part is one netlink transaction, applied only at the generation its view was
+    /// read at; if something else changed the rule set meanwhile, it is read again (layout
+    /// included).
+    pub fn add_pod(
+        &self,
+        _lock: &StoreLock,
+        ifname: &str,
+        slot: u32,
+        view: Option<&PodView>,
+    ) -> Result<(), InterceptError> {
+        validate_ifname(ifname).map_err(InterceptError::InvalidName)?;
+        let mut nft = nftnl::Nft::open()?;
+        let mut view = view.cloned();
+        for _ in 0..TRIES {
+            let Some(v) = &view else {
+                nft_script(&format!("add the base chains for {ifname}"), &self.base_script())?;
+                self.forget_connections();
                 view = read_view(&mut nft)?;
-                if let Some(v) = &view {
-                    rules.check_layout(v.layout)?;
-                }
+                continue;
+            };
+            let mut ops = vec![Op::SlotChain { slot, mark: self.mask.mark_for(slot) }];
+            if v.entries.iter().any(|e| e.ifname == ifname) {
+                ops.push(Op::DeleteElement { ifname: ifname.into() });
             }
-            other => return other,
+            ops.push(Op::Element { ifname: ifname.into(), slot });
+            match nft.commit(batch_of(&ops), v.generation) {
+                Err(InterceptError::GenerationChanged) => {
+                    view = read_view(&mut nft)?;
+                    if let Some(v) = &view {
+                        self.check_layout(v.layout)?;
+                    }
+                }
+                other => return other,
+            }
         }
+        Err(InterceptError::Changed { what: format!("adding the entry for {ifname}") })
     }
-    Err(InterceptError::Changed { what: format!("adding the entry for {ifname}") })
 }
 
 /// at one generation of the rule set (over netlink: no `nft` process, no whole-table listing).

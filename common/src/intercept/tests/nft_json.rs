@@ -54,9 +54,14 @@ fn parse_installed(json: &str) -> Result<Installed, InterceptError> {
     }
     installed.missing_chains =
         BASE_CHAINS.into_iter().filter(|c| !installed.base_chains.contains_key(*c)).map(String::from).collect();
-    let map_only: Vec<serde_json::Value> =
-        items.iter().filter(|i| i["map"]["name"].as_str() == Some(PODS_MAP)).cloned().collect();
-    installed.entries = parse_entries(&serde_json::json!({ "nftables": map_only }).to_string())?;
+    let elements = items.iter().filter(|i| i["map"]["name"].as_str() == Some(PODS_MAP));
+    for elem in elements.flat_map(|i| i["map"]["elem"].as_array().cloned().unwrap_or_default()) {
+        let slot = elem[1]["jump"]["target"].as_str().and_then(|t| t.strip_prefix("slot-")?.parse().ok());
+        match (elem[0].as_str(), slot) {
+            (Some(name), Some(slot)) => installed.entries.push(Entry::new(name, slot)),
+            _ => return Err(InterceptError::Parse(format!("unexpected map element {elem}"))),
+        }
+    }
     Ok(installed)
 }
 
@@ -72,23 +77,4 @@ fn mark_set_by(rule: &serde_json::Value) -> Option<u32> {
         [lhs, bits] if lhs["meta"]["key"].as_str() == Some("mark") => bits.as_u64().and_then(|b| u32::try_from(b).ok()),
         _ => None,
     }
-}
-
-fn parse_entries(json: &str) -> Result<Vec<Entry>, InterceptError> {
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| InterceptError::Parse(e.to_string()))?;
-    let mut entries = Vec::new();
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    for item in items {
-        let Some(elems) = item["map"]["elem"].as_array() else { continue };
-        for elem in elems {
-            let name = elem[0].as_str();
-            let target = elem[1]["jump"]["target"].as_str();
-            let slot = target.and_then(|t| t.strip_prefix("slot-")).and_then(|s| s.parse().ok());
-            match (name, slot) {
-                (Some(name), Some(slot)) => entries.push(Entry::new(name, slot)),
-                _ => return Err(InterceptError::Parse(format!("unexpected map element {elem}"))),
-            }
-        }
-    }
-    Ok(entries)
 }
