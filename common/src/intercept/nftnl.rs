@@ -866,6 +866,58 @@ fn kernel_error(op: &str, code: i32) -> InterceptError {
     InterceptError::Kernel { op: op.to_string(), errno: Errno::from_raw(-code) }
 }
 
+/// Test-only: notifications as the kernel sends them, made with this module's encoder.
+#[cfg(test)]
+pub(super) mod notification {
+    use super::*;
+
+    fn message(msg: u16, table: &str, fill: impl FnOnce(&mut Msg)) -> Vec<u8> {
+        let mut m = Msg::nft(msg, 0, 1);
+        // The first attribute of every object message is its table's name.
+        m.put_str(NFTA_TABLE_NAME, table);
+        fill(&mut m);
+        m.finish()
+    }
+
+    pub fn table(table: &str, new: bool) -> Vec<u8> {
+        message(if new { NFT_MSG_NEWTABLE } else { NFT_MSG_DELTABLE }, table, |_| {})
+    }
+
+    /// A chain, hooked (a base chain) or not.
+    pub fn chain(table: &str, name: &str, new: bool, hooked: bool) -> Vec<u8> {
+        message(if new { NFT_MSG_NEWCHAIN } else { NFT_MSG_DELCHAIN }, table, |m| {
+            m.put_str(NFTA_CHAIN_NAME, name);
+            if hooked {
+                m.nest(NFTA_CHAIN_HOOK, |_| {});
+            }
+        })
+    }
+
+    /// A rule without expressions (a new one is no slot's mark), or a flush.
+    pub fn rule(table: &str, chain: &str, new: bool) -> Vec<u8> {
+        message(if new { NFT_MSG_NEWRULE } else { NFT_MSG_DELRULE }, table, |m| {
+            m.put_str(NFTA_RULE_CHAIN, chain);
+        })
+    }
+
+    pub fn element(table: &str, set: &str, new: bool) -> Vec<u8> {
+        message(if new { NFT_MSG_NEWSETELEM } else { NFT_MSG_DELSETELEM }, table, |m| {
+            m.put_str(NFTA_SET_ELEM_LIST_SET, set);
+        })
+    }
+
+    /// The messages of `batch` as one datagram of notifications.
+    pub fn of(batch: &Batch) -> Vec<u8> {
+        let mut datagram = vec![];
+        for (msg, flags, fill, _) in &batch.msgs {
+            let mut m = Msg::nft(*msg, *flags, 1);
+            fill(&mut m);
+            datagram.extend(m.finish());
+        }
+        datagram
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -916,12 +968,7 @@ mod tests {
         batch.add_mark_or_rule("iamlink", "slot-3", 0x3);
         batch.delete_ifname("iamlink", "pods", "vethA");
         batch.delete_chain("other", "x");
-        let mut datagram = vec![];
-        for (msg, flags, fill, _) in &batch.msgs {
-            let mut m = Msg::nft(*msg, *flags, 1);
-            fill(&mut m);
-            datagram.extend(m.finish());
-        }
+        let datagram = notification::of(&batch);
         let notices = notices(&datagram);
         let object = |table: &str, object| Notice { table: table.into(), object };
         assert_eq!(

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use iamlink_common::intercept::{self, InterceptError, Object, RuleSet};
+use iamlink_common::intercept::{self, classify, Change, InterceptError, RuleSet};
 use iamlink_common::netlink::Netlink;
 use iamlink_common::sock_destroy::{self, SlotSockets};
 use iamlink_common::{MarkMask, PodRecord};
@@ -49,7 +49,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// slot chain still jumped to cannot be deleted (the kernel answers `EBUSY`). So a deleted entry
 /// costs its pod availability until the repair, never the promise. A slot chain's rule other
 /// than its own mark, or a slot chain with a hook, could name another slot: it is no pod's part
-/// (see [`classify`]) and unverifies at once. What is left, an element *added* by someone else
+/// (see [`intercept::classify`]) and unverifies at once. What is left, an element *added* by someone else
 /// pointing a name at another pod's slot, is a write into iamlink's table by a root process on
 /// the node, which could as well ask the metadata service itself; the guard undoes it within
 /// this window. Changes that can open a path to the real service (base chains, the table, lost
@@ -57,50 +57,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub const SETTLE: Duration = Duration::from_millis(200);
 /// `NFNLGRP_NFTABLES`: every committed nf_tables change.
 const NFNLGRP_NFTABLES: u32 = 7;
-
-/// What one nf_tables event means for iamlink's table, in order of urgency: a datagram of
-/// several messages is the most urgent of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Event {
-    /// Another table, or not an object message.
-    Other,
-    /// A pod's part changed as ADD and DEL change it: an element of the pods map, a regular
-    /// `slot-N` chain, its flush, or its one rule setting exactly slot N's bits. Checked after
-    /// [`SETTLE`].
-    Pod,
-    /// Something else inside the table changed (a base chain or its rules, a set, a slot chain
-    /// given another rule or a hook): unverified and checked at once.
-    Touched,
-    /// The table itself was created or deleted: its layout is unknown until checked.
-    Table,
-}
-
-/// Classifies one datagram of nf_tables notifications (several netlink messages).
-pub fn classify(datagram: &[u8], mask: MarkMask) -> Event {
-    let event = |object: Object| match object {
-        Object::Table => Event::Table,
-        Object::Element { set } if set == intercept::PODS_MAP => Event::Pod,
-        Object::Chain { name, hooked: false } | Object::DelRule { chain: name } if slot_of(&name).is_some() => {
-            Event::Pod
-        }
-        Object::NewRule { chain, mark_or } => match slot_of(&chain) {
-            Some(slot) if mark_or == Some(mask.mark_for(slot)) => Event::Pod,
-            _ => Event::Touched,
-        },
-        _ => Event::Touched,
-    };
-    intercept::notices(datagram)
-        .into_iter()
-        .filter(|n| n.table == intercept::TABLE)
-        .map(|n| event(n.object))
-        .max()
-        .unwrap_or(Event::Other)
-}
-
-/// `slot-<number>`: a pod's slot chain, never a base chain.
-fn slot_of(name: &str) -> Option<u32> {
-    name.strip_prefix("slot-").and_then(|n| n.parse().ok())
-}
 
 /// The reader thread's news: a wake-up for every change to iamlink's table, and whether one
 /// since the last look must be checked at once (anything but a pod's part).
@@ -148,20 +104,20 @@ fn nft_events(verifier: &Verifier, mask: MarkMask) -> Option<Arc<Events>> {
         .spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let event = match socket.recv(&mut &mut buf[..], 0) {
+                let change = match socket.recv(&mut &mut buf[..], 0) {
                     Ok(n) => classify(&buf[..n], mask),
                     // ENOBUFS: events were lost; anything may have happened.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => Event::Table,
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => Change::Table,
                     Err(e) => {
                         warn!(error = %e, "nf_tables events ended; the rule set is checked every second only");
                         break;
                     }
                 };
                 let Some(n) = waker.upgrade() else { break };
-                match event {
-                    Event::Other => continue,
-                    Event::Pod => {}
-                    Event::Touched | Event::Table => {
+                match change {
+                    Change::Other => continue,
+                    Change::Pod => {}
+                    Change::Touched | Change::Table => {
                         verifier.changed();
                         n.urgent.store(true, Ordering::Release);
                     }
@@ -351,104 +307,5 @@ fn close_freed_slots_connections(
         Ok(0) => {}
         Ok(n) => warn!(interface = ifname, slot, connections = n, "closed a stale entry's connections"),
         Err(e) => warn!(interface = ifname, slot, error = %e, "cannot close a stale entry's connections"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // linux/netfilter/nf_tables.h, nfnetlink.h: what the kernel sends.
-    const NFNL_SUBSYS_NFTABLES: u16 = 10;
-    const NFT_MSG_NEWTABLE: u16 = 0;
-    const NFT_MSG_DELTABLE: u16 = 2;
-    const NFT_MSG_NEWCHAIN: u16 = 3;
-    const NFT_MSG_DELCHAIN: u16 = 5;
-    const NFT_MSG_NEWRULE: u16 = 6;
-    const NFT_MSG_DELRULE: u16 = 8;
-    const NFT_MSG_NEWSETELEM: u16 = 12;
-    const NFT_MSG_DELSETELEM: u16 = 14;
-    const NFTA_TABLE_NAME: u16 = 1;
-    const NFTA_RULE_CHAIN: u16 = 2;
-    const NFTA_CHAIN_NAME: u16 = 3;
-    const NFTA_CHAIN_HOOK: u16 = 4;
-    const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-
-    fn classify(datagram: &[u8]) -> Event {
-        super::classify(datagram, MarkMask::default())
-    }
-
-    /// A netlink message: header, nfgenmsg, the NFTA_*_TABLE attribute, then `more` string
-    /// attributes.
-    fn message_with(msg: u16, table: &str, more: &[(u16, &str)]) -> Vec<u8> {
-        let mut body = vec![1, 0, 0, 0]; // nfgenmsg: NFPROTO_INET
-        for (kind, value) in [(NFTA_TABLE_NAME, table)].iter().chain(more) {
-            let mut attr = value.as_bytes().to_vec();
-            attr.push(0);
-            body.extend(((4 + attr.len()) as u16).to_ne_bytes());
-            body.extend(kind.to_ne_bytes());
-            body.extend(attr);
-            body.resize(body.len().next_multiple_of(4), 0);
-        }
-        let len = 16 + body.len();
-        let mut m = (len as u32).to_ne_bytes().to_vec();
-        m.extend(((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
-        m.extend([0u8; 10]);
-        m.extend(body);
-        m
-    }
-
-    fn message(msg: u16, table: &str) -> Vec<u8> {
-        message_with(msg, table, &[])
-    }
-
-    #[test]
-    fn events_are_classified_by_table_and_kind() {
-        assert_eq!(classify(&message(NFT_MSG_DELTABLE, "iamlink")), Event::Table);
-        assert_eq!(classify(&message(NFT_MSG_DELSETELEM, "iamlink")), Event::Touched, "an element of no known set");
-        assert_eq!(classify(&message(NFT_MSG_DELTABLE, "filter")), Event::Other);
-        let mut batch = message(8, "iamlink");
-        batch.extend(message(NFT_MSG_NEWTABLE, "iamlink"));
-        batch.extend(message(14, "iamlink"));
-        assert_eq!(classify(&batch), Event::Table, "a table change anywhere in the datagram wins");
-        assert_eq!(classify(&[1, 2, 3]), Event::Other);
-        let mut truncated = message(NFT_MSG_DELTABLE, "iamlink");
-        truncated.truncate(18);
-        assert_eq!(classify(&truncated), Event::Other);
-    }
-
-    /// What an ADD and a DEL commit is a pod's part, checked after the settle window; a base
-    /// chain's rule or another set is checked at once, even in the same datagram as a pod's.
-    #[test]
-    fn a_pods_entry_and_slot_chain_are_told_from_the_base_chains() {
-        let element = |msg, set| message_with(msg, "iamlink", &[(NFTA_SET_ELEM_LIST_SET, set)]);
-        let chain = |msg, name| message_with(msg, "iamlink", &[(NFTA_CHAIN_NAME, name)]);
-        let rule = |msg, chain| message_with(msg, "iamlink", &[(NFTA_RULE_CHAIN, chain)]);
-        let mut add = chain(NFT_MSG_NEWCHAIN, "slot-7");
-        add.extend(rule(NFT_MSG_DELRULE, "slot-7"));
-        add.extend(element(NFT_MSG_NEWSETELEM, "pods"));
-        assert_eq!(classify(&add), Event::Pod, "an ADD");
-        let mut del = element(NFT_MSG_DELSETELEM, "pods");
-        del.extend(chain(NFT_MSG_DELCHAIN, "slot-7"));
-        assert_eq!(classify(&del), Event::Pod, "a DEL");
-        assert_eq!(classify(&rule(NFT_MSG_DELRULE, "intercept")), Event::Touched, "a base chain flushed");
-        assert_eq!(classify(&chain(NFT_MSG_DELCHAIN, "refuse")), Event::Touched);
-        assert_eq!(classify(&chain(NFT_MSG_NEWCHAIN, "slot-x")), Event::Touched, "not a slot chain");
-        assert_eq!(classify(&element(NFT_MSG_DELSETELEM, "other")), Event::Touched);
-        let mut both = element(NFT_MSG_DELSETELEM, "pods");
-        both.extend(rule(NFT_MSG_DELRULE, "refuse"));
-        assert_eq!(classify(&both), Event::Touched, "the more urgent wins");
-        assert_eq!(classify(&message_with(NFT_MSG_NEWRULE, "filter", &[(NFTA_RULE_CHAIN, "slot-3")])), Event::Other);
-    }
-
-    /// A slot chain's rule other than its own mark (`nft insert rule inet iamlink slot-1 meta mark
-    /// set meta mark or 0x2`), or a slot chain with a hook, may name another pod's slot: checked
-    /// at once, unverified meanwhile. (The rule ADD writes is told apart in `nftnl`'s tests.)
-    #[test]
-    fn a_slot_chain_given_another_rule_or_a_hook_is_checked_at_once() {
-        let rule = message_with(NFT_MSG_NEWRULE, "iamlink", &[(NFTA_RULE_CHAIN, "slot-1")]);
-        assert_eq!(classify(&rule), Event::Touched, "no expressions: not slot 1's mark");
-        let hooked = message_with(NFT_MSG_NEWCHAIN, "iamlink", &[(NFTA_CHAIN_NAME, "slot-9"), (NFTA_CHAIN_HOOK, "")]);
-        assert_eq!(classify(&hooked), Event::Touched);
     }
 }
