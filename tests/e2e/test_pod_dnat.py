@@ -21,17 +21,20 @@ import subprocess
 
 import pytest
 
-from harness import NODE_ROLE, PYTHON, role_of_arn, wait_until
+from harness import PYTHON, role_of_arn, wait_until
 from harness.imds_client import CREDS_PATH
 from harness.util import IMDS_CLIENT, stop_process
 
 from conftest import record_of
+from test_fail_closed import add_pods
+from test_ipv6 import DAEMON6, dual_stack_bench
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bpf")
 DAEMON, DAEMON_PORT = "198.18.0.1", 8181
 # iamlinkd's pod ports: its port + 1 (metadata) and + 2 (credentials), on the same address.
 METADATA_PORT, CREDENTIALS_PORT = DAEMON_PORT + 1, DAEMON_PORT + 2
 ASKS = 10
+TWO_PODS = (("team-a", "web", "web"), ("team-b", "api", "api"))
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +63,6 @@ def skip_fib(tmp_path_factory):
         return proc
 
     return attach
-
-
-def add_pods(bench, pods=(("team-a", "web", "web"), ("team-b", "api", "api"))):
-    out = []
-    for ns, name, role in pods:
-        pod = bench.pods.add(ns, name)
-        pod.role = role
-        out.append(pod)
-    return out
 
 
 def roles_answered(pod, asks=ASKS, host="169.254.169.254"):
@@ -106,7 +100,7 @@ def request(pod, path, host, port=80, headers=()):
 def test_a_pod_gets_its_own_role_when_its_dataplane_forwards_metadata_traffic_past_the_node_firewall(
         make_bench, skip_fib):
     bench = make_bench()
-    pods = add_pods(bench)
+    pods = add_pods(bench, TWO_PODS)
     for pod in pods:
         skip_fib(bench, pod.host_ifname)
     for pod in pods:
@@ -135,6 +129,17 @@ def test_the_pod_side_dnat_is_written_once_recorded_and_checked(make_bench):
     assert pod_table(web) == rules, "a repeated ADD changed the pod's DNAT"
     check = bench.pods.add_iamlink_again(web, command="CHECK")
     assert check.returncode == 0, check.stdout + check.stderr
+    # The same number of rules, one of them pointing elsewhere: CHECK names it.
+    pod_nft(web, "flush", "chain", "inet", "iamlink", "metadata")
+    for addr, port in (("169.254.169.254", DAEMON_PORT), ("169.254.170.23", CREDENTIALS_PORT)):
+        pod_nft(web, "add", "rule", "inet", "iamlink", "metadata", "ip", "daddr", addr, "tcp", "dport", "80",
+                "dnat", "ip", "to", f"{DAEMON}:{port}")
+    for addr in ("fd00:ec2::254", "fd00:ec2::23"):
+        pod_nft(web, "add", "rule", "inet", "iamlink", "metadata", "ip6", "daddr", addr, "tcp", "dport", "80", "drop")
+    check = bench.pods.add_iamlink_again(web, command="CHECK")
+    assert check.returncode != 0 and "DNAT altered" in check.stdout + check.stderr, check.stdout + check.stderr
+    assert bench.pods.add_iamlink_again(web).returncode == 0
+    assert pod_table(web) == rules, "a repeated ADD did not restore the pod's DNAT"
     pod_nft(web, "delete", "table", "inet", "iamlink")
     check = bench.pods.add_iamlink_again(web, command="CHECK")
     assert check.returncode != 0 and "DNAT" in check.stdout + check.stderr, check.stdout + check.stderr
@@ -142,9 +147,11 @@ def test_the_pod_side_dnat_is_written_once_recorded_and_checked(make_bench):
 
 def test_a_pod_that_removes_or_rewrites_its_own_dnat_gets_its_own_role_or_nothing(make_bench):
     bench = make_bench()
-    web, api = add_pods(bench)
-    # Removed: the pod's packets are addressed to the metadata address again, and the node's
-    # path marks them by its own interface.
+    web, api = add_pods(bench, TWO_PODS)
+    # Flushed, then removed: the pod's packets are addressed to the metadata address again, and
+    # the node's path marks them by its own interface.
+    pod_nft(web, "flush", "table", "inet", "iamlink")
+    assert roles_answered(web, asks=3) == ["web"] * 3
     pod_nft(web, "delete", "table", "inet", "iamlink")
     assert roles_answered(web, asks=3) == ["web"] * 3
     # Rewritten to iamlinkd's own port: not through the node's rule, nobody.
@@ -205,28 +212,12 @@ def test_a_node_process_that_sets_a_pods_mark_on_the_pod_ports_is_nobody(make_be
     assert roles_answered(web, asks=2) == ["web"] * 2
 
 
-SUBNET6 = "fd00:198:18:64::/64"
-DAEMON6 = "fd00:198:18::1"
-UPSTREAM6 = ("import http.server as h\n"
-             "class H(h.BaseHTTPRequestHandler):\n"
-             "  def do_GET(s): s.send_response(200); s.end_headers(); s.wfile.write(b'" + NODE_ROLE + "')\n"
-             "  do_PUT = do_GET\n"
-             "class S(h.HTTPServer): address_family = __import__('socket').AF_INET6\n"
-             "S(('fd00:ec2::254', 80), H).serve_forever()\n")
-
-
 def test_a_pod_recorded_without_pod_side_dnat_keeps_its_role_over_both_families(make_bench):
     """An older plugin's record (no `podDnat`, no table in the pod) beside a new pod, across a
     restart of iamlinkd: both get their own role over IPv4 and IPv6; the new pod's IPv6
     connections reach the node addressed to iamlinkd's pod port."""
-    bench = make_bench(start_daemon=False, daemon_settings={"listen6": f"[{DAEMON6}]:{DAEMON_PORT}"},
-                       pods_options={"subnet6": SUBNET6, "netconf": {"daemonAddress6": f"[{DAEMON6}]:{DAEMON_PORT}"}})
-    for addr in (DAEMON6, "fd00:ec2::254"):
-        bench.node.exec(["ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad"])
-    bench.node.spawn([PYTHON, "-c", UPSTREAM6])
-    wait_until(lambda: bench.node.can_connect("fd00:ec2::254", 80), 10, "fake IPv6 upstream")
-    bench.daemon.start()
-    old, new = add_pods(bench)
+    bench = dual_stack_bench(make_bench, listen6=True)
+    old, new = add_pods(bench, TWO_PODS)
     # What a pod made by an older plugin looks like: no table in its namespace, no flag.
     pod_nft(old, "delete", "table", "inet", "iamlink")
     path = os.path.join(bench.store_dir, "records", f"{old.cid}.eth0.json")
