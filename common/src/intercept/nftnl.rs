@@ -481,6 +481,8 @@ impl Batch {
 }
 
 /// Constants of the pod-side DNAT's messages (`linux/netfilter/nf_tables.h`).
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFT_TABLE_F_DORMANT: u32 = 1;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NF_INET_LOCAL_OUT: u32 = 3;
@@ -520,10 +522,22 @@ pub enum PodNat {
 }
 
 impl Batch {
-    /// `add table inet <table>`: `NFT_MSG_NEWTABLE` with `NLM_F_CREATE` (an existing one is fine).
-    pub fn add_table(&mut self, table: &str) {
+    /// `add table inet <table>` (`{ flags dormant; }`: no chain of it is hooked):
+    /// `NFT_MSG_NEWTABLE` with `NLM_F_CREATE` (an existing one is fine).
+    pub fn add_table(&mut self, table: &str, dormant: bool) {
         let t = table.to_string();
         self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, format!("add table {table}"), move |m| {
+            m.put_str(NFTA_TABLE_NAME, &t);
+            if dormant {
+                m.put_be32(NFTA_TABLE_FLAGS, NFT_TABLE_F_DORMANT);
+            }
+        });
+    }
+
+    /// `delete table inet <table>`: `NFT_MSG_DELTABLE`, everything in it goes.
+    pub fn delete_table(&mut self, table: &str) {
+        let t = table.to_string();
+        self.push(NFT_MSG_DELTABLE, 0, format!("delete table {table}"), move |m| {
             m.put_str(NFTA_TABLE_NAME, &t);
         });
     }

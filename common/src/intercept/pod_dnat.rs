@@ -100,12 +100,7 @@ impl RuleSet {
         let mut nft = nft_in(netns)?;
         for _ in 0..TRIES {
             let mut batch = Batch::default();
-            batch.add_table(TABLE);
-            batch.add_nat_output_chain(TABLE, CHAIN, PRIORITY);
-            batch.flush_chain(TABLE, CHAIN);
-            for (addr, nat) in self.pod_dnat() {
-                batch.add_pod_nat_rule(TABLE, CHAIN, addr, METADATA_PORT, nat);
-            }
+            self.pod_dnat_batch(&mut batch, TABLE, false);
             let generation = nft.generation()?;
             match nft.commit(batch, generation) {
                 Err(InterceptError::GenerationChanged) => continue,
@@ -115,21 +110,59 @@ impl RuleSet {
         Err(InterceptError::Changed { what: format!("writing the pod-side DNAT in {netns}") })
     }
 
+    /// The table, its hooked chain (flushed) and its rules, into `table`.
+    fn pod_dnat_batch(&self, batch: &mut Batch, table: &str, dormant: bool) {
+        batch.add_table(table, dormant);
+        batch.add_nat_output_chain(table, CHAIN, PRIORITY);
+        batch.flush_chain(table, CHAIN);
+        for (addr, nat) in self.pod_dnat() {
+            batch.add_pod_nat_rule(table, CHAIN, addr, METADATA_PORT, nat);
+        }
+    }
+
     /// What is wrong with the pod-side DNAT in the namespace at `netns`; `None` when its chain
-    /// has exactly the rules [`Self::install_pod_dnat`] writes.
+    /// is hooked as [`Self::install_pod_dnat`] hooks it and holds exactly its rules, expression
+    /// by expression. The reference is the same transaction written into a dormant table of the
+    /// pod's namespace (no hook registered, deleted at once), read back the same way, as the
+    /// node's base chains are checked.
     pub fn pod_dnat_problem(&self, netns: &str) -> Result<Option<String>, InterceptError> {
         let mut nft = nft_in(netns)?;
-        let hooked = nft.chains(TABLE)?.into_iter().any(|c| c.name == CHAIN && c.hook.is_some());
-        if !hooked {
+        let Some(found) = chain_in(&mut nft, TABLE)? else {
             return Ok(Some(format!("pod-side DNAT missing: no chain {CHAIN} of table inet {TABLE} in the pod")));
-        }
-        let (found, wanted) = (nft.rule_count(TABLE, CHAIN)?, self.pod_dnat().len());
+        };
+        let reference = format!("{TABLE}-reference-{}", std::process::id());
+        let mut write = Batch::default();
+        write.add_table(&reference, false);
+        write.delete_table(&reference);
+        self.pod_dnat_batch(&mut write, &reference, true);
+        let generation = nft.generation()?;
+        nft.commit(write, generation)?;
+        let wanted = chain_in(&mut nft, &reference);
+        let mut delete = Batch::default();
+        delete.delete_table(&reference);
+        let generation = nft.generation()?;
+        nft.commit(delete, generation)?;
+        let wanted =
+            wanted?.ok_or_else(|| InterceptError::Changed { what: format!("reading table inet {reference}") })?;
         Ok((found != wanted).then(|| {
             format!(
-                "pod-side DNAT altered: chain {CHAIN} of table inet {TABLE} in the pod has {found} rules, not {wanted}"
+                "pod-side DNAT altered: chain {CHAIN} of table inet {TABLE} in the pod has {} rules, {} of them as \
+                 ADD writes them (a repeated ADD restores it)",
+                found.1.len(),
+                found.1.iter().filter(|r| wanted.1.contains(r)).count()
             )
         }))
     }
+}
+
+/// Chain [`CHAIN`] of `table`: its hook as the kernel reports it (`None`: a regular chain) and
+/// its rules' expressions in order; `None` when there is no such chain.
+type ChainRead = (Option<Vec<u8>>, Vec<Vec<u8>>);
+
+fn chain_in(nft: &mut Nft, table: &str) -> Result<Option<ChainRead>, InterceptError> {
+    let Some(chain) = nft.chains(table)?.into_iter().find(|c| c.name == CHAIN) else { return Ok(None) };
+    let rules = nft.rules(table)?.into_iter().filter(|r| r.chain == CHAIN).map(|r| r.expressions).collect();
+    Ok(Some((chain.hook, rules)))
 }
 
 /// An nf_tables socket in the namespace at `path` (a socket stays in the namespace it was
