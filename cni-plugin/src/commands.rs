@@ -70,6 +70,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         created_boottime_ns: boottime_ns(),
         runtime_annotations: conf.iam_annotations(),
         adopted: false,
+        pod_dnat: true,
     };
     store.insert(&lock, &record)?;
     // iamlinkd starts the pod's STS call now, while the rest of ADD runs.
@@ -77,7 +78,17 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
     let routed = async {
         rules.add_pod(&lock, &record.host_interface.name, slot, view.as_ref())?;
         let routed = routed_addresses(&rules, prev.has_ipv6());
-        ensure_pod_routes(&pod_net, &routed, container.index, &prev, &env.ifname).await
+        let added = ensure_pod_routes(&pod_net, &routed, container.index, &prev, &env.ifname).await?;
+        // The pod's metadata traffic goes to the node's own address from now on, the path eBPF
+        // dataplanes deliver through the node's stack; one transaction, so nothing to undo when it fails.
+        if let Err(e) = rules.install_pod_dnat(&env.netns) {
+            for &d in &added {
+                let _ = pod_net.del_host_route(d, container.index).await;
+            }
+            return Err(CniError::new(Code::Interception, format!("cannot write the pod-side DNAT in {}", env.netns))
+                .with_details(e));
+        }
+        Ok(added)
     }
     .await;
     let added = match routed {
@@ -324,10 +335,16 @@ pub async fn cmd_check(conf: &NetConf, env: &Env) -> Result<()> {
     if let Some(e) = findings.iter().find_map(|f| unreadable(f, env)) {
         return Err(e);
     }
-    if findings.is_empty() {
+    let mut problems: Vec<String> = findings.iter().map(ToString::to_string).collect();
+    if record.pod_dnat {
+        let problem = rules.pod_dnat_problem(&env.netns).map_err(|e| {
+            CniError::new(Code::CheckFailed, format!("cannot read the pod-side DNAT in {}", env.netns)).with_details(e)
+        })?;
+        problems.extend(problem);
+    }
+    if problems.is_empty() {
         return Ok(());
     }
-    let problems: Vec<String> = findings.iter().map(ToString::to_string).collect();
     Err(CniError::new(Code::CheckFailed, format!("iamlink check failed for pod {}", record.pod))
         .with_details(problems.join("; ")))
 }

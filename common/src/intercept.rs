@@ -28,6 +28,7 @@ mod base;
 pub mod nftables;
 mod nftnl;
 pub mod plan;
+pub mod pod_dnat;
 
 pub use nftables::{classify, BaseChain, BaseChains, Change, Installed, PodView};
 

@@ -20,7 +20,11 @@ pub fn has_ipv6<'a>(addresses: impl IntoIterator<Item = &'a str>) -> bool {
 
 /// The intercepted addresses a pod must reach the node for: IPv6 ones only when it has IPv6.
 pub fn routed_addresses(rules: &RuleSet, pod_has_ipv6: bool) -> Vec<IpAddr> {
-    rules.addresses.iter().copied().filter(|a| a.is_ipv4() || pod_has_ipv6).collect()
+    // iamlinkd's own addresses too: the pod-side DNAT sends the pod's metadata traffic there.
+    let daemon = [Some(IpAddr::V4(*rules.daemon.ip())), rules.daemon6.map(|d| IpAddr::V6(*d.ip()))];
+    let mut routed: Vec<IpAddr> = rules.addresses.iter().copied().chain(daemon.into_iter().flatten()).collect();
+    routed.retain(|a| a.is_ipv4() || pod_has_ipv6);
+    routed
 }
 
 /// The host interface a record names, as the node's kernel has it now.
@@ -458,6 +462,7 @@ mod tests {
             created_boottime_ns: 1,
             runtime_annotations: None,
             adopted: false,
+            pod_dnat: false,
         }
     }
 
@@ -618,6 +623,8 @@ mod tests {
         assert!(!has_ipv6(r.ips.iter().map(String::as_str)));
         assert!(routed_addresses(&rules, false).iter().all(|a| a.is_ipv4()));
         assert!(has_ipv6(["198.18.64.2/24", "fd00::2/64"]));
-        assert_eq!(routed_addresses(&rules, true).len(), 4);
+        // Both metadata and credentials addresses, and iamlinkd's, the pod-side DNAT's target.
+        assert_eq!(routed_addresses(&rules, true).len(), 5);
+        assert!(routed_addresses(&rules, false).contains(&"198.18.0.1".parse().unwrap()));
     }
 }

@@ -37,6 +37,13 @@ pub struct PodRecord {
     /// when it was adopted. Absent (false) in every record ADD writes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// ADD wrote the pod-side DNAT into the pod's namespace (`intercept::pod_dnat`): its metadata
+    /// traffic reaches the node addressed to iamlinkd's pod ports, which eBPF dataplanes deliver
+    /// through the node's stack. Absent (false) for records of older plugins and adopted pods,
+    /// whose traffic depends on the node's own DNAT of the metadata addresses: a guard that drops
+    /// metadata-addressed packets before the node's netfilter may be attached only where it is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod_dnat: bool,
 }
 
 /// The pod annotation naming its role (a name or an ARN), as kube2iam and kiam read it.
@@ -181,6 +188,7 @@ mod tests {
             created_boottime_ns: boottime_ns(),
             runtime_annotations: None,
             adopted: false,
+            pod_dnat: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"containerId\":\"c1\""));
@@ -192,5 +200,10 @@ mod tests {
         let json = serde_json::to_string(&adopted).unwrap();
         assert!(json.contains("\"adopted\":true"));
         assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), adopted);
+        assert!(!json.contains("podDnat"), "absent when false: a record of an older plugin reads as without it");
+        let dnat = PodRecord { pod_dnat: true, ..adopted };
+        let json = serde_json::to_string(&dnat).unwrap();
+        assert!(json.contains("\"podDnat\":true"));
+        assert_eq!(serde_json::from_str::<PodRecord>(&json).unwrap(), dnat);
     }
 }

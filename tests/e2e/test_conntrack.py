@@ -36,6 +36,8 @@ except Exception as e:
 def test_connection_opened_before_interception_cannot_keep_reaching_the_upstream(make_bench):
     bench = make_bench(start_daemon=False)
     pod = bench.pods.add("team-a", "web")
+    # The node's layers are under test: the pod's own DNAT (a layer of its own) goes first.
+    assert pod.exec(["nft", "delete", "table", "inet", "iamlink"]).returncode == 0
     bench.node.exec(["nft", "delete", "table", "inet", "iamlink"])
     bench.node.delete_ip_rules((60, 61, 62))  # iamlink's second layer, which the plugin added too
     bench.node.exec(["nft", "-f", "-"], input="table inet node-firewall {\n"

@@ -223,13 +223,13 @@ class Pods:
             json.dump(only, f, indent=2)
         return self.cnirt_run("del", pod, conflist=path)
 
-    def add_iamlink_again(self, pod):
+    def add_iamlink_again(self, pod, command="ADD"):
         """The runtime's repeated ADD as iamlink sees it: its own conflist entry, the pod's
         result as prevResult (the plugins before it are not run again: they would refuse an
-        interface that exists). Returns the run."""
+        interface that exists). Returns the run. `command="CHECK"`: iamlink's CHECK alone."""
         entry = next(p for p in self.conflist["plugins"] if p["type"] == "iamlink")
         conf = dict(entry, cniVersion=self.conflist["cniVersion"], name=NETWORK, prevResult=pod.result)
-        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod.cid,
+        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "CNI_COMMAND": command, "CNI_CONTAINERID": pod.cid,
                "CNI_NETNS": pod.netns_path, "CNI_IFNAME": "eth0", "CNI_ARGS": pod.cni_args(),
                "CNI_PATH": self.bin_dirs}
         return self.node.exec([IAMLINK_PLUGIN], env=env, input=json.dumps(conf), check=False)

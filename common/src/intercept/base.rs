@@ -3,10 +3,11 @@
 //! read back, against which the installed base chains are compared expression by expression.
 //! Compiling nft expressions by hand is what this spares; a pod's part is never written here.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use super::nftables::{read_installed, BaseChains};
-use super::{nft_script, nftnl, InterceptError, RuleSet, LAYOUT_PREFIX, LAYOUT_VERSION, PODS_MAP, TABLE};
+use super::{nft_script, nftnl, pod_dnat, InterceptError, RuleSet, LAYOUT_PREFIX, LAYOUT_VERSION, PODS_MAP, TABLE};
 
 impl RuleSet {
     /// The intercepted addresses of one family, as an nft set's elements.
@@ -64,6 +65,18 @@ impl RuleSet {
             Some(d) => format!("dnat ip6 to {d}"),
             None => "drop".to_string(),
         };
+        // iamlinkd's pod ports (`pod_dnat`): what the pod-side DNAT sends the metadata addresses
+        // to, marked and DNATed exactly like the metadata addresses.
+        let mut pod_ports = String::new();
+        for (daemon, family) in [(Some(SocketAddr::V4(self.daemon)), "ip"), (self.daemon6.map(SocketAddr::V6), "ip6")] {
+            let Some(daemon) = daemon else { continue };
+            let ports: Vec<String> = pod_dnat::pod_ports(daemon).iter().map(|(a, _)| a.port().to_string()).collect();
+            let (ip, ports) = (daemon.ip(), ports.join(", "));
+            pod_ports.push_str(&format!(
+                "add rule {t} identify {family} daddr {ip} tcp dport {{ {ports} }} jump identify-pod\n\
+                 add rule {t} intercept {family} daddr {ip} tcp dport {{ {ports} }} ct state new dnat {family} to {daemon}\n"
+            ));
+        }
         format!(
             "add rule {t} identify ip daddr {{ {v4} }} tcp dport 80 jump identify-pod\n\
              add rule {t} identify ip6 daddr {{ {v6} }} tcp dport 80 jump identify-pod\n\
@@ -74,7 +87,8 @@ impl RuleSet {
              add rule {t} refuse ip daddr {{ {v4} }} meta l4proto tcp reject with tcp reset\n\
              add rule {t} refuse ip daddr {{ {v4} }} reject with icmpx admin-prohibited\n\
              add rule {t} refuse ip6 daddr {{ {v6} }} meta l4proto tcp reject with tcp reset\n\
-             add rule {t} refuse ip6 daddr {{ {v6} }} reject with icmpx admin-prohibited\n",
+             add rule {t} refuse ip6 daddr {{ {v6} }} reject with icmpx admin-prohibited\n\
+             {pod_ports}",
             keep = !self.mask.bits(),
             daemon = self.daemon,
         )

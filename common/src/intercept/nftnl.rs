@@ -480,6 +480,166 @@ impl Batch {
     }
 }
 
+/// Constants of the pod-side DNAT's messages (`linux/netfilter/nf_tables.h`).
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFT_TABLE_F_DORMANT: u32 = 1;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NF_INET_LOCAL_OUT: u32 = 3;
+const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_META_L4PROTO: u32 = 16;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_2: u32 = 2;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFT_NAT_DNAT: u32 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+
+/// What the pod-side DNAT does with a matched packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNat {
+    /// `dnat ip to <addr>:<port>` (or `ip6`): the address must be of the matched family.
+    To(std::net::SocketAddr),
+    Drop,
+}
+
+impl Batch {
+    /// `add table inet <table>` (`{ flags dormant; }`: no chain of it is hooked):
+    /// `NFT_MSG_NEWTABLE` with `NLM_F_CREATE` (an existing one is fine).
+    pub fn add_table(&mut self, table: &str, dormant: bool) {
+        let t = table.to_string();
+        self.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, format!("add table {table}"), move |m| {
+            m.put_str(NFTA_TABLE_NAME, &t);
+            if dormant {
+                m.put_be32(NFTA_TABLE_FLAGS, NFT_TABLE_F_DORMANT);
+            }
+        });
+    }
+
+    /// `delete table inet <table>`: `NFT_MSG_DELTABLE`, everything in it goes.
+    pub fn delete_table(&mut self, table: &str) {
+        let t = table.to_string();
+        self.push(NFT_MSG_DELTABLE, 0, format!("delete table {table}"), move |m| {
+            m.put_str(NFTA_TABLE_NAME, &t);
+        });
+    }
+
+    /// `add chain inet <table> <name> { type nat hook output priority <priority>; policy accept; }`.
+    pub fn add_nat_output_chain(&mut self, table: &str, name: &str, priority: i32) {
+        let (t, n) = (table.to_string(), name.to_string());
+        self.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, format!("add chain {name} (nat output)"), move |m| {
+            m.put_str(NFTA_CHAIN_TABLE, &t).put_str(NFTA_CHAIN_NAME, &n);
+            m.nest(NFTA_CHAIN_HOOK, |m| {
+                m.put_be32(NFTA_HOOK_HOOKNUM, NF_INET_LOCAL_OUT).put_be32(NFTA_HOOK_PRIORITY, priority as u32);
+            });
+            m.put_be32(NFTA_CHAIN_POLICY, NF_ACCEPT).put_str(NFTA_CHAIN_TYPE, "nat");
+        });
+    }
+
+    /// `add rule inet <table> <chain> ip[6] daddr <daddr> tcp dport <dport> (dnat ip[6] to <to> | drop)`,
+    /// as nft compiles it: `meta nfproto`, `meta l4proto`, the address and port loaded from the
+    /// headers and compared, then the target in registers 1 and 2 and a `nat` expression (or
+    /// a drop verdict).
+    pub fn add_pod_nat_rule(&mut self, table: &str, chain: &str, daddr: std::net::IpAddr, dport: u16, nat: PodNat) {
+        let (t, c) = (table.to_string(), chain.to_string());
+        let what = format!("add rule {chain} daddr {daddr} tcp dport {dport} {nat:?}");
+        self.push(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, what, move |m| {
+            m.put_str(NFTA_RULE_TABLE, &t).put_str(NFTA_RULE_CHAIN, &c);
+            let (nfproto, offset, addr) = match daddr {
+                std::net::IpAddr::V4(a) => (NFPROTO_IPV4, 16, a.octets().to_vec()),
+                std::net::IpAddr::V6(a) => (NFPROTO_IPV6, 24, a.octets().to_vec()),
+            };
+            m.nest(NFTA_RULE_EXPRESSIONS, |m| {
+                meta_eq(m, NFT_META_NFPROTO, &[nfproto]);
+                meta_eq(m, NFT_META_L4PROTO, &[IPPROTO_TCP]);
+                payload_eq(m, NFT_PAYLOAD_NETWORK_HEADER, offset, &addr);
+                payload_eq(m, NFT_PAYLOAD_TRANSPORT_HEADER, 2, &dport.to_be_bytes());
+                match nat {
+                    PodNat::To(to) => {
+                        let (family, ip) = match to.ip() {
+                            std::net::IpAddr::V4(a) => (NFPROTO_IPV4, a.octets().to_vec()),
+                            std::net::IpAddr::V6(a) => (NFPROTO_IPV6, a.octets().to_vec()),
+                        };
+                        immediate_value(m, NFT_REG_1, &ip);
+                        immediate_value(m, NFT_REG_2, &to.port().to_be_bytes());
+                        m.expr("nat", |m| {
+                            m.put_be32(NFTA_NAT_TYPE, NFT_NAT_DNAT)
+                                .put_be32(NFTA_NAT_FAMILY, u32::from(family))
+                                .put_be32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1)
+                                .put_be32(NFTA_NAT_REG_PROTO_MIN, NFT_REG_2);
+                        });
+                    }
+                    PodNat::Drop => {
+                        m.expr("immediate", |m| {
+                            m.put_be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+                            m.nest(NFTA_IMMEDIATE_DATA, |m| {
+                                m.nest(NFTA_DATA_VERDICT, |m| {
+                                    m.put_be32(NFTA_VERDICT_CODE, NF_DROP);
+                                });
+                            });
+                        });
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `meta load <key> => reg 1; cmp eq reg 1 <value>`.
+fn meta_eq(m: &mut Msg, key: u32, value: &[u8]) {
+    m.expr("meta", |m| {
+        m.put_be32(NFTA_META_KEY, key).put_be32(NFTA_META_DREG, NFT_REG_1);
+    });
+    cmp_eq(m, value);
+}
+
+/// `payload load <len>b @ <base> + <offset> => reg 1; cmp eq reg 1 <value>`.
+fn payload_eq(m: &mut Msg, base: u32, offset: u32, value: &[u8]) {
+    m.expr("payload", |m| {
+        m.put_be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+            .put_be32(NFTA_PAYLOAD_BASE, base)
+            .put_be32(NFTA_PAYLOAD_OFFSET, offset)
+            .put_be32(NFTA_PAYLOAD_LEN, value.len() as u32);
+    });
+    cmp_eq(m, value);
+}
+
+fn cmp_eq(m: &mut Msg, value: &[u8]) {
+    m.expr("cmp", |m| {
+        m.put_be32(NFTA_CMP_SREG, NFT_REG_1).put_be32(NFTA_CMP_OP, NFT_CMP_EQ);
+        m.nest(NFTA_CMP_DATA, |m| {
+            m.put(NFTA_DATA_VALUE, value);
+        });
+    });
+}
+
+fn immediate_value(m: &mut Msg, reg: u32, value: &[u8]) {
+    m.expr("immediate", |m| {
+        m.put_be32(NFTA_IMMEDIATE_DREG, reg);
+        m.nest(NFTA_IMMEDIATE_DATA, |m| {
+            m.put(NFTA_DATA_VALUE, value);
+        });
+    });
+}
+
 /// An `ifname` key: the name zero-padded to `IFNAMSIZ` (names are validated shorter).
 fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
     let mut key = [0u8; IFNAMSIZ];

@@ -354,6 +354,8 @@ async fn adopt(
                     created_boottime_ns: boottime_ns(),
                     runtime_annotations: a.annotations,
                     adopted: true,
+                    // iamlinkd cannot enter the pod's namespace: the node's own DNAT serves it.
+                    pod_dnat: false,
                 };
                 store.insert(lock, &record)?;
                 info!(pod = %record.pod, uid = %record.pod.uid, container = %record.container_id,

@@ -86,7 +86,8 @@ fn established_at(stream: &TcpStream, peer: SocketAddr, now: u64) -> u64 {
 /// Serves pods on `listener`; `cap` bounds the connections of all pods together (shared by the
 /// IPv4 and IPv6 listeners), [`Limits`](crate::request::limits::Limits) each pod's.
 pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener, cap: ConnectionCap) {
-    let intercepted: Vec<IpAddr> = app.config.rule_set().addresses;
+    let rules = app.config.rule_set();
+    let intercepted: Vec<IpAddr> = rules.addresses.clone();
     accept_loop(cap, listener, |stream, peer, overall| {
         let accepted_at = boottime_ns();
         // The table was just created or deleted by someone: its marks are read only once the
@@ -104,7 +105,7 @@ pub async fn serve<S: AssumeRole>(app: Arc<App<S>>, listener: TcpListener, cap: 
             }
         };
         let original_dst = original_destination(&stream, peer);
-        let to = Destination::of(original_dst, &intercepted);
+        let to = Destination::of(original_dst, &intercepted, &rules);
         // Not through the rule: nobody, whatever the mark, for the limits too.
         let slot = Conn::slot_of(mark, to, app.config.mark_mask);
         let Some(place) = app.limits.admit_connection(slot) else {

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use iamlink_common::intercept::{METADATA_ADDRESS, METADATA_ADDRESS6};
+use iamlink_common::intercept::pod_dnat::Served;
+use iamlink_common::intercept::{RuleSet, METADATA_ADDRESS, METADATA_ADDRESS6};
 use iamlink_common::record::JIFFY_SLACK_NS;
 use iamlink_common::{MarkMask, PodRecord, Slot, SlotIdentity, Store, StoreError};
 
@@ -34,8 +35,16 @@ impl Destination {
     /// Which intercepted address `original` (the connection's destination before NAT, from
     /// conntrack) is, among the rule set's `intercepted` addresses; None for anything else,
     /// including a connection that was not NATed at all.
-    pub fn of(original: Option<SocketAddr>, intercepted: &[IpAddr]) -> Option<Destination> {
+    ///
+    /// The pod-side DNAT's pod ports (`rules.pod_ports()`, reached only through the node's rule)
+    /// count as the address they stand for.
+    pub fn of(original: Option<SocketAddr>, intercepted: &[IpAddr], rules: &RuleSet) -> Option<Destination> {
         let original = original?;
+        match rules.served_by_pod_port(original) {
+            Some(Served::Metadata) => return Some(Destination::Metadata),
+            Some(Served::Credentials) => return Some(Destination::Credentials),
+            None => {}
+        }
         let ip = original.ip();
         if original.port() != INTERCEPTED_PORT || !intercepted.contains(&ip) {
             return None;
@@ -188,6 +197,7 @@ mod tests {
             created_boottime_ns: 1,
             runtime_annotations: None,
             adopted: false,
+            pod_dnat: false,
         }
     }
 
@@ -263,9 +273,14 @@ mod tests {
 
     #[test]
     fn only_port_80_of_an_intercepted_address_is_a_destination() {
-        let intercepted: Vec<IpAddr> =
-            ["169.254.169.254", "fd00:ec2::254", "169.254.170.23", "fd00:ec2::23"].map(|a| a.parse().unwrap()).to_vec();
-        let of = |a: &str| Destination::of(Some(a.parse().unwrap()), &intercepted);
+        let rules = RuleSet::new(
+            "198.18.0.1:8181".parse().unwrap(),
+            Some("[fd00:198:18::1]:8181".parse().unwrap()),
+            iamlink_common::MarkMask::default(),
+            Some("169.254.170.23".parse().unwrap()),
+        );
+        let intercepted = rules.addresses.clone();
+        let of = |a: &str| Destination::of(Some(a.parse().unwrap()), &intercepted, &rules);
         assert_eq!(of("169.254.169.254:80"), Some(Destination::Metadata));
         assert_eq!(of("[fd00:ec2::254]:80"), Some(Destination::Metadata));
         assert_eq!(of("169.254.170.23:80"), Some(Destination::Credentials));
@@ -273,8 +288,14 @@ mod tests {
         for elsewhere in ["198.18.0.1:8181", "169.254.169.254:8181", "10.96.0.10:80", "169.254.170.2:80"] {
             assert_eq!(of(elsewhere), None, "{elsewhere}");
         }
-        assert_eq!(Destination::of(None, &intercepted), None, "not NATed");
+        assert_eq!(Destination::of(None, &intercepted, &rules), None, "not NATed");
         // Without a credentials address, 169.254.170.23 is not intercepted.
-        assert_eq!(Destination::of(Some("169.254.170.23:80".parse().unwrap()), &intercepted[..2]), None);
+        assert_eq!(Destination::of(Some("169.254.170.23:80".parse().unwrap()), &intercepted[..2], &rules), None);
+        // The pod-side DNAT's ports stand for the address they replaced; iamlinkd's own port is nobody's.
+        assert_eq!(of("198.18.0.1:8182"), Some(Destination::Metadata));
+        assert_eq!(of("198.18.0.1:8183"), Some(Destination::Credentials));
+        assert_eq!(of("[fd00:198:18::1]:8182"), Some(Destination::Metadata));
+        assert_eq!(of("[fd00:198:18::1]:8183"), Some(Destination::Credentials));
+        assert_eq!(of("[fd00:198:18::1]:8181"), None);
     }
 }
