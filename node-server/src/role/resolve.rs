@@ -69,8 +69,9 @@ pub struct Grant {
     pub external_id: Option<String>,
     /// The service account's token expiration; unset: the config's.
     pub duration_seconds: Option<u32>,
-    /// What the session carries besides the role (chain, policy, tags, name).
-    pub session: SessionOptions,
+    /// What the session carries besides the role (chain, policy, tags, name); boxed, so that
+    /// a refusal (the `Err` beside a grant) stays small.
+    pub session: Box<SessionOptions>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,12 +255,12 @@ impl Roles {
     fn associated(&self, a: &Association) -> Result<Grant, Resolution> {
         let Some(target) = &a.target_role else {
             let mut grant = self.grant(Source::Association, &a.role, None, None)?;
-            grant.session = SessionOptions::of_association(a, None);
+            grant.session = Box::new(SessionOptions::of_association(a, None));
             return Ok(grant);
         };
         let first = self.grant(Source::Association, &a.role, None, None)?;
         let mut grant = self.grant(Source::Association, target, None, None)?;
-        grant.session = SessionOptions::of_association(a, Some(first.role));
+        grant.session = Box::new(SessionOptions::of_association(a, Some(first.role)));
         Ok(grant)
     }
 
@@ -312,7 +313,7 @@ impl Roles {
             requested: requested.to_string(),
             external_id: external_id.cloned(),
             duration_seconds,
-            session: SessionOptions::default(),
+            session: Box::default(),
         })
     }
 }
