@@ -2,6 +2,7 @@
 //! documents each.
 
 pub mod keys;
+mod sessions;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,13 @@ pub struct StsConfig {
     #[serde(default)]
     pub session_tags: bool,
     pub node_name: Option<String>,
+    /// The `eks-cluster-name` and `eks-cluster-arn` session tags; unset: not sent.
+    pub cluster_name: Option<String>,
+    pub cluster_arn: Option<String>,
+    /// `SourceIdentity` = `<namespace>.<service account>` on every pod's session (CloudTrail
+    /// follows it through role chains); needs sts:SetSourceIdentity on the roles' trust.
+    #[serde(default)]
+    pub source_identity: bool,
     /// Bound on one AssumeRole call, retries included.
     #[serde(default = "default_sts_timeout")]
     pub timeout_seconds: u64,
@@ -145,6 +153,9 @@ impl Default for StsConfig {
             external_id: None,
             session_tags: false,
             node_name: None,
+            cluster_name: None,
+            cluster_arn: None,
+            source_identity: false,
             timeout_seconds: default_sts_timeout(),
         }
     }
@@ -177,6 +188,19 @@ pub struct Association {
     pub namespace: String,
     pub service_account: String,
     pub role: String,
+    /// A role (full ARN, often in another account) assumed with `role`'s credentials: the pod
+    /// gets this one. Chained sessions last at most an hour (STS's limit).
+    pub target_role: Option<String>,
+    /// ExternalId of the association's last AssumeRole (the target's, when chaining).
+    pub external_id: Option<String>,
+    /// An inline session policy (JSON), sent as `Policy` on every AssumeRole of the chain.
+    pub session_policy: Option<String>,
+    /// `false`: no session tags for these pods' sessions, whatever `sts.session_tags` says.
+    #[serde(default = "yes")]
+    pub session_tags: bool,
+    /// RoleSessionName template ([`crate::creds::session_name::PLACEHOLDERS`]); unset:
+    /// `<namespace>.<pod>`.
+    pub session_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -266,6 +290,10 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("proxy_allow entry {entry:?} refused: {why}")));
             }
         }
+        for (i, a) in self.roles.association.iter().enumerate() {
+            a.check().map_err(|(key, why)| ConfigError::Invalid(format!("roles.association[{i}].{key} {why}")))?;
+        }
+        self.sts.check_tags().map_err(ConfigError::Invalid)?;
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
         if self.roles.base_arn.is_none() && self.kubernetes.is_none() {
             let roles = &self.roles;

@@ -1,6 +1,7 @@
 """Daemon: iamlinkd from target/release, configured and run inside the node."""
 
 import http.client
+import json
 import os
 import signal
 
@@ -20,7 +21,7 @@ def _toml_value(v):
     if isinstance(v, int):
         return str(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v)  # a JSON string is a TOML basic string (newlines escaped too)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"no TOML for {v!r}")
@@ -41,7 +42,7 @@ def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=())
         lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "name", "role") if entry.get(k)]
     for entry in associations:
         lines += ["", "[[roles.association]]"]
-        lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "service_account", "role")]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -49,7 +50,8 @@ class Daemon:
     """iamlinkd with a config of the bench's: listen 198.18.0.1:8181, STS at moto.
 
     `pod_roles`: a list of {"namespace", "name" (optional), "role"} as in `[[roles.pod]]`;
-    `associations`: {"namespace", "service_account", "role"} as in `[[roles.association]]`.
+    `associations`: {"namespace", "service_account", "role", ...} as in `[[roles.association]]`
+    (every key of the dict is written).
     `settings`: top-level keys overriding the defaults (e.g. imdsv1=False), a dict value being a
     table (e.g. limits={"burst": 10}); `sts`: [sts] keys. `wrapper`: argv run in front of iamlinkd
     (e.g. a private mount namespace), ending with something that execs its arguments.

@@ -7,11 +7,13 @@ node-role-permissions.json. moto does not enforce IAM policies unless asked to (
 tests/e2e/test_iam_docs.py, which does ask).
 """
 
+import base64
 import http.client
 import json
 import os
 import re
 import threading
+import urllib.parse
 
 import boto3
 import botocore.config
@@ -94,7 +96,9 @@ class Moto:
         if self.running:
             return
         log = open(self.log_path, "ab")
-        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": self.node.workdir}
+        # Off until a test starts it (start_recording): moto's record of the requests it received.
+        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": self.node.workdir,
+               "MOTO_RECORDER_FILEPATH": os.path.join(self.node.workdir, "moto-recording.jsonl")}
         self.proc = self.node.spawn([tool("moto_server"), "-H", self.HOST, "-p", str(self.PORT)],
                                     env=env, stdout=log, stderr=log)
         log.close()
@@ -128,6 +132,53 @@ class Moto:
             stop_process(self.proc, timeout=10)
             self.node.forget(self.proc)
             self.proc = None
+
+    # -- moto's record of the requests it received -----------------------------------------
+    def _moto_api(self, method, path):
+        def call():
+            conn = http.client.HTTPConnection(self.HOST, self.PORT, timeout=5)
+            conn.request(method, path)
+            r = conn.getresponse()
+            body = r.read().decode()
+            conn.close()
+            assert r.status == 200, f"{method} {path}: {r.status} {body}"
+            return body
+        return self.node.call(call)
+
+    def start_recording(self):
+        """From now on moto records every request it receives (the earlier ones are forgotten)."""
+        self._moto_api("POST", "/moto-api/recorder/reset-recording")
+        self._moto_api("POST", "/moto-api/recorder/start-recording")
+
+    def recorded(self, action):
+        """The `action` requests (STS's query protocol) moto received since start_recording, in
+        order: each its parameters as a dict, `Tags` as {key: value}, `TransitiveTagKeys` as a
+        list, and `SignedBy`: the access key that signed it."""
+        calls = []
+        for line in self._moto_api("GET", "/moto-api/recorder/download-recording").splitlines():
+            entry = json.loads(line)
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode()
+            params = dict(urllib.parse.parse_qsl(body, keep_blank_values=True))
+            if params.get("Action") != action:
+                continue
+            tags, transitive, out = {}, [], {}
+            for k, v in params.items():
+                m = re.fullmatch(r"Tags\.member\.(\d+)\.(Key|Value)", k)
+                if m:
+                    tags.setdefault(m.group(1), {})[m.group(2)] = v
+                elif k.startswith("TransitiveTagKeys.member."):
+                    transitive.append(v)
+                else:
+                    out[k] = v
+            out["Tags"] = {t["Key"]: t.get("Value", "") for t in tags.values()}
+            out["TransitiveTagKeys"] = sorted(transitive)
+            auth = {k.lower(): v for k, v in entry.get("headers", {}).items()}.get("authorization", "")
+            m = re.search(r"Credential=([^/]+)/", auth)
+            out["SignedBy"] = m.group(1) if m else None
+            calls.append(out)
+        return calls
 
     # -- AWS calls (all made from inside the node) ----------------------------------------
     def client(self, service, creds=None):

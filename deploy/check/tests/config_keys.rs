@@ -40,7 +40,12 @@ fn typed() -> Vec<(&'static str, Value)> {
         ("roles.pod", json!({"roles": {"pod": [{"namespace": "team-a", "name": "web", "role": "team-a-web"}]}})),
         (
             "roles.association",
-            json!({"roles": {"association": [{"namespace": "team-c", "serviceAccount": "reporter", "role": "team-c-reporter"}]}}),
+            json!({"roles": {"association": [{
+                "namespace": "team-c", "serviceAccount": "reporter", "role": "team-c-reporter",
+                "targetRole": "arn:aws:iam::210987654321:role/reports-reader", "externalId": "team-c-reporter",
+                "sessionPolicy": r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#,
+                "sessionTags": false, "sessionName": "{service_account}@{namespace}"
+            }]}}),
         ),
         ("kubernetes.runtime_annotations", json!({"kubernetes": {"runtimeAnnotations": false}})),
         ("kubernetes.require_namespace_permission", json!({"kubernetes": {"requireNamespacePermission": true}})),

@@ -339,8 +339,7 @@ mod tests {
             role_arn: role.into(),
             session_name: "ns.pod".into(),
             duration_seconds: 3600,
-            external_id: None,
-            tags: vec![],
+            ..SessionKey::default()
         }
     }
 

@@ -2,8 +2,12 @@
 //! holds credentials per request and asks [`sts`] once per key; [`refresh`] prefetches them when a pod appears and refreshes them before they expire.
 
 pub mod cache;
+pub mod chain;
 pub mod refresh;
 pub mod session;
+pub mod session_name;
+pub mod session_policy;
+pub mod session_tags;
 pub mod sts;
 
 pub use session::SessionKey;

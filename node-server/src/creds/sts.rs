@@ -8,6 +8,7 @@ use aws_sdk_sts::types::Tag;
 
 use crate::config::StsConfig;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
+use crate::creds::chain;
 use crate::role::arn::role_prefix;
 
 pub struct Sts {
@@ -41,35 +42,75 @@ impl Sts {
 }
 
 impl AssumeRole for Sts {
+    /// The key's calls in order ([`chain::calls`]), each with the previous one's credentials;
+    /// a failure names its hop when there are several.
     async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
-        let tags = key
-            .tags
-            .iter()
-            .map(|(k, v)| Tag::builder().key(k).value(v).build())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StsError::new(format!("session tag: {e}")))?;
-        let out = self
-            .client
-            .assume_role()
-            .role_arn(&key.role_arn)
-            .role_session_name(&key.session_name)
-            .duration_seconds(key.duration_seconds as i32)
-            .set_external_id(key.external_id.clone())
-            .set_tags((!tags.is_empty()).then_some(tags))
-            .send()
-            .await
-            .map_err(|e| {
-                StsError::new(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
-            })?;
-        let c = out.credentials.ok_or_else(|| StsError::new("AssumeRole answer has no credentials"))?;
-        let expiration =
-            SystemTime::try_from(c.expiration).map_err(|e| StsError::new(format!("AssumeRole expiration: {e}")))?;
-        Ok(Credentials {
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            session_token: c.session_token,
-            expiration,
-            last_updated: SystemTime::now(),
-        })
+        let calls = chain::calls(key);
+        let mut creds: Option<Credentials> = None;
+        for (i, call) in calls.iter().enumerate() {
+            let client = match &creds {
+                None => self.client.clone(),
+                Some(c) => {
+                    let previous = aws_sdk_sts::config::Credentials::new(
+                        &c.access_key_id,
+                        &c.secret_access_key,
+                        Some(c.session_token.clone()),
+                        Some(c.expiration),
+                        "iamlink-role-chain",
+                    );
+                    let conf = self.client.config().to_builder().credentials_provider(previous).build();
+                    aws_sdk_sts::Client::from_conf(conf)
+                }
+            };
+            let hop = match calls.len() {
+                1 => String::new(),
+                n => format!("hop {} of {n}: ", i + 1),
+            };
+            let got = assume(&client, key, call).await.map_err(|e| StsError::new(format!("{hop}{}", e.message)))?;
+            creds = Some(got);
+        }
+        creds.ok_or_else(|| StsError::new("no AssumeRole to make"))
     }
+}
+
+/// One AssumeRole call with `client`'s credentials.
+async fn assume(
+    client: &aws_sdk_sts::Client,
+    key: &SessionKey,
+    call: &chain::Call<'_>,
+) -> Result<Credentials, StsError> {
+    let tags = call
+        .tags
+        .iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StsError::new(format!("session tag: {e}")))?;
+    let transitive: Vec<String> = call.transitive.iter().map(|k| k.to_string()).collect();
+    let out = client
+        .assume_role()
+        .role_arn(call.role_arn)
+        .role_session_name(&key.session_name)
+        .duration_seconds(call.duration_seconds as i32)
+        .set_external_id(call.external_id.map(String::from))
+        .set_tags((!tags.is_empty()).then_some(tags))
+        .set_transitive_tag_keys((!transitive.is_empty()).then_some(transitive))
+        .set_policy(call.policy.map(String::from))
+        .set_source_identity(call.source_identity.map(String::from))
+        .send()
+        .await
+        .map_err(|e| {
+            StsError::new(format!("AssumeRole {}: {}", call.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
+        })?;
+    let c = out
+        .credentials
+        .ok_or_else(|| StsError::new(format!("AssumeRole {}: the answer has no credentials", call.role_arn)))?;
+    let expiration = SystemTime::try_from(c.expiration)
+        .map_err(|e| StsError::new(format!("AssumeRole {} expiration: {e}", call.role_arn)))?;
+    Ok(Credentials {
+        access_key_id: c.access_key_id,
+        secret_access_key: c.secret_access_key,
+        session_token: c.session_token,
+        expiration,
+        last_updated: SystemTime::now(),
+    })
 }

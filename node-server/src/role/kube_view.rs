@@ -53,8 +53,10 @@ use iamlink_common::record::{now_rfc3339, POD_ANNOTATIONS};
 use iamlink_common::Store as NodeStore;
 
 use crate::config::KubernetesConfig;
+use crate::creds::session_tags::{ALLOWED_SESSION_TAGS_ANNOTATION, MAX_SESSION_TAGS, SESSION_TAGS_ANNOTATION};
 use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, MAX_POLICY, PERMITTED_ANNOTATION};
 use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION, MAX_EXPIRATION};
+use crate::role::session_options::SESSION_POLICY_ANNOTATION;
 
 /// Room for pod changes between the reflector and the daemon; beyond it changes are dropped
 /// (prefetch is an optimisation: a pod whose change was dropped is fetched on its first request).
@@ -79,9 +81,18 @@ pub type NamespaceMeta = PartialObjectMeta<Namespace>;
 /// A service account as the view holds it: metadata only, trimmed by [`trim`].
 pub type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
 
-/// The namespace annotations role resolution reads (the policy); the view keeps no others.
-pub const NAMESPACE_KEYS: [Key; 2] =
-    [Key { name: PERMITTED_ANNOTATION, max: MAX_POLICY }, Key { name: ALLOWED_ROLES_ANNOTATION, max: MAX_POLICY }];
+/// The namespace annotations role resolution reads (the policy, the session policy and the pods'
+/// allowed session tags); the view keeps no others.
+pub const NAMESPACE_KEYS: [Key; 4] = [
+    Key { name: PERMITTED_ANNOTATION, max: MAX_POLICY },
+    Key { name: ALLOWED_ROLES_ANNOTATION, max: MAX_POLICY },
+    Key { name: SESSION_POLICY_ANNOTATION, max: MAX_POLICY },
+    Key { name: ALLOWED_SESSION_TAGS_ANNOTATION, max: MAX_POLICY },
+];
+/// The pod annotations role resolution reads: the IAM ones the runtime passes too, and the
+/// pod's session tags.
+pub const POD_KEYS: [Key; 3] =
+    [POD_ANNOTATIONS[0], POD_ANNOTATIONS[1], Key { name: SESSION_TAGS_ANNOTATION, max: MAX_SESSION_TAGS }];
 /// The service-account annotations role resolution reads (IRSA); the view keeps no others.
 pub const SERVICE_ACCOUNT_KEYS: [Key; 2] = [
     Key { name: IRSA_ROLE_ANNOTATION, max: MAX_ROLE_ARN },
@@ -123,7 +134,7 @@ fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[Key]) {
 /// IAM annotations bounded, node, service account), not its containers or status.
 fn trim_pod(pod: &mut Pod) {
     let uid = pod.metadata.uid.take();
-    pod.metadata = ObjectMeta { uid, ..trimmed(std::mem::take(&mut pod.metadata), &POD_ANNOTATIONS) };
+    pod.metadata = ObjectMeta { uid, ..trimmed(std::mem::take(&mut pod.metadata), &POD_KEYS) };
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
         node_name: spec.node_name,

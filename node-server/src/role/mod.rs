@@ -6,6 +6,7 @@ pub mod kube_view;
 pub mod pod;
 pub mod policy;
 pub mod resolve;
+pub mod session_options;
 
 pub use arn::Role;
 pub use resolve::{Grant, Resolution, Roles, Source};

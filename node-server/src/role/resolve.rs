@@ -21,9 +21,11 @@ use std::sync::OnceLock;
 use iamlink_common::annotation::{self, MAX_ROLE_ARN};
 use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
+use crate::config::Association;
 use crate::config::RolesConfig;
 use crate::role::arn::{valid_external_id, ArnError, Role};
 use crate::role::policy;
+use crate::role::session_options::SessionOptions;
 
 /// The IRSA service-account annotation: the role's full ARN.
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
@@ -67,6 +69,9 @@ pub struct Grant {
     pub external_id: Option<String>,
     /// The service account's token expiration; unset: the config's.
     pub duration_seconds: Option<u32>,
+    /// What the session carries besides the role (chain, policy, tags, name); boxed, so that
+    /// a refusal (the `Err` beside a grant) stays small.
+    pub session: Box<SessionOptions>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,11 +171,21 @@ impl Roles {
     }
 
     pub fn resolve(&self, facts: &PodFacts) -> Resolution {
-        let grant = match self.choose(facts) {
+        let mut grant = match self.choose(facts) {
             Ok(Some(grant)) => grant,
             Ok(None) => return Resolution::NoRole,
             Err(refusal) => return refusal,
         };
+        if let ApiPod::Bound { annotations, service_account, .. } = facts.api {
+            grant.session.service_account = Some(service_account.to_string());
+            let namespace = match facts.namespace {
+                NamespaceFacts::View(a) | NamespaceFacts::Snapshot(a) => Some(a),
+                NamespaceFacts::Off | NamespaceFacts::Unknown => None,
+            };
+            if let Err((outcome, reason)) = grant.session.annotated(annotations, namespace) {
+                return Resolution::Denied { outcome, requested: grant.requested, reason };
+            }
+        }
         let require = self.require_namespace_permission;
         let (namespace, provenance) = match facts.namespace {
             NamespaceFacts::Off => return Resolution::Granted(grant),
@@ -229,11 +244,24 @@ impl Roles {
                     .iter()
                     .find(|a| a.namespace == facts.pod.namespace && a.service_account == service_account);
                 if let Some(a) = association {
-                    return self.grant(Source::Association, &a.role, None, None).map(Some);
+                    return self.associated(a).map(Some);
                 }
                 self.configured(facts.pod)
             }
         }
+    }
+
+    /// An association's grant: its role, or its target assumed with its role's credentials.
+    fn associated(&self, a: &Association) -> Result<Grant, Resolution> {
+        let Some(target) = &a.target_role else {
+            let mut grant = self.grant(Source::Association, &a.role, None, None)?;
+            grant.session = Box::new(SessionOptions::of_association(a, None));
+            return Ok(grant);
+        };
+        let first = self.grant(Source::Association, &a.role, None, None)?;
+        let mut grant = self.grant(Source::Association, target, None, None)?;
+        grant.session = Box::new(SessionOptions::of_association(a, Some(first.role)));
+        Ok(grant)
     }
 
     /// The most specific `[[roles.pod]]` entry: namespace and name, then namespace; then the default.
@@ -285,6 +313,7 @@ impl Roles {
             requested: requested.to_string(),
             external_id: external_id.cloned(),
             duration_seconds,
+            session: Box::default(),
         })
     }
 }
@@ -346,6 +375,11 @@ mod tests {
                     namespace: "a".into(),
                     service_account: "builder".into(),
                     role: "assoc".into(),
+                    target_role: None,
+                    external_id: None,
+                    session_policy: None,
+                    session_tags: true,
+                    session_name: None,
                 }],
             },
             false,

@@ -69,7 +69,13 @@ chart sets up the node or the pod for (listen6, audit_log, cni.log_file: address
 {{- with $pods }}{{ $_ := set $roles "pod" . }}{{ end -}}
 {{- $associations := list -}}
 {{- range $v.roles.association }}
-{{- $associations = append $associations (dict "namespace" (required "roles.association[].namespace" .namespace) "service_account" (required "roles.association[].serviceAccount" .serviceAccount) "role" (required "roles.association[].role" .role)) -}}
+{{- $a := dict "namespace" (required "roles.association[].namespace" .namespace) "service_account" (required "roles.association[].serviceAccount" .serviceAccount) "role" (required "roles.association[].role" .role) -}}
+{{- with .targetRole }}{{ $_ := set $a "target_role" . }}{{ end -}}
+{{- with .externalId }}{{ $_ := set $a "external_id" . }}{{ end -}}
+{{- with .sessionPolicy }}{{ $_ := set $a "session_policy" . }}{{ end -}}
+{{- if hasKey . "sessionTags" }}{{ $_ := set $a "session_tags" .sessionTags }}{{ end -}}
+{{- with .sessionName }}{{ $_ := set $a "session_name" . }}{{ end -}}
+{{- $associations = append $associations $a -}}
 {{- end }}
 {{- with $associations }}{{ $_ := set $roles "association" . }}{{ end -}}
 {{- $_ := set $c "roles" $roles -}}
