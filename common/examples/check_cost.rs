@@ -33,6 +33,7 @@ fn main() {
             created_boottime_ns: u64::from(slot),
             runtime_annotations: None,
             adopted: false,
+            ebpf_guard: false,
         })
         .collect();
     let rules = RuleSet::new(

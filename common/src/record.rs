@@ -37,6 +37,10 @@ pub struct PodRecord {
     /// when it was adopted. Absent (false) in every record ADD writes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// ADD put the tcx guard on the host interface (`ebpfGuard`): iamlinkd keeps it there,
+    /// first in line, for as long as the record lives. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ebpf_guard: bool,
 }
 
 /// The pod annotation naming its role (a name or an ARN), as kube2iam and kiam read it.
@@ -181,6 +185,7 @@ mod tests {
             created_boottime_ns: boottime_ns(),
             runtime_annotations: None,
             adopted: false,
+            ebpf_guard: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"containerId\":\"c1\""));

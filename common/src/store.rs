@@ -427,6 +427,7 @@ mod tests {
             created_boottime_ns: boottime_ns(),
             runtime_annotations: None,
             adopted: false,
+            ebpf_guard: false,
         }
     }
 

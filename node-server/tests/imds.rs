@@ -98,6 +98,7 @@ impl Bench {
             created_boottime_ns: boottime_ns() - 1_000_000_000,
             runtime_annotations: None,
             adopted: false,
+            ebpf_guard: false,
         };
         let store = &self.app.store();
         let lock = store.lock().unwrap();

@@ -5,7 +5,7 @@
 #include "standin.h"
 
 SEC("tc")
-int cil_skip_standin(struct __sk_buff *skb)
+int cil_skip_fib(struct __sk_buff *skb)
 {
 	struct iphdr *ip = ipv4_of(skb);
 	__u32 mask = NODE_PREFIX ? ~0u << (32 - NODE_PREFIX) : 0;

@@ -4,7 +4,7 @@ Stand-ins for the dataplanes (tests/bpf/*.c, built by clang here, attached by tc
 of the tests' own, tests/harness/tcx.py) do to a pod's packets what each one's program does:
 Calico's FIB lookup and `bpf_redirect_neigh`, back to the stack on failure; Cilium's FIB lookup,
 dropped on failure; Cilium's single-device `bpf_redirect_neigh` to the uplink with no lookup,
-which skips netfilter and the ip rules alike. With `"ebpfGuard": "on"` iamlink's ADD puts its
+which skips netfilter and the ip rules alike. With `"ebpfGuard": true` iamlink's ADD puts its
 guard (`iamlink_guard`) first at the host interface's tcx ingress, ahead of anything attached
 then or later, so a metadata packet is dropped before a dataplane sees it.
 
@@ -30,7 +30,7 @@ GUARD = "iamlink_guard"
 
 @pytest.fixture(scope="module")
 def bench(make_module_bench):
-    b = make_module_bench(pods_options={"netconf": {"ebpfGuard": "on"}})
+    b = make_module_bench(pods_options={"netconf": {"ebpfGuard": True}})
     uplink = int(b.node.exec(["cat", "/sys/class/net/imds0/ifindex"]).stdout)
     # The bench's node addresses (198.18.0.0/24: iamlinkd, moto) are what "addressed to the node" means.
     b.objects = {k: tcx.build(s, b.node.workdir, NATIVE_IFINDEX=uplink, NODE_NET="0xc6120000", NODE_PREFIX=24)
@@ -148,11 +148,23 @@ def test_a_repeated_add_leaves_exactly_one_guard_first(bench, pod):
     assert programs(bench, pod.host_ifname) == [GUARD, tcx.CALICO[1]]
 
 
-def test_del_leaves_no_guard_on_an_interface_that_is_still_there(bench, pod):
-    attach(bench, "calico", pod.host_ifname, "tail")
+def test_del_leaves_no_program_behind_on_an_interface_that_is_still_there(bench, pod):
     p = bench.pods.del_iamlink_only(pod)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert programs(bench, pod.host_ifname) == [tcx.CALICO[1]]
+    assert programs(bench, pod.host_ifname) == []
+
+
+def test_del_keeps_the_guard_while_a_dataplane_runs_behind_it_until_the_interface_goes(bench, pod):
+    """Between iamlink's DEL and the primary plugin's the pod still has its interface: without
+    the guard, the dataplane's program would forward its metadata traffic to the node's service."""
+    attach(bench, "cilium-skip-fib", pod.host_ifname, "tail")
+    p = bench.pods.del_iamlink_only(pod)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert programs(bench, pod.host_ifname) == [GUARD, tcx.CILIUM_SKIP_FIB[1]]
+    assert_own_role_or_nothing(bench, pod, "after iamlink's DEL, before the interface is gone")
+    host = pod.host_ifname
+    bench.pods.delete(pod)
+    assert bench.node.exec(["ip", "link", "show", host], check=False).returncode != 0, f"{host} outlived DEL"
 
 
 def test_iamlinkd_restores_a_detached_guard_first_in_line(bench, pod):

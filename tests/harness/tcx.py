@@ -24,7 +24,7 @@ BPF_F_BEFORE, BPF_F_AFTER = 1 << 3, 1 << 4
 # The stand-ins by the table of issue 22: file, and the program's name as the kernel reports it.
 CALICO = ("calico_fib", "cali_tc_standin")
 CILIUM_FIB = ("cilium_fib", "cil_fib_standin")
-CILIUM_SKIP_FIB = ("cilium_skip_fib", "cil_skip_standin")
+CILIUM_SKIP_FIB = ("cilium_skip_fib", "cil_skip_fib")
 
 
 def build(standin, out_dir, **defines):

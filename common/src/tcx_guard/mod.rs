@@ -8,6 +8,7 @@
 //! attaches or detaches it; [`query`] lists what runs on an interface, in order, for the
 //! checks and `iamlinkd status`.
 
+pub mod inventory;
 mod program;
 mod sys;
 

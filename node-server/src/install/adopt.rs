@@ -354,6 +354,7 @@ async fn adopt(
                     created_boottime_ns: boottime_ns(),
                     runtime_annotations: a.annotations,
                     adopted: true,
+                    ebpf_guard: false,
                 };
                 store.insert(lock, &record)?;
                 info!(pod = %record.pod, uid = %record.pod.uid, container = %record.container_id,

@@ -188,6 +188,7 @@ mod tests {
             created_boottime_ns: 1,
             runtime_annotations: None,
             adopted: false,
+            ebpf_guard: false,
         }
     }
 
