@@ -23,6 +23,7 @@ from harness import PYTHON, IAMLINKD, wait_until
 from harness import tcx
 from harness.imds_client import CREDS_PATH
 from harness.util import IMDS_CLIENT, stop_process
+from test_fail_closed import metric
 
 STANDINS = {"calico": tcx.CALICO, "cilium-fib": tcx.CILIUM_FIB, "cilium-skip-fib": tcx.CILIUM_SKIP_FIB}
 GUARD = "iamlink_guard"
@@ -169,9 +170,11 @@ def test_del_keeps_the_guard_while_a_dataplane_runs_behind_it_until_the_interfac
 
 def test_iamlinkd_restores_a_detached_guard_first_in_line(bench, pod):
     attach(bench, "cilium-skip-fib", pod.host_ifname, "tail")
+    repairs = metric(bench, 'iamlink_interception_repairs_total{what="tcx"}')
     assert detach(bench, pod.host_ifname, GUARD) == 1
     wait_until(lambda: programs(bench, pod.host_ifname) == [GUARD, tcx.CILIUM_SKIP_FIB[1]], 5,
                "iamlinkd putting the guard back first")
+    assert metric(bench, 'iamlink_interception_repairs_total{what="tcx"}') == repairs + 1
     assert_own_role_or_nothing(bench, pod, "after the guard was detached and restored")
 
 

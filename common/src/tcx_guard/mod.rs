@@ -82,10 +82,10 @@ fn kernel(what: &'static str, ifindex: u32) -> impl FnOnce(io::Error) -> GuardEr
 /// The programs on an interface's tcx `hook`, in the order they run; a program that went away
 /// between the listing and its name is left out.
 pub fn query(ifindex: u32, hook: Hook) -> Result<Vec<Program>, GuardError> {
-    let ids = sys::prog_query(ifindex, hook).map_err(|e| match e.raw_os_error() {
-        Some(libc::EINVAL) => GuardError::NoTcx,
-        _ => kernel("list the programs", ifindex)(e),
-    })?;
+    let ids = match hook {
+        Hook::Ingress => ingress_ids(ifindex)?,
+        Hook::Egress => sys::prog_query(ifindex, hook).map_err(kernel("list the programs", ifindex))?,
+    };
     let mut progs = Vec::with_capacity(ids.len());
     for id in ids {
         let Ok(fd) = sys::prog_fd_by_id(id) else { continue };
@@ -93,6 +93,20 @@ pub fn query(ifindex: u32, hook: Hook) -> Result<Vec<Program>, GuardError> {
         progs.push(Program { id, name });
     }
     Ok(progs)
+}
+
+/// The ids of the programs at the interface's tcx ingress, in order: one syscall, for a keeper
+/// that checks often and names each id once ([`name_of`]).
+pub fn ingress_ids(ifindex: u32) -> Result<Vec<u32>, GuardError> {
+    sys::prog_query(ifindex, Hook::Ingress).map_err(|e| match e.raw_os_error() {
+        Some(libc::EINVAL) => GuardError::NoTcx,
+        _ => kernel("list the programs", ifindex)(e),
+    })
+}
+
+/// A loaded program's name; `None` when it is gone.
+pub fn name_of(id: u32) -> Option<String> {
+    sys::prog_fd_by_id(id).ok().and_then(|fd| sys::prog_name(&fd).ok())
 }
 
 /// Whether this kernel has tcx, asked of an interface that exists (`lo`, index 1).
