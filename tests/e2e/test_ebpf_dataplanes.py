@@ -118,7 +118,7 @@ def test_a_dataplane_attached_before_add_is_put_behind_the_guard(bench, standin)
     plugins = bench.pods.conflist["plugins"]
     saved_plugins, saved_bins = list(plugins), bench.pods.bin_dirs
     plugins.insert(len(plugins) - 1, {"type": "tcx-standin", "object": bench.objects[standin]})
-    bench.pods.bin_dirs += ":" + tcx.plugin_bin_dir(bench.node.workdir, PYTHON)
+    bench.pods.bin_dirs += ":" + tcx.plugin_bin_dir(bench.node.workdir)
     bench.pods._write_conflist()
     try:
         pod = new_pod(bench, "web")
@@ -182,8 +182,10 @@ def test_status_and_explain_list_what_is_attached_to_a_pods_interface(bench, pod
     attach(bench, "cilium-skip-fib", pod.host_ifname, "tail")
     p = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "status", "--json"], check=False)
     doc = json.loads(p.stdout)
-    entry = next(e for e in doc["pods"] if e["containerId"] == pod.cid)
+    entry = next(e for e in doc["interfaces"] if e["containerId"] == pod.cid)
     assert entry["attached"]["tcxIngress"] == [GUARD, tcx.CILIUM_SKIP_FIB[1]], entry
     assert entry["attached"]["guardFirst"] is True, entry
+    text = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "status"], check=False).stdout
+    assert f"tcx ingress {GUARD}, {tcx.CILIUM_SKIP_FIB[1]} (guard first)" in text, text
     p = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "explain", pod.host_ifname], check=False)
     assert f"tcx ingress   {GUARD}, {tcx.CILIUM_SKIP_FIB[1]} (guard first)" in p.stdout, p.stdout

@@ -134,15 +134,10 @@ def cni_plugin():
         print(json.dumps({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0", "1.0.0"]}))
 
 
-def plugin_bin_dir(parent, python):
-    """A bin dir holding the plugin `tcx-standin` (this file run by `python`)."""
-    bin_dir = os.path.join(parent, "tcx-bin")
-    os.makedirs(bin_dir, exist_ok=True)
-    exe = os.path.join(bin_dir, "tcx-standin")
-    with open(exe, "w") as f:
-        f.write(f"#!/bin/sh\nexec {python} {os.path.abspath(__file__)} \"$@\"\n")
-    os.chmod(exe, 0o755)
-    return bin_dir
+def plugin_bin_dir(parent):
+    """A bin dir holding the plugin `tcx-standin` (this file)."""
+    from harness.util import python_plugin_bin
+    return python_plugin_bin(os.path.join(parent, "tcx-bin"), "tcx-standin", os.path.abspath(__file__))
 
 
 def main(argv):
