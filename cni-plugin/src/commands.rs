@@ -11,8 +11,8 @@ use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord, SlotHolder, 
 use tracing::{info, warn};
 
 use crate::daemon;
-use crate::guard;
 use crate::error::{CniError, Code, Result};
+use crate::guard;
 use crate::netconf::{Env, NetConf, PrevResult};
 use crate::podnet::{LinkFacts, Netlink};
 

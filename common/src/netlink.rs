@@ -97,8 +97,7 @@ impl Netlink {
         message.header.parent = TcHandle { major: (parent >> 16) as u16, minor: parent as u16 };
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(message));
         req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        let mut response =
-            self.handle.clone().request(req).map_err(|e| NetlinkError::Request(e.to_string()))?;
+        let mut response = self.handle.clone().request(req).map_err(|e| NetlinkError::Request(e.to_string()))?;
         let mut out = vec![];
         while let Some(msg) = response.next().await {
             match msg.payload {

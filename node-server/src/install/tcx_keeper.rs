@@ -81,7 +81,8 @@ pub async fn run<S: Send + Sync + 'static>(app: Arc<App<S>>) {
                 continue;
             }
             // The same interface, not another that took its name or index.
-            let name = node.link_by_index(r.host_interface.index).await.ok().flatten().map(|m| LinkFacts::from(&m).name);
+            let name =
+                node.link_by_index(r.host_interface.index).await.ok().flatten().map(|m| LinkFacts::from(&m).name);
             if name.as_deref() != Some(r.host_interface.name.as_str()) {
                 continue;
             }
