@@ -204,6 +204,7 @@ mod tests {
             mark_mask: Some(MarkMask::default()),
             allow_mark_overlap: Some(true),
             credentials_address: Some("169.254.170.23".into()),
+            ebpf_guard: Some(true),
             log_file: Some("/var/log/iamlink/cni.log".into()),
             capabilities: NetconfEntry::declared_capabilities(),
             ..Default::default()
@@ -215,7 +216,7 @@ mod tests {
         let text = serde_json::to_string(&full()).unwrap();
         assert_eq!(
             text,
-            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","allowMarkOverlap":true,"credentialsAddress":"169.254.170.23","logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
+            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","allowMarkOverlap":true,"credentialsAddress":"169.254.170.23","ebpfGuard":true,"logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
         );
         let keys: Vec<String> = match serde_json::from_str(&text).unwrap() {
             Value::Object(map) => map.keys().cloned().collect(),
