@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::daemon;
 use crate::error::{CniError, Code, Result};
+use crate::guard;
 use crate::netconf::{Env, NetConf, PrevResult};
 use crate::podnet::{LinkFacts, Netlink};
 
@@ -42,6 +43,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
             CniError::new(Code::HostInterface, format!("no interface {} in {}", env.ifname, env.netns))
         })?;
     let host = find_host_interface(&node_net, &container, &prev, &store, &env.container_id).await?;
+    let ebpf_guard = conf.entry.ebpf_guard.unwrap_or(true) && guard::can_attach(&host).await?;
 
     // A repeated ADD keeps its slot while the slot still names its record (`SlotHolder`); else,
     // as a new one, it takes the lowest slot free by the links and the pods map, and its record
@@ -71,6 +73,7 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         runtime_annotations: conf.iam_annotations(),
         adopted: false,
         pod_dnat: true,
+        ebpf_guard,
     };
     store.insert(&lock, &record)?;
     // iamlinkd starts the pod's STS call now, while the rest of ADD runs.
@@ -88,6 +91,16 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
             return Err(CniError::new(Code::Interception, format!("cannot write the pod-side DNAT in {}", env.netns))
                 .with_details(e));
         }
+        // Last, once the pod's interception is in place: from here on a dataplane's program
+        // attached to the interface, then or later, runs behind the guard.
+        if record.ebpf_guard {
+            if let Err(e) = guard::attach(&record, &rules.addresses) {
+                for &d in &added {
+                    let _ = pod_net.del_host_route(d, container.index).await;
+                }
+                return Err(e);
+            }
+        }
         Ok(added)
     }
     .await;
@@ -99,7 +112,8 @@ pub async fn cmd_add(conf: &NetConf, env: &Env) -> Result<String> {
         }
     };
     info!(container = %record.container_id, pod = %record.pod, uid = %record.pod.uid,
-          host_interface = %record.host_interface.name, slot, routes_added = ?added, "pod recorded and intercepted");
+          host_interface = %record.host_interface.name, slot, routes_added = ?added, ebpf_guard = record.ebpf_guard,
+          "pod recorded and intercepted");
     warn_oversized(&record);
     // The wait for credentials holds up this pod only, never the store for other pods' ADD and DEL.
     drop(lock);
@@ -123,6 +137,9 @@ fn warn_oversized(record: &PodRecord) {
 /// Best-effort rollback of a failed ADD, so that nothing is left behind. A record whose slot's
 /// connections cannot be closed stays, holding the slot, for the DEL that follows a failed ADD.
 fn undo(store: &Store, lock: &StoreLock, record: &PodRecord, rules: &RuleSet) {
+    if record.ebpf_guard {
+        guard::undo(record);
+    }
     if let Err(e) = intercept::remove_pod(lock, &record.host_interface.name, record.slot) {
         warn!(container = %record.container_id, error = %e, "rollback: cannot remove interception entry");
     }
@@ -292,6 +309,10 @@ fn remove_attachment(conf: &NetConf, store: &Store, lock: &StoreLock, container_
     // wait for the kernel's RCU grace period when a socket closes); else the plugin does. A
     // record its slot does not name has no entry: the slot's element and chain are its holder's.
     if let Some(r) = &record {
+        // By the recorded index: another pod's interface of the same name is never touched.
+        if r.ebpf_guard {
+            guard::release(r)?;
+        }
         match store.slot_holder(r)? {
             SlotHolder::This => {
                 if !daemon::release(store, r) {

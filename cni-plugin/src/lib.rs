@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod daemon;
 pub mod error;
+pub mod guard;
 pub mod log_file;
 pub mod netconf;
 pub mod podnet;

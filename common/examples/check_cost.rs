@@ -34,6 +34,7 @@ fn main() {
             runtime_annotations: None,
             adopted: false,
             pod_dnat: false,
+            ebpf_guard: false,
         })
         .collect();
     let rules = RuleSet::new(

@@ -22,6 +22,7 @@ pub mod policy_rules;
 pub mod record;
 pub mod sock_destroy;
 pub mod store;
+pub mod tcx_guard;
 #[cfg(test)]
 mod test_netns;
 

@@ -17,6 +17,10 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::Handle;
 
+/// The clsact qdisc's hooks as tc filters' parents (`TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`).
+pub const CLSACT_INGRESS: u32 = 0xffff_fff2;
+pub const CLSACT_EGRESS: u32 = 0xffff_fff3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     #[error("cannot open a netlink socket: {0}")]
@@ -77,6 +81,34 @@ impl Netlink {
     pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>, NetlinkError> {
         let mut req = self.handle.clone().link().get().match_index(index).execute();
         not_found_is_none(req.try_next().await).map(Option::flatten)
+    }
+
+    /// The tc filters under `parent` (a clsact hook: [`CLSACT_INGRESS`], [`CLSACT_EGRESS`]) of an
+    /// interface; none when it has no such qdisc.
+    pub async fn tc_filters(
+        &self,
+        ifindex: u32,
+        parent: u32,
+    ) -> Result<Vec<netlink_packet_route::tc::TcMessage>, NetlinkError> {
+        use netlink_packet_core::NLM_F_DUMP;
+        use netlink_packet_route::tc::{TcHandle, TcMessage};
+        let mut message = TcMessage::default();
+        message.header.index = ifindex as i32;
+        message.header.parent = TcHandle { major: (parent >> 16) as u16, minor: parent as u16 };
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(message));
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut response = self.handle.clone().request(req).map_err(|e| NetlinkError::Request(e.to_string()))?;
+        let mut out = vec![];
+        while let Some(msg) = response.next().await {
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => out.push(m),
+                // No clsact qdisc: nothing attached there.
+                NetlinkPayload::Error(e) if matches!(e.raw_code(), -22 | -2 | -19) => return Ok(vec![]),
+                NetlinkPayload::Error(e) => return Err(NetlinkError::Request(e.to_string())),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Which of `wanted` are assigned to an interface of this namespace, each with that

@@ -463,6 +463,7 @@ mod tests {
             runtime_annotations: None,
             adopted: false,
             pod_dnat: false,
+            ebpf_guard: false,
         }
     }
 

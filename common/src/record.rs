@@ -44,6 +44,10 @@ pub struct PodRecord {
     /// metadata-addressed packets before the node's netfilter may be attached only where it is true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pod_dnat: bool,
+    /// ADD put the tcx guard on the host interface (`ebpfGuard`): iamlinkd keeps it there,
+    /// first in line, for as long as the record lives. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ebpf_guard: bool,
 }
 
 /// The pod annotation naming its role (a name or an ARN), as kube2iam and kiam read it.
@@ -189,6 +193,7 @@ mod tests {
             runtime_annotations: None,
             adopted: false,
             pod_dnat: false,
+            ebpf_guard: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"containerId\":\"c1\""));

@@ -32,6 +32,10 @@ pub struct Config {
     /// Accept a `mark_mask` that shares bits other dataplanes use (refused by default).
     #[serde(default)]
     pub allow_mark_overlap: bool,
+    /// The plugin's `ebpfGuard`: the tcx guard on each pod's host interface (on by default:
+    /// pods made by ADD reach iamlinkd through their own DNAT, which the guard never drops).
+    #[serde(default = "yes")]
+    pub ebpf_guard: bool,
     /// Unset: 169.254.170.23 unless the EKS Pod Identity agent holds it ([`CredentialsAddress`]).
     #[serde(default)]
     pub credentials_address: Option<String>,
@@ -343,6 +347,7 @@ impl Config {
             mark_mask: Some(self.mark_mask),
             allow_mark_overlap: (self.allow_mark_overlap && self.mark_mask.overlap().is_some()).then_some(true),
             credentials_address: Some(credentials.map(|a| a.to_string()).unwrap_or_default()),
+            ebpf_guard: (!self.ebpf_guard).then_some(false),
             log_file: self.cni.log_file.clone(),
             capabilities: NetconfEntry::declared_capabilities(),
             ..NetconfEntry::default()

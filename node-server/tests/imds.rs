@@ -99,6 +99,7 @@ impl Bench {
             runtime_annotations: None,
             adopted: false,
             pod_dnat: false,
+            ebpf_guard: false,
         };
         let store = &self.app.store();
         let lock = store.lock().unwrap();

@@ -4,12 +4,11 @@ import ipaddress
 import json
 import os
 import secrets
-import shlex
 import subprocess
 import uuid
 
 from .netns import netns_path
-from .util import (AWS_VPC_CNI_SHAPED, BASE_PATH, CNIRT, IAMLINK_PLUGIN, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS,
+from .util import (python_plugin_bin, AWS_VPC_CNI_SHAPED, BASE_PATH, CNIRT, IAMLINK_PLUGIN, IMDS_CLIENT, PYTHON, REFERENCE_PLUGINS,
                    RELEASE, tool)
 
 NETWORK = "iamlink-test"
@@ -163,13 +162,7 @@ class Pods:
 
     def _aws_vpc_cni_shaped_bin(self):
         """A bin dir holding the plugin `aws-vpc-cni-shaped` (aws_vpc_cni_shaped.py run by this Python)."""
-        bin_dir = os.path.join(self.dir, "bin")
-        os.makedirs(bin_dir, exist_ok=True)
-        exe = os.path.join(bin_dir, "aws-vpc-cni-shaped")
-        with open(exe, "w") as f:
-            f.write(f"#!/bin/sh\nexec {shlex.quote(PYTHON)} {shlex.quote(AWS_VPC_CNI_SHAPED)} \"$@\"\n")
-        os.chmod(exe, 0o755)
-        return bin_dir
+        return python_plugin_bin(os.path.join(self.dir, "bin"), "aws-vpc-cni-shaped", AWS_VPC_CNI_SHAPED)
 
     def cnirt_run(self, cmd, pod, netns=None, extra=(), timeout=60, conflist=None):
         """Run `cnirt cmd` for pod inside the node; netns defaults to the pod's (use "" for none)."""

@@ -122,3 +122,14 @@ def run(argv, timeout=60, check=True, env=None, input=None):
             f"{' '.join(argv)} exited {p.returncode}\nstdout: {p.stdout.strip()}\nstderr: {p.stderr.strip()}"
         )
     return p
+
+
+def python_plugin_bin(bin_dir, name, script):
+    """Makes `bin_dir/name`, a CNI plugin that runs `script` with this Python; returns bin_dir."""
+    import shlex
+    os.makedirs(bin_dir, exist_ok=True)
+    exe = os.path.join(bin_dir, name)
+    with open(exe, "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(PYTHON)} {shlex.quote(script)} \"$@\"\n")
+    os.chmod(exe, 0o755)
+    return bin_dir

@@ -48,6 +48,7 @@ pub const KEYS: &[Key] = &[
     key("store_dir", Some(r#""/run/iamlink""#), r#""/run/iamlink""#, "pod records written by the CNI plugin (= the plugin's storeDir)"),
     key("mark_mask", Some("0x307f"), "0x3070", "packet-mark bits for pod identity (= the plugin's markMask)"),
     key("allow_mark_overlap", Some("false"), "true", "accept a mark_mask sharing Calico's, kube-proxy's, Cilium's or aws-vpc-cni's bits"),
+    key("ebpf_guard", Some("true"), "false", "the plugin's ebpfGuard: ADD puts a tcx program first on each pod's host interface that drops its metadata packets, so an eBPF dataplane never forwards them past netfilter (Linux 6.6 or later)"),
     key("credentials_address", None, r#""169.254.170.23""#, "second intercepted address, the container-credentials one; unset: 169.254.170.23 except while the EKS Pod Identity agent runs on the node; set: taken over even then; \"\" disables it"),
     key("imdsv1", Some("true"), "false", "answer GETs without an IMDSv2 token"),
     key("upstream", Some(r#""http://169.254.169.254""#), r#""http://169.254.169.254""#, "the real metadata service"),

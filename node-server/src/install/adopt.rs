@@ -356,6 +356,7 @@ async fn adopt(
                     adopted: true,
                     // iamlinkd cannot enter the pod's namespace: the node's own DNAT serves it.
                     pod_dnat: false,
+                    ebpf_guard: false,
                 };
                 store.insert(lock, &record)?;
                 info!(pod = %record.pod, uid = %record.pod.uid, container = %record.container_id,

@@ -162,6 +162,7 @@ pub async fn run<S: AssumeRole>(app: Arc<App<S>>, subscription: Subscription) {
     let Subscription { events, verifier } = subscription;
     // Stops with this task: aborting the guard stops all of it (before an uninstall at exit).
     let _policy_rules = AbortOnDrop(tokio::spawn(keep_policy_rules(app.clone())));
+    let _tcx_guards = AbortOnDrop(tokio::spawn(crate::install::tcx_keeper::run(app.clone())));
     let mut tick = tokio::time::interval(CHECK_EVERY);
     let mut agent = app.agent.clone();
     // The addresses of the last rule set ensured: those a new one drops lose their connections.

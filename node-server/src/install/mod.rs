@@ -10,6 +10,7 @@ pub mod guard;
 pub mod owner;
 pub mod pod_identity;
 pub mod startup_taint;
+pub mod tcx_keeper;
 
 use tracing::{info, warn};
 

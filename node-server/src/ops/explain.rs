@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::install::adopt::NotAdopted;
+use crate::ops::attachments::{self, InterfaceAttachments};
 use crate::ops::diagnose::{self, NodeView, RuleSetState, Target};
 use crate::ops::local_api::{self, Asked, PodAnswer, StatusAnswer};
 
@@ -73,6 +74,8 @@ pub struct PodReport {
     pub plumbing: Plumbing,
     /// The daemon's answer; `None` when it did not answer.
     pub daemon: Option<PodAnswer>,
+    /// What is attached to the host interface (tcx, tc, XDP, netkit) and whether the guard is first.
+    pub attachments: InterfaceAttachments,
     pub problems: Vec<String>,
     /// Parts of the plumbing that could not be read from here: unknown, not problems.
     pub unchecked: Vec<String>,
@@ -174,9 +177,12 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> Verdict {
     let mut daemon = DaemonContact { socket: socket.clone(), answering: true, error: None };
     let rules = crate::install::pod_identity::rule_set_here(config).await;
     let mut pods = vec![];
+    let node = iamlink_common::netlink::Netlink::here();
     for record in matched {
         let plumbing = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
         let (mut problems, unchecked) = split(&diagnose::findings(&plumbing, record, &view.rule_set));
+        let attachments = read_attachments(&node, record).await;
+        problems.extend(attachments.problem());
         let answer = if daemon.answering {
             match local_api::ask::<PodAnswer>(&socket, &pod_path(record), ASK_TIMEOUT).await {
                 Asked::Answer(a) => Some(a),
@@ -191,7 +197,15 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> Verdict {
         };
         problems.extend(answer.iter().flat_map(daemon_findings));
         let record_file = store.record_path(&record.container_id, &record.ifname);
-        pods.push(PodReport { record: record.clone(), record_file, plumbing, daemon: answer, problems, unchecked });
+        pods.push(PodReport {
+            record: record.clone(),
+            record_file,
+            plumbing,
+            daemon: answer,
+            attachments,
+            problems,
+            unchecked,
+        });
     }
     let report = ExplainReport {
         target: target.to_string(),
@@ -210,6 +224,24 @@ pub async fn explain(config: &Config, target: &str, json: bool) -> Verdict {
         Verdict::Problems
     } else {
         Verdict::Healthy
+    }
+}
+
+/// The record's interface attachments, or why the node's netlink socket could not be opened.
+async fn read_attachments(
+    node: &Result<iamlink_common::netlink::Netlink, iamlink_common::netlink::NetlinkError>,
+    record: &PodRecord,
+) -> InterfaceAttachments {
+    match node {
+        Ok(net) => attachments::read(net, record).await,
+        Err(e) => InterfaceAttachments {
+            pod: record.pod.to_string(),
+            container_id: record.container_id.clone(),
+            host_interface: record.host_interface.name.clone(),
+            ebpf_guard: record.ebpf_guard,
+            attached: None,
+            error: Some(e.to_string()),
+        },
     }
 }
 
@@ -315,6 +347,9 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
             (None, _) => format!("MISSING: no entry for {} in the pods map", host.name),
         };
         line(&mut out, "interception", &entry);
+        for (label, text) in pod.attachments.lines() {
+            line(&mut out, label, &text);
+        }
         match &pod.daemon {
             None if !report.daemon.answering => {
                 line(&mut out, "role", "unknown (iamlinkd not answering)");
@@ -404,6 +439,8 @@ pub struct StatusReport {
     /// Running pods iamlinkd found without a record at its last start and did not adopt (each
     /// also among the problems): their metadata requests are refused.
     pub not_adopted: Vec<NotAdopted>,
+    /// Per pod interface, what is attached to it (tcx, tc, XDP, netkit).
+    pub interfaces: Vec<InterfaceAttachments>,
 }
 
 /// What the pods' findings add up to in `iamlinkd status`.
@@ -451,7 +488,12 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
     }
     problems.extend(view.unreadable.iter().map(|e| format!("unreadable record (its pod gets 404): {e}")));
     let (mut without_entry, mut tally, mut unchecked) = (0, Tally::default(), vec![]);
+    let node = iamlink_common::netlink::Netlink::here();
+    let mut interfaces = vec![];
     for record in &view.records {
+        let attached = read_attachments(&node, record).await;
+        problems.extend(attached.problem());
+        interfaces.push(attached);
         let p = diagnose::plumbing(&store, &view, &rules, config.mark_mask, record).await;
         // A record that holds no slot has no entry by the rule: its problem is the slot.
         without_entry += usize::from(p.slot_linked && p.entry != Some(record.slot));
@@ -494,6 +536,7 @@ pub async fn status(config: &Config, json: bool) -> Verdict {
         problems,
         unchecked,
         not_adopted,
+        interfaces,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
@@ -559,6 +602,14 @@ pub fn render_status(s: &StatusReport) -> String {
     };
     line(&mut out, "pod routes unknown", &unknown);
     line(&mut out, "pods not adopted", &s.not_adopted.len().to_string());
+    for i in s.interfaces.iter().filter(|i| {
+        i.attached
+            .as_ref()
+            .is_some_and(|a| a.tcx_ingress.as_ref().is_some_and(|p| !p.is_empty()) || !a.foreign().is_empty())
+    }) {
+        let text = i.lines().into_iter().map(|(l, t)| format!("{l} {t}")).collect::<Vec<_>>().join("; ");
+        line(&mut out, &format!("{} ({})", i.host_interface, i.pod), &text);
+    }
     if s.problems.is_empty() {
         line(&mut out, "problems", "none");
     } else {
@@ -598,6 +649,7 @@ mod tests {
             runtime_annotations: None,
             adopted: false,
             pod_dnat: false,
+            ebpf_guard: false,
         };
         let plumbing = Plumbing {
             slot_linked: true,
@@ -646,6 +698,14 @@ mod tests {
                 record_file: "/run/iamlink/records/c1.eth0.json".into(),
                 plumbing,
                 daemon,
+                attachments: InterfaceAttachments {
+                    pod: "team-a/web".into(),
+                    container_id: "c1".into(),
+                    host_interface: "veth1".into(),
+                    ebpf_guard: false,
+                    attached: None,
+                    error: Some("interface gone".into()),
+                },
                 problems,
                 unchecked: vec![],
             }],
@@ -718,6 +778,7 @@ mod tests {
             problems: vec![],
             unchecked: vec!["team-a/web: cannot look into the pod's network namespace /run/x: gone".into()],
             not_adopted: vec![],
+            interfaces: vec![],
         };
         let text = render_status(&s);
         for want in [
