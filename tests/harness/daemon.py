@@ -89,6 +89,9 @@ class Daemon:
         self.log_path = os.path.join(node.workdir, "iamlinkd.log")
         self.proc = None
         self.starts = 0
+        # The daemon's own AWS identity (environment keys); token-mode benches give it a
+        # principal without sts:AssumeRole.
+        self.aws_keys = dict(TEST_KEYS)
 
     def write_config(self):
         text = to_toml(self.settings, self.sts, self.roles_base, self.pod_roles,
@@ -104,7 +107,7 @@ class Daemon:
                # (and no ~/.aws: HOME is the bench's work directory).
                "AWS_EC2_METADATA_DISABLED": "true",
                "NODE_NAME": self.node.name}
-        env.update(TEST_KEYS)
+        env.update(self.aws_keys)
         return env
 
     def start(self, wait=True, timeout=30):
