@@ -2,8 +2,11 @@
 //! holds credentials per request and asks [`sts`] once per key; [`refresh`] prefetches them when a pod appears and refreshes them before they expire.
 
 pub mod cache;
+pub mod exchange;
 pub mod refresh;
 pub mod session;
 pub mod sts;
+pub mod token;
+pub mod web_identity;
 
 pub use session::SessionKey;

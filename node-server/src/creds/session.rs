@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use iamlink_common::{PodRecord, PodRef};
 
 use crate::config::StsConfig;
+pub use crate::creds::web_identity::WebIdentityToken;
 use crate::role::Grant;
 
 /// Everything that goes into an AssumeRole request, and so the cache key.
@@ -16,6 +17,9 @@ pub struct SessionKey {
     pub duration_seconds: u32,
     pub external_id: Option<String>,
     pub tags: Vec<(String, String)>,
+    /// Token mode: the pod's own token, exchanged with AssumeRoleWithWebIdentity instead of
+    /// the node's AssumeRole. Part of the key, so that a rotated token is checked and used anew.
+    pub web_identity: Option<WebIdentityToken>,
 }
 
 impl SessionKey {
@@ -43,6 +47,7 @@ impl SessionKey {
             duration_seconds: grant.duration_seconds.unwrap_or(sts.duration_seconds),
             external_id: grant.external_id.clone().or_else(|| sts.external_id.clone()),
             tags,
+            web_identity: None,
         }
     }
 }

@@ -8,10 +8,13 @@ use aws_sdk_sts::types::Tag;
 
 use crate::config::StsConfig;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
+use crate::creds::web_identity;
 use crate::role::arn::role_prefix;
 
 pub struct Sts {
     client: aws_sdk_sts::Client,
+    /// Without credentials: AssumeRoleWithWebIdentity is unsigned, so token mode needs none.
+    anonymous: aws_sdk_sts::Client,
 }
 
 impl Sts {
@@ -25,7 +28,8 @@ impl Sts {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
-        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()) }
+        let anonymous = web_identity::anonymous_client(config, timeout).await;
+        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()), anonymous }
     }
 
     /// `arn:<partition>:iam::<account>:role/`, from the daemon's own identity: role names in
@@ -42,6 +46,9 @@ impl Sts {
 
 impl AssumeRole for Sts {
     async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+        if let Some(token) = &key.web_identity {
+            return web_identity::assume(&self.anonymous, key, token).await;
+        }
         let tags = key
             .tags
             .iter()

@@ -53,6 +53,7 @@ use iamlink_common::record::{now_rfc3339, POD_ANNOTATIONS};
 use iamlink_common::Store as NodeStore;
 
 use crate::config::KubernetesConfig;
+use crate::creds::token::IRSA_AUDIENCE_ANNOTATION;
 use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, MAX_POLICY, PERMITTED_ANNOTATION};
 use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION, MAX_EXPIRATION};
 
@@ -83,9 +84,10 @@ pub type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
 pub const NAMESPACE_KEYS: [Key; 2] =
     [Key { name: PERMITTED_ANNOTATION, max: MAX_POLICY }, Key { name: ALLOWED_ROLES_ANNOTATION, max: MAX_POLICY }];
 /// The service-account annotations role resolution reads (IRSA); the view keeps no others.
-pub const SERVICE_ACCOUNT_KEYS: [Key; 2] = [
+pub const SERVICE_ACCOUNT_KEYS: [Key; 3] = [
     Key { name: IRSA_ROLE_ANNOTATION, max: MAX_ROLE_ARN },
     Key { name: IRSA_EXPIRATION_ANNOTATION, max: MAX_EXPIRATION },
+    Key { name: IRSA_AUDIENCE_ANNOTATION, max: MAX_ROLE_ARN },
 ];
 
 /// Cuts metadata down to what the view is read for: name, namespace and the annotations among
@@ -120,7 +122,8 @@ fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[Key]) {
 }
 
 /// A pod as the view keeps it: what role resolution and prefetch read (name, namespace, UID, its
-/// IAM annotations bounded, node, service account), not its containers or status.
+/// IAM annotations bounded, node, service account, its projected service-account token volumes
+/// for token mode), not its containers or status.
 fn trim_pod(pod: &mut Pod) {
     let uid = pod.metadata.uid.take();
     pod.metadata = ObjectMeta { uid, ..trimmed(std::mem::take(&mut pod.metadata), &POD_ANNOTATIONS) };
@@ -128,6 +131,7 @@ fn trim_pod(pod: &mut Pod) {
     pod.spec = Some(PodSpec {
         node_name: spec.node_name,
         service_account_name: spec.service_account_name,
+        volumes: crate::creds::token::token_volumes(spec.volumes),
         ..PodSpec::default()
     });
     pod.status = None;
