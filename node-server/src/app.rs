@@ -92,7 +92,7 @@ impl<S: AssumeRole> App<S> {
     /// is refused (`creds::exchange`).
     pub(crate) fn session_key(&self, record: &PodRecord, grant: &Grant) -> Result<(SessionKey, Mode), Refusal> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        exchange::session_key(self, record, grant, now)
+        exchange::session_key(&self.config, self.roles.view(), &self.node_name, record, grant, now)
     }
 
     pub fn config(&self) -> &Config {

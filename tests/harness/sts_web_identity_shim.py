@@ -11,7 +11,7 @@ statement that allows `sts:AssumeRoleWithWebIdentity` to the issuer's federated 
 `StringEquals` conditions on `<provider>:sub` and `<provider>:aud` the token's claims meet. Then
 it forwards the request to moto signed with the gateway's keys (moto, with IAM enforcement on,
 answers no unsigned request). Anything else is forwarded unchanged. One JSON line per web
-identity call on stdout: {"role", "sub", "aud", "outcome", "reason"}.
+identity call on stdout: {"role", "sub", "aud", "jti", "outcome", "reason"}.
 """
 
 import argparse
@@ -155,7 +155,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         role, line = form.get("RoleArn", ""), {}
         try:
             claims = shim.verify(form.get("WebIdentityToken", ""), role)
-            line = {"role": role, "sub": claims.get("sub"), "aud": claims.get("aud"), "outcome": "forwarded"}
+            line = {"role": role, "sub": claims.get("sub"), "aud": claims.get("aud"), "jti": claims.get("jti"),
+                    "outcome": "forwarded"}
             self.answer(*shim.forward("POST", self.path, headers, body, sign=True))
         except Refused as e:
             line = {"role": role, "outcome": e.code, "reason": e.message}

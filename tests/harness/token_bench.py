@@ -28,7 +28,7 @@ class TokenBench:
 
     HOST, PORT = "198.18.0.2", 5003
 
-    def __init__(self, bench, roles, daemon_kubernetes=None):
+    def __init__(self, bench, roles, daemon_kubernetes=None, roles_extra=None):
         self.bench = bench
         self.node = bench.node
         self.issuer = Issuer()
@@ -69,6 +69,7 @@ class TokenBench:
         kube = daemon.settings["kubernetes"]
         kube["kubelet_pods_dir"] = self.kubelet.root
         kube.update(daemon_kubernetes or {})
+        daemon.roles_extra.update(roles_extra or {})
         daemon.start()
 
     def _user(self, name, policy):

@@ -341,6 +341,7 @@ mod tests {
             duration_seconds: 3600,
             external_id: None,
             tags: vec![],
+            web_identity: None,
         }
     }
 

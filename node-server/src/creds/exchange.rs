@@ -8,9 +8,11 @@
 
 use iamlink_common::PodRecord;
 
-use crate::app::App;
+use crate::config::Config;
+use crate::creds::session::WebIdentityToken;
 use crate::creds::token::{self, Expected, Refusal, TokenSource, IRSA_AUDIENCE, IRSA_AUDIENCE_ANNOTATION};
-use crate::creds::{web_identity::WebIdentityToken, SessionKey};
+use crate::creds::SessionKey;
+use crate::role::kube_view::View;
 use crate::role::{Grant, Source};
 
 /// How a pod's credentials are obtained; `iamlinkd explain` shows it.
@@ -35,17 +37,19 @@ impl Mode {
 
 /// The cache key (and so the STS request) for `record`'s granted role, and the mode that serves
 /// it; `now` in Unix seconds. Reads the pod's token from disk on every call.
-pub fn session_key<S>(
-    app: &App<S>,
+pub fn session_key(
+    config: &Config,
+    view: Option<&View>,
+    node_name: &str,
     record: &PodRecord,
     grant: &Grant,
     now: u64,
 ) -> Result<(SessionKey, Mode), Refusal> {
-    let base = SessionKey::for_pod(record, grant, &app.config.sts, &app.node_name);
+    let base = SessionKey::for_pod(record, grant, &config.sts, node_name);
     let pod = &record.pod;
-    match token_source(app, record, grant) {
+    match view.and_then(|view| token_source(view, record, grant)) {
         Some((source, service_account)) => {
-            let dir = app.config.kubernetes.as_ref().map(|k| k.kubelet_pods_dir.as_path());
+            let dir = config.kubernetes.as_ref().map(|k| k.kubelet_pods_dir.as_path());
             let dir = dir.ok_or_else(|| Refusal("token mode needs [kubernetes]".into()))?;
             let text = token::read(&token::location(dir, &pod.uid, &source)?)?;
             let expected = Expected {
@@ -53,14 +57,14 @@ pub fn session_key<S>(
                 pod_name: &pod.name,
                 pod_uid: &pod.uid,
                 service_account: &service_account,
-                node: &app.node_name,
+                node: node_name,
                 audience: &source.audience,
             };
             token::check(&text, &expected, now)?;
             let key = SessionKey { web_identity: Some(WebIdentityToken(text.into())), ..base };
             Ok((key, Mode::WebIdentity { volume: source.volume }))
         }
-        None if app.config.roles.legacy_for(&pod.namespace) => Ok((base, Mode::Legacy)),
+        None if config.roles.legacy_for(&pod.namespace) => Ok((base, Mode::Legacy)),
         None => Err(Refusal(format!(
             "the role comes from the {} and no token of the pod's vouches for it: it would need the node's \
              sts:AssumeRole (legacy mode), which is off for namespace {} (roles.legacy_assume_role, \
@@ -73,11 +77,10 @@ pub fn session_key<S>(
 
 /// The projected token of an IRSA role's audience in the pod's spec, and the service account
 /// the pod runs as; `None`: the role is not IRSA's, or the spec projects no such token.
-fn token_source<S>(app: &App<S>, record: &PodRecord, grant: &Grant) -> Option<(TokenSource, String)> {
+fn token_source(view: &View, record: &PodRecord, grant: &Grant) -> Option<(TokenSource, String)> {
     if grant.source != Source::ServiceAccount {
         return None;
     }
-    let view = app.roles.view()?;
     let pod = &record.pod;
     let object = view.pod(&pod.namespace, &pod.name).filter(|o| o.metadata.uid.as_deref() == Some(&pod.uid))?;
     let spec = object.spec.as_ref()?;

@@ -1,13 +1,25 @@
 //! The AssumeRole request a pod's role becomes: equal requests share cached credentials, so the
 //! key holds everything STS is asked.
 
+use std::fmt;
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 use iamlink_common::{PodRecord, PodRef};
 
 use crate::config::StsConfig;
-pub use crate::creds::web_identity::WebIdentityToken;
 use crate::role::Grant;
+
+/// A pod's token as part of a cache key: equal tokens share credentials; never printed.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct WebIdentityToken(pub Arc<str>);
+
+impl fmt::Debug for WebIdentityToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebIdentityToken(sha256:{})", hex::encode(&Sha256::digest(self.0.as_bytes())[..6]))
+    }
+}
 
 /// Everything that goes into an AssumeRole request, and so the cache key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,26 +1,14 @@
 //! IRSA's exchange: `AssumeRoleWithWebIdentity` with the pod's own token. The call is unsigned,
 //! so the client that makes it holds no credentials at all.
 
-use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use sha2::{Digest, Sha256};
 
 use crate::config::StsConfig;
 use crate::creds::cache::{Credentials, SessionKey, StsError};
-
-/// A pod's token as part of a cache key: equal tokens share credentials; never printed.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct WebIdentityToken(pub Arc<str>);
-
-impl fmt::Debug for WebIdentityToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WebIdentityToken(sha256:{})", hex::encode(&Sha256::digest(self.0.as_bytes())[..6]))
-    }
-}
+use crate::creds::session::WebIdentityToken;
 
 /// An STS client with no credentials provider: it can only make unsigned calls.
 pub async fn anonymous_client(config: &StsConfig, timeout: Duration) -> aws_sdk_sts::Client {

@@ -347,6 +347,7 @@ mod tests {
                     service_account: "builder".into(),
                     role: "assoc".into(),
                 }],
+                ..RolesConfig::default()
             },
             false,
         )
