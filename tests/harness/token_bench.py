@@ -11,7 +11,7 @@ import json
 import os
 import uuid
 
-from .moto import ACCOUNT, BASE_ARN
+from .moto import ACCOUNT, BASE_ARN, IAM_DOCS
 from .oidc import IRSA_AUDIENCE, IRSA_VOLUME, Issuer, KubeletPods, projected_volume
 from .util import BASE_PATH, PYTHON, Fatal, stop_process, tail, wait_until
 
@@ -84,15 +84,16 @@ class TokenBench:
 
         return self.node.call(make)
 
-    def create_role(self, name, namespace, service_account, audience=IRSA_AUDIENCE):
-        """A role under the pod-role path that trusts the issuer for this service account only."""
-        p = self.issuer.provider
-        trust = json.dumps({"Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
-            "Principal": {"Federated": f"arn:aws:iam::{ACCOUNT}:oidc-provider/{p}"},
-            "Condition": {"StringEquals": {f"{p}:sub": f"system:serviceaccount:{namespace}:{service_account}",
-                                           f"{p}:aud": audience}}}]})
-        return self.bench.moto.create_role(name, trust=trust)
+    def create_role(self, name, namespace, service_account):
+        """A role under the pod-role path that trusts the issuer for this service account only:
+        deploy/iam/irsa-role-trust-policy.json, filled in."""
+        path = os.path.join(IAM_DOCS, "irsa-role-trust-policy.json")
+        with open(path) as f:
+            text = f.read()
+        for placeholder, value in (("ACCOUNT_ID", ACCOUNT), ("OIDC_PROVIDER", self.issuer.provider),
+                                   ("NAMESPACE", namespace), ("SERVICE_ACCOUNT", service_account)):
+            text = text.replace(placeholder, value)
+        return self.bench.moto.create_role(name, trust=json.dumps(json.loads(text)))
 
     def set_auth(self, count):
         moto = self.bench.moto
