@@ -1,6 +1,6 @@
 //! AssumeRole through `aws-sdk-sts`, with the daemon's own credentials from the default chain.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
@@ -68,15 +68,6 @@ impl AssumeRole for Sts {
             .map_err(|e| {
                 StsError::new(format!("AssumeRole {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
             })?;
-        let c = out.credentials.ok_or_else(|| StsError::new("AssumeRole answer has no credentials"))?;
-        let expiration =
-            SystemTime::try_from(c.expiration).map_err(|e| StsError::new(format!("AssumeRole expiration: {e}")))?;
-        Ok(Credentials {
-            access_key_id: c.access_key_id,
-            secret_access_key: c.secret_access_key,
-            session_token: c.session_token,
-            expiration,
-            last_updated: SystemTime::now(),
-        })
+        web_identity::from_answer("AssumeRole", out.credentials)
     }
 }

@@ -46,9 +46,14 @@ pub async fn assume(
                 aws_sdk_sts::error::DisplayErrorContext(e)
             ))
         })?;
-    let c = out.credentials.ok_or_else(|| StsError::new("AssumeRoleWithWebIdentity answer has no credentials"))?;
-    let expiration = SystemTime::try_from(c.expiration)
-        .map_err(|e| StsError::new(format!("AssumeRoleWithWebIdentity expiration: {e}")))?;
+    from_answer("AssumeRoleWithWebIdentity", out.credentials)
+}
+
+/// The credentials of an STS answer (`operation` names it in errors), stamped now.
+pub fn from_answer(operation: &str, c: Option<aws_sdk_sts::types::Credentials>) -> Result<Credentials, StsError> {
+    let c = c.ok_or_else(|| StsError::new(format!("{operation} answer has no credentials")))?;
+    let expiration =
+        SystemTime::try_from(c.expiration).map_err(|e| StsError::new(format!("{operation} expiration: {e}")))?;
     Ok(Credentials {
         access_key_id: c.access_key_id,
         secret_access_key: c.secret_access_key,
