@@ -81,6 +81,7 @@ async fn main() {
         runtime_annotations: true,
         require_namespace_permission: false,
         startup_taint: String::new(),
+        kubelet_pods_dir: PathBuf::from("/var/lib/kubelet/pods"),
     };
     let client = match iamlinkd::role::kube_view::client(&config).await {
         Ok(c) => c,

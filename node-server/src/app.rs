@@ -2,6 +2,7 @@
 //! use it.
 
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use iamlink_common::intercept::{PodRemover, RuleSet};
 use iamlink_common::{PodRecord, Store};
@@ -9,6 +10,8 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::creds::cache::{AssumeRole, Cache};
+use crate::creds::exchange::{self, Mode};
+use crate::creds::token::Refusal;
 use crate::creds::SessionKey;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -85,9 +88,11 @@ impl<S: AssumeRole> App<S> {
         self
     }
 
-    /// The AssumeRole request for a pod and its granted role.
-    pub(crate) fn session_key(&self, record: &PodRecord, grant: &Grant) -> SessionKey {
-        SessionKey::for_pod(record, grant, &self.config.sts, &self.node_name)
+    /// The STS request for a pod and its granted role (token or legacy mode), or why the pod
+    /// is refused (`creds::exchange`).
+    pub(crate) fn session_key(&self, record: &PodRecord, grant: &Grant) -> Result<(SessionKey, Mode), Refusal> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        exchange::session_key(&self.config, self.roles.view(), &self.node_name, record, grant, now)
     }
 
     pub fn config(&self) -> &Config {

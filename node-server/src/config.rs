@@ -80,6 +80,14 @@ pub struct KubernetesConfig {
     /// ordinary pod before iamlink can protect it); `""`: none is removed.
     #[serde(default = "default_startup_taint")]
     pub startup_taint: String,
+    /// kubelet's pods directory: pods' projected service-account tokens are read under it
+    /// (`<dir>/<pod UID>/volumes/kubernetes.io~projected/<volume>/<path>`), for token mode.
+    #[serde(default = "default_kubelet_pods_dir")]
+    pub kubelet_pods_dir: PathBuf,
+}
+
+fn default_kubelet_pods_dir() -> PathBuf {
+    PathBuf::from("/var/lib/kubelet/pods")
 }
 
 /// Cilium's pattern (`node.cilium.io/agent-not-ready`) under iamlink's name.
@@ -174,7 +182,7 @@ pub struct NodeName {
     pub guessed: bool,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolesConfig {
     pub base_arn: Option<String>,
@@ -184,6 +192,35 @@ pub struct RolesConfig {
     /// (namespace, service account) → role, like EKS Pod Identity associations.
     #[serde(default)]
     pub association: Vec<Association>,
+    /// Legacy mode: roles that no pod token vouches for (annotations, config entries, IRSA
+    /// without a projected token) are assumed with the node's own credentials, which then need
+    /// `sts:AssumeRole` on every such role. On by default so that an upgraded daemon keeps its
+    /// config's meaning; the shipped manifests and chart turn it off for new installs.
+    #[serde(default = "yes")]
+    pub legacy_assume_role: bool,
+    /// Namespaces where legacy mode is on even when `legacy_assume_role` is off.
+    #[serde(default)]
+    pub legacy_namespaces: Vec<String>,
+}
+
+impl Default for RolesConfig {
+    fn default() -> Self {
+        RolesConfig {
+            base_arn: None,
+            default: None,
+            pod: vec![],
+            association: vec![],
+            legacy_assume_role: true,
+            legacy_namespaces: vec![],
+        }
+    }
+}
+
+impl RolesConfig {
+    /// Whether pods of `namespace` may be served with the node's AssumeRole.
+    pub fn legacy_for(&self, namespace: &str) -> bool {
+        self.legacy_assume_role || self.legacy_namespaces.iter().any(|n| n == namespace)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -88,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         None => (None, None, None),
     };
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
+    warn_legacy_mode(&config.roles);
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
     tokio::spawn(agent_watch.run(config.clone()));
     let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube, health).beside_agent(agent));
@@ -196,5 +197,15 @@ async fn discover_role_prefix(app: Arc<App<sts::Sts>>) {
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Legacy mode hands pods roles assumed with the node's own credentials: the node must then be
+/// allowed to assume every such role, which a node compromise gives away. Said once at start.
+fn warn_legacy_mode(roles: &crate::config::RolesConfig) {
+    if roles.legacy_assume_role {
+        warn!("legacy mode is on for every namespace (roles.legacy_assume_role): roles that no pod token vouches for are assumed with the node's own credentials, which must then be allowed sts:AssumeRole on them; iamlink_legacy_answers_total counts those answers");
+    } else if !roles.legacy_namespaces.is_empty() {
+        warn!(namespaces = ?roles.legacy_namespaces, "legacy mode is on for these namespaces (roles.legacy_namespaces): their roles that no pod token vouches for are assumed with the node's own credentials");
     }
 }

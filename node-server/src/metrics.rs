@@ -41,6 +41,8 @@ pub struct Metrics {
     pub store_records: Gauge,
     pub interception_entries: Gauge,
     pub last_refresh: Gauge,
+    /// Credential answers whose role was assumed with the node's own credentials (legacy mode).
+    pub legacy_answers: Counter,
     interception_repairs: Family<Labels, Counter>,
     kubernetes_synced: Family<Labels, Gauge>,
 }
@@ -59,6 +61,7 @@ impl Default for Metrics {
             store_records: Gauge::default(),
             interception_entries: Gauge::default(),
             last_refresh: Gauge::default(),
+            legacy_answers: Counter::default(),
             interception_repairs: Family::default(),
             kubernetes_synced: Family::default(),
         };
@@ -71,6 +74,11 @@ impl Default for Metrics {
         );
         r.register("sts_calls", "AssumeRole calls by result", m.sts_calls.clone());
         r.register("sts_call_seconds", "AssumeRole call latency", m.sts_seconds.clone());
+        r.register(
+            "legacy_answers",
+            "Credential answers assumed with the node's own credentials (legacy mode), not a pod token",
+            m.legacy_answers.clone(),
+        );
         r.register("credential_cache_hits", "Credential requests answered from the cache", m.cache_hits.clone());
         r.register("credential_cache_misses", "Credential requests that had to wait for STS", m.cache_misses.clone());
         r.register("credential_cache_entries", "Cached AssumeRole sessions", m.cache_entries.clone());

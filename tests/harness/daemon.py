@@ -27,8 +27,9 @@ def _toml_value(v):
     raise TypeError(f"no TOML for {v!r}")
 
 
-def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=()):
-    """The daemon's config file. A dict among `top`'s values is a table of its own (`[limits]`)."""
+def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=(), roles_extra=None):
+    """The daemon's config file. A dict among `top`'s values is a table of its own (`[limits]`);
+    `roles_extra`: more [roles] keys (legacy_assume_role = false, say)."""
     tables = {k: v for k, v in top.items() if isinstance(v, dict)}
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items() if v is not None and k not in tables]
     lines += ["", "[sts]"] + [f"{k} = {_toml_value(v)}" for k, v in sts.items() if v is not None]
@@ -37,6 +38,7 @@ def to_toml(top, sts, roles_base, pod_roles, default_role=None, associations=())
     lines += ["", "[roles]"] + ([f"base_arn = {_toml_value(roles_base)}"] if roles_base else [])
     if default_role:
         lines.append(f"default = {_toml_value(default_role)}")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (roles_extra or {}).items()]
     for entry in pod_roles:
         lines += ["", "[[roles.pod]]"]
         lines += [f"{k} = {_toml_value(entry[k])}" for k in ("namespace", "name", "role") if entry.get(k)]
@@ -91,10 +93,15 @@ class Daemon:
         self.log_path = os.path.join(node.workdir, "iamlinkd.log")
         self.proc = None
         self.starts = 0
+        # The daemon's own AWS identity (environment keys); token-mode benches give it a
+        # principal without sts:AssumeRole.
+        self.aws_keys = dict(TEST_KEYS)
+        # More [roles] keys.
+        self.roles_extra = {}
 
     def write_config(self):
         text = to_toml(self.settings, self.sts, self.roles_base, self.pod_roles,
-                       self.default_role, self.associations)
+                       self.default_role, self.associations, self.roles_extra)
         with open(self.config_path, "w") as f:
             f.write(text)
         return text
@@ -106,7 +113,7 @@ class Daemon:
                # (and no ~/.aws: HOME is the bench's work directory).
                "AWS_EC2_METADATA_DISABLED": "true",
                "NODE_NAME": self.node.name}
-        env.update(TEST_KEYS)
+        env.update(self.aws_keys)
         return env
 
     def start(self, wait=True, timeout=30):

@@ -76,8 +76,16 @@ def host_paths(bench, containerd_dirs):
         "/var/run/netns": containerd_dirs.netns_dir,  # where containerd mounts pod network namespaces
         # libcni's cache as containerd's libcni writes it (its results/ directory's parent)
         "/var/lib/cni": os.path.dirname(containerd_dirs.cni_results),
+        # kubelet's pods directory (pods' projected tokens): the bench's own
+        "/var/lib/kubelet/pods": kubelet_pods_dir(bench),
         **plugin_paths(bench),
     }
+
+
+def kubelet_pods_dir(bench):
+    path = os.path.join(bench.node.workdir, "var-lib-kubelet-pods")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def plugin_paths(bench):
@@ -97,7 +105,14 @@ def config_overrides(bench):
         ("sts", "endpoint"): bench.moto.endpoint,  # STS is moto
         ("roles", "base_arn"): BASE_ARN,           # pod roles under /iamlink/, as deploy/README.md says to set
         ("kubernetes", "kubeconfig"): f"/etc/iamlink/{KUBECONFIG_KEY}",  # the emulated API (plain HTTP)
+        # The bench's pods get roles from annotations and [[roles.pod]]: legacy mode, as an
+        # install from before token mode has it (the ConfigMap turns it off for new installs).
+        ("roles", "legacy_assume_role"): True,
     }
+
+
+# Keys the ConfigMap sets that config_overrides may change (every other override must be unset).
+REPLACEABLE = {("roles", "legacy_assume_role")}
 
 
 # iamlinkd's own identity: on a node the instance role, from the node's metadata service. Here the
@@ -110,7 +125,9 @@ def override_config(text, overrides):
     lines = text.splitlines()
     for (table, key), value in overrides.items():
         if key in tomllib.loads(text).get(table, {}):
-            raise Untranslated(f"[{table}] {key} is set in the ConfigMap: overriding it would hide a change")
+            if (table, key) not in REPLACEABLE:
+                raise Untranslated(f"[{table}] {key} is set in the ConfigMap: overriding it would hide a change")
+            lines = [x for x in lines if not x.strip().startswith(f"{key} =")]
         at = lines.index(f"[{table}]")
         lines.insert(at + 1, f"{key} = {json.dumps(value)}")
     out = "\n".join(lines) + "\n"

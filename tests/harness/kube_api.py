@@ -152,14 +152,17 @@ class KubeApi:
 
     # -- objects ----------------------------------------------------------------------------
     def create_pod(self, namespace, name, node, service_account="default", uid=None, annotations=None,
-                   labels=None):
-        """A pod bound to `node`; returns the created object (its metadata.uid is `uid` if given)."""
+                   labels=None, volumes=None):
+        """A pod bound to `node`; returns the created object (its metadata.uid is `uid` if given).
+        `volumes`: the spec's volumes (a projected service-account token, say)."""
         obj = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
                             "annotations": dict(annotations or {}), "labels": dict(labels or {})},
                "spec": {"nodeName": node, "serviceAccountName": service_account,
                         "containers": [{"name": "app", "image": "busybox"}]},
                "status": {"phase": "Running"}}
+        if volumes:
+            obj["spec"]["volumes"] = list(volumes)
         return self._create("pods", namespace, obj)
 
     def create_namespace(self, name, annotations=None, labels=None):

@@ -47,9 +47,12 @@ fn typed() -> Vec<(&'static str, Value)> {
                 "sessionTags": false, "sessionName": "{service_account}@{namespace}"
             }]}}),
         ),
+        ("roles.legacy_assume_role", json!({"roles": {"legacyAssumeRole": false}})),
+        ("roles.legacy_namespaces", json!({"roles": {"legacyNamespaces": ["team-legacy"]}})),
         ("kubernetes.runtime_annotations", json!({"kubernetes": {"runtimeAnnotations": false}})),
         ("kubernetes.require_namespace_permission", json!({"kubernetes": {"requireNamespacePermission": true}})),
         ("kubernetes.startup_taint", json!({"kubernetes": {"startupTaint": "iamlink.io/agent-not-ready"}})),
+        ("kubernetes.kubelet_pods_dir", json!({"kubernetes": {"kubeletPodsDir": "/var/lib/kubelet/pods"}})),
         ("cni.conf_dir", json!({"cni": {"confDir": "/etc/cni/net.d"}})),
         ("cni.bin_dir", json!({"cni": {"binDir": "/opt/cni/bin"}})),
         ("cni.log_file", json!({"cni": {"logFile": "/var/log/iamlink/cni.log"}})),

@@ -3,11 +3,14 @@
 
 pub mod cache;
 pub mod chain;
+pub mod exchange;
 pub mod refresh;
 pub mod session;
 pub mod session_name;
 pub mod session_policy;
 pub mod session_tags;
 pub mod sts;
+pub mod token;
+pub mod web_identity;
 
 pub use session::SessionKey;

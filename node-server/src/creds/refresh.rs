@@ -191,7 +191,12 @@ fn start_fetch<S: AssumeRole>(
         Resolution::Granted(grant) => grant,
         other => return Err(other),
     };
-    let key = app.session_key(record, &grant);
+    let key = match app.session_key(record, &grant) {
+        Ok((key, _)) => key,
+        Err(refused) => {
+            return Err(Resolution::Denied { outcome: "token refused", requested: grant.requested, reason: refused.0 })
+        }
+    };
     let (app, pod) = (app.clone(), record.pod.clone());
     Ok(tokio::spawn(async move {
         match app.cache.get(&key).await {
@@ -209,7 +214,7 @@ fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
     let live: HashSet<_> = records
         .iter()
         .filter_map(|r| match app.roles.resolve(r) {
-            Resolution::Granted(grant) => Some(app.session_key(r, &grant)),
+            Resolution::Granted(grant) => app.session_key(r, &grant).ok().map(|(key, _)| key),
             _ => None,
         })
         .collect();

@@ -1,12 +1,27 @@
 //! The AssumeRole request a pod's role becomes: equal requests share cached credentials, so the
 //! key holds everything STS is asked.
 
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
 use iamlink_common::PodRecord;
 
 use crate::config::StsConfig;
 use crate::creds::session_name::{self, NameFields};
 use crate::creds::session_tags::PodTags;
 use crate::role::Grant;
+
+/// A pod's token as part of a cache key: equal tokens share credentials; never printed.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct WebIdentityToken(pub Arc<str>);
+
+impl fmt::Debug for WebIdentityToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebIdentityToken(sha256:{})", hex::encode(&Sha256::digest(self.0.as_bytes())[..6]))
+    }
+}
 
 /// STS's limit on a chained session (a role assumed with a role's credentials): one hour.
 pub const CHAINED_MAX_SECONDS: u32 = 3600;
@@ -33,6 +48,9 @@ pub struct SessionKey {
     /// Roles assumed before `role_arn`, in order, each with the previous one's credentials
     /// (the first with the daemon's).
     pub via: Vec<Hop>,
+    /// Token mode: the pod's own token, exchanged with AssumeRoleWithWebIdentity instead of
+    /// the node's AssumeRole. Part of the key, so that a rotated token is checked and used anew.
+    pub web_identity: Option<WebIdentityToken>,
 }
 
 /// One role assumed on the way to the pod's.
@@ -102,6 +120,7 @@ impl SessionKey {
                 .filter(|_| sts.source_identity)
                 .map(|sa| session_name::source_identity(&pod.namespace, sa)),
             via,
+            web_identity: None,
         }
     }
 }

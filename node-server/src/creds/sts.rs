@@ -1,6 +1,6 @@
 //! AssumeRole through `aws-sdk-sts`, with the daemon's own credentials from the default chain.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
@@ -9,10 +9,13 @@ use aws_sdk_sts::types::Tag;
 use crate::config::StsConfig;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
 use crate::creds::chain;
+use crate::creds::web_identity;
 use crate::role::arn::role_prefix;
 
 pub struct Sts {
     client: aws_sdk_sts::Client,
+    /// Without credentials: AssumeRoleWithWebIdentity is unsigned, so token mode needs none.
+    anonymous: aws_sdk_sts::Client,
 }
 
 impl Sts {
@@ -26,7 +29,8 @@ impl Sts {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
-        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()) }
+        let anonymous = web_identity::anonymous_client(config, timeout).await;
+        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()), anonymous }
     }
 
     /// `arn:<partition>:iam::<account>:role/`, from the daemon's own identity: role names in
@@ -45,6 +49,9 @@ impl AssumeRole for Sts {
     /// The key's calls in order ([`chain::calls`]), each with the previous one's credentials;
     /// a failure names its hop when there are several.
     async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
+        if let Some(token) = &key.web_identity {
+            return web_identity::assume(&self.anonymous, key, token).await;
+        }
         let calls = chain::calls(key);
         let mut creds: Option<Credentials> = None;
         for (i, call) in calls.iter().enumerate() {
@@ -101,16 +108,5 @@ async fn assume(
         .map_err(|e| {
             StsError::new(format!("AssumeRole {}: {}", call.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
         })?;
-    let c = out
-        .credentials
-        .ok_or_else(|| StsError::new(format!("AssumeRole {}: the answer has no credentials", call.role_arn)))?;
-    let expiration = SystemTime::try_from(c.expiration)
-        .map_err(|e| StsError::new(format!("AssumeRole {} expiration: {e}", call.role_arn)))?;
-    Ok(Credentials {
-        access_key_id: c.access_key_id,
-        secret_access_key: c.secret_access_key,
-        session_token: c.session_token,
-        expiration,
-        last_updated: SystemTime::now(),
-    })
+    web_identity::from_answer(&format!("AssumeRole {}", call.role_arn), out.credentials)
 }

@@ -102,13 +102,16 @@ fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
     let pod = record.pod.to_string();
     match app.roles.resolve(record) {
         Resolution::Granted(grant) => {
-            let key = app.session_key(record, &grant);
-            PodAnswer {
-                pod,
-                role: Some(grant.role.arn().to_string()),
-                resolution: granted_text(&grant),
-                credentials: app.cache.peek(&key).map(CredentialState::from),
-            }
+            let (resolution, credentials) = match app.session_key(record, &grant) {
+                Ok((key, mode)) => (
+                    format!("{}; {}", granted_text(&grant), mode.describe()),
+                    app.cache.peek(&key).map(CredentialState::from),
+                ),
+                Err(refused) => {
+                    (format!("{}; refused: {refused} (its credential requests get 403)", granted_text(&grant)), None)
+                }
+            };
+            PodAnswer { pod, role: Some(grant.role.arn().to_string()), resolution, credentials }
         }
         Resolution::NoRole => PodAnswer {
             pod,

@@ -20,6 +20,7 @@ use iamlink_common::PodRecord;
 
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, Body, Credentials};
+use crate::creds::exchange::Mode;
 use crate::request::identify::{identify, Conn, Destination, Unidentified};
 use crate::request::proxy::not_plain;
 use crate::request::tokens::{parse_ttl, TokenError, TOKEN_HEADER, TTL_HEADER};
@@ -292,9 +293,19 @@ async fn credentials<S: AssumeRole>(
     render: impl FnOnce(&Credentials) -> String,
 ) -> (StatusCode, &'static str, Answer) {
     let role = &grant.role;
-    let key = app.session_key(record, grant);
+    let (key, mode) = match app.session_key(record, grant) {
+        Ok(found) => found,
+        Err(refused) => {
+            warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), reason = %refused, "token refused");
+            let status = StatusCode::FORBIDDEN;
+            return (status, "token refused", text(status, format!("iamlink: {refused}\n")));
+        }
+    };
     match app.cache.get(&key).await {
         Ok((creds, due)) => {
+            if mode == Mode::Legacy {
+                app.metrics.legacy_answers.inc();
+            }
             if due {
                 let app = app.clone();
                 tokio::spawn(async move {

@@ -54,6 +54,7 @@ use iamlink_common::Store as NodeStore;
 
 use crate::config::KubernetesConfig;
 use crate::creds::session_tags::{ALLOWED_SESSION_TAGS_ANNOTATION, MAX_SESSION_TAGS, SESSION_TAGS_ANNOTATION};
+use crate::creds::token::IRSA_AUDIENCE_ANNOTATION;
 use crate::role::policy::{ALLOWED_ROLES_ANNOTATION, MAX_POLICY, PERMITTED_ANNOTATION};
 use crate::role::resolve::{IRSA_EXPIRATION_ANNOTATION, IRSA_ROLE_ANNOTATION, MAX_EXPIRATION};
 use crate::role::session_options::SESSION_POLICY_ANNOTATION;
@@ -94,9 +95,10 @@ pub const NAMESPACE_KEYS: [Key; 4] = [
 pub const POD_KEYS: [Key; 3] =
     [POD_ANNOTATIONS[0], POD_ANNOTATIONS[1], Key { name: SESSION_TAGS_ANNOTATION, max: MAX_SESSION_TAGS }];
 /// The service-account annotations role resolution reads (IRSA); the view keeps no others.
-pub const SERVICE_ACCOUNT_KEYS: [Key; 2] = [
+pub const SERVICE_ACCOUNT_KEYS: [Key; 3] = [
     Key { name: IRSA_ROLE_ANNOTATION, max: MAX_ROLE_ARN },
     Key { name: IRSA_EXPIRATION_ANNOTATION, max: MAX_EXPIRATION },
+    Key { name: IRSA_AUDIENCE_ANNOTATION, max: MAX_ROLE_ARN },
 ];
 
 /// Cuts metadata down to what the view is read for: name, namespace and the annotations among
@@ -131,7 +133,8 @@ fn trim<K>(object: &mut PartialObjectMeta<K>, keys: &[Key]) {
 }
 
 /// A pod as the view keeps it: what role resolution and prefetch read (name, namespace, UID, its
-/// IAM annotations bounded, node, service account), not its containers or status.
+/// IAM annotations bounded, node, service account, its projected service-account token volumes
+/// for token mode), not its containers or status.
 fn trim_pod(pod: &mut Pod) {
     let uid = pod.metadata.uid.take();
     pod.metadata = ObjectMeta { uid, ..trimmed(std::mem::take(&mut pod.metadata), &POD_KEYS) };
@@ -139,6 +142,7 @@ fn trim_pod(pod: &mut Pod) {
     pod.spec = Some(PodSpec {
         node_name: spec.node_name,
         service_account_name: spec.service_account_name,
+        volumes: crate::creds::token::token_volumes(spec.volumes),
         ..PodSpec::default()
     });
     pod.status = None;

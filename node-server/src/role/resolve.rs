@@ -381,6 +381,7 @@ mod tests {
                     session_tags: true,
                     session_name: None,
                 }],
+                ..RolesConfig::default()
             },
             false,
         )

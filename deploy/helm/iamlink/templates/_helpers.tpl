@@ -78,9 +78,11 @@ chart sets up the node or the pod for (listen6, audit_log, cni.log_file: address
 {{- $associations = append $associations $a -}}
 {{- end }}
 {{- with $associations }}{{ $_ := set $roles "association" . }}{{ end -}}
+{{- $_ := set $roles "legacy_assume_role" $v.roles.legacyAssumeRole -}}
+{{- with $v.roles.legacyNamespaces }}{{ $_ := set $roles "legacy_namespaces" . }}{{ end -}}
 {{- $_ := set $c "roles" $roles -}}
 {{- if $v.kubernetes.enabled }}
-{{- $_ := set $c "kubernetes" (dict "runtime_annotations" $v.kubernetes.runtimeAnnotations "require_namespace_permission" $v.kubernetes.requireNamespacePermission "startup_taint" $v.kubernetes.startupTaint) -}}
+{{- $_ := set $c "kubernetes" (dict "runtime_annotations" $v.kubernetes.runtimeAnnotations "require_namespace_permission" $v.kubernetes.requireNamespacePermission "startup_taint" $v.kubernetes.startupTaint "kubelet_pods_dir" $v.kubernetes.kubeletPodsDir) -}}
 {{- end }}
 {{- $cni := dict "conf_dir" $v.cni.confDir "bin_dir" $v.cni.binDir "manage" $v.cni.manage "cache_dir" $v.cni.cacheDir -}}
 {{- with $v.cni.logFile }}{{ $_ := set $cni "log_file" . }}{{ end -}}
