@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from .node import EBPF_GUARD, Daemon
+from .node import Daemon
 from .stats import median, percentile, ratio
 
 NAMESPACE = "bench-flat"
@@ -36,7 +36,7 @@ def _conflist(b):
                          "ranges": [[{"subnet": SUBNET, "gateway": str(net.network_address + 1)}]],
                          "dataDir": os.path.join(b.cni_dir, "ipam-flat"), "routes": [{"dst": "198.18.0.0/24"}]}},
                {"type": "iamlink", "daemonAddress": f"{Daemon.LISTEN_HOST}:{Daemon.LISTEN_PORT}",
-                "storeDir": b.store_dir, "logFile": b.plugin_log, **EBPF_GUARD}]
+                "storeDir": b.store_dir, "logFile": b.plugin_log}]
     path = os.path.join(b.cni_dir, "flat.conflist")
     with open(path, "w") as f:
         json.dump({"cniVersion": "1.0.0", "name": "bench-flat", "plugins": plugins}, f, indent=2)

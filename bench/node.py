@@ -45,9 +45,6 @@ BARE_VIP = "198.18.0.254"
 EXTRA_LO = ("198.18.0.3/32", "198.18.0.4/32")
 
 
-# IAMLINK_BENCH_EBPF_GUARD=1: every iamlink entry carries "ebpfGuard": true, so that ADD's cost
-# includes the tcx guard's attach (issue 22). Unset: the plugin's default.
-EBPF_GUARD = {"ebpfGuard": True} if os.environ.get("IAMLINK_BENCH_EBPF_GUARD") == "1" else {}
 
 
 class CnibenchError(RuntimeError):
@@ -210,7 +207,7 @@ class BenchNode(contextlib.ExitStack):
         }]
         if with_iamlink:
             plugins.append({"type": "iamlink", "daemonAddress": f"{Daemon.LISTEN_HOST}:{Daemon.LISTEN_PORT}",
-                            "storeDir": self.store_dir, "logFile": self.plugin_log, **EBPF_GUARD,
+                            "storeDir": self.store_dir, "logFile": self.plugin_log,
                             **(netconf or {})})
         path = os.path.join(self.cni_dir, f"{name}.conflist")
         with open(path, "w") as f:

@@ -20,7 +20,6 @@ trusting the node role, the node role carrying node-role-permissions.json. What 
   trust policy that requires one, and never evaluates sts:TagSession: neither is asserted here.
 """
 
-import http.client
 import json
 import os
 import re
@@ -259,7 +258,7 @@ def test_moto_enforces_the_node_policy_path_and_the_external_id(bench):
     assert inside == role_arn("inside") and ext == role_arn("ext")
     assert outside == f"arn:aws:iam::{ACCOUNT}:role/outside"
 
-    set_auth(bench, "0")  # every request from now on is authorized against IAM
+    bench.moto.set_auth("0")  # every request from now on is authorized against IAM
     try:
         assume = lambda role, **kw: moto.assume_role(role, session="iamlinkd", creds=node_creds, **kw)  # noqa: E731
         assert moto.caller_arn(assume("inside"))
@@ -267,18 +266,4 @@ def test_moto_enforces_the_node_policy_path_and_the_external_id(bench):
         assert moto.caller_arn(assume("ext", ExternalId=EXTERNAL_ID))
         assert access_denied(lambda: assume("ext", ExternalId="someone-else")), "a wrong external ID was accepted"
     finally:
-        set_auth(bench, "inf")
-
-
-def set_auth(bench, count):
-    """moto's INITIAL_NO_AUTH_ACTION_COUNT: "0" authorizes every request, "inf" none."""
-
-    def post():
-        conn = http.client.HTTPConnection(bench.moto.HOST, bench.moto.PORT, timeout=10)
-        conn.request("POST", "/moto-api/reset-auth", body=count.encode())
-        r = conn.getresponse()
-        body = r.read()
-        conn.close()
-        assert r.status == 200, (r.status, body)
-
-    bench.node.call(post)
+        bench.moto.set_auth("inf")

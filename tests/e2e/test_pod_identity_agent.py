@@ -105,7 +105,10 @@ def test_a_pods_requests_to_the_agents_address_reach_the_agent_and_metadata_stay
         else:
             assert rc != 0, (pod, out)
     table, rules = intercepted_addresses(bench)
-    assert "169.254.169.254" in table and "169.254.170.23" not in table and "fd00:ec2::23" not in table, table
+    # Not intercepted (no rule matches it as a destination); the credentials pod port of a pod
+    # whose DNAT predates the agent is sent on to the agent (`dnat ip to 169.254.170.23:80`).
+    assert "169.254.169.254" in table and "daddr 169.254.170.23" not in table, table
+    assert "daddr fd00:ec2::23" not in table and "fd00:ec2::23 " not in table, table
     assert "169.254.170.23" not in rules and "fd00:ec2::23" not in rules, rules
     assert "169.254.169.254" in rules, rules
     log = bench.daemon.log_text()
@@ -122,8 +125,11 @@ def test_the_agent_appearing_after_iamlinkd_started_gets_its_address_and_leaving
     bench.callback(agent.down)
     reached = wait_until(lambda: ask_agent_address(web).text == MARKER, 5, "the pod's request reaching the agent")
     assert reached
-    wait_until(lambda: not any("169.254.170.23" in t for t in intercepted_addresses(bench)), 3,
-               "neither the rule set nor an ip rule naming 169.254.170.23")
+    def left_to_the_agent():
+        table, rules = intercepted_addresses(bench)
+        return "daddr 169.254.170.23" not in table and "169.254.170.23" not in rules
+
+    wait_until(left_to_the_agent, 3, "neither the rule set nor an ip rule intercepting 169.254.170.23")
     rc, out, err = web.caller_arn()
     assert rc == 0 and is_assumed_role(out.strip(), "web"), (out, err)
 

@@ -140,8 +140,10 @@ def test_connection_queued_before_its_pods_del_and_silent_until_the_next_add_is_
     assert_batch_has_its_role(bench, batch)
 
 
+# By the connection's original destination: the pod's own DNAT (nat output, before this filter)
+# has rewritten the packets' destination to iamlinkd's pod port already.
 HOLD_ACKS = """table inet hold {
-  chain out { type filter hook output priority 0; ip daddr 169.254.169.254 tcp dport 80 tcp flags & syn != syn drop; }
+  chain out { type filter hook output priority 0; ct original ip daddr 169.254.169.254 tcp flags & syn != syn drop; }
 }
 """
 

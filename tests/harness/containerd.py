@@ -121,7 +121,8 @@ class Containerd:
     """containerd with the CRI plugin in `node`, the CNI chain of `pods` (its conflist, with the
     plugins of CNI_PLUGINS); see the module docstring. `cri` is the CRI client once started."""
 
-    def __init__(self, node, pods, plugin_tap=True, host_binds=None, images=(), shared_netns=False):
+    def __init__(self, node, pods, plugin_tap=True, host_binds=None, images=(), shared_netns=False,
+                 shared_dirs=()):
         """plugin_tap=False: no `iamlink` in the bin dir and the conflist as `pods` has it (the
         DaemonSet's install-cni puts both there). host_binds: {path: directory of the node} bound
         over `path` in containerd's mount namespace, besides its compiled-in paths (the plugin it
@@ -129,8 +130,10 @@ class Containerd:
         imported with the pause image at the first start. shared_netns: the pod netns directory is a
         shared mount in containerd's mount namespace, as /var/run/netns is on a node (systemd makes /
         shared), so that a container can mount it with HostToContainer propagation (containerd
-        refuses rslave from a private mount)."""
+        refuses rslave from a private mount). shared_dirs: directories of the node made shared
+        mounts the same way (kubelet's pods directory, which the DaemonSet mounts HostToContainer)."""
         self.shared_netns = shared_netns
+        self.shared_dirs = list(shared_dirs)
         self.node = node
         self.pods = pods
         self.images = list(images)
@@ -245,9 +248,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     self._made_dirs.append(path)
         ready = os.path.join(self.dir, "holder.ready")
         script = "set -e\n" + "".join(f"mount --bind '{src}' '{dst}'\n" for dst, src in self.binds.items())
-        if self.shared_netns:
-            os.makedirs(self.netns_dir, exist_ok=True)
-            script += f"mount --bind '{self.netns_dir}' '{self.netns_dir}'\nmount --make-shared '{self.netns_dir}'\n"
+        shared = ([self.netns_dir] if self.shared_netns else []) + self.shared_dirs
+        for path in shared:
+            os.makedirs(path, exist_ok=True)
+            script += f"mount --bind '{path}' '{path}'\nmount --make-shared '{path}'\n"
         script += f"touch '{ready}'\nexec sleep infinity\n"
         self.holder = subprocess.Popen(
             ["nsenter", f"--net={self.node.path}", "--", "unshare", "--mount", "--propagation", "slave", "--",

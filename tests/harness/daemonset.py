@@ -558,7 +558,8 @@ def plain_chain_node(make_module_bench, roles):
     for role in roles:
         bench.moto.create_role(role)
     n.ctd = Containerd(bench.node, bench.pods, plugin_tap=False, host_binds=plugin_paths(bench),
-                       images=[(IMAGE_ARCHIVE, n.image)], shared_netns=True)
+                       images=[(IMAGE_ARCHIVE, n.image)], shared_netns=True,
+                       shared_dirs=[kubelet_pods_dir(bench)])
     bench.callback(n.ctd.close)
     bench.extra_logs.append(("containerd", n.ctd.log_path))
     n.conflist_path = os.path.join(n.ctd.conf_dir, "10-iamlink.conflist")

@@ -196,6 +196,20 @@ class Moto:
                 config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=20),
             )
 
+    def set_auth(self, count):
+        """moto's INITIAL_NO_AUTH_ACTION_COUNT: "0" authorizes every request against IAM from now
+        on, "inf" none."""
+
+        def post():
+            conn = http.client.HTTPConnection(self.HOST, self.PORT, timeout=10)
+            conn.request("POST", "/moto-api/reset-auth", body=count.encode())
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            assert r.status == 200, (r.status, body)
+
+        self.node.call(post)
+
     def create_role(self, name, trust=None, path=POD_ROLE_PATH):
         """Create pod role `name` (idempotent) under `path` with the trust policy of
         deploy/iam/pod-role-trust-policy.json, or `trust` (JSON text); returns its ARN."""

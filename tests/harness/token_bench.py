@@ -6,7 +6,6 @@ strict web identity shim (`sts_web_identity_shim.py`) in front of moto; pods' pr
 signed by a fake OIDC issuer and laid out under a tmpfs as kubelet lays them out.
 """
 
-import http.client
 import json
 import os
 import uuid
@@ -60,7 +59,7 @@ class TokenBench:
             return self.node.can_connect(self.HOST, self.PORT)
 
         wait_until(ready, 20, "STS shim on 198.18.0.2:5003")
-        self.set_auth("0")  # from now on moto authorizes every request against IAM
+        self.bench.moto.set_auth("0")  # from now on moto authorizes every request against IAM
         daemon = bench.daemon
         daemon.aws_keys = {"AWS_ACCESS_KEY_ID": self.node_keys["AccessKeyId"],
                            "AWS_SECRET_ACCESS_KEY": self.node_keys["SecretAccessKey"],
@@ -94,19 +93,6 @@ class TokenBench:
                                    ("NAMESPACE", namespace), ("SERVICE_ACCOUNT", service_account)):
             text = text.replace(placeholder, value)
         return self.bench.moto.create_role(name, trust=json.dumps(json.loads(text)))
-
-    def set_auth(self, count):
-        moto = self.bench.moto
-
-        def post():
-            conn = http.client.HTTPConnection(moto.HOST, moto.PORT, timeout=10)
-            conn.request("POST", "/moto-api/reset-auth", body=count.encode())
-            r = conn.getresponse()
-            body = r.read()
-            conn.close()
-            assert r.status == 200, (r.status, body)
-
-        self.node.call(post)
 
     def stop(self):
         if self.proc is not None:

@@ -3,11 +3,14 @@
 //! read back, against which the installed base chains are compared expression by expression.
 //! Compiling nft expressions by hand is what this spares; a pod's part is never written here.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use super::nftables::{read_installed, BaseChains};
-use super::{nft_script, nftnl, pod_dnat, InterceptError, RuleSet, LAYOUT_PREFIX, LAYOUT_VERSION, PODS_MAP, TABLE};
+use super::{
+    nft_script, nftnl, pod_dnat, InterceptError, RuleSet, CREDENTIALS_ADDRESS6, DEFAULT_CREDENTIALS_ADDRESS,
+    LAYOUT_PREFIX, LAYOUT_VERSION, METADATA_ADDRESS, METADATA_ADDRESS6, PODS_MAP, TABLE,
+};
 
 impl RuleSet {
     /// The intercepted addresses of one family, as an nft set's elements.
@@ -66,16 +69,36 @@ impl RuleSet {
             None => "drop".to_string(),
         };
         // iamlinkd's pod ports (`pod_dnat`): what the pod-side DNAT sends the metadata addresses
-        // to, marked and DNATed exactly like the metadata addresses.
+        // to, marked and DNATed exactly like the metadata addresses. Where the credentials address
+        // is left to the EKS Pod Identity agent (the rule set has none of this family), the
+        // credentials port of pods whose DNAT was written before the agent came goes to the agent,
+        // as their requests would without iamlink.
         let mut pod_ports = String::new();
         for (daemon, family) in [(Some(SocketAddr::V4(self.daemon)), "ip"), (self.daemon6.map(SocketAddr::V6), "ip6")] {
             let Some(daemon) = daemon else { continue };
-            let ports: Vec<String> = pod_dnat::pod_ports(daemon).iter().map(|(a, _)| a.port().to_string()).collect();
-            let (ip, ports) = (daemon.ip(), ports.join(", "));
+            let [(metadata, _), (credentials, _)] = pod_dnat::pod_ports(daemon);
+            let ip = daemon.ip();
+            let (m, c) = (metadata.port(), credentials.port());
+            let credentials_here = self.addresses.iter().any(|a| {
+                a.is_ipv6() == ip.is_ipv6()
+                    && ![IpAddr::V4(METADATA_ADDRESS), IpAddr::V6(METADATA_ADDRESS6)].contains(a)
+            });
+            let agent = match ip {
+                IpAddr::V4(_) => SocketAddr::new(DEFAULT_CREDENTIALS_ADDRESS.into(), 80),
+                IpAddr::V6(_) => SocketAddr::new(CREDENTIALS_ADDRESS6.into(), 80),
+            };
             pod_ports.push_str(&format!(
-                "add rule {t} identify {family} daddr {ip} tcp dport {{ {ports} }} jump identify-pod\n\
-                 add rule {t} intercept {family} daddr {ip} tcp dport {{ {ports} }} ct state new dnat {family} to {daemon}\n"
+                "add rule {t} identify {family} daddr {ip} tcp dport {{ {m}, {c} }} jump identify-pod\n"
             ));
+            pod_ports.push_str(&match credentials_here {
+                true => format!(
+                    "add rule {t} intercept {family} daddr {ip} tcp dport {{ {m}, {c} }} ct state new dnat {family} to {daemon}\n"
+                ),
+                false => format!(
+                    "add rule {t} intercept {family} daddr {ip} tcp dport {m} ct state new dnat {family} to {daemon}\n\
+                     add rule {t} intercept {family} daddr {ip} tcp dport {c} ct state new dnat {family} to {agent}\n"
+                ),
+            });
         }
         format!(
             "add rule {t} identify ip daddr {{ {v4} }} tcp dport 80 jump identify-pod\n\

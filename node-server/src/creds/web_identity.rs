@@ -37,6 +37,9 @@ pub async fn assume(
         .role_session_name(&key.session_name)
         .duration_seconds(key.duration_seconds as i32)
         .web_identity_token(token.0.as_ref())
+        // The namespace's or association's scope-down applies in token mode too; session tags and
+        // source identity come from the token's claims there (STS takes neither as a parameter).
+        .set_policy(key.policy.clone())
         .send()
         .await
         .map_err(|e| {
