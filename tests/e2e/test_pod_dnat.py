@@ -7,29 +7,26 @@ the metadata addresses, so the answer is still the pod's own role or nothing.
 
 Real parts: namespaces and veths, ptp + host-local + the built iamlink plugin through libcni
 (`cnirt`), nftables and conntrack in the pod and node namespaces, a tcx program attached to the
-pod's host interface (`tests/bpf/podnat_skip_fib.c`, built with clang at the test's start), the
+pod's host interface (`tests/bpf/cilium_skip_fib.c`, built with clang at the test's start), the
 built iamlinkd, the AWS CLI and a stdlib client in the pods. Emulated: STS by moto; the node's
 metadata service by the fake upstream (node role), in a namespace of its own behind `imds0`;
 Cilium's BPF host routing with one native device by the stand-in program: a `bpf_redirect_neigh`
-of every packet for 169.254.0.0/16 to `imds0`, with no FIB lookup of its own.
+of every packet not addressed to the node to `imds0`, with no FIB lookup of its own.
 """
 
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
-from harness import PYTHON, role_of_arn, wait_until
+from harness import PYTHON, role_of_arn, tcx, wait_until
 from harness.imds_client import CREDS_PATH
-from harness.util import IMDS_CLIENT, stop_process
 
 from conftest import record_of
 from test_fail_closed import add_pods
 from test_ipv6 import DAEMON6, dual_stack_bench
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bpf")
 DAEMON, DAEMON_PORT = "198.18.0.1", 8181
 # iamlinkd's pod ports: its port + 1 (metadata) and + 2 (credentials), on the same address.
 METADATA_PORT, CREDENTIALS_PORT = DAEMON_PORT + 1, DAEMON_PORT + 2
@@ -39,28 +36,20 @@ TWO_PODS = (("team-a", "web", "web"), ("team-b", "api", "api"))
 
 @pytest.fixture(scope="module")
 def skip_fib(tmp_path_factory):
-    """Builds the stand-in's loader once; returns a function that attaches the stand-in (compiled
-    for the node's uplink `imds0`) by tcx at the tail of a host interface, as a dataplane does."""
-    if not (shutil.which("clang") and shutil.which("cc")):
-        pytest.fail("clang and cc are needed for the tcx stand-in (scripts/setup installs them)", pytrace=False)
-    out = tmp_path_factory.mktemp("podnat-bpf")
-    loader = str(out / "podnat_attach")
-    subprocess.run(["cc", "-O2", "-o", loader, os.path.join(BPF_DIR, "podnat_attach.c"), "-lbpf"], check=True)
+    """Returns a function that attaches the Cilium one-device stand-in (tests/harness/tcx.py,
+    compiled for the node's uplink `imds0`; the bench's node addresses 198.18.0.0/24 are what
+    "addressed to the node" means) by tcx at the tail of a host interface, as a dataplane does."""
+    if not shutil.which("clang"):
+        pytest.fail("clang is needed for the tcx stand-in (scripts/setup installs it)", pytrace=False)
+    out = str(tmp_path_factory.mktemp("podnat-bpf"))
+    objects = {}
 
     def attach(bench, ifname):
-        uplink = bench.node.exec(["cat", "/sys/class/net/imds0/ifindex"]).stdout.strip()
-        obj = str(out / f"podnat_skip_fib-{uplink}.o")
-        if not os.path.exists(obj):
-            subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
-                            f"-DUPLINK_IFINDEX={uplink}", "-c", os.path.join(BPF_DIR, "podnat_skip_fib.c"),
-                            "-o", obj], check=True)
-        proc = bench.node.spawn([loader, obj, "podnat_skip_fib", ifname], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        line = proc.stdout.readline().decode()
-        if line.strip() != "attached":
-            stop_process(proc, timeout=5)
-            raise AssertionError(f"stand-in not attached to {ifname}: {line!r} {proc.stderr.read().decode()!r}")
-        return proc
+        uplink = int(bench.node.exec(["cat", "/sys/class/net/imds0/ifindex"]).stdout)
+        if uplink not in objects:
+            objects[uplink] = tcx.build(tcx.CILIUM_SKIP_FIB, out, NATIVE_IFINDEX=uplink, NODE_NET="0xc6120000",
+                                        NODE_PREFIX=24)
+        bench.node.exec([PYTHON, tcx.__file__, "attach", objects[uplink], ifname, "tail"])
 
     return attach
 
