@@ -7,7 +7,7 @@ import sys
 from .node import REPO
 from .stats import fmt
 
-ORDER = [1, 2, 3, 4, 5, 6, 7, 8]
+ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def _v(x, unit=""):
@@ -44,8 +44,9 @@ def _method(mod):
 def render(info, results):
     from . import churn, cni_cost, first_request, latency, memory, resolve, single_flight
     mods = {1: cni_cost, 2: latency, 3: first_request, 4: single_flight, 5: memory, 6: churn, 7: resolve}
-    from . import flat_cost
+    from . import flat_cost, token_mode
     mods[8] = flat_cost
+    mods[9] = token_mode
     quick = info.get("quick")
     L = []
     L.append("# iamlink benchmarks" + (" (quick run: small counts, numbers not meaningful)" if quick else ""))

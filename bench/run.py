@@ -1,4 +1,4 @@
-"""scripts/bench's driver: builds one bench node and runs the seven parts in it, then writes the
+"""scripts/bench's driver: builds one bench node and runs the parts in it (part 9 builds nodes of its own), then writes the
 report (BENCHMARKS.md, or .build/bench-quick.md with --quick) and the raw numbers as JSON.
 
     python3 -m bench.run [--quick] [--out FILE] [--parts 1,2,...] [--no-profile]
@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import churn, cni_cost, first_request, latency, machine, memory, report, resolve, single_flight  # noqa: E402,E501
-from bench import flat_cost  # noqa: E402
+from bench import flat_cost, token_mode  # noqa: E402
 from bench.node import REPO, BenchNode  # noqa: E402
 
 PARTS = {
@@ -26,6 +26,7 @@ PARTS = {
     6: churn,
     7: resolve,
     8: flat_cost,  # before 5: it uses the daemon that served the earlier parts
+    9: token_mode,  # nodes of its own
     5: memory,  # last: it restarts iamlinkd for a fresh baseline
 }
 
@@ -45,7 +46,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts: proves every part works (≤ 90 s)")
     ap.add_argument("--out", help="report file (default BENCHMARKS.md, or .build/bench-quick.md with --quick)")
-    ap.add_argument("--parts", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--parts", default="1,2,3,4,5,6,7,8,9")
     ap.add_argument("--no-profile", action="store_true", help="skip the perf diagnosis of missed targets")
     ap.add_argument("--command", default="scripts/bench", help="the command line to print as the reproduction")
     ap.add_argument("--render-from", metavar="JSON", help="only write the report again from a run's raw numbers")

@@ -1,13 +1,19 @@
 //! The tcx guard at ADD and DEL (`ebpfGuard`): the plugin's side of `iamlink_common::tcx_guard`,
 //! in its error codes. ADD decides before it writes the record whether the guard goes on (so
 //! that the record says so and iamlinkd keeps it), attaches it once the pod's interception is in
-//! place, and DEL takes it off an interface that is still there.
+//! place, and DEL leaves it to go with the interface where the interface goes with the pod.
+//!
+//! Why left: tcx swaps an interface's program list on every attach and detach and waits for an
+//! RCU grace period before it returns (`synchronize_rcu`, under the RTNL lock: ~10 ms measured
+//! here, most of DEL's own time), for nothing where the kernel removes the guard with the
+//! interface anyway. (ADD cannot hide its attach behind its other work: its routes need the
+//! same RTNL lock.)
 
 use std::net::IpAddr;
 
 use iamlink_common::netlink::Netlink;
 use iamlink_common::tcx_guard::{self, inventory, Ensured, GuardError, Hook};
-use iamlink_common::{HostInterface, PodRecord};
+use iamlink_common::{HostInterface, HostInterfaceSource, PodRecord};
 use tracing::{info, warn};
 
 use crate::error::{CniError, Code, Result};
@@ -57,13 +63,21 @@ pub fn attach(record: &PodRecord, addresses: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Takes the guard off the record's host interface at DEL, if it is still there (usually the
-/// interface went with the pod, and the guard with it) and nothing else runs there. While a
-/// dataplane's program is attached behind it the guard stays until the interface goes: between
-/// iamlink's DEL and the primary plugin's the pod still has its interface, and without the guard
-/// that program could forward its metadata traffic to the node's service.
+/// At DEL: leaves the guard on a host interface that goes with the pod, else takes it off if the
+/// interface is still there and nothing else runs on it.
+///
+/// A veth whose peer is the pod's interface (found as its peer, or adopted by the node's route
+/// into the pod's namespace) goes when the primary plugin's DEL or the pod's namespace takes the
+/// pair, and the kernel drops its programs with it: detaching first would only cost an RCU grace
+/// period, and would open a window in which a dataplane's program runs on the pod's packets
+/// unguarded. All the guard does meanwhile is drop metadata packets: fail closed. An interface
+/// only named in prevResult may outlive the pod: the guard comes off unless a dataplane's
+/// program runs behind it, which it keeps guarding until the interface goes.
 pub fn release(record: &PodRecord) -> Result<()> {
     let host = &record.host_interface;
+    if matches!(host.source, HostInterfaceSource::PeerIfindex | HostInterfaceSource::NodeRoute) {
+        return Ok(());
+    }
     let others: Vec<String> = match tcx_guard::query(host.index, Hook::Ingress) {
         Ok(progs) => progs.iter().filter(|p| !p.is_guard()).map(ToString::to_string).collect(),
         Err(GuardError::NoInterface(_) | GuardError::NoTcx) => return Ok(()),

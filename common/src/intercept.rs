@@ -151,6 +151,11 @@ pub struct RuleSet {
     pub mask: MarkMask,
     /// Destinations (port 80) whose traffic from pods is intercepted, both families.
     pub addresses: Vec<IpAddr>,
+    /// The container-credentials address is the EKS Pod Identity agent's on this node, as
+    /// iamlinkd decided (`install/pod_identity.rs`): the credentials pod port of pods whose DNAT
+    /// was written before the agent came is sent on to the agent, as their requests would go
+    /// without iamlink. `false` with no credentials address (turned off): that port is refused.
+    pub credentials_to_agent: bool,
 }
 
 /// One thing [`RuleSet::ensure`] found wrong and put right.
@@ -221,7 +226,19 @@ impl RuleSet {
         if let Some(c) = credentials.filter(|a| *a != METADATA_ADDRESS) {
             addresses.extend([IpAddr::V4(c), IpAddr::V6(CREDENTIALS_ADDRESS6)]);
         }
-        RuleSet { daemon, daemon6, mask, addresses }
+        RuleSet { daemon, daemon6, mask, addresses, credentials_to_agent: false }
+    }
+
+    /// This rule set with [`RuleSet::credentials_to_agent`] as given; only meaningful without a
+    /// credentials address (an intercepted one is iamlink's, never the agent's).
+    pub fn with_credentials_to_agent(mut self, to_agent: bool) -> Self {
+        self.credentials_to_agent = to_agent && !self.serves_credentials();
+        self
+    }
+
+    /// Whether a container-credentials address is intercepted.
+    pub fn serves_credentials(&self) -> bool {
+        self.addresses.iter().any(|a| ![IpAddr::V4(METADATA_ADDRESS), IpAddr::V6(METADATA_ADDRESS6)].contains(a))
     }
 
     pub fn layout(&self) -> Layout {

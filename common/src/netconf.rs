@@ -43,6 +43,11 @@ pub struct NetconfEntry {
     /// The second intercepted address; `""` disables it (and its IPv6 twin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_address: Option<String>,
+    /// `true`: with `credentialsAddress` `""`, the address is not off but the EKS Pod Identity
+    /// agent's on this node (install-cni writes it when iamlinkd leaves the address to the agent):
+    /// the credentials pod port of older pods goes on to the agent instead of being refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_identity_agent: Option<bool>,
     /// `true`: ADD puts the tcx guard (`tcx_guard`) first on the pod's host interface, so that
     /// an eBPF dataplane never forwards a metadata packet past netfilter (iamlinkd's
     /// `ebpf_guard`). Unset: on; `false` leaves it off, netfilter alone intercepts.
@@ -82,6 +87,7 @@ impl Default for NetconfEntry {
             mark_mask: None,
             allow_mark_overlap: None,
             credentials_address: None,
+            pod_identity_agent: None,
             ebpf_guard: None,
             log_file: None,
             capabilities: Value::Null,
@@ -118,7 +124,7 @@ pub fn parse_credentials_address(address: &str) -> Result<Option<Ipv4Addr>, Addr
 impl NetconfEntry {
     /// The keys iamlinkd owns in an entry: install-cni sets or removes exactly these and leaves
     /// any other key an operator added.
-    pub const KEYS: [&'static str; 10] = [
+    pub const KEYS: [&'static str; 11] = [
         "type",
         "daemonAddress",
         "daemonAddress6",
@@ -126,6 +132,7 @@ impl NetconfEntry {
         "markMask",
         "allowMarkOverlap",
         "credentialsAddress",
+        "podIdentityAgent",
         "ebpfGuard",
         "logFile",
         "capabilities",
@@ -178,7 +185,8 @@ impl NetconfEntry {
                 "allowMarkOverlap: true",
             )));
         }
-        Ok(RuleSet::new(daemon, daemon6, mask, credentials))
+        Ok(RuleSet::new(daemon, daemon6, mask, credentials)
+            .with_credentials_to_agent(self.pod_identity_agent == Some(true)))
     }
 }
 
@@ -204,6 +212,7 @@ mod tests {
             mark_mask: Some(MarkMask::default()),
             allow_mark_overlap: Some(true),
             credentials_address: Some("169.254.170.23".into()),
+            pod_identity_agent: Some(true),
             ebpf_guard: Some(true),
             log_file: Some("/var/log/iamlink/cni.log".into()),
             capabilities: NetconfEntry::declared_capabilities(),
@@ -216,7 +225,7 @@ mod tests {
         let text = serde_json::to_string(&full()).unwrap();
         assert_eq!(
             text,
-            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","allowMarkOverlap":true,"credentialsAddress":"169.254.170.23","ebpfGuard":true,"logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
+            r#"{"type":"iamlink","daemonAddress":"198.18.0.1:8181","daemonAddress6":"[fd00:198:18::1]:8181","storeDir":"/run/iamlink","markMask":"0x307f","allowMarkOverlap":true,"credentialsAddress":"169.254.170.23","podIdentityAgent":true,"ebpfGuard":true,"logFile":"/var/log/iamlink/cni.log","capabilities":{"io.kubernetes.cri.pod-annotations":true}}"#
         );
         let keys: Vec<String> = match serde_json::from_str(&text).unwrap() {
             Value::Object(map) => map.keys().cloned().collect(),

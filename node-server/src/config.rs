@@ -384,6 +384,7 @@ impl Config {
             mark_mask: Some(self.mark_mask),
             allow_mark_overlap: (self.allow_mark_overlap && self.mark_mask.overlap().is_some()).then_some(true),
             credentials_address: Some(credentials.map(|a| a.to_string()).unwrap_or_default()),
+            pod_identity_agent: self.credentials().is_ok_and(|c| c.left_to_agent(agent)).then_some(true),
             ebpf_guard: (!self.ebpf_guard).then_some(false),
             log_file: self.cni.log_file.clone(),
             capabilities: NetconfEntry::declared_capabilities(),
@@ -399,8 +400,9 @@ impl Config {
 
     /// The same rule set the plugin builds from [`Self::netconf_beside`] (a test holds them equal).
     pub fn rule_set_beside(&self, agent: bool) -> RuleSet {
-        let credentials = self.credentials().ok().and_then(|c| c.beside(agent));
-        RuleSet::new(self.listen, self.listen6, self.mark_mask, credentials)
+        let credentials = self.credentials().ok();
+        RuleSet::new(self.listen, self.listen6, self.mark_mask, credentials.and_then(|c| c.beside(agent)))
+            .with_credentials_to_agent(credentials.is_some_and(|c| c.left_to_agent(agent)))
     }
 
     /// The node's name, by one rule for the watch and the session tags: `[kubernetes] node_name`,
@@ -443,6 +445,12 @@ impl CredentialsAddress {
             CredentialsAddress::Off => None,
             CredentialsAddress::At(a) => Some(a),
         }
+    }
+
+    /// Whether the address is the agent's rather than iamlink's or nobody's: only when unset,
+    /// beside the agent. `""` turns it off even then.
+    pub fn left_to_agent(self, agent: bool) -> bool {
+        self == CredentialsAddress::Auto && agent
     }
 }
 
@@ -556,6 +564,13 @@ mod tests {
         assert_eq!((count(&explicit, false), count(&explicit, true)), (4, 4), "taken over beside the agent");
         let off = parse("credentials_address = \"\"");
         assert_eq!((count(&off, false), count(&off, true)), (2, 2));
+        // Only the unset address beside the agent is the agent's; `""` is off, agent or not.
+        let to_agent = |c: &Config, agent| c.rule_set_beside(agent).credentials_to_agent;
+        assert_eq!((to_agent(&auto, false), to_agent(&auto, true)), (false, true));
+        assert_eq!((to_agent(&off, false), to_agent(&off, true)), (false, false));
+        assert_eq!((to_agent(&explicit, false), to_agent(&explicit, true)), (false, false));
+        assert_eq!(auto.netconf_beside(true).pod_identity_agent, Some(true));
+        assert_eq!(off.netconf_beside(true).pod_identity_agent, None);
         let e = Config::parse("listen = \"198.18.0.1:80\"\ncredentials_address = \"x\"").unwrap_err().to_string();
         assert!(e.contains("credentials_address"), "{e}");
     }

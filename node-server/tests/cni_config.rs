@@ -486,11 +486,18 @@ async fn the_keeper_leaves_the_credentials_address_out_of_the_entry_while_the_po
         let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
         plugins(&v).last()?.get("credentialsAddress")?.as_str().map(String::from)
     };
+    let to_agent = |path: &Path| -> Option<bool> {
+        let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+        plugins(&v).last()?.get("podIdentityAgent")?.as_bool()
+    };
     assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("169.254.170.23")).await);
     agent.send_replace(true);
     assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("")).await, "left to the agent");
+    // Left to the agent, not turned off: the plugin's rule set sends older pods' credentials port on to it.
+    assert_eq!(to_agent(&path), Some(true));
     agent.send_replace(false);
     assert!(within(Duration::from_secs(2), || credentials(&path).as_deref() == Some("169.254.170.23")).await);
+    assert_eq!(to_agent(&path), None, "the key goes with the agent");
     keeper.abort();
 }
 

@@ -157,10 +157,16 @@ def test_a_repeated_add_leaves_exactly_one_guard_first(bench, pod):
     assert programs(bench, pod.host_ifname) == [GUARD, tcx.CALICO[1]]
 
 
-def test_del_leaves_no_program_behind_on_an_interface_that_is_still_there(bench, pod):
+def test_del_leaves_the_guard_to_go_with_the_pods_interface(bench, pod):
+    """The pod's veth goes with the pod (the primary plugin's DEL, or its namespace), and its
+    guard with it: iamlink's DEL spares itself the detach's RCU wait, and the guard, which only
+    drops metadata packets, stays until then."""
     p = bench.pods.del_iamlink_only(pod)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert programs(bench, pod.host_ifname) == []
+    assert programs(bench, pod.host_ifname) == [GUARD]
+    host = pod.host_ifname
+    bench.pods.delete(pod)
+    assert bench.node.exec(["ip", "link", "show", host], check=False).returncode != 0, f"{host} outlived DEL"
 
 
 def test_del_keeps_the_guard_while_a_dataplane_runs_behind_it_until_the_interface_goes(bench, pod):

@@ -39,6 +39,8 @@ class S(http.server.ThreadingHTTPServer):
 S(("169.254.170.23", 80), H).serve_forever()
 """
 TOKEN = [("Authorization", "pod-identity-token")]
+# iamlinkd's credentials pod port (its port + 2, `pod_dnat::pod_ports`) on the bench's daemon address.
+CREDENTIALS_POD_PORT = ("198.18.0.1", 8181 + 2)
 
 
 class FakeAgent:
@@ -91,7 +93,7 @@ def start_with_agent(make_bench, settings=None, pods_options=None):
 def test_a_pods_requests_to_the_agents_address_reach_the_agent_and_metadata_stays_iamlinks(make_bench):
     # As on EKS: aws-vpc-cni's default route via the node, and the plugin's entry as install-cni
     # writes it beside the agent (its test is below).
-    eks = {"chain": "aws-vpc-cni", "netconf": {"credentialsAddress": ""}}
+    eks = {"chain": "aws-vpc-cni", "netconf": {"credentialsAddress": "", "podIdentityAgent": True}}
     bench, _ = start_with_agent(make_bench, pods_options=eks)
     pods = add_standard_pods(bench)
     web = pods["team-a/web"]
@@ -149,6 +151,25 @@ def test_an_explicit_credentials_address_takes_the_agents_address_over_with_a_wa
     assert answer.status == 200 and "SecretAccessKey" in answer.text and MARKER not in answer.text, answer
     log = bench.daemon.log_text()
     assert "taking over" in log and "pod-id-link0" in log, log[-3000:]
+
+
+def test_a_disabled_credentials_address_refuses_the_credentials_pod_port_instead_of_sending_it_to_the_agent(
+        make_bench):
+    """`credentials_address = ""` turns the credentials address off, agent or no agent: iamlink
+    serves no credentials there and sends nothing on to 169.254.170.23 either. A pod that dials
+    iamlinkd's credentials pod port (as a pod whose pod-side DNAT was written while the address was
+    served does) is refused, while the metadata address is still iamlink's."""
+    off = {"credentials_address": ""}
+    bench, _ = start_with_agent(make_bench, settings=off, pods_options={"netconf": {"credentialsAddress": ""}})
+    web = bench.pods.add("team-a", "web")
+
+    with NetnsThreads(web.netns) as t:
+        answer = t.call(request, "GET", "/v1/credentials", TOKEN, addr=CREDENTIALS_POD_PORT, host="169.254.170.23",
+                        timeout=2)
+    assert answer.status is None and answer.error == "refused", f"credentials pod port from {web}: {answer}"
+    assert MARKER not in answer.text, answer
+    rc, out, err = web.caller_arn()
+    assert rc == 0 and is_assumed_role(out.strip(), "web"), (out, err)
 
 
 def test_install_cni_leaves_the_agents_address_out_of_the_plugins_entry(make_bench):

@@ -70,9 +70,10 @@ impl RuleSet {
         };
         // iamlinkd's pod ports (`pod_dnat`): what the pod-side DNAT sends the metadata addresses
         // to, marked and DNATed exactly like the metadata addresses. Where the credentials address
-        // is left to the EKS Pod Identity agent (the rule set has none of this family), the
-        // credentials port of pods whose DNAT was written before the agent came goes to the agent,
-        // as their requests would without iamlink.
+        // is left to the EKS Pod Identity agent (`credentials_to_agent`), the credentials port of
+        // pods whose DNAT was written before the agent came goes to the agent, as their requests
+        // would without iamlink; where it is turned off, that port is not DNATed at all: nothing
+        // listens there, so the connection is refused.
         let mut pod_ports = String::new();
         for (daemon, family) in [(Some(SocketAddr::V4(self.daemon)), "ip"), (self.daemon6.map(SocketAddr::V6), "ip6")] {
             let Some(daemon) = daemon else { continue };
@@ -90,13 +91,16 @@ impl RuleSet {
             pod_ports.push_str(&format!(
                 "add rule {t} identify {family} daddr {ip} tcp dport {{ {m}, {c} }} jump identify-pod\n"
             ));
-            pod_ports.push_str(&match credentials_here {
-                true => format!(
+            pod_ports.push_str(&match (credentials_here, self.credentials_to_agent) {
+                (true, _) => format!(
                     "add rule {t} intercept {family} daddr {ip} tcp dport {{ {m}, {c} }} ct state new dnat {family} to {daemon}\n"
                 ),
-                false => format!(
+                (false, true) => format!(
                     "add rule {t} intercept {family} daddr {ip} tcp dport {m} ct state new dnat {family} to {daemon}\n\
                      add rule {t} intercept {family} daddr {ip} tcp dport {c} ct state new dnat {family} to {agent}\n"
+                ),
+                (false, false) => format!(
+                    "add rule {t} intercept {family} daddr {ip} tcp dport {m} ct state new dnat {family} to {daemon}\n"
                 ),
             });
         }

@@ -4,14 +4,16 @@
 //! attaches ahead of it (`BPF_F_BEFORE`), or anyone detaching it, would leave the pod's
 //! metadata packets to that dataplane. No event reports a tcx change, so the interfaces are
 //! checked every [`CHECK_EVERY`]: one `BPF_PROG_QUERY` per guarded pod, each program id named
-//! once. A guard missing or not first is put back first (a new one ahead of all, then the old
+//! once, off the runtime's workers. Which pods are guarded is read from the store only when it
+//! changed (inotify) or every [`RELIST_EVERY`] (a lost event), not at every check: with hundreds
+//! of pods, reading every record five times a second competed with the answers. A guard missing or not first is put back first (a new one ahead of all, then the old
 //! one detached: never without one), under the store lock so that a DEL in progress is never
 //! undone, on the interface with the recorded index *and* name. Each repair is logged with the
 //! pod and interface and counted in `iamlink_interception_repairs_total{what="tcx"}`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iamlink_common::netlink::{LinkFacts, Netlink};
 use iamlink_common::tcx_guard::{self, GuardError, NAME};
@@ -19,10 +21,14 @@ use iamlink_common::PodRecord;
 use tracing::{info, warn};
 
 use crate::app::App;
+use crate::dir_watch::watch_dir;
 
 /// How long a guard can be out of place: a dataplane that inserted itself ahead of it is
 /// behind it again within this.
 pub const CHECK_EVERY: Duration = Duration::from_millis(200);
+/// How often the guarded pods are read from the store without a change seen: a safety net, as
+/// inotify also reports its own overflow (a wake-up like any other).
+const RELIST_EVERY: Duration = Duration::from_secs(5);
 
 /// Program id → whether it is a guard; ids are not reused while the program lives.
 #[derive(Default)]
@@ -64,22 +70,47 @@ pub async fn run<S: Send + Sync + 'static>(app: Arc<App<S>>) {
             return;
         }
     };
+    // Without inotify the store is read at every check, as the only way to see new pods in time.
+    let watch = watch_dir(&app.store.dir().join("records"), "tcx-keeper-watch");
     let mut names = Names::default();
+    let mut guarded: Arc<Vec<PodRecord>> = Arc::default();
+    let mut listed: Option<Instant> = None;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         tick.tick().await;
-        let records = match app.store.list() {
-            Ok((records, _)) => records,
+        if store_changed(&watch).await || listed.is_none_or(|at| at.elapsed() >= RELIST_EVERY) {
+            let store = app.store.clone();
+            match tokio::task::spawn_blocking(move || store.list()).await {
+                Ok(Ok((records, _))) => {
+                    guarded = Arc::new(records.into_iter().filter(|r| r.ebpf_guard).collect());
+                    listed = Some(Instant::now());
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot list the records; tcx guards checked as last listed"),
+                Err(e) => warn!(error = %e, "listing the records did not finish"),
+            }
+        }
+        let check = {
+            let (records, mut kept) = (guarded.clone(), std::mem::take(&mut names));
+            tokio::task::spawn_blocking(move || {
+                let mut seen = vec![];
+                let out: Vec<PodRecord> =
+                    records.iter().filter(|r| in_place(r, &mut kept, &mut seen) == Some(false)).cloned().collect();
+                kept.keep(&seen);
+                (out, kept)
+            })
+            .await
+        };
+        let out_of_place = match check {
+            Ok((out, kept)) => {
+                names = kept;
+                out
+            }
             Err(e) => {
-                warn!(error = %e, "cannot list the records; tcx guards not checked");
+                warn!(error = %e, "the tcx guard check did not finish");
                 continue;
             }
         };
-        let mut seen = vec![];
-        for r in records.iter().filter(|r| r.ebpf_guard) {
-            if in_place(r, &mut names, &mut seen) != Some(false) {
-                continue;
-            }
+        for r in out_of_place {
             // The same interface, not another that took its name or index.
             let name =
                 node.link_by_index(r.host_interface.index).await.ok().flatten().map(|m| LinkFacts::from(&m).name);
@@ -97,7 +128,15 @@ pub async fn run<S: Send + Sync + 'static>(app: Arc<App<S>>) {
                 Err(e) => warn!(error = %e, "tcx guard repair did not finish"),
             }
         }
-        names.keep(&seen);
+    }
+}
+
+/// Whether the store's records changed since the last look (or cannot be watched); takes the
+/// watcher's stored wake-up without waiting for one.
+async fn store_changed(watch: &Option<Arc<tokio::sync::Notify>>) -> bool {
+    match watch {
+        Some(n) => tokio::time::timeout(Duration::ZERO, n.notified()).await.is_ok(),
+        None => true,
     }
 }
 
