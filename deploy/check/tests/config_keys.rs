@@ -148,7 +148,7 @@ fn every_config_key_can_be_set_through_a_typed_value_or_extra_config() {
 #[test]
 fn extra_config_setting_a_key_a_typed_value_sets_fails_the_render_naming_it() {
     for (extra, named) in [
-        ("[sts]\nregion = \"eu-west-1\"", "extraConfig sets sts.region"),
+        ("[sts]\nduration_seconds = 900", "extraConfig sets sts.duration_seconds"),
         ("imdsv1 = false", "extraConfig sets imdsv1"),
         ("[roles]\npod = []", "extraConfig sets roles.pod"),
         ("audit_log = \"/var/log/x/audit.jsonl\"", "set the value auditLog instead"),
