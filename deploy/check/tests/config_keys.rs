@@ -167,10 +167,7 @@ fn extra_config_setting_a_key_a_typed_value_sets_fails_the_render_naming_it() {
     // What the typed values leave unset, extraConfig adds, a false or a zero included.
     let m = rendered(&json!({"extraConfig": "allow_mark_overlap = false\n[sts]\nnode_name = \"n\"\n[limits]\n"}));
     let c = config(&m);
-    assert_eq!(
-        (c.allow_mark_overlap, c.sts.node_name.as_deref(), c.sts.region.as_deref()),
-        (false, Some("n"), None)
-    );
+    assert_eq!((c.allow_mark_overlap, c.sts.node_name.as_deref(), c.sts.region.as_deref()), (false, Some("n"), None));
     assert!(rendered_config_table(&m).contains_key("allow_mark_overlap"));
 }
 
