@@ -3,6 +3,7 @@
 
 pub mod keys;
 mod sessions;
+mod sts_endpoint;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use crate::request::limits::LimitsConfig;
 
 pub use keys::KEYS;
+pub use sts_endpoint::EndpointInUse;
 
 pub const DEFAULT_PATH: &str = "/etc/iamlink/iamlinkd.toml";
 
@@ -135,9 +137,21 @@ impl Default for CniConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StsConfig {
+    /// A custom (VPC) endpoint's URL; overrides the region's and the FIPS and dual-stack switches.
     pub endpoint: Option<String>,
-    #[serde(default = "default_region")]
-    pub region: String,
+    /// Unset: `$AWS_REGION`, `$AWS_DEFAULT_REGION`, else the node's instance metadata.
+    pub region: Option<String>,
+    /// The region's FIPS endpoint (sts-fips.<region>.amazonaws.com).
+    #[serde(default)]
+    pub use_fips: bool,
+    /// The region's dual-stack endpoint (sts.<region>.api.aws).
+    #[serde(default)]
+    pub use_dual_stack: bool,
+    /// PEM certificates trusted beside the system's, for STS calls (a TLS-inspecting proxy's CA).
+    pub ca_bundle: Option<PathBuf>,
+    /// The endpoint in use, resolved at start ([`crate::creds::endpoint`]); never in the file.
+    #[serde(skip)]
+    pub resolved: Option<EndpointInUse>,
     #[serde(default = "default_duration")]
     pub duration_seconds: u32,
     pub external_id: Option<String>,
@@ -160,7 +174,11 @@ impl Default for StsConfig {
     fn default() -> Self {
         StsConfig {
             endpoint: None,
-            region: default_region(),
+            region: None,
+            use_fips: false,
+            use_dual_stack: false,
+            ca_bundle: None,
+            resolved: None,
             duration_seconds: default_duration(),
             external_id: None,
             session_tags: false,
@@ -284,9 +302,6 @@ fn default_proxy_allow() -> Vec<String> {
 fn default_metrics_listen() -> String {
     "127.0.0.1:9101".into()
 }
-fn default_region() -> String {
-    "us-east-1".into()
-}
 fn default_duration() -> u32 {
     3600
 }
@@ -335,6 +350,11 @@ impl Config {
             a.check().map_err(|(key, why)| ConfigError::Invalid(format!("roles.association[{i}].{key} {why}")))?;
         }
         self.sts.check_tags().map_err(ConfigError::Invalid)?;
+        self.sts.check_endpoint().map_err(ConfigError::Invalid)?;
+        if let Some(region) = &self.sts.region {
+            let partition = crate::role::arn::partition_of(region);
+            self.roles.check_partition(partition).map_err(ConfigError::Invalid)?;
+        }
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
         if self.roles.base_arn.is_none() && self.kubernetes.is_none() {
             let roles = &self.roles;

@@ -12,7 +12,8 @@ use iamlink_common::Store;
 
 use crate::app::App;
 use crate::backoff::backoff;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::creds::endpoint::StsEndpoint;
 use crate::creds::{refresh, sts};
 use crate::error::Error;
 use crate::health::Health;
@@ -25,9 +26,12 @@ use crate::serve::{self, Caps, ConnectionCap, NodeApart};
 
 /// Runs the daemon until SIGTERM or SIGINT; pods stay intercepted after it stops, unless its
 /// DaemonSet is being removed ([`owner`]): then it takes iamlink off the node as `uninstall-cni`.
-pub async fn run(config: Config) -> Result<(), Error> {
+pub async fn run(mut config: Config) -> Result<(), Error> {
     accept::enable_fwmark_accept().map_err(Error::FwmarkAccept)?;
     let caps = descriptor_budget(&config)?;
+    // Before the node is touched: a daemon that cannot name its STS endpoint refuses to start.
+    let endpoint = sts_endpoint(&config).await?;
+    config.sts.resolved = Some(endpoint.in_use.clone());
     // Bound first: the probes' port taken by another process stops the start, before the node
     // is touched (see `metrics::bind`).
     let metrics_listener = match config.metrics_listen()?.resolve()? {
@@ -67,7 +71,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         keepers.push(tokio::spawn(cni_config::keep_chained(installer, config.clone(), agent.clone())));
     }
     tokio::spawn(crate::memory::return_freed_memory());
-    let sts = sts::Sts::new(&config.sts, config.sts_timeout()).await;
+    let sts = sts::Sts::new(&endpoint, config.sts_timeout()).await;
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
     let mut startup_taint = None;
@@ -179,6 +183,20 @@ fn descriptor_budget(config: &Config) -> Result<Caps, Error> {
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
+}
+
+/// The STS endpoint of this node, its region found and the configured roles checked against its
+/// partition; logged, as every STS call goes there.
+async fn sts_endpoint(config: &Config) -> Result<StsEndpoint, ConfigError> {
+    let endpoint = StsEndpoint::resolve(&config.sts, &config.upstream).await.map_err(ConfigError::Invalid)?;
+    let e = &endpoint.in_use;
+    config.roles.check_partition(e.partition).map_err(ConfigError::Invalid)?;
+    if config.sts.endpoint.is_some() && (config.sts.use_fips || config.sts.use_dual_stack) {
+        warn!("sts.endpoint is set: it is called as it is, sts.use_fips and sts.use_dual_stack do not apply");
+    }
+    info!(endpoint = %e.url, region = %e.region, region_from = %e.region_from, partition = e.partition,
+          proxy = e.proxy.as_deref().unwrap_or("none"), "STS endpoint");
+    Ok(endpoint)
 }
 
 /// Role names in annotations need a base ARN; without `roles.base_arn` it is the daemon's own

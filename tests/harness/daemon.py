@@ -98,6 +98,8 @@ class Daemon:
         self.aws_keys = dict(TEST_KEYS)
         # More [roles] keys.
         self.roles_extra = {}
+        # More environment (a proxy's HTTPS_PROXY, AWS_REGION...).
+        self.extra_env = {}
 
     def write_config(self):
         text = to_toml(self.settings, self.sts, self.roles_base, self.pod_roles,
@@ -114,6 +116,7 @@ class Daemon:
                "AWS_EC2_METADATA_DISABLED": "true",
                "NODE_NAME": self.node.name}
         env.update(self.aws_keys)
+        env.update(self.extra_env)
         return env
 
     def start(self, wait=True, timeout=30):

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import http.server
 import json
+import os
 import posixpath
 import secrets
 import threading
@@ -107,6 +108,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/" + ROLE,
                 "InstanceProfileId": "AIPAFAKEIAMLINKNODE"}), "application/json"),
         }
+        if p == "/latest/meta-data/placement/region" and os.path.exists(self.server.region_file):
+            # A test's region for the node (FakeUpstream.set_region); empty: this node has none.
+            with open(self.server.region_file) as f:
+                region = f.read().strip()
+            return self._send(200, region, "text/plain") if region else self._send(404, "Not Found")
         if p in doc:
             body, ctype = doc[p]
             return self._send(200, body, ctype)
@@ -118,12 +124,14 @@ def main():
     ap.add_argument("--listen", default="169.254.169.254:80")
     ap.add_argument("--creds", required=True, help="JSON file: AccessKeyId, SecretAccessKey, Token, Expiration")
     ap.add_argument("--log", required=True)
+    ap.add_argument("--region-file", default="", help="when it exists: the region placement/region answers")
     a = ap.parse_args()
     host, port = a.listen.rsplit(":", 1)
     server = ThreadingServer((host, int(port)), Handler)
     with open(a.creds) as f:
         server.creds = json.load(f)
     server.tokens = set()
+    server.region_file = a.region_file
     server.log = open(a.log, "a")
     server.log_lock = threading.Lock()
     server.serve_forever()

@@ -40,6 +40,7 @@ class FakeUpstream:
         self.log_path = os.path.join(node.workdir, "upstream-requests.jsonl")
         self.stderr_path = os.path.join(node.workdir, "upstream.log")
         self.creds_path = os.path.join(node.workdir, "node-role-creds.json")
+        self.region_path = os.path.join(node.workdir, "upstream-region")
         self.node_role_arn = moto.create_node_role(NODE_ROLE)
         c = moto.assume_role(NODE_ROLE, session="i-0fakeiamlinknode", duration=43200)
         exp = c["Expiration"]
@@ -59,7 +60,7 @@ class FakeUpstream:
         err = open(self.stderr_path, "ab")
         self.proc = self.node.spawn(
             [PYTHON, FAKE_IMDS_SERVER, "--listen", f"{self.HOST}:{self.PORT}",
-             "--creds", self.creds_path, "--log", self.log_path],
+             "--creds", self.creds_path, "--log", self.log_path, "--region-file", self.region_path],
             netns=self.netns, env={"PATH": BASE_PATH, "LANG": "C.UTF-8"}, stdout=err, stderr=err)
         err.close()
 
@@ -69,6 +70,11 @@ class FakeUpstream:
             return self.node.call(self._region) == "us-east-1"
 
         wait_until(ready, timeout, "fake upstream on 169.254.169.254:80", interval=0.05)
+
+    def set_region(self, region):
+        """The region the node's metadata names from now on; "": none (placement/region is 404)."""
+        with open(self.region_path, "w") as f:
+            f.write(region)
 
     def _region(self):
         try:

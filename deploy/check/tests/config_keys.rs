@@ -29,8 +29,10 @@ fn typed() -> Vec<(&'static str, Value)> {
         ("limits.burst", json!({"limits": {"burst": 200}})),
         ("limits.connections_per_pod", json!({"limits": {"connectionsPerPod": 32}})),
         ("limits.connections", json!({"limits": {"connections": 2048}})),
-        ("sts.endpoint", json!({"sts": {"endpoint": "http://198.18.0.2:5000"}})),
+        ("sts.endpoint", json!({"sts": {"endpoint": "https://vpce-0abc-sts.sts.eu-west-1.vpce.amazonaws.com"}})),
         ("sts.region", json!({"sts": {"region": "eu-west-1"}})),
+        ("sts.use_fips", json!({"sts": {"useFips": true}})),
+        ("sts.use_dual_stack", json!({"sts": {"useDualStack": true}})),
         ("sts.duration_seconds", json!({"sts": {"durationSeconds": 900}})),
         ("sts.external_id", json!({"sts": {"externalId": "iamlink"}})),
         ("sts.session_tags", json!({"sts": {"sessionTags": true}})),
@@ -146,7 +148,7 @@ fn every_config_key_can_be_set_through_a_typed_value_or_extra_config() {
 #[test]
 fn extra_config_setting_a_key_a_typed_value_sets_fails_the_render_naming_it() {
     for (extra, named) in [
-        ("[sts]\nregion = \"eu-west-1\"", "extraConfig sets sts.region"),
+        ("[sts]\nduration_seconds = 900", "extraConfig sets sts.duration_seconds"),
         ("imdsv1 = false", "extraConfig sets imdsv1"),
         ("[roles]\npod = []", "extraConfig sets roles.pod"),
         ("audit_log = \"/var/log/x/audit.jsonl\"", "set the value auditLog instead"),
@@ -165,10 +167,7 @@ fn extra_config_setting_a_key_a_typed_value_sets_fails_the_render_naming_it() {
     // What the typed values leave unset, extraConfig adds, a false or a zero included.
     let m = rendered(&json!({"extraConfig": "allow_mark_overlap = false\n[sts]\nnode_name = \"n\"\n[limits]\n"}));
     let c = config(&m);
-    assert_eq!(
-        (c.allow_mark_overlap, c.sts.node_name.as_deref(), c.sts.region.as_str()),
-        (false, Some("n"), "us-east-1")
-    );
+    assert_eq!((c.allow_mark_overlap, c.sts.node_name.as_deref(), c.sts.region.as_deref()), (false, Some("n"), None));
     assert!(rendered_config_table(&m).contains_key("allow_mark_overlap"));
 }
 

@@ -68,7 +68,7 @@ fn the_aws_vpc_cni_values_leave_the_credentials_address_to_eks_pod_identity_and_
     let m = rendered(Some(&values_file("aws-vpc-cni-values.yaml")));
     let config = config(&m);
     assert_eq!(config.credentials_address().unwrap(), None, "the EKS Pod Identity Agent owns 169.254.170.23");
-    assert_eq!(config.sts.region, "eu-west-1");
+    assert_eq!(config.sts.region.as_deref(), Some("eu-west-1"));
     assert!(config.sts.session_tags);
     assert_eq!(config.roles.base_arn.as_deref(), Some("arn:aws:iam::123456789012:role/iamlink/"));
     let pods: Vec<(&str, Option<&str>, &str)> =
@@ -97,7 +97,7 @@ fn the_calico_values_chain_into_k3s_directories_and_require_namespace_permission
     let mounts: Vec<&str> = install.volume_mounts.iter().flatten().map(|v| v.mount_path.as_str()).collect();
     assert!(mounts.contains(&conf_dir.to_str().unwrap()) && mounts.contains(&bin_dir.to_str().unwrap()), "{mounts:?}");
     assert!(config.kubernetes.as_ref().expect("[kubernetes]").require_namespace_permission);
-    assert_eq!(config.sts.region, "us-east-2");
+    assert_eq!(config.sts.region.as_deref(), Some("us-east-2"));
 }
 
 #[test]

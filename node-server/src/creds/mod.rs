@@ -3,7 +3,9 @@
 
 pub mod cache;
 pub mod chain;
+pub mod endpoint;
 pub mod exchange;
+pub mod outbound;
 pub mod refresh;
 pub mod session;
 pub mod session_name;

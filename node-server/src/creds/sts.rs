@@ -2,13 +2,11 @@
 
 use std::time::Duration;
 
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
 use aws_sdk_sts::types::Tag;
 
-use crate::config::StsConfig;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
 use crate::creds::chain;
+use crate::creds::endpoint::StsEndpoint;
 use crate::creds::web_identity;
 use crate::role::arn::role_prefix;
 
@@ -19,17 +17,11 @@ pub struct Sts {
 }
 
 impl Sts {
-    pub async fn new(config: &StsConfig, timeout: Duration) -> Self {
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new(config.region.clone()))
-            .timeout_config(TimeoutConfig::builder().operation_timeout(timeout).build())
-            .load()
-            .await;
-        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.endpoint_url(endpoint);
-        }
-        let anonymous = web_identity::anonymous_client(config, timeout).await;
+    /// Clients of `endpoint` ([`StsEndpoint::resolve`]), one with the daemon's own credentials.
+    pub async fn new(endpoint: &StsEndpoint, timeout: Duration) -> Self {
+        let shared = endpoint.loader(timeout).load().await;
+        let builder = endpoint.sts_builder(&shared);
+        let anonymous = web_identity::anonymous_client(endpoint, timeout).await;
         Sts { client: aws_sdk_sts::Client::from_conf(builder.build()), anonymous }
     }
 

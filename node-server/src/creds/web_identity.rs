@@ -3,26 +3,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
-
-use crate::config::StsConfig;
 use crate::creds::cache::{Credentials, SessionKey, StsError};
+use crate::creds::endpoint::StsEndpoint;
 use crate::creds::session::WebIdentityToken;
 
 /// An STS client with no credentials provider: it can only make unsigned calls.
-pub async fn anonymous_client(config: &StsConfig, timeout: Duration) -> aws_sdk_sts::Client {
-    let shared = aws_config::defaults(BehaviorVersion::latest())
-        .region(aws_config::Region::new(config.region.clone()))
-        .timeout_config(TimeoutConfig::builder().operation_timeout(timeout).build())
-        .no_credentials()
-        .load()
-        .await;
-    let mut builder = aws_sdk_sts::config::Builder::from(&shared).allow_no_auth();
-    if let Some(endpoint) = &config.endpoint {
-        builder = builder.endpoint_url(endpoint);
-    }
-    aws_sdk_sts::Client::from_conf(builder.build())
+pub async fn anonymous_client(endpoint: &StsEndpoint, timeout: Duration) -> aws_sdk_sts::Client {
+    let shared = endpoint.loader(timeout).no_credentials().load().await;
+    aws_sdk_sts::Client::from_conf(endpoint.sts_builder(&shared).allow_no_auth().build())
 }
 
 /// `AssumeRoleWithWebIdentity` of `key`'s role with the pod's token.

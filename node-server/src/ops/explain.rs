@@ -571,6 +571,9 @@ pub fn render_status(s: &StatusReport) -> String {
                     d.with_role, d.credentials_usable, d.credentials_failing, d.cache_entries
                 ),
             );
+            if let Some(endpoint) = &d.sts_endpoint {
+                line(&mut out, "STS endpoint", endpoint);
+            }
         }
         _ => {
             let _ = writeln!(out, "{}", s.daemon.not_answering_line());

@@ -81,6 +81,9 @@ pub struct StatusAnswer {
     /// Pods whose role's last STS call failed.
     pub credentials_failing: usize,
     pub cache_entries: usize,
+    /// The STS endpoint every call goes to, and how it was chosen; absent from older daemons.
+    #[serde(default)]
+    pub sts_endpoint: Option<String>,
 }
 
 impl From<CacheState> for CredentialState {
@@ -157,6 +160,7 @@ fn status_answer<S: AssumeRole>(app: &App<S>, started: Instant) -> StatusAnswer 
         credentials_usable: creds().filter(|c| c.usable).count(),
         credentials_failing: creds().filter(|c| c.error.is_some()).count(),
         cache_entries: app.cache.entry_count(),
+        sts_endpoint: app.config.sts.resolved.as_ref().map(|e| e.describe()),
     }
 }
 

@@ -77,6 +77,43 @@ pub fn role_prefix(identity_arn: &str) -> Option<String> {
     }
 }
 
+/// AWS partitions by their regions' prefix (the SDK's partitions.json); any other region is `aws`.
+const PARTITIONS: &[(&str, &str)] = &[
+    ("cn-", "aws-cn"),
+    ("us-gov-", "aws-us-gov"),
+    ("us-iso-", "aws-iso"),
+    ("us-isob-", "aws-iso-b"),
+    ("eu-isoe-", "aws-iso-e"),
+    ("us-isof-", "aws-iso-f"),
+    ("eusc-", "aws-eusc"),
+];
+
+/// Every partition a role ARN may name.
+pub const KNOWN_PARTITIONS: &[&str] =
+    &["aws", "aws-cn", "aws-us-gov", "aws-iso", "aws-iso-b", "aws-iso-e", "aws-iso-f", "aws-eusc"];
+
+/// The partition of `region`.
+pub fn partition_of(region: &str) -> &'static str {
+    PARTITIONS.iter().find(|(prefix, _)| region.starts_with(prefix)).map_or("aws", |(_, p)| p)
+}
+
+/// Why a role ARN's partition cannot be served with this daemon's STS endpoint, if it cannot.
+pub fn partition_refusal(arn: &str, endpoint_partition: &str) -> Option<String> {
+    let partition = arn.split(':').nth(1).unwrap_or_default();
+    if !KNOWN_PARTITIONS.contains(&partition) {
+        return Some(format!(
+            "{arn:?} names partition {partition:?}, which is not an AWS partition ({})",
+            KNOWN_PARTITIONS.join(", ")
+        ));
+    }
+    (partition != endpoint_partition).then(|| {
+        format!(
+            "{arn:?} is a role of partition {partition}, and this node's STS endpoint is in partition \
+             {endpoint_partition} (sts.region): STS would refuse it"
+        )
+    })
+}
+
 /// STS's grammar for ExternalId.
 pub fn valid_external_id(id: &str) -> bool {
     (2..=MAX_EXTERNAL_ID).contains(&id.len())
@@ -91,6 +128,15 @@ fn valid_account(account: &str) -> bool {
 mod tests {
     use super::*;
     use iamlink_common::annotation::MAX_ROLE_ARN;
+
+    #[test]
+    fn role_arns_of_another_or_unknown_partition_are_refused() {
+        assert_eq!(partition_refusal("arn:aws-cn:iam::123456789012:role/r", "aws-cn"), None);
+        let e = partition_refusal("arn:aws:iam::123456789012:role/r", "aws-cn").unwrap_or_default();
+        assert!(e.contains("partition aws,") && e.contains("partition aws-cn"), "{e}");
+        let e = partition_refusal("arn:aws-moon:iam::123456789012:role/r", "aws").unwrap_or_default();
+        assert!(e.contains("\"aws-moon\", which is not an AWS partition"), "{e}");
+    }
 
     const BASE: Option<&str> = Some("arn:aws:iam::123456789012:role/");
 

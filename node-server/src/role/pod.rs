@@ -23,7 +23,8 @@ impl PodRoles {
     pub fn new(config: &Config, kube: Option<View>) -> Self {
         let k = config.kubernetes.as_ref();
         PodRoles {
-            roles: Roles::new(config.roles.clone(), k.is_some_and(|k| k.require_namespace_permission)),
+            roles: Roles::new(config.roles.clone(), k.is_some_and(|k| k.require_namespace_permission))
+                .in_partition(config.sts.resolved.as_ref().map(|e| e.partition)),
             kube,
             trust_runtime: k.is_some_and(|k| k.runtime_annotations),
         }

@@ -23,7 +23,7 @@ use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::Association;
 use crate::config::RolesConfig;
-use crate::role::arn::{valid_external_id, ArnError, Role};
+use crate::role::arn::{partition_refusal, valid_external_id, ArnError, Role};
 use crate::role::policy;
 use crate::role::session_options::SessionOptions;
 
@@ -150,6 +150,8 @@ pub struct Roles {
     /// `roles.base_arn`, or the daemon's own account's role prefix once discovered.
     base_arn: OnceLock<String>,
     policies: policy::Compiled,
+    /// The STS endpoint's partition: a role ARN of another one is refused (STS would refuse it).
+    partition: Option<&'static str>,
 }
 
 impl Roles {
@@ -158,7 +160,12 @@ impl Roles {
         if let Some(base) = &config.base_arn {
             let _ = base_arn.set(base.clone());
         }
-        Roles { config, require_namespace_permission, base_arn, policies: policy::Compiled::default() }
+        Roles { config, require_namespace_permission, base_arn, policies: policy::Compiled::default(), partition: None }
+    }
+
+    /// Roles of `partition` only (the STS endpoint's); `None`: any.
+    pub fn in_partition(self, partition: Option<&'static str>) -> Self {
+        Roles { partition, ..self }
     }
 
     /// Sets the base ARN discovered from the daemon's identity; a configured one stays.
@@ -300,6 +307,9 @@ impl Roles {
                  sts:GetCallerIdentity not answered)"
             )),
         })?;
+        if let Some(why) = self.partition.and_then(|p| partition_refusal(role.arn(), p)) {
+            return Err(denied(format!("the {} {why}", source.as_str())));
+        }
         if let Some(id) = external_id.filter(|id| !valid_external_id(id)) {
             return Err(Resolution::Denied {
                 outcome: "invalid external id",
@@ -409,6 +419,36 @@ mod tests {
         let g = granted(r.resolve(&static_only(&b)));
         assert_eq!((g.role.name(), g.source), ("b", Source::Config));
         assert_eq!(r.resolve(&static_only(&pod("c", "x"))), Resolution::NoRole, "no default configured");
+    }
+
+    #[test]
+    fn an_annotated_role_of_another_partition_than_the_endpoints_is_refused_with_the_reason() {
+        let r = roles().in_partition(Some("aws-cn"));
+        let web = pod("a", "web");
+        let none = BTreeMap::new();
+        let facts = |annotations| PodFacts {
+            pod: &web,
+            runtime: None,
+            api: ApiPod::Bound {
+                annotations,
+                service_account: "default",
+                service_account_annotations: ServiceAccountFacts::Known(&none),
+            },
+            namespace: NamespaceFacts::Off,
+        };
+        let cn = map(&[(ROLE_ANNOTATION, "arn:aws-cn:iam::123456789012:role/cn")]);
+        assert_eq!(granted(r.resolve(&facts(&cn))).role.name(), "cn");
+        let aws = map(&[(ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/other")]);
+        match r.resolve(&facts(&aws)) {
+            Resolution::Denied { reason, .. } => {
+                assert!(reason.contains("pod annotation") && reason.contains("partition aws-cn"), "{reason}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let moon = map(&[(ROLE_ANNOTATION, "arn:aws-moon:iam::123456789012:role/m")]);
+        assert!(
+            matches!(r.resolve(&facts(&moon)), Resolution::Denied { reason, .. } if reason.contains("not an AWS partition"))
+        );
     }
 
     #[test]
