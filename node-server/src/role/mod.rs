@@ -4,9 +4,11 @@
 pub mod arn;
 pub mod kube_view;
 pub mod pod;
+pub mod pod_identity;
 pub mod policy;
 pub mod resolve;
 pub mod session_options;
 
 pub use arn::Role;
+pub use pod_identity::PodIdentity;
 pub use resolve::{Grant, Resolution, Roles, Source};

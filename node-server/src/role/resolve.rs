@@ -26,6 +26,7 @@ use crate::config::RolesConfig;
 use crate::role::arn::{valid_external_id, ArnError, Role};
 use crate::role::policy;
 use crate::role::session_options::SessionOptions;
+use crate::role::PodIdentity;
 
 /// The IRSA service-account annotation: the role's full ARN.
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
@@ -87,6 +88,9 @@ pub enum Resolution {
     },
     /// Not decidable yet (503, SDKs retry): the API view has not bound the pod.
     Pending(String),
+    /// EKS Pod Identity: the role is the one EKS names when the pod's token is exchanged
+    /// ([`crate::role::pod_identity`] says when this outranks the sources above).
+    PodIdentity(PodIdentity),
 }
 
 /// What the Kubernetes API view says about the pod behind a record.
