@@ -36,10 +36,10 @@ One JSON line per call on stdout: {"cluster", "sub", "pod", "jti", "caller", "ro
 """
 
 import argparse
-import base64
 import datetime
 import hashlib
 import hmac
+import http.server
 import json
 import re
 import sys
@@ -48,12 +48,9 @@ import urllib.parse
 import uuid
 
 import boto3
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-import http.server
-from http_server import ThreadingServer
+import jwks
+from http_server import serve
 
 AUDIENCE = "pods.eks.amazonaws.com"
 ROUTE = re.compile(r"^/clusters/([0-9A-Za-z][A-Za-z0-9\-_]{0,99})/assume-role-for-pod-identity$")
@@ -69,10 +66,6 @@ class Refused(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def b64d(s):
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 def as_list(v):
@@ -124,10 +117,7 @@ class EksAuth:
         self.upstream = args.upstream
         self.issuer = args.issuer
         self.config_path = args.config
-        with open(args.jwks) as f:
-            self.keys = {k["kid"]: rsa.RSAPublicNumbers(int.from_bytes(b64d(k["e"]), "big"),
-                                                        int.from_bytes(b64d(k["n"]), "big")).public_key()
-                         for k in json.load(f)["keys"]}
+        self.keys = jwks.load(args.jwks)
         gateway = self.config()["gateway"]
         session = dict(endpoint_url=f"http://{self.upstream}", region_name="us-east-1",
                        aws_access_key_id=gateway["AccessKeyId"], aws_secret_access_key=gateway["SecretAccessKey"])
@@ -141,17 +131,9 @@ class EksAuth:
 
     def claims(self, token):
         try:
-            h64, p64, s64 = token.split(".")
-            header, claims = json.loads(b64d(h64)), json.loads(b64d(p64))
-        except (ValueError, AttributeError):
-            raise Refused("InvalidTokenException", "the token is not a JWT")
-        key = self.keys.get(header.get("kid"))
-        if header.get("alg") != "RS256" or key is None:
-            raise Refused("InvalidTokenException", "the token is signed by an unknown key")
-        try:
-            key.verify(b64d(s64), f"{h64}.{p64}".encode(), padding.PKCS1v15(), hashes.SHA256())
-        except InvalidSignature:
-            raise Refused("InvalidTokenException", "the token's signature is invalid")
+            claims = jwks.signed_claims(token, self.keys)
+        except ValueError as e:
+            raise Refused("InvalidTokenException", str(e))
         if claims.get("iss") != self.issuer:
             raise Refused("InvalidTokenException", f"the token's issuer {claims.get('iss')!r} is not the cluster's")
         if AUDIENCE not in as_list(claims.get("aud")):
@@ -279,11 +261,7 @@ def main():
     p.add_argument("--jwks", required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args()
-    host, port = args.listen.rsplit(":", 1)
-    server = ThreadingServer((host, int(port)), Handler)
-    server.eks = EksAuth(args)
-    print(json.dumps({"listening": args.listen}), flush=True)
-    server.serve_forever()
+    serve(args.listen, Handler, eks=EksAuth(args))
 
 
 if __name__ == "__main__":
