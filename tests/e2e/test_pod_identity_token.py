@@ -15,6 +15,8 @@ eks-auth:AssumeRoleForPodIdentity. Legacy mode is off.
 import json
 import time
 
+import boto3
+import botocore.exceptions
 import pytest
 
 from harness import is_assumed_role, wait_until
@@ -190,3 +192,25 @@ def test_without_a_cluster_name_a_pod_identity_pod_is_refused_with_the_reason(tb
         daemon.stop()
         daemon.sts["cluster_name"] = CLUSTER
         daemon.start()
+
+
+def test_the_fake_eks_auth_speaks_the_sdks_wire_format_and_is_strict(tb):
+    """botocore's own eks-auth client parses its answers and errors; it refuses a caller off its
+    allow-list (even one moto would let assume the role) and a token of another issuer's key."""
+    pod = tb.pod_identity_pod("team-p", "app-9", "app", token=False)
+    token = tb.pod_identity_token(pod)
+
+    def exchange(keys, token):
+        client = boto3.client("eks-auth", endpoint_url=f"http://{tb.HOST}:{tb.EKS_PORT}", region_name="us-east-1",
+                              aws_access_key_id=keys["AccessKeyId"], aws_secret_access_key=keys["SecretAccessKey"])
+        try:
+            out = client.assume_role_for_pod_identity(clusterName=CLUSTER, token=token)
+            return out["assumedRoleUser"]["arn"], out["credentials"]["expiration"]
+        except botocore.exceptions.ClientError as e:
+            return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+
+    arn, expiration = tb.node.call(exchange, tb.node_keys, token)
+    assert is_assumed_role(arn, "pi-app") and expiration.timestamp() > time.time(), (arn, expiration)
+    assert tb.node.call(exchange, tb.eks_config["gateway"], token) == ("AccessDeniedException", 400)
+    forged = tb.issuer.token(pod, "app", "pods.eks.amazonaws.com", node=tb.node.name, forged=True)
+    assert tb.node.call(exchange, tb.node_keys, forged) == ("InvalidTokenException", 400)
