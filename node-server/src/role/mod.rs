@@ -10,5 +10,4 @@ pub mod resolve;
 pub mod session_options;
 
 pub use arn::Role;
-pub use pod_identity::PodIdentity;
-pub use resolve::{Grant, Resolution, Roles, Source};
+pub use resolve::{Grant, PodIdentity, Resolution, Roles, Source};

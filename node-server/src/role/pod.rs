@@ -9,8 +9,8 @@ use iamlink_common::PodRecord;
 use crate::config::Config;
 use crate::creds::token::{self, POD_IDENTITY_AUDIENCE};
 use crate::role::kube_view::View;
-use crate::role::pod_identity::{self, PodIdentity};
-use crate::role::resolve::{ApiPod, NamespaceFacts, PodFacts, ServiceAccountFacts};
+use crate::role::pod_identity;
+use crate::role::resolve::{ApiPod, NamespaceFacts, PodFacts, PodIdentity, ServiceAccountFacts};
 use crate::role::{Resolution, Roles};
 
 pub struct PodRoles {

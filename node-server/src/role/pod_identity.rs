@@ -12,15 +12,7 @@
 //! A refusal or an undecided answer of the other sources stays: a pod is never given more
 //! because a rule refused it.
 
-use crate::creds::token::TokenSource;
-use crate::role::{Resolution, Source};
-
-/// The pod's Pod Identity token and the service account it runs as (its claims must say so).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodIdentity {
-    pub service_account: String,
-    pub token: TokenSource,
-}
+use crate::role::resolve::{PodIdentity, Resolution, Source};
 
 /// `resolution` (the other sources' answer) with the pod's Pod Identity token taken into
 /// account; `irsa_token`: the spec also projects a token of the IRSA audience.
@@ -37,7 +29,7 @@ pub fn overrule(resolution: Resolution, pod_identity: Option<PodIdentity>, irsa_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::creds::token::POD_IDENTITY_AUDIENCE;
+    use crate::creds::token::{TokenSource, POD_IDENTITY_AUDIENCE};
     use crate::role::{Grant, Role};
 
     fn pi() -> PodIdentity {

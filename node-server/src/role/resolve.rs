@@ -23,10 +23,10 @@ use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::Association;
 use crate::config::RolesConfig;
+use crate::creds::token::TokenSource;
 use crate::role::arn::{valid_external_id, ArnError, Role};
 use crate::role::policy;
 use crate::role::session_options::SessionOptions;
-use crate::role::PodIdentity;
 
 /// The IRSA service-account annotation: the role's full ARN.
 pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
@@ -73,6 +73,13 @@ pub struct Grant {
     /// What the session carries besides the role (chain, policy, tags, name); boxed, so that
     /// a refusal (the `Err` beside a grant) stays small.
     pub session: Box<SessionOptions>,
+}
+
+/// A pod's EKS Pod Identity token and the service account it runs as (its claims must say so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub service_account: String,
+    pub token: TokenSource,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
