@@ -21,7 +21,7 @@ use crate::request::proxy::Upstream;
 use crate::request::tokens::Tokens;
 use crate::role::kube_view::View;
 use crate::role::pod::PodRoles;
-use crate::role::Grant;
+use crate::role::{Grant, PodIdentity, Resolution};
 
 pub struct App<S> {
     pub(crate) config: Config,
@@ -93,6 +93,30 @@ impl<S: AssumeRole> App<S> {
     pub(crate) fn session_key(&self, record: &PodRecord, grant: &Grant) -> Result<(SessionKey, Mode), Refusal> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         exchange::session_key(&self.config, self.roles.view(), &self.node_name, record, grant, now)
+    }
+
+    /// The EKS Auth request for a Pod Identity pod, or why the pod is refused (`creds::exchange`).
+    pub(crate) fn pod_identity_key(
+        &self,
+        record: &PodRecord,
+        pod_identity: &PodIdentity,
+    ) -> Result<(SessionKey, Mode), Refusal> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        exchange::pod_identity_key(&self.config, &self.node_name, record, pod_identity, now)
+    }
+
+    /// The request for whatever `resolution` grants (a role, or Pod Identity's exchange); `None`:
+    /// it grants nothing; `Err`: the pod is refused.
+    pub(crate) fn key_of(
+        &self,
+        record: &PodRecord,
+        resolution: &Resolution,
+    ) -> Option<Result<(SessionKey, Mode), Refusal>> {
+        match resolution {
+            Resolution::Granted(grant) => Some(self.session_key(record, grant)),
+            Resolution::PodIdentity(pi) => Some(self.pod_identity_key(record, pi)),
+            _ => None,
+        }
     }
 
     pub fn config(&self) -> &Config {

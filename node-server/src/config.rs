@@ -50,6 +50,8 @@ pub struct Config {
     #[serde(default)]
     pub sts: StsConfig,
     #[serde(default)]
+    pub eks_auth: EksAuthConfig,
+    #[serde(default)]
     pub roles: RolesConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -189,6 +191,17 @@ impl Default for StsConfig {
             timeout_seconds: default_sts_timeout(),
         }
     }
+}
+
+/// EKS Auth, which exchanges a pod's EKS Pod Identity token (`AssumeRoleForPodIdentity`) for
+/// its association's role; the cluster it names is `sts.cluster_name`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EksAuthConfig {
+    /// Unset: the regional EKS Auth endpoint.
+    pub endpoint: Option<String>,
+    /// Unset: `sts.region`.
+    pub region: Option<String>,
 }
 
 /// See [`Config::node_name`].

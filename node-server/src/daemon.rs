@@ -71,7 +71,9 @@ pub async fn run(mut config: Config) -> Result<(), Error> {
         keepers.push(tokio::spawn(cni_config::keep_chained(installer, config.clone(), agent.clone())));
     }
     tokio::spawn(crate::memory::return_freed_memory());
-    let sts = sts::Sts::new(&endpoint, config.sts_timeout()).await;
+    let sts = sts::Sts::new(&endpoint, config.sts_timeout())
+        .await
+        .with_eks_auth(crate::creds::pod_identity::EksAuth::new(&config, &endpoint, config.sts_timeout()).await);
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
     let mut startup_taint = None;

@@ -36,6 +36,7 @@ impl AssumeRole for FakeSts {
             session_token: format!("token-for:{}:{}", key.role_arn, key.session_name),
             expiration: SystemTime::now() + Duration::from_secs(3600),
             last_updated: SystemTime::now(),
+            assumed_role: None,
         })
     }
 }

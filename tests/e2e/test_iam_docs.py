@@ -159,6 +159,11 @@ def test_documents_pass_the_iam_policy_schemas(tmp_path):
             "Path": POD_ROLE_PATH, "AssumeRolePolicyDocument": doc(TRUST)}},
         "PodRoleWithExternalId": {"Type": "AWS::IAM::Role", "Properties": {
             "Path": POD_ROLE_PATH, "AssumeRolePolicyDocument": doc(TRUST_EXTERNAL_ID, EXTERNAL_ID=EXTERNAL_ID)}},
+        "NodePodIdentityPolicy": {"Type": "AWS::IAM::ManagedPolicy", "Properties": {
+            "PolicyDocument": doc("node-role-permissions-pod-identity.json", REGION="us-east-1",
+                                  CLUSTER_NAME="e2e-cluster")}},
+        "PodIdentityRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "Path": POD_ROLE_PATH, "AssumeRolePolicyDocument": doc("pod-identity-role-trust-policy.json")}},
     }}
     path = tmp_path / "documents.json"
     path.write_text(json.dumps(template, indent=2))

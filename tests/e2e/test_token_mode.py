@@ -10,6 +10,7 @@ AssumeRole it tried with its own identity would be denied. Legacy mode is off.
 """
 
 import json
+import re
 import time
 import uuid
 
@@ -57,6 +58,16 @@ def test_an_irsa_pod_gets_its_role_through_the_cli_while_the_node_may_assume_no_
     assert "token mode" in explain(tb, pod)
 
 
+def test_explain_names_the_mode_as_a_field_of_its_own(tb):
+    pod = tb.irsa_pod("team-t", "app-8", "app", "irsa-app")
+    assert credentials(pod, "irsa-app")[0] == 200
+    p = tb.node.exec([tb.bench.daemon.binary, "--config", tb.bench.daemon.config_path, "explain", pod.key, "--json"],
+                     check=False, timeout=30)
+    report = json.loads(p.stdout)
+    assert report["pods"][0]["daemon"]["mode"] == "token IRSA", p.stdout
+    assert re.search(r"^\s*mode\s+token IRSA$", explain(tb, pod), re.M), explain(tb, pod)
+
+
 def test_another_pods_token_under_this_pods_uid_is_refused_never_exchanged(tb):
     victim = tb.irsa_pod("team-t", "other-0", "other", "irsa-other", token=False)
     thief = tb.irsa_pod("team-t", "app-1", "app", "irsa-app")
@@ -84,11 +95,12 @@ def test_a_token_of_the_wrong_audience_is_refused(tb):
     assert status == 403 and "audience" in body, (status, body)
 
 
-def test_a_missing_token_file_is_refused_never_the_nodes_role(tb):
+def test_a_missing_token_file_answers_503_so_sdks_retry_never_the_nodes_role(tb):
+    """kubelet may be about to write it: SDKs retry a 5xx, and give up on a 403."""
     pod = tb.irsa_pod("team-t", "app-4", "app", "irsa-app")
     tb.kubelet.remove(pod.uid)
     status, body = credentials(pod, "irsa-app")
-    assert status == 403 and "cannot read the pod's token" in body, (status, body)
+    assert status == 503 and "cannot read the pod's token" in body, (status, body)
     assert "(aws exited" in cli_arn(pod)
 
 
@@ -117,7 +129,7 @@ def test_a_pod_recreated_under_the_same_name_never_gets_the_deleted_pods_credent
 
     def refused():
         status, body = credentials(new, "irsa-app")
-        return status == 403 and "cannot read the pod's token" in body
+        return status == 503 and "cannot read the pod's token" in body
 
     wait_until(refused, 15, "the recreated pod refused until its own token is written")
     tb.kubelet.write(new.uid, tb.issuer.token(new, "app", node=tb.node.name))

@@ -1,6 +1,7 @@
 """The harness's threading HTTP server (standard library only; scripts import it as a sibling)."""
 
 import http.server
+import json
 import socketserver
 
 
@@ -17,3 +18,14 @@ class ThreadingServer(http.server.ThreadingHTTPServer):
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+
+def serve(listen, handler, **attrs):
+    """Serves `handler` on "host:port" forever, `attrs` set on the server for it; prints
+    {"listening": listen} first (the benches' logs start with it)."""
+    host, port = listen.rsplit(":", 1)
+    server = ThreadingServer((host, int(port)), handler)
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    print(json.dumps({"listening": listen}), flush=True)
+    server.serve_forever()

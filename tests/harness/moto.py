@@ -42,7 +42,7 @@ POD_ROLE_PATH = "/iamlink/"
 BASE_ARN = f"arn:aws:iam::{ACCOUNT}:role{POD_ROLE_PATH}"
 NODE_ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{NODE_ROLE}"
 NODE_POLICY_NAME = "iamlink-assume-pod-roles"
-_PLACEHOLDER = re.compile(r"\b(ACCOUNT_ID|NODE_ROLE_NAME|EXTERNAL_ID)\b")
+_PLACEHOLDER = re.compile(r"\b(ACCOUNT_ID|NODE_ROLE_NAME|EXTERNAL_ID|REGION|CLUSTER_NAME)\b")
 
 
 def role_arn(name):
@@ -54,7 +54,7 @@ def iam_document(filename, **values):
     """deploy/iam/<filename> with its placeholders filled in, as JSON text.
 
     Placeholders: ACCOUNT_ID (default: moto's account), NODE_ROLE_NAME (default: the bench's node
-    role), EXTERNAL_ID (no default). A placeholder left without a value is an error.
+    role), EXTERNAL_ID, REGION, CLUSTER_NAME (no default). A placeholder left without a value is an error.
     """
     values = {"ACCOUNT_ID": ACCOUNT, "NODE_ROLE_NAME": NODE_ROLE, **values}
     with open(os.path.join(IAM_DOCS, filename)) as f:

@@ -15,7 +15,6 @@ identity call on stdout: {"role", "sub", "aud", "jti", "outcome", "reason"}.
 """
 
 import argparse
-import base64
 import http.client
 import http.server
 import json
@@ -28,11 +27,9 @@ import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import boto3
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from http_server import ThreadingServer
+import jwks
+from http_server import serve
 
 STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
 
@@ -41,10 +38,6 @@ class Refused(Exception):
     def __init__(self, status, code, message):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def b64d(s):
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 def as_list(v):
@@ -56,10 +49,7 @@ class Shim:
         self.upstream = args.upstream
         self.issuer = args.issuer
         self.provider = args.issuer.split("://", 1)[1]
-        with open(args.jwks) as f:
-            self.keys = {k["kid"]: rsa.RSAPublicNumbers(int.from_bytes(b64d(k["e"]), "big"),
-                                                        int.from_bytes(b64d(k["n"]), "big")).public_key()
-                         for k in json.load(f)["keys"]}
+        self.keys = jwks.load(args.jwks)
         with open(args.keys) as f:
             keys = json.load(f)
         self.creds = botocore.credentials.Credentials(keys["AccessKeyId"], keys["SecretAccessKey"])
@@ -69,17 +59,9 @@ class Shim:
     def verify(self, token, role_arn):
         """The token's claims, or Refused as STS would answer."""
         try:
-            h64, p64, s64 = token.split(".")
-            header, claims = json.loads(b64d(h64)), json.loads(b64d(p64))
-        except ValueError:
-            raise Refused(400, "InvalidIdentityToken", "the token is not a JWT")
-        key = self.keys.get(header.get("kid"))
-        if header.get("alg") != "RS256" or key is None:
-            raise Refused(400, "InvalidIdentityToken", "unknown signing key")
-        try:
-            key.verify(b64d(s64), f"{h64}.{p64}".encode(), padding.PKCS1v15(), hashes.SHA256())
-        except InvalidSignature:
-            raise Refused(400, "InvalidIdentityToken", "bad signature")
+            claims = jwks.signed_claims(token, self.keys)
+        except ValueError as e:
+            raise Refused(400, "InvalidIdentityToken", str(e))
         if claims.get("iss") != self.issuer:
             raise Refused(400, "InvalidIdentityToken", f"issuer {claims.get('iss')!r} is not trusted")
         now = time.time()
@@ -178,11 +160,7 @@ def main():
     p.add_argument("--jwks", required=True)
     p.add_argument("--keys", required=True)
     args = p.parse_args()
-    host, port = args.listen.rsplit(":", 1)
-    server = ThreadingServer((host, int(port)), Handler)
-    server.shim = Shim(args)
-    print(json.dumps({"listening": args.listen}), flush=True)
-    server.serve_forever()
+    serve(args.listen, Handler, shim=Shim(args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 moto enforces IAM on every request (`/moto-api/reset-auth` 0, as INITIAL_NO_AUTH_ACTION_COUNT=0);
 iamlinkd's own identity is an IAM user with no policy at all (no `sts:AssumeRole`); STS is the
 strict web identity shim (`sts_web_identity_shim.py`) in front of moto; pods' projected tokens are
-signed by a fake OIDC issuer and laid out under a tmpfs as kubelet lays them out.
+signed by a fake OIDC issuer and laid out under a tmpfs as kubelet lays them out. With
+`pod_identity`, the fake EKS Auth (`eks_auth_server.py`) runs too: its allow-list of
+`eks-auth:AssumeRoleForPodIdentity` holds iamlinkd's principal, and it answers from an
+association table the tests edit.
 """
 
 import json
@@ -11,10 +14,18 @@ import os
 import uuid
 
 from .moto import ACCOUNT, BASE_ARN, IAM_DOCS
-from .oidc import IRSA_AUDIENCE, IRSA_VOLUME, Issuer, KubeletPods, projected_volume
+from .oidc import (IRSA_AUDIENCE, IRSA_VOLUME, POD_IDENTITY_AUDIENCE, POD_IDENTITY_VOLUME, Issuer, KubeletPods,
+                   projected_volume)
 from .util import BASE_PATH, PYTHON, Fatal, stop_process, tail, wait_until
 
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sts_web_identity_shim.py")
+EKS_AUTH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eks_auth_server.py")
+CLUSTER = "e2e-cluster"
+# The projected file of EKS's volume (REFERENCE.md).
+POD_IDENTITY_PATH = "eks-pod-identity-token"
+EKS_GATEWAY_USER = "eks-auth-gateway"
+EKS_GATEWAY_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["sts:AssumeRole", "sts:TagSession", "iam:GetRole"], "Resource": "*"}]})
 NODE_USER = "iamlink-node-no-role"
 GATEWAY_USER = "sts-web-identity-gateway"
 GATEWAY_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
@@ -26,8 +37,9 @@ class TokenBench:
     starts iamlinkd. `roles`: {name: (namespace, service_account)} web identity roles."""
 
     HOST, PORT = "198.18.0.2", 5003
+    EKS_PORT = 5004
 
-    def __init__(self, bench, roles, daemon_kubernetes=None, roles_extra=None):
+    def __init__(self, bench, roles, daemon_kubernetes=None, roles_extra=None, pod_identity_roles=()):
         self.bench = bench
         self.node = bench.node
         self.issuer = Issuer()
@@ -59,6 +71,8 @@ class TokenBench:
             return self.node.can_connect(self.HOST, self.PORT)
 
         wait_until(ready, 20, "STS shim on 198.18.0.2:5003")
+        if pod_identity_roles:
+            self._start_eks_auth(pod_identity_roles, jwks)
         self.bench.moto.set_auth("0")  # from now on moto authorizes every request against IAM
         daemon = bench.daemon
         daemon.aws_keys = {"AWS_ACCESS_KEY_ID": self.node_keys["AccessKeyId"],
@@ -70,6 +84,75 @@ class TokenBench:
         kube.update(daemon_kubernetes or {})
         daemon.roles_extra.update(roles_extra or {})
         daemon.start()
+
+    def _start_eks_auth(self, roles, jwks):
+        """The fake EKS Auth on 198.18.0.2:5004, `roles` created with the Pod Identity trust
+        policy (deploy/iam), no association yet; iamlinkd pointed at it, in cluster CLUSTER."""
+        gateway = self._user(EKS_GATEWAY_USER, policy=EKS_GATEWAY_POLICY)
+        for name in roles:
+            self.create_pod_identity_role(name)
+        self.eks_config_path = os.path.join(self.node.workdir, "eks-auth.json")
+        self.eks_config = {"account": ACCOUNT, "region": "us-east-1", "gateway": gateway,
+                           "allowed": {self.node_keys["AccessKeyId"]: self.node_keys["SecretAccessKey"]},
+                           "associations": []}
+        self._write_eks_config()
+        self.eks_log_path = os.path.join(self.node.workdir, "eks-auth.log")
+        log = open(self.eks_log_path, "ab")
+        self.eks_proc = self.node.spawn([PYTHON, EKS_AUTH, "--listen", f"{self.HOST}:{self.EKS_PORT}",
+                                         "--upstream", f"{self.bench.moto.HOST}:{self.bench.moto.PORT}",
+                                         "--issuer", self.issuer.url, "--jwks", jwks, "--config",
+                                         self.eks_config_path],
+                                        env={"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": self.node.workdir},
+                                        stdout=log, stderr=log)
+        log.close()
+        self.bench.callback(self._stop_eks_auth)
+        self.bench.extra_logs.append(("fake EKS Auth", self.eks_log_path))
+
+        def ready():
+            if self.eks_proc.poll() is not None:
+                raise Fatal(f"fake EKS Auth exited {self.eks_proc.returncode}:\n{tail(self.eks_log_path)}")
+            return self.node.can_connect(self.HOST, self.EKS_PORT)
+
+        wait_until(ready, 20, "fake EKS Auth on 198.18.0.2:5004")
+        daemon = self.bench.daemon
+        daemon.settings["eks_auth"] = {"endpoint": f"http://{self.HOST}:{self.EKS_PORT}"}
+        daemon.sts["cluster_name"] = CLUSTER
+
+    def _write_eks_config(self):
+        tmp = self.eks_config_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.eks_config, f)
+        os.rename(tmp, self.eks_config_path)
+
+    def _stop_eks_auth(self):
+        if getattr(self, "eks_proc", None) is not None:
+            stop_process(self.eks_proc, timeout=5)
+            self.node.forget(self.eks_proc)
+            self.eks_proc = None
+
+    def associate(self, namespace, service_account, role, cluster=CLUSTER):
+        """An EKS Pod Identity association, as `aws eks create-pod-identity-association` makes one."""
+        self.eks_config["associations"].append({"cluster": cluster, "namespace": namespace,
+                                                "serviceAccount": service_account, "roleArn": BASE_ARN + role})
+        self._write_eks_config()
+
+    def eks_calls(self):
+        """The fake EKS Auth's calls: [{"cluster", "sub", "pod", "jti", "caller", "role", "outcome", "reason"?}]."""
+        with open(self.eks_log_path) as f:
+            lines = [json.loads(x) for x in f if x.startswith("{")]
+        return [x for x in lines if "outcome" in x]
+
+    def create_pod_identity_role(self, name):
+        """A role under the pod-role path that trusts EKS Pod Identity
+        (deploy/iam/pod-identity-role-trust-policy.json, which the fake EKS Auth requires), plus
+        the fake's gateway user as a principal of the same statement: moto evaluates trust
+        policies and cannot act as the service principal pods.eks.amazonaws.com, so the gateway
+        stands in for it (and moto 5 fails on a statement whose principal is a service only)."""
+        with open(os.path.join(IAM_DOCS, "pod-identity-role-trust-policy.json")) as f:
+            trust = json.load(f)
+        for statement in trust["Statement"]:
+            statement["Principal"]["AWS"] = f"arn:aws:iam::{ACCOUNT}:user/{EKS_GATEWAY_USER}"
+        return self.bench.moto.create_role(name, trust=json.dumps(trust))
 
     def _user(self, name, policy):
         iam = self.bench.moto.client("iam")
@@ -130,3 +213,36 @@ class TokenBench:
             self.kubelet.write(uid, self.issuer.token(pod, service_account, audience, node=self.node.name),
                                volume=volume)
         return pod
+
+    def pod_identity_pod(self, namespace, name, service_account, token=True, volume=POD_IDENTITY_VOLUME,
+                         extra_volumes=()):
+        """A pod as EKS's webhook makes it for Pod Identity: the projected token of audience
+        pods.eks.amazonaws.com in its spec (its service account carries no annotation); kubelet
+        wrote the token."""
+        bench, uid = self.bench, str(uuid.uuid4())
+        kube = bench.kube
+        for make in (lambda: kube.create_namespace(namespace),
+                     lambda: kube.create_service_account(namespace, service_account)):
+            try:
+                make()
+            except AssertionError:
+                pass
+        volumes = [projected_volume(volume, POD_IDENTITY_AUDIENCE, path=POD_IDENTITY_PATH)] + list(extra_volumes)
+        kube.create_pod(namespace, name, node=self.node.name, service_account=service_account, uid=uid,
+                        volumes=volumes)
+        pod = bench.pods.add(namespace, name, uid=uid)
+        pod.service_account = service_account
+        if token:
+            self.write_pod_identity_token(pod, self.pod_identity_token(pod), volume=volume)
+        return pod
+
+    def pod_identity_token(self, pod, service_account=None, **claims):
+        return self.issuer.token(pod, service_account or pod.service_account, POD_IDENTITY_AUDIENCE,
+                                 node=self.node.name, **claims)
+
+    def write_pod_identity_token(self, pod, token, volume=POD_IDENTITY_VOLUME):
+        self.kubelet.write(pod.uid, token, volume=volume, path=POD_IDENTITY_PATH)
+
+    def pod_identity_token_file(self, pod, volume=POD_IDENTITY_VOLUME):
+        """The file's path as kubelet keeps it: what AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE names."""
+        return os.path.join(self.kubelet.volume_dir(pod.uid, volume), POD_IDENTITY_PATH)

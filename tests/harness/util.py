@@ -9,7 +9,8 @@ import time
 
 REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(REPO, "target", "release")
-IAMLINKD = os.path.join(RELEASE, "iamlinkd")
+# IAMLINK_IAMLINKD: another build of iamlinkd (say main's, to see a new test fail against it).
+IAMLINKD = os.environ.get("IAMLINK_IAMLINKD") or os.path.join(RELEASE, "iamlinkd")
 IAMLINK_PLUGIN = os.path.join(RELEASE, "iamlink")
 CNIRT = os.path.join(REPO, ".build", "bin", "cnirt")
 REFERENCE_PLUGINS = "/usr/lib/cni"

@@ -29,6 +29,9 @@ pub struct Credentials {
     pub session_token: String,
     pub expiration: SystemTime,
     pub last_updated: SystemTime,
+    /// The assumed role's ARN (`arn:aws:sts::<account>:assumed-role/<role>/<session>`) when the
+    /// exchange names the role itself (EKS Pod Identity); else the key's role is the pod's.
+    pub assumed_role: Option<String>,
 }
 
 impl Credentials {
@@ -98,6 +101,8 @@ pub struct CacheState {
     pub retry_at: Option<SystemTime>,
     /// An STS call for this key is under way.
     pub fetching: bool,
+    /// The cached credentials' assumed role, when the exchange named it (EKS Pod Identity).
+    pub assumed_role: Option<String>,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -283,6 +288,7 @@ impl<S: AssumeRole> Cache<S> {
             failed_attempts: state.failure.as_ref().map_or(0, |f| f.attempts),
             retry_at: state.failure.as_ref().map(|f| f.retry_at),
             fetching,
+            assumed_role: state.creds.as_ref().and_then(|c| c.assumed_role.clone()),
         })
     }
 
@@ -330,6 +336,7 @@ mod tests {
                 session_token: key.role_arn.clone(),
                 expiration: now + Duration::from_secs(key.duration_seconds as u64),
                 last_updated: now,
+                assumed_role: None,
             })
         }
     }

@@ -6,6 +6,7 @@ pub mod chain;
 pub mod endpoint;
 pub mod exchange;
 pub mod outbound;
+pub mod pod_identity;
 pub mod refresh;
 pub mod session;
 pub mod session_name;

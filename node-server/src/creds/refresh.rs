@@ -187,15 +187,17 @@ fn start_fetch<S: AssumeRole>(
     record: &PodRecord,
     during: &'static str,
 ) -> Result<JoinHandle<bool>, Resolution> {
-    let grant = match app.roles.resolve(record) {
-        Resolution::Granted(grant) => grant,
-        other => return Err(other),
-    };
-    let key = match app.session_key(record, &grant) {
-        Ok((key, _)) => key,
-        Err(refused) => {
-            return Err(Resolution::Denied { outcome: "token refused", requested: grant.requested, reason: refused.0 })
+    let resolution = app.roles.resolve(record);
+    let key = match app.key_of(record, &resolution) {
+        Some(Ok((key, _))) => key,
+        Some(Err(refused)) => {
+            let requested = match resolution {
+                Resolution::Granted(grant) => grant.requested,
+                _ => String::new(),
+            };
+            return Err(Resolution::Denied { outcome: "token refused", requested, reason: refused.reason });
         }
+        None => return Err(resolution),
     };
     let (app, pod) = (app.clone(), record.pod.clone());
     Ok(tokio::spawn(async move {
@@ -211,13 +213,8 @@ fn start_fetch<S: AssumeRole>(
 
 /// Refreshes live pods' credentials that near expiry and drops everything else.
 fn refresh<S: AssumeRole>(app: &Arc<App<S>>, records: &[PodRecord]) {
-    let live: HashSet<_> = records
-        .iter()
-        .filter_map(|r| match app.roles.resolve(r) {
-            Resolution::Granted(grant) => app.session_key(r, &grant).ok().map(|(key, _)| key),
-            _ => None,
-        })
-        .collect();
+    let live: HashSet<_> =
+        records.iter().filter_map(|r| app.key_of(r, &app.roles.resolve(r))?.ok().map(|(key, _)| key)).collect();
     app.cache.retain(&live);
     for key in live {
         let app = app.clone();

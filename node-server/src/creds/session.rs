@@ -51,6 +51,9 @@ pub struct SessionKey {
     /// Token mode: the pod's own token, exchanged with AssumeRoleWithWebIdentity instead of
     /// the node's AssumeRole. Part of the key, so that a rotated token is checked and used anew.
     pub web_identity: Option<WebIdentityToken>,
+    /// EKS Pod Identity: the pod's own token, exchanged with EKS Auth AssumeRoleForPodIdentity;
+    /// the role is EKS's answer (`role_arn` is empty). Part of the key, as `web_identity`.
+    pub pod_identity: Option<WebIdentityToken>,
 }
 
 /// One role assumed on the way to the pod's.
@@ -121,6 +124,7 @@ impl SessionKey {
                 .map(|sa| session_name::source_identity(&pod.namespace, sa)),
             via,
             web_identity: None,
+            pod_identity: None,
         }
     }
 }

@@ -30,7 +30,9 @@ pub fn fit(raw: &str) -> String {
     name
 }
 
-/// What a template may name.
+/// A pod's names as STS sees them: what a session-name template may name, and what a pod's
+/// token must name to be its own (`token::Expected`).
+#[derive(Clone, Debug)]
 pub struct NameFields<'a> {
     pub namespace: &'a str,
     pub pod: &'a str,

@@ -7,6 +7,7 @@ use aws_sdk_sts::types::Tag;
 use crate::creds::cache::{AssumeRole, Credentials, SessionKey, StsError};
 use crate::creds::chain;
 use crate::creds::endpoint::StsEndpoint;
+use crate::creds::pod_identity::EksAuth;
 use crate::creds::web_identity;
 use crate::role::arn::role_prefix;
 
@@ -14,6 +15,8 @@ pub struct Sts {
     client: aws_sdk_sts::Client,
     /// Without credentials: AssumeRoleWithWebIdentity is unsigned, so token mode needs none.
     anonymous: aws_sdk_sts::Client,
+    /// EKS Pod Identity's exchange; `None`: keys of Pod Identity pods fail.
+    eks_auth: Option<EksAuth>,
 }
 
 impl Sts {
@@ -22,7 +25,13 @@ impl Sts {
         let shared = endpoint.loader(timeout).load().await;
         let builder = endpoint.sts_builder(&shared);
         let anonymous = web_identity::anonymous_client(endpoint, timeout).await;
-        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()), anonymous }
+        Sts { client: aws_sdk_sts::Client::from_conf(builder.build()), anonymous, eks_auth: None }
+    }
+
+    /// Serves EKS Pod Identity pods' keys through `eks_auth`.
+    pub fn with_eks_auth(mut self, eks_auth: EksAuth) -> Self {
+        self.eks_auth = Some(eks_auth);
+        self
     }
 
     /// `arn:<partition>:iam::<account>:role/`, from the daemon's own identity: role names in
@@ -43,6 +52,10 @@ impl AssumeRole for Sts {
     async fn assume_role(&self, key: &SessionKey) -> Result<Credentials, StsError> {
         if let Some(token) = &key.web_identity {
             return web_identity::assume(&self.anonymous, key, token).await;
+        }
+        if let Some(token) = &key.pod_identity {
+            let eks_auth = self.eks_auth.as_ref().ok_or_else(|| StsError::new("no EKS Auth client"))?;
+            return eks_auth.assume(token).await;
         }
         let calls = chain::calls(key);
         let mut creds: Option<Credentials> = None;

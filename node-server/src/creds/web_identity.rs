@@ -51,5 +51,6 @@ pub fn from_answer(operation: &str, c: Option<aws_sdk_sts::types::Credentials>) 
         session_token: c.session_token,
         expiration,
         last_updated: SystemTime::now(),
+        assumed_role: None,
     })
 }

@@ -362,7 +362,10 @@ pub fn render_explain(report: &ExplainReport, mask: iamlink_common::MarkMask) ->
                     None => a.resolution.clone(),
                 };
                 line(&mut out, "role", &role);
-                if a.role.is_some() {
+                if let Some(mode) = &a.mode {
+                    line(&mut out, "mode", mode);
+                }
+                if a.role.is_some() || a.credentials.is_some() {
                     line(&mut out, "credentials", &credentials_text(a));
                 }
             }
@@ -677,6 +680,7 @@ mod tests {
             pod: "team-a/web".into(),
             role: Some("arn:aws:iam::123456789012:role/web".into()),
             resolution: "granted by config".into(),
+            mode: Some("legacy".into()),
             credentials: Some(CredentialState {
                 cached: true,
                 usable: true,

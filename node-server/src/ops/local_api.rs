@@ -34,6 +34,8 @@ use iamlink_common::PodRecord;
 
 use crate::app::App;
 use crate::creds::cache::{AssumeRole, CacheState};
+use crate::creds::pod_identity::role_of_assumed;
+use crate::creds::token::Refusal;
 use crate::role::resolve::{Grant, Resolution};
 use crate::serve::{accept_loop, http1, ConnectionCap};
 
@@ -46,6 +48,10 @@ pub struct PodAnswer {
     pub role: Option<String>,
     /// How the role was decided, in words: its source, or why there is none.
     pub resolution: String,
+    /// Which exchange serves the pod: `token IRSA`, `token Pod Identity`, `legacy`, or `refused`
+    /// (a token or a rule refuses it); `None`: no role, or not decided yet.
+    #[serde(default)]
+    pub mode: Option<String>,
     /// `None`: the pod has no role, or nothing was cached or tried for it yet.
     pub credentials: Option<CredentialState>,
 }
@@ -103,37 +109,60 @@ impl From<CacheState> for CredentialState {
 
 fn pod_answer<S: AssumeRole>(app: &App<S>, record: &PodRecord) -> PodAnswer {
     let pod = record.pod.to_string();
+    let answer = |role: Option<String>, resolution: String, mode: Option<&str>, credentials| PodAnswer {
+        pod: pod.clone(),
+        role,
+        resolution,
+        mode: mode.map(String::from),
+        credentials,
+    };
+    let refused = |refused: Refusal| {
+        let status = if refused.missing { "503 until the token is written" } else { "403" };
+        format!("refused: {refused} (its credential requests get {status})")
+    };
     match app.roles.resolve(record) {
-        Resolution::Granted(grant) => {
-            let (resolution, credentials) = match app.session_key(record, &grant) {
-                Ok((key, mode)) => (
-                    format!("{}; {}", granted_text(&grant), mode.describe()),
-                    app.cache.peek(&key).map(CredentialState::from),
-                ),
-                Err(refused) => {
-                    (format!("{}; refused: {refused} (its credential requests get 403)", granted_text(&grant)), None)
-                }
-            };
-            PodAnswer { pod, role: Some(grant.role.arn().to_string()), resolution, credentials }
+        Resolution::Granted(grant) => match app.session_key(record, &grant) {
+            Ok((key, mode)) => answer(
+                Some(grant.role.arn().to_string()),
+                format!("{}; {}", granted_text(&grant), mode.describe()),
+                Some(mode.label()),
+                app.cache.peek(&key).map(CredentialState::from),
+            ),
+            Err(r) => answer(
+                Some(grant.role.arn().to_string()),
+                format!("{}; {}", granted_text(&grant), refused(r)),
+                Some("refused"),
+                None,
+            ),
+        },
+        Resolution::PodIdentity(pi) => match app.pod_identity_key(record, &pi) {
+            Ok((key, mode)) => {
+                let state = app.cache.peek(&key);
+                let role = state.as_ref().and_then(|s| s.assumed_role.as_deref()).and_then(role_of_assumed);
+                let named = match &role {
+                    Some(_) => "the role EKS named for its association",
+                    None => "the role is named by EKS at the first exchange",
+                };
+                let resolution = format!("EKS Pod Identity ({named}); {}", mode.describe());
+                answer(role, resolution, Some(mode.label()), state.map(CredentialState::from))
+            }
+            Err(r) => answer(None, format!("EKS Pod Identity; {}", refused(r)), Some("refused"), None),
+        },
+        Resolution::NoRole => answer(
+            None,
+            "no role: no role source names one for this pod (its credential requests get 404)".into(),
+            None,
+            None,
+        ),
+        Resolution::Denied { requested, reason, .. } => answer(
+            None,
+            format!("denied {requested}: {reason} (its credential requests get 403)"),
+            Some("refused"),
+            None,
+        ),
+        Resolution::Pending(why) => {
+            answer(None, format!("not decided yet: {why} (its credential requests get 503 and retry)"), None, None)
         }
-        Resolution::NoRole => PodAnswer {
-            pod,
-            role: None,
-            resolution: "no role: no role source names one for this pod (its credential requests get 404)".into(),
-            credentials: None,
-        },
-        Resolution::Denied { requested, reason, .. } => PodAnswer {
-            pod,
-            role: None,
-            resolution: format!("denied {requested}: {reason} (its credential requests get 403)"),
-            credentials: None,
-        },
-        Resolution::Pending(why) => PodAnswer {
-            pod,
-            role: None,
-            resolution: format!("not decided yet: {why} (its credential requests get 503 and retry)"),
-            credentials: None,
-        },
     }
 }
 
@@ -347,6 +376,7 @@ mod tests {
             failed_attempts: 2,
             retry_at: None,
             fetching: false,
+            assumed_role: None,
         });
         assert!(s.cached && s.usable);
         assert_eq!(s.expiration.as_deref(), Some("2023-11-14T22:13:20Z"));

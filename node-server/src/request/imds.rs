@@ -19,12 +19,15 @@ use iamlink_common::record::rfc3339;
 use iamlink_common::PodRecord;
 
 use crate::app::App;
-use crate::creds::cache::{AssumeRole, Body, Credentials};
+use crate::creds::cache::{AssumeRole, Body, Credentials, Served};
 use crate::creds::exchange::Mode;
+use crate::creds::pod_identity::role_of_assumed;
+use crate::creds::token::Refusal;
+use crate::creds::SessionKey;
 use crate::request::identify::{identify, Conn, Destination, Unidentified};
 use crate::request::proxy::not_plain;
 use crate::request::tokens::{parse_ttl, TokenError, TOKEN_HEADER, TTL_HEADER};
-use crate::role::{Grant, Resolution, Role};
+use crate::role::{Grant, PodIdentity, Resolution, Role};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
 const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials";
@@ -110,6 +113,7 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
     let (role, source) = match &resolution {
         Resolution::Granted(g) => (g.role.arn(), g.source.as_str()),
         Resolution::Denied { requested, .. } => (requested.as_str(), ""),
+        Resolution::PodIdentity(_) => ("", "EKS Pod Identity"),
         _ => ("", ""),
     };
     let pod = &record.pod;
@@ -140,13 +144,30 @@ pub struct Facts<'a> {
 /// every path through it is cheap to test and fuzz.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    Token { ttl: u32 },
+    Token {
+        ttl: u32,
+    },
     RoleName(Role),
     Credentials(Grant),
     ContainerCredentials(Grant),
     Info(Role),
+    /// EKS Pod Identity: what was asked, answered once the exchange has named the role.
+    PodIdentity(PodIdentity, Want),
     Proxy,
-    Refuse { status: StatusCode, outcome: &'static str, reason: String },
+    Refuse {
+        status: StatusCode,
+        outcome: &'static str,
+        reason: String,
+    },
+}
+
+/// What a credentials path asks for, whoever's role answers it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Want {
+    RoleName,
+    Credentials(String),
+    Info,
+    ContainerCredentials,
 }
 
 fn refuse(status: StatusCode, outcome: &'static str, reason: impl Into<String>) -> Decision {
@@ -162,6 +183,26 @@ fn role_or_refusal(resolution: &Resolution) -> Result<&Grant, Decision> {
         Resolution::Pending(reason) => {
             Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "pod not known yet", format!("pod not known yet: {reason}")))
         }
+        // Answered by `answer_for` before a role is needed: EKS names it at the exchange.
+        Resolution::PodIdentity(_) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, "no role", "role not known yet")),
+    }
+}
+
+/// The decision for `want` of a pod whose role is `resolution`'s.
+fn answer_for(want: Want, resolution: &Resolution) -> Decision {
+    if let Resolution::PodIdentity(pi) = resolution {
+        return Decision::PodIdentity(pi.clone(), want);
+    }
+    let grant = match role_or_refusal(resolution) {
+        Ok(g) => g,
+        Err(refusal) => return refusal,
+    };
+    match want {
+        Want::RoleName => Decision::RoleName(grant.role.clone()),
+        Want::Credentials(name) if grant.role.name() == name => Decision::Credentials(grant.clone()),
+        Want::Credentials(_) => refuse(StatusCode::NOT_FOUND, "no such role", "not this pod's role"),
+        Want::Info => Decision::Info(grant.role.clone()),
+        Want::ContainerCredentials => Decision::ContainerCredentials(grant.clone()),
     }
 }
 
@@ -187,7 +228,6 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
-    let grant = role_or_refusal(facts.role);
     if path == CONTAINER_CREDENTIALS_PATH {
         return refuse(
             StatusCode::NOT_FOUND,
@@ -208,17 +248,13 @@ pub fn decide(method: &Method, path: &str, headers: &HeaderMap, facts: &Facts) -
     }
 
     if path == CREDENTIALS_PATH || path.strip_prefix(CREDENTIALS_PATH) == Some("/") {
-        return grant.map(|g| Decision::RoleName(g.role.clone())).unwrap_or_else(|refusal| refusal);
+        return answer_for(Want::RoleName, facts.role);
     }
     if let Some(name) = path.strip_prefix(CREDENTIALS_PATH).and_then(|p| p.strip_prefix('/')) {
-        return match grant {
-            Ok(g) if g.role.name() == name => Decision::Credentials(g.clone()),
-            Ok(_) => refuse(StatusCode::NOT_FOUND, "no such role", "not this pod's role"),
-            Err(refusal) => refusal,
-        };
+        return answer_for(Want::Credentials(name.to_string()), facts.role);
     }
     if path == INFO_PATH {
-        return grant.map(|g| Decision::Info(g.role.clone())).unwrap_or_else(|refusal| refusal);
+        return answer_for(Want::Info, facts.role);
     }
     // Byte for byte, and only plain paths: what the real service reads is what was allowed.
     if facts.proxy_allow.iter().any(|p| p == path) && not_plain(path).is_none() {
@@ -249,7 +285,7 @@ fn decide_container_credentials(method: &Method, path: &str, headers: &HeaderMap
             "Authorization header required (set AWS_CONTAINER_AUTHORIZATION_TOKEN or AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)",
         );
     }
-    role_or_refusal(role).map(|g| Decision::ContainerCredentials(g.clone())).unwrap_or_else(|refusal| refusal)
+    answer_for(Want::ContainerCredentials, role)
 }
 
 async fn execute<S: AssumeRole>(
@@ -274,6 +310,7 @@ async fn execute<S: AssumeRole>(
         Decision::ContainerCredentials(grant) => {
             credentials(app, record, &grant, Body::Container, |c| render_container_credentials(c, &grant.role)).await
         }
+        Decision::PodIdentity(pod_identity, want) => answer_pod_identity(app, record, &pod_identity, want).await,
         Decision::Proxy => match app.upstream.get(path).await {
             Ok((status, body)) => (status, "proxied", text(status, body)),
             Err(e) => {
@@ -292,13 +329,64 @@ async fn credentials<S: AssumeRole>(
     body: Body,
     render: impl FnOnce(&Credentials) -> String,
 ) -> (StatusCode, &'static str, Answer) {
-    let role = &grant.role;
-    let (key, mode) = match app.session_key(record, grant) {
+    match fetch(app, record, app.session_key(record, grant), grant.role.arn()).await {
+        Ok(served) => (StatusCode::OK, "credentials served", text(StatusCode::OK, served.body(body, render))),
+        Err(answer) => answer,
+    }
+}
+
+/// A Pod Identity pod's answer: its token exchanged (or the exchange's cached answer), then
+/// `want` of the role EKS named.
+async fn answer_pod_identity<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: &PodRecord,
+    pod_identity: &PodIdentity,
+    want: Want,
+) -> (StatusCode, &'static str, Answer) {
+    let served = match fetch(app, record, app.pod_identity_key(record, pod_identity), "EKS Pod Identity").await {
+        Ok(served) => served,
+        Err(answer) => return answer,
+    };
+    let role = served.assumed_role.as_deref().and_then(role_of_assumed).and_then(|arn| Role::parse(&arn, None).ok());
+    let Some(role) = role else {
+        warn!(pod = %record.pod, interface = %record.host_interface.name, assumed = ?served.assumed_role, "EKS Auth named no role");
+        let status = StatusCode::BAD_GATEWAY;
+        return (status, "sts error", text(status, "iamlink: EKS Auth's answer names no role\n"));
+    };
+    let ok = |outcome: &'static str, body: Bytes| (StatusCode::OK, outcome, text(StatusCode::OK, body));
+    match want {
+        Want::RoleName => ok("role listed", role.name().to_string().into()),
+        Want::Credentials(name) if name == role.name() => {
+            ok("credentials served", served.body(Body::Imds, render_credentials))
+        }
+        Want::Credentials(_) => {
+            let status = StatusCode::NOT_FOUND;
+            (status, "no such role", text(status, "iamlink: not this pod's role\n"))
+        }
+        Want::Info => ok("info", render_info(&role).into()),
+        Want::ContainerCredentials => {
+            ok("credentials served", served.body(Body::Container, |c| render_container_credentials(c, &role)))
+        }
+    }
+}
+
+/// The credentials of `key` (token or legacy mode), from the cache or STS; else the answer that
+/// stands in for them: the token's refusal (403; 503 while the file is missing), or STS's failure.
+async fn fetch<S: AssumeRole>(
+    app: &Arc<App<S>>,
+    record: &PodRecord,
+    key: Result<(SessionKey, Mode), Refusal>,
+    role: &str,
+) -> Result<Arc<Served>, (StatusCode, &'static str, Answer)> {
+    let (key, mode) = match key {
         Ok(found) => found,
         Err(refused) => {
-            warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), reason = %refused, "token refused");
-            let status = StatusCode::FORBIDDEN;
-            return (status, "token refused", text(status, format!("iamlink: {refused}\n")));
+            warn!(pod = %record.pod, interface = %record.host_interface.name, role, reason = %refused, "token refused");
+            let status = match refused.missing {
+                true => StatusCode::SERVICE_UNAVAILABLE,
+                false => StatusCode::FORBIDDEN,
+            };
+            return Err((status, "token refused", text(status, format!("iamlink: {refused}\n"))));
         }
     };
     match app.cache.get(&key).await {
@@ -312,19 +400,19 @@ async fn credentials<S: AssumeRole>(
                     let _ = app.cache.refresh(&key).await;
                 });
             }
-            (StatusCode::OK, "credentials served", text(StatusCode::OK, creds.body(body, render)))
+            Ok(creds)
         }
         Err(e) => {
             // The STS error itself is logged once per call, where it happened; while backing off
             // every request would repeat it.
             if !e.backing_off {
-                warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), error = %e.message, "cannot assume role");
+                warn!(pod = %record.pod, interface = %record.host_interface.name, role, error = %e.message, "cannot assume role");
             }
-            (
+            Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sts error",
                 text(StatusCode::SERVICE_UNAVAILABLE, "iamlink: cannot assume the pod's role now\n"),
-            )
+            ))
         }
     }
 }
@@ -401,5 +489,36 @@ mod tests {
         // The credentials address proxies nothing.
         let d = decide_with(Destination::Credentials, &[region], Method::GET, region);
         assert!(matches!(d, Decision::Refuse { status: StatusCode::NOT_FOUND, .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_pod_identity_pod_is_answered_after_the_exchange_on_both_addresses() {
+        let pi = PodIdentity {
+            service_account: "app".into(),
+            token: crate::creds::token::TokenSource {
+                volume: "eks-pod-identity-token".into(),
+                path: "eks-pod-identity-token".into(),
+                audience: crate::creds::token::POD_IDENTITY_AUDIENCE.into(),
+            },
+        };
+        let role = Resolution::PodIdentity(pi.clone());
+        let facts = |to| Facts { to, imdsv1: true, proxy_allow: &[], role: &role, verify_token: &|_| Ok(()) };
+        let ask = |to, path: &str, headers: &HeaderMap| decide(&Method::GET, path, headers, &facts(to));
+        let none = HeaderMap::new();
+        let want = |w| Decision::PodIdentity(pi.clone(), w);
+        assert_eq!(ask(Destination::Metadata, CREDENTIALS_PATH, &none), want(Want::RoleName));
+        assert_eq!(
+            ask(Destination::Metadata, &format!("{CREDENTIALS_PATH}/r"), &none),
+            want(Want::Credentials("r".into()))
+        );
+        assert_eq!(ask(Destination::Metadata, INFO_PATH, &none), want(Want::Info));
+        let mut auth = HeaderMap::new();
+        auth.insert(AUTHORIZATION, HeaderValue::from_static("t"));
+        assert_eq!(ask(Destination::Credentials, CONTAINER_CREDENTIALS_PATH, &auth), want(Want::ContainerCredentials));
+        // The container protocol's header is still required.
+        assert!(matches!(
+            ask(Destination::Credentials, CONTAINER_CREDENTIALS_PATH, &none),
+            Decision::Refuse { status: StatusCode::UNAUTHORIZED, .. }
+        ));
     }
 }

@@ -4,9 +4,10 @@
 pub mod arn;
 pub mod kube_view;
 pub mod pod;
+pub mod pod_identity;
 pub mod policy;
 pub mod resolve;
 pub mod session_options;
 
 pub use arn::Role;
-pub use resolve::{Grant, Resolution, Roles, Source};
+pub use resolve::{Grant, PodIdentity, Resolution, Roles, Source};

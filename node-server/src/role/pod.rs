@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use iamlink_common::PodRecord;
 
 use crate::config::Config;
+use crate::creds::token::{self, POD_IDENTITY_AUDIENCE};
 use crate::role::kube_view::View;
-use crate::role::resolve::{ApiPod, NamespaceFacts, PodFacts, ServiceAccountFacts};
+use crate::role::pod_identity;
+use crate::role::resolve::{ApiPod, NamespaceFacts, PodFacts, PodIdentity, ServiceAccountFacts};
 use crate::role::{Resolution, Roles};
 
 pub struct PodRoles {
@@ -114,6 +116,13 @@ impl PodRoles {
             (false, Some(annotations)) => NamespaceFacts::Snapshot(annotations),
             (false, None) => NamespaceFacts::Unknown,
         };
-        self.roles.resolve(&PodFacts { pod, runtime, api, namespace })
+        let resolution = self.roles.resolve(&PodFacts { pod, runtime, api, namespace });
+        // The tokens the spec projects, only from the object that is this record's pod.
+        let spec =
+            object.as_ref().filter(|o| o.metadata.uid.as_deref() == Some(&pod.uid)).and_then(|o| o.spec.as_ref());
+        let Some((spec, service_account)) = spec.zip(service_account) else { return resolution };
+        let irsa = token::irsa_audience(sa_object.as_ref().and_then(|s| s.metadata.annotations.as_ref()));
+        let pod_identity = token::find(spec, POD_IDENTITY_AUDIENCE).map(|token| PodIdentity { service_account, token });
+        pod_identity::overrule(resolution, pod_identity, token::find(spec, irsa).is_some())
     }
 }

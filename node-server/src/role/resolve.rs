@@ -23,6 +23,7 @@ use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
 
 use crate::config::Association;
 use crate::config::RolesConfig;
+use crate::creds::token::TokenSource;
 use crate::role::arn::{partition_refusal, valid_external_id, ArnError, Role};
 use crate::role::policy;
 use crate::role::session_options::SessionOptions;
@@ -74,6 +75,13 @@ pub struct Grant {
     pub session: Box<SessionOptions>,
 }
 
+/// A pod's EKS Pod Identity token and the service account it runs as (its claims must say so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub service_account: String,
+    pub token: TokenSource,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
     Granted(Grant),
@@ -87,6 +95,9 @@ pub enum Resolution {
     },
     /// Not decidable yet (503, SDKs retry): the API view has not bound the pod.
     Pending(String),
+    /// EKS Pod Identity: the role is the one EKS names when the pod's token is exchanged
+    /// ([`crate::role::pod_identity`] says when this outranks the sources above).
+    PodIdentity(PodIdentity),
 }
 
 /// What the Kubernetes API view says about the pod behind a record.

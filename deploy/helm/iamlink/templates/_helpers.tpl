@@ -59,7 +59,12 @@ chart sets up the node or the pod for (listen6, audit_log, cni.log_file: address
 {{- if $v.sts.useDualStack }}{{ $_ := set $sts "use_dual_stack" true }}{{ end -}}
 {{- with $v.sts.endpoint }}{{ $_ := set $sts "endpoint" . }}{{ end -}}
 {{- with $v.sts.externalId }}{{ $_ := set $sts "external_id" . }}{{ end -}}
+{{- with $v.sts.clusterName }}{{ $_ := set $sts "cluster_name" . }}{{ end -}}
 {{- $_ := set $c "sts" $sts -}}
+{{- $eksAuth := dict -}}
+{{- with $v.eksAuth.endpoint }}{{ $_ := set $eksAuth "endpoint" . }}{{ end -}}
+{{- with $v.eksAuth.region }}{{ $_ := set $eksAuth "region" . }}{{ end -}}
+{{- with $eksAuth }}{{ $_ := set $c "eks_auth" . }}{{ end -}}
 {{- $roles := dict -}}
 {{- with $v.roles.baseArn }}{{ $_ := set $roles "base_arn" . }}{{ end -}}
 {{- with $v.roles.default }}{{ $_ := set $roles "default" . }}{{ end -}}

@@ -7,19 +7,17 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::Refusal;
+use crate::creds::session_name::NameFields;
 
 /// A token that expires sooner than this is not sent: STS could reject it on arrival, and
 /// kubelet rotates tokens long before (at 80 % of their lifetime).
 pub const MIN_REMAINING_SECONDS: u64 = 60;
 
-/// What the token must say to be this pod's.
+/// What the token must say to be this pod's: the pod's names (the same a session name is made
+/// of) and the exchange's audience.
 #[derive(Clone, Debug)]
 pub struct Expected<'a> {
-    pub namespace: &'a str,
-    pub pod_name: &'a str,
-    pub pod_uid: &'a str,
-    pub service_account: &'a str,
-    pub node: &'a str,
+    pub pod: NameFields<'a>,
     pub audience: &'a str,
 }
 
@@ -68,27 +66,28 @@ pub fn check(token: &str, expected: &Expected, now: u64) -> Result<(), Refusal> 
     let claims: Claims = payload
         .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok())
         .and_then(|json| serde_json::from_slice(&json).ok())
-        .ok_or_else(|| Refusal("the pod's token is not a JWT with readable claims".into()))?;
+        .ok_or_else(|| Refusal::new("the pod's token is not a JWT with readable claims"))?;
     let bound =
-        claims.kubernetes.ok_or_else(|| Refusal("the token is not bound to a pod (no kubernetes.io claim)".into()))?;
-    let pod = bound.pod.ok_or_else(|| Refusal("the token is not bound to a pod (no kubernetes.io.pod)".into()))?;
-    if pod.uid != expected.pod_uid || pod.name != expected.pod_name || bound.namespace != expected.namespace {
-        return Err(Refusal(format!(
+        claims.kubernetes.ok_or_else(|| Refusal::new("the token is not bound to a pod (no kubernetes.io claim)"))?;
+    let pod = bound.pod.ok_or_else(|| Refusal::new("the token is not bound to a pod (no kubernetes.io.pod)"))?;
+    let want = &expected.pod;
+    if pod.uid != want.pod_uid || pod.name != want.pod || bound.namespace != want.namespace {
+        return Err(Refusal::new(format!(
             "the token belongs to pod {}/{} (UID {}), not this pod {}/{} (UID {})",
-            bound.namespace, pod.name, pod.uid, expected.namespace, expected.pod_name, expected.pod_uid
+            bound.namespace, pod.name, pod.uid, want.namespace, want.pod, want.pod_uid
         )));
     }
     let sa = bound.serviceaccount.map(|s| s.name).unwrap_or_default();
-    let sub = format!("system:serviceaccount:{}:{}", expected.namespace, expected.service_account);
-    if sa != expected.service_account || claims.sub != sub {
-        return Err(Refusal(format!(
+    let sub = format!("system:serviceaccount:{}:{}", want.namespace, want.service_account);
+    if sa != want.service_account || claims.sub != sub {
+        return Err(Refusal::new(format!(
             "the token is for service account {sa:?} ({}), the pod runs as {:?}",
-            claims.sub, expected.service_account
+            claims.sub, want.service_account
         )));
     }
     if let Some(node) = bound.node.filter(|n| !n.name.is_empty()) {
-        if node.name != expected.node {
-            return Err(Refusal(format!("the token is bound to node {:?}, this is {:?}", node.name, expected.node)));
+        if node.name != want.node {
+            return Err(Refusal::new(format!("the token is bound to node {:?}, this is {:?}", node.name, want.node)));
         }
     }
     let audiences = match claims.aud {
@@ -97,18 +96,18 @@ pub fn check(token: &str, expected: &Expected, now: u64) -> Result<(), Refusal> 
         Audience::None => vec![],
     };
     if !audiences.iter().any(|a| a == expected.audience) {
-        return Err(Refusal(format!("the token's audience {audiences:?} is not {:?}", expected.audience)));
+        return Err(Refusal::new(format!("the token's audience {audiences:?} is not {:?}", expected.audience)));
     }
-    let exp = claims.exp.ok_or_else(|| Refusal("the token has no expiry".into()))?;
+    let exp = claims.exp.ok_or_else(|| Refusal::new("the token has no expiry"))?;
     if exp < now + MIN_REMAINING_SECONDS {
         let ago = now.saturating_sub(exp);
-        return Err(Refusal(match ago {
+        return Err(Refusal::new(match ago {
             0 => format!("the token expires in {} s, too soon to exchange", exp - now),
             _ => format!("the token expired {ago} s ago (kubelet has not rotated it)"),
         }));
     }
     if claims.nbf.is_some_and(|nbf| nbf > now + MIN_REMAINING_SECONDS) {
-        return Err(Refusal("the token is not valid yet".into()));
+        return Err(Refusal::new("the token is not valid yet"));
     }
     Ok(())
 }
@@ -135,11 +134,13 @@ mod tests {
 
     fn expected() -> Expected<'static> {
         Expected {
-            namespace: "team-t",
-            pod_name: "app-0",
-            pod_uid: "u-1",
-            service_account: "app",
-            node: "node-1",
+            pod: NameFields {
+                namespace: "team-t",
+                pod: "app-0",
+                pod_uid: "u-1",
+                service_account: "app",
+                node: "node-1",
+            },
             audience: "sts.amazonaws.com",
         }
     }
@@ -177,9 +178,9 @@ mod tests {
     #[test]
     fn wrong_audience_expired_unbound_or_garbage_is_refused() {
         let e = check(&with(&["aud"], json!(["pods.eks.amazonaws.com"])), &expected(), NOW).unwrap_err();
-        assert!(e.0.contains("audience"), "{e}");
+        assert!(e.reason.contains("audience"), "{e}");
         let e = check(&with(&["exp"], json!(NOW - 10)), &expected(), NOW).unwrap_err();
-        assert!(e.0.contains("expired 10 s ago"), "{e}");
+        assert!(e.reason.contains("expired 10 s ago"), "{e}");
         assert!(check(&with(&["exp"], json!(NOW + 30)), &expected(), NOW).is_err());
         let mut unbound = claims();
         unbound.as_object_mut().unwrap().remove("kubernetes.io");

@@ -25,8 +25,19 @@ const MAX_TOKEN: u64 = 64 * 1024;
 
 /// Why a pod's token cannot be used: the pod is refused (never served the node's role).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
+#[error("{reason}")]
+pub struct Refusal {
+    pub reason: String,
+    /// The token file is not there (yet): kubelet may be about to write it, so the answer is
+    /// one SDKs retry (503); any other refusal stands (403).
+    pub missing: bool,
+}
+
+impl Refusal {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Refusal { reason: reason.into(), missing: false }
+    }
+}
 
 /// The projected volumes of a pod spec cut down to their service-account token sources: what
 /// the view keeps of a pod's volumes.
@@ -49,6 +60,11 @@ pub fn token_volumes(volumes: Option<Vec<Volume>>) -> Option<Vec<Volume>> {
         })
         .collect();
     (!kept.is_empty()).then_some(kept)
+}
+
+/// IRSA's audience for a service account with these annotations.
+pub fn irsa_audience(annotations: Option<&std::collections::BTreeMap<String, String>>) -> &str {
+    annotations.and_then(|a| a.get(IRSA_AUDIENCE_ANNOTATION)).map_or(IRSA_AUDIENCE, String::as_str)
 }
 
 /// Where a pod's token for one audience lies: `<volume>/<path>` of its pod directory.
@@ -79,23 +95,29 @@ pub fn find(spec: &PodSpec, audience: &str) -> Option<TokenSource> {
 /// would leave the pod's directory (the UID comes from the runtime, the rest from the API).
 pub fn location(pods_dir: &Path, uid: &str, source: &TokenSource) -> Result<PathBuf, Refusal> {
     if uid.is_empty() || !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(Refusal(format!("pod UID {uid:?} cannot name a kubelet pod directory")));
+        return Err(Refusal::new(format!("pod UID {uid:?} cannot name a kubelet pod directory")));
     }
     let plain =
         |name: &str| !name.is_empty() && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
     if !plain(&source.volume) || source.volume.contains('/') || !plain(&source.path) {
-        return Err(Refusal(format!("token volume {:?} path {:?} is not a plain name", source.volume, source.path)));
+        return Err(Refusal::new(format!(
+            "token volume {:?} path {:?} is not a plain name",
+            source.volume, source.path
+        )));
     }
     Ok(pods_dir.join(uid).join("volumes/kubernetes.io~projected").join(&source.volume).join(&source.path))
 }
 
 /// The token as kubelet last wrote it (following its `..data` link), read now.
 pub fn read(path: &Path) -> Result<String, Refusal> {
-    let refused = |e: std::io::Error| Refusal(format!("cannot read the pod's token {}: {e}", path.display()));
+    let refused = |e: std::io::Error| Refusal {
+        reason: format!("cannot read the pod's token {}: {e}", path.display()),
+        missing: e.kind() == std::io::ErrorKind::NotFound,
+    };
     let mut text = String::new();
     std::fs::File::open(path).map_err(refused)?.take(MAX_TOKEN + 1).read_to_string(&mut text).map_err(refused)?;
     if text.len() as u64 > MAX_TOKEN {
-        return Err(Refusal(format!("the pod's token {} is over {MAX_TOKEN} bytes", path.display())));
+        return Err(Refusal::new(format!("the pod's token {} is over {MAX_TOKEN} bytes", path.display())));
     }
     Ok(text.trim().to_string())
 }
