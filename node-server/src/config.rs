@@ -84,6 +84,18 @@ pub struct KubernetesConfig {
     /// (`<dir>/<pod UID>/volumes/kubernetes.io~projected/<volume>/<path>`), for token mode.
     #[serde(default = "default_kubelet_pods_dir")]
     pub kubelet_pods_dir: PathBuf,
+    /// A Warning Event on each pod refused its role, so that `kubectl describe pod` says why
+    /// (`role::events`); needs `create` and `patch` on events.k8s.io events.
+    #[serde(default = "yes")]
+    pub events: bool,
+    /// The most Events the whole daemon sends per second; more wait in a bounded queue, and
+    /// are dropped (counted) when it is full.
+    #[serde(default = "default_events_per_second")]
+    pub events_per_second: u32,
+}
+
+fn default_events_per_second() -> u32 {
+    10
 }
 
 fn default_kubelet_pods_dir() -> PathBuf {
@@ -335,6 +347,12 @@ impl Config {
             a.check().map_err(|(key, why)| ConfigError::Invalid(format!("roles.association[{i}].{key} {why}")))?;
         }
         self.sts.check_tags().map_err(ConfigError::Invalid)?;
+        if let Some(k) = self.kubernetes.as_ref().filter(|k| k.events && k.events_per_second == 0) {
+            return Err(ConfigError::Invalid(format!(
+                "kubernetes.events_per_second {} must be at least 1 (events = false turns Events off)",
+                k.events_per_second
+            )));
+        }
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
         if self.roles.base_arn.is_none() && self.kubernetes.is_none() {
             let roles = &self.roles;

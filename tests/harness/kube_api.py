@@ -206,6 +206,10 @@ class KubeApi:
         accept = METADATA_LIST if metadata_only else "application/json"
         return self.api("GET", self._path(plural, namespace) + (f"?{query}" if query else ""), accept=accept)
 
+    def events(self, namespace):
+        """The events.k8s.io/v1 Events of `namespace` (what `kubectl describe` lists for its objects)."""
+        return self.api("GET", f"/apis/events.k8s.io/v1/namespaces/{namespace}/events")["items"]
+
     def _create(self, plural, namespace, obj):
         if not self.running:
             return self._offline(plural, namespace, obj["metadata"]["name"], obj, create=True)

@@ -106,11 +106,52 @@ pub struct StsError {
     pub message: String,
     /// The error of an earlier call, returned without calling STS while backing off.
     pub backing_off: bool,
+    /// The error STS answered; `None` when it gave none (network, timeout) or the failure was
+    /// not STS's.
+    pub answer: Option<StsAnswer>,
+}
+
+/// An error answer of STS, short enough to show a pod's owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StsAnswer {
+    /// `AccessDenied`, `Throttling`, ...
+    pub code: String,
+    /// One line: the call, the code and STS's message (`AssumeRole <arn>: AccessDenied: ...`).
+    pub summary: String,
 }
 
 impl StsError {
     pub fn new(message: impl Into<String>) -> Self {
-        StsError { message: message.into(), backing_off: false }
+        StsError { message: message.into(), backing_off: false, answer: None }
+    }
+
+    /// An error of `call` (`AssumeRole <arn>`) that STS answered with `code` and `sts_message`.
+    pub fn answered(message: impl Into<String>, call: &str, code: &str, sts_message: Option<&str>) -> Self {
+        let summary = format!("{call}: {code}: {}", sts_message.unwrap_or("(no message)"));
+        StsError { answer: Some(StsAnswer { code: code.into(), summary }), ..StsError::new(message) }
+    }
+
+    /// The same error, seen as `prefix` (a hop of a chain) for the log and for the pod's owner.
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let answer = self.answer.map(|a| StsAnswer { summary: format!("{prefix}{}", a.summary), ..a });
+        StsError { message: format!("{prefix}{}", self.message), answer, ..self }
+    }
+
+    /// Whether STS refused the request for what the pod's configuration asks (its role's trust
+    /// or permissions, its session policy, tags or name, its token): retrying will not help,
+    /// its owner must change something. Throttling, the node's own credentials and outages are
+    /// not the pod's.
+    pub fn refuses_the_pod(&self) -> bool {
+        const THE_PODS: [&str; 7] = [
+            "AccessDenied",
+            "MalformedPolicyDocument",
+            "PackedPolicyTooLarge",
+            "ValidationError",
+            "InvalidParameterValue",
+            "InvalidIdentityToken",
+            "IDPRejectedClaim",
+        ];
+        self.answer.as_ref().is_some_and(|a| THE_PODS.contains(&a.code.as_str()))
     }
 }
 

@@ -99,6 +99,13 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         };
         decide(method, path, req.headers(), &facts)
     };
+    if let (Decision::Refuse { outcome, reason, .. }, Resolution::Denied { outcome: denied, .. }) =
+        (&decision, &resolution)
+    {
+        if outcome == denied {
+            app.events.refused(&record.pod, outcome, reason);
+        }
+    }
     let audited =
         matches!(decision, Decision::Credentials(_) | Decision::ContainerCredentials(_) | Decision::Refuse { .. });
     let reason = match &decision {
@@ -297,6 +304,7 @@ async fn credentials<S: AssumeRole>(
         Ok(found) => found,
         Err(refused) => {
             warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), reason = %refused, "token refused");
+            app.events.refused(&record.pod, "token refused", &refused.to_string());
             let status = StatusCode::FORBIDDEN;
             return (status, "token refused", text(status, format!("iamlink: {refused}\n")));
         }
@@ -319,6 +327,9 @@ async fn credentials<S: AssumeRole>(
             // every request would repeat it.
             if !e.backing_off {
                 warn!(pod = %record.pod, interface = %record.host_interface.name, role = %role.arn(), error = %e.message, "cannot assume role");
+            }
+            if let Some(answer) = e.answer.as_ref().filter(|_| e.refuses_the_pod()) {
+                app.events.refused(&record.pod, "sts refused", &answer.summary);
             }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
