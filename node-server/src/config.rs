@@ -616,6 +616,17 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_events_are_on_at_ten_a_second_by_default_and_zero_a_second_is_refused() {
+        let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n[kubernetes]\n{extra}"));
+        let k = parse("").unwrap().kubernetes.unwrap();
+        assert_eq!((k.events, k.events_per_second), (true, 10));
+        let e = parse("events_per_second = 0").unwrap_err().to_string();
+        assert!(e.contains("kubernetes.events_per_second") && e.contains("events = false"), "{e}");
+        let off = parse("events = false\nevents_per_second = 0").unwrap().kubernetes.unwrap();
+        assert!(!off.events, "zero a second means nothing while events are off");
+    }
+
+    #[test]
     fn metrics_listen_is_loopback_unless_an_address_or_a_variable_is_given() {
         let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n{extra}"));
         let default = parse("").unwrap().metrics_listen().unwrap();

@@ -338,6 +338,22 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+    #[test]
+    fn only_sts_refusals_of_the_pods_configuration_refuse_the_pod() {
+        let answered = |code| StsError::answered("full", "AssumeRole arn:aws:iam::1:role/r", code, Some("why"));
+        for code in ["AccessDenied", "MalformedPolicyDocument", "PackedPolicyTooLarge", "InvalidIdentityToken"] {
+            assert!(answered(code).refuses_the_pod(), "{code}");
+        }
+        for code in ["Throttling", "ExpiredToken", "InvalidClientTokenId", "ServiceUnavailable"] {
+            assert!(!answered(code).refuses_the_pod(), "{code}");
+        }
+        assert!(!StsError::new("connection refused").refuses_the_pod(), "no answer is no refusal");
+        let hop = answered("AccessDenied").prefixed("hop 2 of 2: ");
+        let summary = hop.answer.as_ref().map(|a| a.summary.as_str());
+        assert_eq!(summary, Some("hop 2 of 2: AssumeRole arn:aws:iam::1:role/r: AccessDenied: why"));
+        assert_eq!(hop.message, "hop 2 of 2: full");
+    }
+
     /// A fixed clock for tests that do not move time.
     fn fake_now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)
