@@ -94,6 +94,7 @@ import uuid
 
 import kmock
 from kmock._internal import apps, parsing
+from merge_patch import merged
 
 # Resources whose objects live outside namespaces; the rest are namespaced.
 CLUSTER_SCOPED = {"namespaces", "nodes", "persistentvolumes", "clusterroles", "clusterrolebindings",
@@ -288,19 +289,6 @@ def check_event(obj, prev):
     for field in EVENT_IMMUTABLE if prev is not None else ():
         if obj.get(field) != prev.get(field):
             raise invalid(f"{field}: Invalid value: field is immutable")
-
-
-def merged(obj, patch):
-    """`obj` with a JSON merge patch (RFC 7386) applied, as a new dict."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(obj) if isinstance(obj, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merged(out.get(k), v)
-    return out
 
 
 class Emulator(kmock.KubernetesEmulator):
