@@ -74,6 +74,13 @@ def barrier(bench, name):
     wait_for_event(bench, refused_pod(bench, name))
 
 
+def api_errors(bench):
+    """iamlink_kube_events_total{outcome="api error"}: Events the API server did not take."""
+    text = bench.daemon.metrics_get("/metrics", timeout=5)[1]
+    m = re.search(r'^iamlink_kube_events_total\{outcome="api error"\} (\S+)$', text, re.M)
+    return 0 if m is None else float(m.group(1))
+
+
 def test_a_pod_the_namespace_policy_refuses_gets_nothing_and_a_warning_event_on_it_says_why(bench):
     pod = refused_pod(bench, "greedy")
     rc, out, err = pod.caller_arn()
@@ -155,5 +162,6 @@ def test_with_the_api_server_down_the_pod_is_answered_the_same_and_the_dropped_e
         assert listing(pod) == before, "the answer does not depend on the API server"
         dropped = re.compile(r"Kubernetes Event dropped.*pod=locked/api-down")
         wait_until(lambda: dropped.search(bench.daemon.log_text()), 10, "iamlinkd to log the dropped Event")
+        assert api_errors(bench) >= 1
     finally:
         bench.kube.start()

@@ -149,6 +149,12 @@ fn truncated(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{Method, Request, Response, StatusCode};
 
     #[test]
     fn an_outcome_becomes_a_pascal_case_action() {
@@ -172,6 +178,62 @@ mod tests {
         assert_eq!((r.kind.as_deref(), r.name.as_deref(), r.uid.as_deref()), (Some("Pod"), Some("p"), Some("u-1")));
         let no_uid = regarding(&PodRef { uid: String::new(), ..pod });
         assert_eq!(no_uid.uid, None);
+    }
+
+    /// The requests the stand-in API server received: (method, path, when).
+    type Seen = Arc<Mutex<Vec<(Method, String, Instant)>>>;
+
+    /// A stand-in API server: records each request and answers 201 with an empty Event, or 503
+    /// for pod `down`'s Events.
+    fn api_server() -> (Client, Seen) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let path = req.uri().path().to_string();
+            log.lock().unwrap().push((req.method().clone(), path.clone(), Instant::now()));
+            let status = if path.contains("/events/down.") || path.ends_with("/namespaces/down/events") {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::CREATED
+            };
+            let body = r#"{"apiVersion":"events.k8s.io/v1","kind":"Event","metadata":{}}"#;
+            let answer = Response::builder().status(status).body(Full::new(Bytes::from(body)));
+            async move { answer }
+        });
+        (Client::new(service, "default"), seen)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn repeats_patch_the_first_event_at_no_more_than_the_rate_and_api_errors_are_counted() {
+        let (client, seen) = api_server();
+        let outcomes = Outcomes::default();
+        let events = Events::start(client, "node-1", 20, outcomes.clone());
+        let pod = PodRef { namespace: "ns".into(), name: "p".into(), uid: "u".into() };
+        for _ in 0..6 {
+            events.refused(&pod, "denied by policy", "namespace policy forbids role admin");
+        }
+        let down = PodRef { namespace: "down".into(), name: "down".into(), uid: "d".into() };
+        events.refused(&down, "denied by policy", "namespace policy forbids role admin");
+        let count = |o: &str| outcomes.get_or_create(&vec![("outcome", o.to_string())]).get();
+        until("7 Events handled", || count("sent") + count("api error") == 7).await;
+        assert_eq!((count("sent"), count("api error")), (6, 1));
+
+        let seen = seen.lock().unwrap().clone();
+        let methods: Vec<&str> = seen.iter().map(|(m, _, _)| m.as_str()).collect();
+        assert_eq!(methods[..6], ["POST", "PATCH", "PATCH", "PATCH", "PATCH", "PATCH"], "{seen:?}");
+        assert!(seen[0].1.starts_with("/apis/events.k8s.io/v1/namespaces/ns/events"), "{seen:?}");
+        assert_eq!(seen[1].1, seen[5].1, "every repeat patches the same Event");
+        // 20 a second: seven sends span at least six intervals of 50 ms.
+        let span = seen[6].2 - seen[0].2;
+        assert!(span >= Duration::from_millis(6 * 50 - 5), "7 Events in {span:?}");
     }
 
     #[test]
