@@ -82,6 +82,8 @@ async fn main() {
         require_namespace_permission: false,
         startup_taint: String::new(),
         kubelet_pods_dir: PathBuf::from("/var/lib/kubelet/pods"),
+        events: false,
+        events_per_second: 10,
     };
     let client = match iamlinkd::role::kube_view::client(&config).await {
         Ok(c) => c,

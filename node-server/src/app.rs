@@ -19,6 +19,7 @@ use crate::request::identify::Records;
 use crate::request::limits::Limits;
 use crate::request::proxy::Upstream;
 use crate::request::tokens::Tokens;
+use crate::role::events::Events;
 use crate::role::kube_view::View;
 use crate::role::pod::PodRoles;
 use crate::role::{Grant, PodIdentity, Resolution};
@@ -45,6 +46,8 @@ pub struct App<S> {
     /// Whether the EKS Pod Identity agent is on the node now (`install::pod_identity` sends it):
     /// with it, the rule set may leave it the credentials address.
     pub(crate) agent: watch::Receiver<bool>,
+    /// Where refusals of a pod's role are told to Kubernetes (off without `[kubernetes]`).
+    pub(crate) events: Events,
 }
 
 impl<S> App<S> {
@@ -79,7 +82,19 @@ impl<S: AssumeRole> App<S> {
             config,
             remover: Mutex::new(None),
             agent: watch::channel(false).1,
+            events: Events::off(),
         }
+    }
+
+    /// Records Kubernetes Events on pods refused their role through `client`, when the config
+    /// turns them on.
+    pub fn with_events(mut self, client: Option<kube::Client>) -> Self {
+        let on = self.config.kubernetes.as_ref().filter(|k| k.events);
+        if let (Some(k), Some(client)) = (on, client) {
+            let outcomes = self.metrics.kube_events.clone();
+            self.events = Events::start(client, &self.node_name, k.events_per_second, outcomes);
+        }
+        self
     }
 
     /// Follows the EKS Pod Identity agent's presence as `agent` reports it.

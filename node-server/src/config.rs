@@ -88,6 +88,18 @@ pub struct KubernetesConfig {
     /// (`<dir>/<pod UID>/volumes/kubernetes.io~projected/<volume>/<path>`), for token mode.
     #[serde(default = "default_kubelet_pods_dir")]
     pub kubelet_pods_dir: PathBuf,
+    /// A Warning Event on each pod refused its role, so that `kubectl describe pod` says why
+    /// (`role::events`); needs `create` and `patch` on events.k8s.io events.
+    #[serde(default = "yes")]
+    pub events: bool,
+    /// The most Events the whole daemon sends per second; more wait in a bounded queue, and
+    /// are dropped (counted) when it is full.
+    #[serde(default = "default_events_per_second")]
+    pub events_per_second: u32,
+}
+
+fn default_events_per_second() -> u32 {
+    10
 }
 
 fn default_kubelet_pods_dir() -> PathBuf {
@@ -368,6 +380,12 @@ impl Config {
             let partition = crate::role::arn::partition_of(region);
             self.roles.check_partition(partition).map_err(ConfigError::Invalid)?;
         }
+        if let Some(k) = self.kubernetes.as_ref().filter(|k| k.events && k.events_per_second == 0) {
+            return Err(ConfigError::Invalid(format!(
+                "kubernetes.events_per_second {} must be at least 1 (events = false turns Events off)",
+                k.events_per_second
+            )));
+        }
         // With Kubernetes the base ARN can be discovered (sts:GetCallerIdentity); without, names need it.
         if self.roles.base_arn.is_none() && self.kubernetes.is_none() {
             let roles = &self.roles;
@@ -643,6 +661,17 @@ mod tests {
                 .to_string();
             assert!(e.contains("proxy_allow") && e.contains(secret), "{secret}: {e}");
         }
+    }
+
+    #[test]
+    fn kubernetes_events_are_on_at_ten_a_second_by_default_and_zero_a_second_is_refused() {
+        let parse = |extra: &str| Config::parse(&format!("listen = \"198.18.0.1:80\"\n[kubernetes]\n{extra}"));
+        let k = parse("").unwrap().kubernetes.unwrap();
+        assert_eq!((k.events, k.events_per_second), (true, 10));
+        let e = parse("events_per_second = 0").unwrap_err().to_string();
+        assert!(e.contains("kubernetes.events_per_second") && e.contains("events = false"), "{e}");
+        let off = parse("events = false\nevents_per_second = 0").unwrap().kubernetes.unwrap();
+        assert!(!off.events, "zero a second means nothing while events are off");
     }
 
     #[test]

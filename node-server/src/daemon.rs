@@ -77,7 +77,7 @@ pub async fn run(mut config: Config) -> Result<(), Error> {
     let tokens = tokens::Tokens::new().map_err(Error::Randomness)?;
     let node_name = config.node_name();
     let mut startup_taint = None;
-    let (kube, pod_changes, owner) = match &config.kubernetes {
+    let (kube, pod_changes, owner, events_client) = match &config.kubernetes {
         Some(k) => {
             if node_name.guessed {
                 return Err(KubeError::NoNodeName.into());
@@ -88,16 +88,17 @@ pub async fn run(mut config: Config) -> Result<(), Error> {
             }
             info!(node = %node_name.name, "watching this node's pods, namespaces and service accounts");
             let owner = owner::Owner::watch(client.clone());
-            let (view, changes) = kube_view::View::start(client, &node_name.name, Some(store.clone()));
-            (Some(view), Some(changes), owner)
+            let (view, changes) = kube_view::View::start(client.clone(), &node_name.name, Some(store.clone()));
+            (Some(view), Some(changes), owner, Some(client))
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
     let discover_base_arn = config.kubernetes.is_some() && config.roles.base_arn.is_none();
     warn_legacy_mode(&config.roles);
     info!(listen = %config.listen, listen6 = ?config.listen6, store = %config.store_dir.display(), records, mask = %config.mark_mask, "iamlinkd ready");
     tokio::spawn(agent_watch.run(config.clone()));
-    let app = Arc::new(App::new(config, store, sts, tokens, node_name.name, kube, health).beside_agent(agent));
+    let app = App::new(config, store, sts, tokens, node_name.name, kube, health);
+    let app = Arc::new(app.beside_agent(agent).with_events(events_client));
     for r in &start_repairs {
         app.metrics.repaired(r.kind());
     }

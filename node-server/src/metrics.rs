@@ -45,6 +45,8 @@ pub struct Metrics {
     pub legacy_answers: Counter,
     interception_repairs: Family<Labels, Counter>,
     kubernetes_synced: Family<Labels, Gauge>,
+    /// Kubernetes Events on refused pods by outcome (`role::events`).
+    pub kube_events: crate::role::events::Outcomes,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,7 @@ impl Default for Metrics {
             legacy_answers: Counter::default(),
             interception_repairs: Family::default(),
             kubernetes_synced: Family::default(),
+            kube_events: Family::default(),
         };
         let r = &mut m.registry;
         r.register("answers", "Metadata answers to pods by outcome", m.answers.clone());
@@ -71,6 +74,11 @@ impl Default for Metrics {
             "connections_refused",
             "Connections closed at once because their listener (pods, metrics, local API) had all it may have",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "kube_events",
+            "Kubernetes Events on pods refused their role: sent, or dropped (queue full, api error)",
+            m.kube_events.clone(),
         );
         r.register("sts_calls", "AssumeRole calls by result", m.sts_calls.clone());
         r.register("sts_call_seconds", "AssumeRole call latency", m.sts_seconds.clone());

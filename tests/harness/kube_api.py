@@ -24,6 +24,7 @@ import json
 import os
 import uuid
 
+from .merge_patch import merged
 from .util import BASE_PATH, REPO, Fatal, json_lines, stop_process, tail, wait_until
 
 KUBE_API_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kube_api_server.py")
@@ -206,6 +207,10 @@ class KubeApi:
         accept = METADATA_LIST if metadata_only else "application/json"
         return self.api("GET", self._path(plural, namespace) + (f"?{query}" if query else ""), accept=accept)
 
+    def events(self, namespace):
+        """The events.k8s.io/v1 Events of `namespace` (what `kubectl describe` lists for its objects)."""
+        return self.api("GET", f"/apis/events.k8s.io/v1/namespaces/{namespace}/events")["items"]
+
     def _create(self, plural, namespace, obj):
         if not self.running:
             return self._offline(plural, namespace, obj["metadata"]["name"], obj, create=True)
@@ -238,7 +243,7 @@ class KubeApi:
             objects.remove(match[0])
             obj = match[0]["object"]
         else:
-            obj = _merge(match[0]["object"], change)
+            obj = merged(match[0]["object"], change)
             obj["metadata"]["resourceVersion"] = str(rv)
             match[0]["object"] = obj
         tmp = self.state_path + ".tmp"
@@ -273,15 +278,3 @@ class KubeApi:
     def log_tail(self, lines=40):
         return tail(self.stderr_path, lines)
 
-
-def _merge(obj, patch):
-    """RFC 7386 merge patch, as the server applies it."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(obj) if isinstance(obj, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merge(out.get(k), v)
-    return out

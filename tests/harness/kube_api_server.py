@@ -68,6 +68,13 @@ What is ours, and why (the gaps kmock 0.8 has against kube's watcher):
   server, a later page is read from the current objects (after the last key), not from a snapshot
   at the first page's resourceVersion, which every page reports.
 
+- events.k8s.io/v1 Events are checked as kube-apiserver's validation checks them (apis/events
+  `ValidateEventCreate`/`ValidateEventUpdate`): on create `eventTime`, `reportingController`,
+  `reportingInstance`, `action`, `reason` and `regarding` are required, `type` is Normal or
+  Warning, `note` at most 1 kB, and `series` is not set; a patch may change `series` (and the
+  deprecated counters) but none of those fields. kmock stores any JSON, so a recorder that
+  writes what the real server rejects would pass against it.
+
 Not emulated: auth, admission, namespace existence checks on create, PUT (replace),
 strategic-merge semantics (treated as merge patch), bookmarks, server-side apply, graceful deletion (a delete removes at once).
 """
@@ -87,6 +94,7 @@ import uuid
 
 import kmock
 from kmock._internal import apps, parsing
+from merge_patch import merged
 
 # Resources whose objects live outside namespaces; the rest are namespaced.
 CLUSTER_SCOPED = {"namespaces", "nodes", "persistentvolumes", "clusterroles", "clusterrolebindings",
@@ -252,6 +260,37 @@ class Want:
         return True
 
 
+# -- events.k8s.io/v1 Events, checked as kube-apiserver checks them ------------------------------
+EVENT_REQUIRED = ("eventTime", "reportingController", "reportingInstance", "action", "reason", "regarding")
+EVENT_IMMUTABLE = ("eventTime", "reportingController", "reportingInstance", "action", "reason", "regarding",
+                   "related", "type")
+
+
+def is_event(resource):
+    return resource.group == "events.k8s.io" and resource.plural == "events"
+
+
+def check_event(obj, prev):
+    """The 422 kube-apiserver gives an Event it would not store; `prev`: the stored one (update)."""
+    def invalid(message):
+        return ApiError(status=422, reason="Invalid", message=f"Event.events.k8s.io is invalid: {message}")
+    for field in EVENT_REQUIRED:
+        if not obj.get(field):
+            raise invalid(f"{field}: Required value")
+    if obj.get("type") not in ("Normal", "Warning"):
+        raise invalid(f"type: Unsupported value: {obj.get('type')!r}")
+    for field in ("reportingInstance", "action", "reason"):
+        if len(obj[field]) > 128:
+            raise invalid(f"{field}: Too long: may not be more than 128 bytes")
+    if len((obj.get("note") or "").encode()) > 1024:
+        raise invalid("note: Too long: may not be more than 1024 bytes")
+    if prev is None and obj.get("series") is not None:
+        raise invalid("series: Forbidden: may not be set on create")
+    for field in EVENT_IMMUTABLE if prev is not None else ():
+        if obj.get(field) != prev.get(field):
+            raise invalid(f"{field}: Invalid value: field is immutable")
+
+
 class Emulator(kmock.KubernetesEmulator):
     """kmock's KubernetesEmulator with resourceVersions, selectors, resumable watches and
     persistence; see the module docstring for the split."""
@@ -413,6 +452,8 @@ class Emulator(kmock.KubernetesEmulator):
                            details={"name": name, "kind": resource.plural})
         obj.setdefault("apiVersion", api_version_of(resource))
         obj.setdefault("kind", kind_of(resource.plural))
+        if is_event(resource):
+            check_event(obj, None)
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", now_rfc3339())
         self.rv += 1
@@ -434,6 +475,10 @@ class Emulator(kmock.KubernetesEmulator):
         if not isinstance(patch, (dict, list)):
             raise ApiError(status=400, reason="BadRequest", message="the body must be a merge or JSON patch")
         prev = json.loads(json.dumps(current.raw))
+        if is_event(key[0]):
+            if not isinstance(patch, dict):
+                raise ApiError(status=415, reason="UnsupportedMediaType", message="Events here take merge patches")
+            check_event(merged(prev, patch), prev)
         wanted_rv = patch.get("metadata", {}).get("resourceVersion") if isinstance(patch, dict) else None
         if wanted_rv and wanted_rv != prev["metadata"]["resourceVersion"]:
             raise ApiError(status=409, reason="Conflict",

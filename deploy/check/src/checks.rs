@@ -37,7 +37,10 @@ pub const ALL: &[(&str, Check)] = &[
     ("metrics are served on the node's address only", metrics_are_served_on_the_node_address_only),
     ("the ConfigMap holds a config iamlinkd accepts, at the path it is given", the_config_is_accepted_where_given),
     ("every host path the daemon needs is mounted at the same path", every_host_path_is_mounted_at_the_same_path),
-    ("the ClusterRole reads pods, namespaces, service accounts and patches nodes", the_cluster_role_only_reads),
+    (
+        "the ClusterRole reads pods, namespaces, service accounts, patches nodes and records events if configured",
+        the_cluster_role_only_reads,
+    ),
     ("the binding names the ServiceAccount and ClusterRole that exist", the_binding_names_what_exists),
     ("the Role only reads the DaemonSet, bound to the ServiceAccount", the_role_only_reads_its_daemonset),
     ("the Namespace admits the DaemonSet under Pod Security", the_namespace_admits_the_daemonset),
@@ -354,22 +357,28 @@ pub fn every_host_path_is_mounted_at_the_same_path(m: &Manifests) {
 pub fn the_cluster_role_only_reads(m: &Manifests) {
     let mut granted = BTreeSet::new();
     for rule in m.cluster_role.rules.iter().flatten() {
-        assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]), "core API group only: {rule:?}");
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
-        for resource in rule.resources.iter().flatten() {
-            for verb in &rule.verbs {
-                granted.insert((resource.as_str(), verb.as_str()));
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.as_str(), resource.as_str(), verb.as_str()));
+                }
             }
         }
     }
     let mut wanted = BTreeSet::new();
     for resource in ["pods", "namespaces", "serviceaccounts"] {
         for verb in ["get", "list", "watch"] {
-            wanted.insert((resource, verb));
+            wanted.insert(("", resource, verb));
         }
     }
     // The startup taint: iamlinkd reads its own Node and removes that one taint.
-    wanted.extend([("nodes", "get"), ("nodes", "patch")]);
+    wanted.extend([("", "nodes", "get"), ("", "nodes", "patch")]);
+    // Events on refused pods: kube's recorder creates them, and patches a repeat into the series,
+    // in events.k8s.io only; granted exactly when the config sends them.
+    if config(m).kubernetes.as_ref().is_some_and(|k| k.events) {
+        wanted.extend([("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch")]);
+    }
     assert_eq!(granted, wanted);
     assert!(m.cluster_role.aggregation_rule.is_none());
 }

@@ -58,6 +58,7 @@ fn typed() -> Vec<(&'static str, Value)> {
         ("kubernetes.require_namespace_permission", json!({"kubernetes": {"requireNamespacePermission": true}})),
         ("kubernetes.startup_taint", json!({"kubernetes": {"startupTaint": "iamlink.io/agent-not-ready"}})),
         ("kubernetes.kubelet_pods_dir", json!({"kubernetes": {"kubeletPodsDir": "/var/lib/kubelet/pods"}})),
+        ("kubernetes.events", json!({"kubernetes": {"events": false}})),
         ("cni.conf_dir", json!({"cni": {"confDir": "/etc/cni/net.d"}})),
         ("cni.bin_dir", json!({"cni": {"binDir": "/opt/cni/bin"}})),
         ("cni.log_file", json!({"cni": {"logFile": "/var/log/iamlink/cni.log"}})),
@@ -183,4 +184,21 @@ fn an_audit_log_and_listen6_render_an_install_that_passes_every_check() {
         assert_eq!(c.audit_log.as_deref(), Some(Path::new(audit)));
         assert_eq!(c.listen6.map(|a| a.to_string()).as_deref(), Some("[fd00:198:18::1]:8181"));
     }
+}
+
+#[test]
+fn events_off_grant_no_event_verbs_and_events_on_grant_only_create_and_patch() {
+    let events_rules = |m: &Manifests| -> Vec<(Vec<String>, Vec<String>)> {
+        let rules = m.cluster_role.rules.iter().flatten();
+        let on_events = rules.filter(|r| r.resources.iter().flatten().any(|res| res == "events"));
+        on_events.map(|r| (r.api_groups.clone().unwrap_or_default(), r.verbs.clone())).collect()
+    };
+    let off = rendered(&json!({"kubernetes": {"events": false}}));
+    checks::run_all(&off);
+    assert!(!config(&off).kubernetes.expect("[kubernetes]").events);
+    assert_eq!(events_rules(&off), vec![]);
+    let on = rendered(&json!({}));
+    checks::run_all(&on);
+    let create_patch = (vec!["events.k8s.io".to_string()], vec!["create".to_string(), "patch".to_string()]);
+    assert_eq!(events_rules(&on), vec![create_patch]);
 }

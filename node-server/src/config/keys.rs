@@ -102,6 +102,8 @@ pub const KEYS: &[Key] = &[
     key("kubernetes.require_namespace_permission", Some("false"), "true", "a namespace without a policy annotation permits no role (kiam) instead of any (kube2iam)"),
     key("kubernetes.startup_taint", Some(r#""iamlink.io/agent-not-ready""#), r#""iamlink.io/agent-not-ready""#, "taint removed from this node once iamlinkd is ready; \"\" = none"),
     key("kubernetes.kubelet_pods_dir", Some(r#""/var/lib/kubelet/pods""#), r#""/var/lib/kubelet/pods""#, "kubelet's pods directory, where pods' projected service-account tokens are read (token mode)"),
+    key("kubernetes.events", Some("true"), "false", "a Warning Event (IamlinkRoleRefused) on each pod refused its role, as kubectl describe pod shows"),
+    key("kubernetes.events_per_second", Some("10"), "5", "the most Events sent per second by the whole daemon; more queue (bounded), then are dropped and counted"),
     table("cni", "chaining the plugin into the node's CNI config (install-cni, uninstall-cni, manage)"),
     key("cni.conf_dir", Some(r#""/etc/cni/net.d""#), r#""/etc/cni/net.d""#, "the runtime's CNI config directory"),
     key("cni.bin_dir", Some(r#""/opt/cni/bin""#), r#""/opt/cni/bin""#, "the runtime's CNI plugin directory"),

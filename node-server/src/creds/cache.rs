@@ -111,11 +111,52 @@ pub struct StsError {
     pub message: String,
     /// The error of an earlier call, returned without calling STS while backing off.
     pub backing_off: bool,
+    /// The error STS answered; `None` when it gave none (network, timeout) or the failure was
+    /// not STS's.
+    pub answer: Option<StsAnswer>,
+}
+
+/// An error answer of STS, short enough to show a pod's owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StsAnswer {
+    /// `AccessDenied`, `Throttling`, ...
+    pub code: String,
+    /// One line: the call, the code and STS's message (`AssumeRole <arn>: AccessDenied: ...`).
+    pub summary: String,
 }
 
 impl StsError {
     pub fn new(message: impl Into<String>) -> Self {
-        StsError { message: message.into(), backing_off: false }
+        StsError { message: message.into(), backing_off: false, answer: None }
+    }
+
+    /// An error of `call` (`AssumeRole <arn>`) that STS answered with `code` and `sts_message`.
+    pub fn answered(message: impl Into<String>, call: &str, code: &str, sts_message: Option<&str>) -> Self {
+        let summary = format!("{call}: {code}: {}", sts_message.unwrap_or("(no message)"));
+        StsError { answer: Some(StsAnswer { code: code.into(), summary }), ..StsError::new(message) }
+    }
+
+    /// The same error, seen as `prefix` (a hop of a chain) for the log and for the pod's owner.
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let answer = self.answer.map(|a| StsAnswer { summary: format!("{prefix}{}", a.summary), ..a });
+        StsError { message: format!("{prefix}{}", self.message), answer, ..self }
+    }
+
+    /// Whether STS refused the request for what the pod's configuration asks (its role's trust
+    /// or permissions, its session policy, tags or name, its token): retrying will not help,
+    /// its owner must change something. Throttling, the node's own credentials and outages are
+    /// not the pod's.
+    pub fn refuses_the_pod(&self) -> bool {
+        const THE_PODS: [&str; 7] = [
+            "AccessDenied",
+            "MalformedPolicyDocument",
+            "PackedPolicyTooLarge",
+            "ValidationError",
+            "InvalidParameterValue",
+            "InvalidIdentityToken",
+            "IDPRejectedClaim",
+        ];
+        self.answer.as_ref().is_some_and(|a| THE_PODS.contains(&a.code.as_str()))
     }
 }
 
@@ -302,6 +343,22 @@ impl<S: AssumeRole> Cache<S> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    #[test]
+    fn only_sts_refusals_of_the_pods_configuration_refuse_the_pod() {
+        let answered = |code| StsError::answered("full", "AssumeRole arn:aws:iam::1:role/r", code, Some("why"));
+        for code in ["AccessDenied", "MalformedPolicyDocument", "PackedPolicyTooLarge", "InvalidIdentityToken"] {
+            assert!(answered(code).refuses_the_pod(), "{code}");
+        }
+        for code in ["Throttling", "ExpiredToken", "InvalidClientTokenId", "ServiceUnavailable"] {
+            assert!(!answered(code).refuses_the_pod(), "{code}");
+        }
+        assert!(!StsError::new("connection refused").refuses_the_pod(), "no answer is no refusal");
+        let hop = answered("AccessDenied").prefixed("hop 2 of 2: ");
+        let summary = hop.answer.as_ref().map(|a| a.summary.as_str());
+        assert_eq!(summary, Some("hop 2 of 2: AssumeRole arn:aws:iam::1:role/r: AccessDenied: why"));
+        assert_eq!(hop.message, "hop 2 of 2: full");
+    }
 
     /// A fixed clock for tests that do not move time.
     fn fake_now() -> SystemTime {

@@ -78,7 +78,7 @@ impl AssumeRole for Sts {
                 1 => String::new(),
                 n => format!("hop {} of {n}: ", i + 1),
             };
-            let got = assume(&client, key, call).await.map_err(|e| StsError::new(format!("{hop}{}", e.message)))?;
+            let got = assume(&client, key, call).await.map_err(|e| e.prefixed(&hop))?;
             creds = Some(got);
         }
         creds.ok_or_else(|| StsError::new("no AssumeRole to make"))
@@ -110,8 +110,6 @@ async fn assume(
         .set_source_identity(call.source_identity.map(String::from))
         .send()
         .await
-        .map_err(|e| {
-            StsError::new(format!("AssumeRole {}: {}", call.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
-        })?;
+        .map_err(|e| web_identity::sts_error(&format!("AssumeRole {}", call.role_arn), e))?;
     web_identity::from_answer(&format!("AssumeRole {}", call.role_arn), out.credentials)
 }

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use aws_sdk_sts::error::ProvideErrorMetadata;
+
 use crate::creds::cache::{Credentials, SessionKey, StsError};
 use crate::creds::endpoint::StsEndpoint;
 use crate::creds::session::WebIdentityToken;
@@ -30,14 +32,24 @@ pub async fn assume(
         .set_policy(key.policy.clone())
         .send()
         .await
-        .map_err(|e| {
-            StsError::new(format!(
-                "AssumeRoleWithWebIdentity {}: {}",
-                key.role_arn,
-                aws_sdk_sts::error::DisplayErrorContext(e)
-            ))
-        })?;
+        .map_err(|e| sts_error(&format!("AssumeRoleWithWebIdentity {}", key.role_arn), e))?;
     from_answer("AssumeRoleWithWebIdentity", out.credentials)
+}
+
+/// The error of `call` (`AssumeRole <arn>`): the SDK's whole account of it for the log, and
+/// STS's code and message when STS answered.
+pub fn sts_error<E, R>(call: &str, e: aws_sdk_sts::error::SdkError<E, R>) -> StsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().map(String::from);
+    let sts_message = e.message().map(String::from);
+    let message = format!("{call}: {}", aws_sdk_sts::error::DisplayErrorContext(e));
+    match code {
+        Some(code) => StsError::answered(message, call, &code, sts_message.as_deref()),
+        None => StsError::new(message),
+    }
 }
 
 /// The credentials of an STS answer (`operation` names it in errors), stamped now.

@@ -102,6 +102,13 @@ pub async fn answer<S: AssumeRole, B>(app: &Arc<App<S>>, conn: &Conn, req: &Requ
         };
         decide(method, path, req.headers(), &facts)
     };
+    if let (Decision::Refuse { outcome, reason, .. }, Resolution::Denied { outcome: denied, .. }) =
+        (&decision, &resolution)
+    {
+        if outcome == denied {
+            app.events.refused(&record.pod, outcome, reason);
+        }
+    }
     let audited =
         matches!(decision, Decision::Credentials(_) | Decision::ContainerCredentials(_) | Decision::Refuse { .. });
     let reason = match &decision {
@@ -382,6 +389,9 @@ async fn fetch<S: AssumeRole>(
         Ok(found) => found,
         Err(refused) => {
             warn!(pod = %record.pod, interface = %record.host_interface.name, role, reason = %refused, "token refused");
+            if !refused.missing {
+                app.events.refused(&record.pod, "token refused", &refused.to_string());
+            }
             let status = match refused.missing {
                 true => StatusCode::SERVICE_UNAVAILABLE,
                 false => StatusCode::FORBIDDEN,
@@ -407,6 +417,9 @@ async fn fetch<S: AssumeRole>(
             // every request would repeat it.
             if !e.backing_off {
                 warn!(pod = %record.pod, interface = %record.host_interface.name, role, error = %e.message, "cannot assume role");
+            }
+            if let Some(answer) = e.answer.as_ref().filter(|_| e.refuses_the_pod()) {
+                app.events.refused(&record.pod, "sts refused", &answer.summary);
             }
             Err((
                 StatusCode::SERVICE_UNAVAILABLE,

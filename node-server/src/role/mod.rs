@@ -2,6 +2,7 @@
 //! facts, [`resolve`] decides, [`policy`] says what a namespace may ask for.
 
 pub mod arn;
+pub mod events;
 pub mod kube_view;
 pub mod pod;
 pub mod pod_identity;

@@ -90,7 +90,7 @@ chart sets up the node or the pod for (listen6, audit_log, cni.log_file: address
 {{- with $v.roles.legacyNamespaces }}{{ $_ := set $roles "legacy_namespaces" . }}{{ end -}}
 {{- $_ := set $c "roles" $roles -}}
 {{- if $v.kubernetes.enabled }}
-{{- $_ := set $c "kubernetes" (dict "runtime_annotations" $v.kubernetes.runtimeAnnotations "require_namespace_permission" $v.kubernetes.requireNamespacePermission "startup_taint" $v.kubernetes.startupTaint "kubelet_pods_dir" $v.kubernetes.kubeletPodsDir) -}}
+{{- $_ := set $c "kubernetes" (dict "runtime_annotations" $v.kubernetes.runtimeAnnotations "require_namespace_permission" $v.kubernetes.requireNamespacePermission "startup_taint" $v.kubernetes.startupTaint "kubelet_pods_dir" $v.kubernetes.kubeletPodsDir "events" $v.kubernetes.events) -}}
 {{- end }}
 {{- $cni := dict "conf_dir" $v.cni.confDir "bin_dir" $v.cni.binDir "manage" $v.cni.manage "cache_dir" $v.cni.cacheDir -}}
 {{- with $v.cni.logFile }}{{ $_ := set $cni "log_file" . }}{{ end -}}
