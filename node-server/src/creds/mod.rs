@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod chain;
 pub mod exchange;
+pub mod rate;
 pub mod refresh;
 pub mod session;
 pub mod session_name;

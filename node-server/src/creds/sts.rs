@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_sts::error::ProvideErrorMetadata;
 use aws_sdk_sts::types::Tag;
 
 use crate::config::StsConfig;
@@ -73,7 +74,9 @@ impl AssumeRole for Sts {
                 1 => String::new(),
                 n => format!("hop {} of {n}: ", i + 1),
             };
-            let got = assume(&client, key, call).await.map_err(|e| StsError::new(format!("{hop}{}", e.message)))?;
+            let got = assume(&client, key, call)
+                .await
+                .map_err(|e| StsError { message: format!("{hop}{}", e.message), ..e })?;
             creds = Some(got);
         }
         creds.ok_or_else(|| StsError::new("no AssumeRole to make"))
@@ -106,7 +109,9 @@ async fn assume(
         .send()
         .await
         .map_err(|e| {
-            StsError::new(format!("AssumeRole {}: {}", call.role_arn, aws_sdk_sts::error::DisplayErrorContext(e)))
+            let code = e.code().map(String::from);
+            let message = format!("AssumeRole {}: {}", call.role_arn, aws_sdk_sts::error::DisplayErrorContext(e));
+            StsError::with_code(message, code.as_deref())
         })?;
     web_identity::from_answer(&format!("AssumeRole {}", call.role_arn), out.credentials)
 }

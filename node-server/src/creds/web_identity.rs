@@ -43,11 +43,10 @@ pub async fn assume(
         .send()
         .await
         .map_err(|e| {
-            StsError::new(format!(
-                "AssumeRoleWithWebIdentity {}: {}",
-                key.role_arn,
-                aws_sdk_sts::error::DisplayErrorContext(e)
-            ))
+            let code = aws_sdk_sts::error::ProvideErrorMetadata::code(&e).map(String::from);
+            let message =
+                format!("AssumeRoleWithWebIdentity {}: {}", key.role_arn, aws_sdk_sts::error::DisplayErrorContext(e));
+            StsError::with_code(message, code.as_deref())
         })?;
     from_answer("AssumeRoleWithWebIdentity", out.credentials)
 }
