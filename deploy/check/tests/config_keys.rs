@@ -35,6 +35,8 @@ fn typed() -> Vec<(&'static str, Value)> {
         ("sts.external_id", json!({"sts": {"externalId": "iamlink"}})),
         ("sts.session_tags", json!({"sts": {"sessionTags": true}})),
         ("sts.timeout_seconds", json!({"sts": {"timeoutSeconds": 5}})),
+        ("sts.max_calls_per_second", json!({"sts": {"maxCallsPerSecond": 5.0}})),
+        ("sts.call_burst", json!({"sts": {"callBurst": 10}})),
         ("roles.base_arn", json!({"roles": {"baseArn": "arn:aws:iam::123456789012:role/iamlink/"}})),
         ("roles.default", json!({"roles": {"default": "default-pod-role"}})),
         ("roles.pod", json!({"roles": {"pod": [{"namespace": "team-a", "name": "web", "role": "team-a-web"}]}})),
