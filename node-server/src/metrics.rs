@@ -62,7 +62,7 @@ impl Default for Metrics {
             sts_calls: Family::default(),
             sts_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             sts_throttled: Counter::default(),
-            sts_cap_wait: Histogram::new([0.0, 0.1, 1.0, 5.0, 30.0].into_iter()),
+            sts_cap_wait: Histogram::new([0.0, 0.1, 1.0, 5.0, 30.0]),
             sts_cap_rate: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
