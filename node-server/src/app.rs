@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::creds::cache::{AssumeRole, Cache};
 use crate::creds::exchange::{self, Mode};
+use crate::creds::rate::StsRate;
 use crate::creds::token::Refusal;
 use crate::creds::SessionKey;
 use crate::health::Health;
@@ -70,7 +71,8 @@ impl<S: AssumeRole> App<S> {
         let metrics = Arc::new(Metrics::default());
         App {
             roles: PodRoles::new(&config, kube),
-            cache: Cache::new(sts, metrics.clone()),
+            cache: Cache::new(sts, metrics.clone())
+                .with_rate(StsRate::new(config.sts.max_calls_per_second, config.sts.call_burst), config.sts_timeout()),
             metrics,
             health,
             upstream: Upstream::new(&config.upstream),

@@ -35,6 +35,12 @@ pub struct Metrics {
     connections_refused: Family<OutcomeLabel, Counter>,
     pub sts_calls: Family<Labels, Counter>,
     pub sts_seconds: Histogram,
+    /// STS exchanges that ended in throttling (after the SDK's own retries).
+    pub sts_throttled: Counter,
+    /// How long exchanges waited for the daemon-wide cap's permits.
+    pub sts_cap_wait: Histogram,
+    /// The cap's rate in force (calls per second; lower while STS throttles; 0: no cap).
+    pub sts_cap_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_entries: Gauge,
@@ -57,6 +63,9 @@ impl Default for Metrics {
             connections_refused: Family::default(),
             sts_calls: Family::default(),
             sts_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            sts_throttled: Counter::default(),
+            sts_cap_wait: Histogram::new([0.0, 0.1, 1.0, 5.0, 30.0]),
+            sts_cap_rate: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_entries: Gauge::default(),
@@ -82,6 +91,21 @@ impl Default for Metrics {
         );
         r.register("sts_calls", "AssumeRole calls by result", m.sts_calls.clone());
         r.register("sts_call_seconds", "AssumeRole call latency", m.sts_seconds.clone());
+        r.register(
+            "sts_throttled",
+            "STS exchanges answered with throttling after the SDK's retries; each slows the daemon-wide cap",
+            m.sts_throttled.clone(),
+        );
+        r.register(
+            "sts_cap_wait_seconds",
+            "Time STS exchanges waited for the daemon-wide cap (sts.max_calls_per_second)",
+            m.sts_cap_wait.clone(),
+        );
+        r.register(
+            "sts_cap_calls_per_second",
+            "The daemon-wide cap's rate in force: the configured one, lower while STS throttles; 0: no cap",
+            m.sts_cap_rate.clone(),
+        );
         r.register(
             "legacy_answers",
             "Credential answers assumed with the node's own credentials (legacy mode), not a pod token",
@@ -197,6 +221,9 @@ mod tests {
         m.answer("credentials served");
         m.connections_refused("metrics").inc();
         m.sts_call(true, 0.02);
+        m.sts_throttled.inc();
+        m.sts_cap_wait.observe(0.5);
+        m.sts_cap_rate.set(2.5);
         m.cache_hits.inc();
         m.repaired("table");
         m.kubernetes_synced("service_accounts", false);
@@ -207,6 +234,9 @@ mod tests {
             "iamlink_connections_refused_total{listener=\"metrics\"} 1",
             "iamlink_sts_calls_total{result=\"ok\"} 1",
             "iamlink_sts_call_seconds_count 1",
+            "iamlink_sts_throttled_total 1",
+            "iamlink_sts_cap_wait_seconds_bucket{le=\"1.0\"} 1",
+            "iamlink_sts_cap_calls_per_second 2.5",
             "iamlink_credential_cache_hits_total 1",
             "iamlink_store_records",
             "iamlink_interception_entries",

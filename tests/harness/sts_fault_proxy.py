@@ -21,8 +21,9 @@ Control (HTTP on --control, which iamlinkd never reaches), JSON bodies:
     POST /fault   {"role": "*" | RoleArn, "mode": ..., "seconds": N, "status": N}
     POST /rewrite {"role": RoleArn, "expires_in": N | null}
     POST /reset   every fault back to pass (rewrites stay)
-    GET  /calls   {"calls": [{"t", "action", "role", "session", "fault", "status"}]}
-                  t is CLOCK_MONOTONIC at arrival, comparable with the test's time.monotonic().
+    GET  /calls   {"calls": [{"t", "action", "role", "session", "fault", "status", "attempt"}]}
+                  t is CLOCK_MONOTONIC at arrival, comparable with the test's time.monotonic();
+                  attempt is the SDK's number of the try (its `amz-sdk-request` header), 1 first.
 """
 
 import argparse
@@ -156,7 +157,10 @@ class DataHandler(http.server.BaseHTTPRequestHandler):
         session = (form.get("RoleSessionName") or [""])[0]
         fault, generation = state.fault_for(role)
         mode = fault.get("mode", "pass")
-        entry = {"t": t, "action": action, "role": role, "session": session, "fault": mode, "status": None}
+        # The SDK numbers its own retries of one call: "attempt=2; max=3".
+        attempt = re.search(r"attempt=(\d+)", self.headers.get("amz-sdk-request") or "")
+        entry = {"t": t, "action": action, "role": role, "session": session, "fault": mode, "status": None,
+                 "attempt": int(attempt.group(1)) if attempt else None}
         state.record(entry)
         if mode == "slow":
             state.wait_change(generation, float(fault.get("seconds", 5)))

@@ -40,6 +40,8 @@ fn typed() -> Vec<(&'static str, Value)> {
         ("sts.cluster_name", json!({"sts": {"clusterName": "prod"}})),
         ("eks_auth.endpoint", json!({"eksAuth": {"endpoint": "http://198.18.0.2:5004"}})),
         ("eks_auth.region", json!({"eksAuth": {"region": "eu-west-1"}})),
+        ("sts.max_calls_per_second", json!({"sts": {"maxCallsPerSecond": 5.0}})),
+        ("sts.call_burst", json!({"sts": {"callBurst": 10}})),
         ("roles.base_arn", json!({"roles": {"baseArn": "arn:aws:iam::123456789012:role/iamlink/"}})),
         ("roles.default", json!({"roles": {"default": "default-pod-role"}})),
         ("roles.pod", json!({"roles": {"pod": [{"namespace": "team-a", "name": "web", "role": "team-a-web"}]}})),

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::backoff::backoff;
+use crate::creds::rate::{StsRate, Turn};
 pub use crate::creds::session::SessionKey;
 use crate::metrics::Metrics;
 
@@ -21,6 +22,9 @@ pub const MIN_REMAINING: Duration = Duration::from_secs(60);
 const ANSWER_VALIDITY: Duration = Duration::from_secs(15 * 60);
 /// Time for a background refresh to succeed before answers drop below [`ANSWER_VALIDITY`].
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// Refresh points are spread over up to this much earlier, so that sessions fetched together
+/// (a node's pods after a restart) are not all renewed in the same second.
+const REFRESH_SPREAD: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
@@ -51,6 +55,8 @@ impl Credentials {
 pub struct Served {
     creds: Credentials,
     bodies: [OnceLock<Bytes>; 2],
+    /// Refreshed once less than this is left: drawn once per credentials ([`refresh_before`]).
+    refresh_before: Duration,
 }
 
 /// Which answer body of [`Served`] credentials.
@@ -63,8 +69,13 @@ pub enum Body {
 }
 
 impl Served {
-    fn new(creds: Credentials) -> Arc<Served> {
-        Arc::new(Served { creds, bodies: Default::default() })
+    fn new(creds: Credentials, refresh_before: Duration) -> Arc<Served> {
+        Arc::new(Served { creds, bodies: Default::default(), refresh_before })
+    }
+
+    /// Due for a background refresh at `now`.
+    fn due(&self, now: SystemTime) -> bool {
+        self.remaining(now) < self.refresh_before
     }
 
     /// The `which` body, rendered by `render` the first time it is asked for. A key's
@@ -114,6 +125,12 @@ pub struct StsError {
     /// The error STS answered; `None` when it gave none (network, timeout) or the failure was
     /// not STS's.
     pub answer: Option<StsAnswer>,
+    /// STS answered with throttling (`Throttling`, `RequestLimitExceeded`, ...), after the SDK's
+    /// own retries: the daemon-wide cap slows down.
+    pub throttled: bool,
+    /// STS was not called: the daemon's cap would have held the request longer than its
+    /// patience; its permits would come after this.
+    pub rate_limited: Option<Duration>,
 }
 
 /// An error answer of STS, short enough to show a pod's owner.
@@ -127,13 +144,14 @@ pub struct StsAnswer {
 
 impl StsError {
     pub fn new(message: impl Into<String>) -> Self {
-        StsError { message: message.into(), backing_off: false, answer: None }
+        StsError { message: message.into(), backing_off: false, answer: None, throttled: false, rate_limited: None }
     }
 
     /// An error of `call` (`AssumeRole <arn>`) that STS answered with `code` and `sts_message`.
     pub fn answered(message: impl Into<String>, call: &str, code: &str, sts_message: Option<&str>) -> Self {
         let summary = format!("{call}: {code}: {}", sts_message.unwrap_or("(no message)"));
-        StsError { answer: Some(StsAnswer { code: code.into(), summary }), ..StsError::new(message) }
+        let throttled = crate::creds::rate::is_throttling(Some(code));
+        StsError { answer: Some(StsAnswer { code: code.into(), summary }), throttled, ..StsError::new(message) }
     }
 
     /// The same error, seen as `prefix` (a hop of a chain) for the log and for the pod's owner.
@@ -147,8 +165,14 @@ impl StsError {
     /// its owner must change something. Throttling, the node's own credentials and outages are
     /// not the pod's.
     pub fn refuses_the_pod(&self) -> bool {
-        const THE_PODS: [&str; 7] = [
+        const THE_PODS: [&str; 12] = [
             "AccessDenied",
+            // EKS Auth's (EKS Pod Identity): no association, a token it refuses.
+            "AccessDeniedException",
+            "InvalidTokenException",
+            "ExpiredTokenException",
+            "ResourceNotFoundException",
+            "InvalidParameterException",
             "MalformedPolicyDocument",
             "PackedPolicyTooLarge",
             "ValidationError",
@@ -158,6 +182,14 @@ impl StsError {
         ];
         self.answer.as_ref().is_some_and(|a| THE_PODS.contains(&a.code.as_str()))
     }
+
+    fn rate_limited(retry_after: Duration) -> Self {
+        let message = format!(
+            "the daemon's cap on STS calls (sts.max_calls_per_second) would hold the request {}s",
+            retry_after.as_secs_f64().ceil()
+        );
+        StsError { rate_limited: Some(retry_after), ..StsError::new(message) }
+    }
 }
 
 /// The STS call, behind a trait so the cache is tested without a network.
@@ -165,11 +197,20 @@ pub trait AssumeRole: Send + Sync + 'static {
     fn assume_role(&self, key: &SessionKey) -> impl Future<Output = Result<Credentials, StsError>> + Send;
 }
 
-/// Refreshes start `min(20 min, duration / 2)` before expiry, so that answers carry at least
-/// [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more). Per key: an
-/// IRSA token expiration can make one pod's sessions shorter than the config's.
-fn refresh_before(key: &SessionKey) -> Duration {
-    (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(key.duration_seconds as u64 / 2))
+/// Refreshes start `min(20 min, duration / 2)` before expiry at the latest, so that answers carry
+/// at least [`ANSWER_VALIDITY`] while STS is reachable (for durations of 40 minutes or more),
+/// and up to `min(10 min, duration / 4)` earlier, uniformly by `unit` in `[0, 1)`: sessions
+/// fetched in the same second are renewed over minutes. Per key: an IRSA token expiration can
+/// make one pod's sessions shorter than the config's.
+fn refresh_before(duration_seconds: u32, unit: f64) -> Duration {
+    let duration = Duration::from_secs(u64::from(duration_seconds));
+    let latest = (ANSWER_VALIDITY + REFRESH_MARGIN).min(duration / 2);
+    latest + REFRESH_SPREAD.min(duration / 4).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// A uniform draw in `[0, 1)` for [`refresh_before`].
+fn unit() -> f64 {
+    f64::from(getrandom::u32().unwrap_or(0)) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// What one key's entry knows: the current credentials and the last STS failure.
@@ -212,6 +253,10 @@ pub struct Cache<S> {
     entries: Mutex<HashMap<SessionKey, Arc<Entry>>>,
     now: fn() -> SystemTime,
     metrics: Arc<Metrics>,
+    /// Every STS exchange waits here for its calls' permits.
+    rate: StsRate,
+    /// How long a pod's request waits for its permits before it is answered 429.
+    patience: Duration,
 }
 
 impl<S: AssumeRole> Cache<S> {
@@ -220,7 +265,14 @@ impl<S: AssumeRole> Cache<S> {
     }
 
     pub fn with_clock(sts: S, now: fn() -> SystemTime) -> Self {
-        Cache { sts, entries: Mutex::new(HashMap::new()), now, metrics: Arc::default() }
+        let (rate, patience) = (StsRate::off(), Duration::ZERO);
+        Cache { sts, entries: Mutex::new(HashMap::new()), now, metrics: Arc::default(), rate, patience }
+    }
+
+    /// Puts every STS exchange under `rate`; a pod's request waits at most `patience` for its turn.
+    pub fn with_rate(self, rate: StsRate, patience: Duration) -> Self {
+        self.metrics.sts_cap_rate.set(rate.rate());
+        Cache { rate, patience, ..self }
     }
 
     fn entry(&self, key: &SessionKey) -> Arc<Entry> {
@@ -232,42 +284,63 @@ impl<S: AssumeRole> Cache<S> {
         entries.entry(key.clone()).or_default().clone()
     }
 
-    /// Credentials for `key`: cached when fresh, else from STS (one call at a time per key).
-    /// When STS fails, still-valid cached credentials are served; expired ones never.
-    /// The bool says whether the answer is due for a background refresh.
+    /// Credentials for a pod's request for `key`: cached when fresh, else from STS (one call at
+    /// a time per key). When STS fails, still-valid cached credentials are served; expired ones
+    /// never. The bool says whether the answer is due for a background refresh.
     pub async fn get(&self, key: &SessionKey) -> Result<(Arc<Served>, bool), StsError> {
+        self.get_as(key, Turn::Asking(self.patience)).await
+    }
+
+    /// As [`Cache::get`], for a caller whose STS call waits its `turn` under the cap.
+    pub async fn get_as(&self, key: &SessionKey, turn: Turn) -> Result<(Arc<Served>, bool), StsError> {
         let entry = self.entry(key);
         let now = (self.now)();
         if let Some(c) = entry.current() {
             if c.usable(now) {
                 self.metrics.cache_hits.inc();
-                return Ok((c.clone(), c.remaining(now) < refresh_before(key)));
+                return Ok((c.clone(), c.due(now)));
             }
         }
         self.metrics.cache_misses.inc();
-        let _fetching = entry.fetching.lock().await;
+        let _fetching = match (turn, self.rate.is_on()) {
+            // The holder waits at most its patience for permits, then at most the call's bound
+            // (timeout_seconds, which the patience is): longer means a line of prefetches ahead.
+            (Turn::Asking(patience), true) => match tokio::time::timeout(patience * 2, entry.fetching.lock()).await {
+                Ok(held) => held,
+                Err(_) => return Err(StsError::rate_limited(self.rate.retry_after(calls(key)))),
+            },
+            _ => entry.fetching.lock().await,
+        };
         // Whoever held the lock before us may have fetched already.
         if let Some(c) = entry.current().filter(|c| c.usable((self.now)())) {
             return Ok((c, false));
         }
-        self.fetch(&entry, key).await.map(|c| (c, false))
+        self.fetch(&entry, key, turn).await.map(|c| (c, false))
     }
 
-    /// One AssumeRole call for `key`, unless a recent failure says to wait (then that failure).
-    /// The caller holds the entry's `fetching` lock.
-    async fn fetch(&self, entry: &Entry, key: &SessionKey) -> Result<Arc<Served>, StsError> {
+    /// One STS exchange for `key` once the cap lets its calls through, unless a recent failure
+    /// says to wait (then that failure). The caller holds the entry's `fetching` lock.
+    async fn fetch(&self, entry: &Entry, key: &SessionKey, turn: Turn) -> Result<Arc<Served>, StsError> {
         let failed = entry.state().failure.clone();
         if let Some(f) = &failed {
             if (self.now)() < f.retry_at {
                 return Err(StsError { backing_off: true, ..f.error.clone() });
             }
         }
+        // A refusal is the cap's, not STS's: it is not recorded as the key's failure.
+        let waited = self.rate.acquire(calls(key), turn).await.map_err(|r| StsError::rate_limited(r.retry_after))?;
+        self.metrics.sts_cap_wait.observe(waited.as_secs_f64());
         let started = std::time::Instant::now();
         let result = self.sts.assume_role(key).await;
         self.metrics.sts_call(result.is_ok(), started.elapsed().as_secs_f64());
+        if result.as_ref().is_err_and(|e| e.throttled) {
+            self.metrics.sts_throttled.inc();
+            self.rate.throttled();
+        }
+        self.metrics.sts_cap_rate.set(self.rate.rate());
         match result {
             Ok(c) => {
-                let served = Served::new(c);
+                let served = Served::new(c, refresh_before(key.duration_seconds, unit()));
                 *entry.state() = State { creds: Some(served.clone()), failure: None };
                 Ok(served)
             }
@@ -282,17 +355,23 @@ impl<S: AssumeRole> Cache<S> {
 
     /// Fetches new credentials for `key` unless fresh ones are cached or a fetch is under way.
     /// On failure the cached credentials stay (they are served until they expire).
+    /// Renewing credentials still usable waits behind every pod under the cap; fetching missing
+    /// or unusable ones waits in line with pods (someone needs them).
     pub async fn refresh(&self, key: &SessionKey) -> Result<(), StsError> {
         let entry = self.entry(key);
         let Ok(_fetching) = entry.fetching.try_lock() else {
             return Ok(());
         };
-        if let Some(c) = entry.current() {
-            if c.remaining((self.now)()) >= refresh_before(key) {
-                return Ok(());
-            }
+        let now = (self.now)();
+        let current = entry.current();
+        if current.as_ref().is_some_and(|c| !c.due(now)) {
+            return Ok(());
         }
-        match self.fetch(&entry, key).await {
+        let turn = match current.is_some_and(|c| c.usable(now)) {
+            true => Turn::Background,
+            false => Turn::Prefetch,
+        };
+        match self.fetch(&entry, key, turn).await {
             Ok(_) => {
                 debug!(role = %key.role_arn, session = %key.session_name, "credentials refreshed");
                 Ok(())
@@ -339,6 +418,11 @@ impl<S: AssumeRole> Cache<S> {
     }
 }
 
+/// The STS calls `key`'s exchange makes, each taking a permit: one per role of a chain.
+fn calls(key: &SessionKey) -> usize {
+    key.via.len() + 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +461,7 @@ mod tests {
     struct FakeSts {
         calls: AtomicUsize,
         down: std::sync::atomic::AtomicBool,
+        throttling: std::sync::atomic::AtomicBool,
     }
 
     impl AssumeRole for Arc<FakeSts> {
@@ -385,6 +470,14 @@ mod tests {
             tokio::task::yield_now().await;
             if self.down.load(Ordering::SeqCst) {
                 return Err(StsError::new("sts down"));
+            }
+            if self.throttling.load(Ordering::SeqCst) {
+                return Err(StsError::answered(
+                    "AssumeRole: Throttling: Rate exceeded",
+                    "AssumeRole",
+                    "Throttling",
+                    Some("Rate exceeded"),
+                ));
             }
             let now = if key.role_arn == "outage" { outage_now() } else { fake_now() };
             Ok(Credentials {
@@ -500,5 +593,59 @@ mod tests {
         let down = cache.peek(&key("down")).unwrap();
         assert_eq!((down.usable, down.error.as_deref(), down.failed_attempts), (false, Some("sts down"), 1));
         assert_eq!(sts.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn an_hour_session_is_refreshed_between_thirty_and_twenty_minutes_before_expiry() {
+        let min = |m: u64| Duration::from_secs(m * 60);
+        assert_eq!(refresh_before(3600, 0.0), min(20));
+        assert_eq!(refresh_before(3600, 0.5), min(25));
+        assert_eq!(refresh_before(3600, 1.0), min(30));
+        assert_eq!(refresh_before(43200, 0.999_999), min(30) - Duration::from_micros(600));
+        // 15 minutes: between 11¼ and 7½ minutes before expiry, never in its first quarter.
+        assert_eq!(refresh_before(900, 0.0), Duration::from_secs(450));
+        assert_eq!(refresh_before(900, 1.0), Duration::from_secs(675));
+    }
+
+    #[test]
+    fn the_spread_never_refreshes_later_than_before_so_answers_keep_fifteen_minutes() {
+        for duration in [900, 1800, 2400, 3600, 7200, 43200] {
+            let latest = (ANSWER_VALIDITY + REFRESH_MARGIN).min(Duration::from_secs(duration as u64 / 2));
+            let points: Vec<Duration> = (0..250).map(|i| refresh_before(duration, i as f64 / 250.0)).collect();
+            assert!(points.iter().all(|p| *p >= latest), "{duration} s: a point after the latest");
+            let spread = points[249] - points[0];
+            let wanted = REFRESH_SPREAD.min(Duration::from_secs(duration as u64 / 4));
+            assert!(spread * 250 >= wanted * 249, "{duration} s: 250 sessions spread over {spread:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_whose_turn_under_the_cap_is_past_its_patience_is_refused_without_a_call_or_a_failure() {
+        let sts = Arc::new(FakeSts::default());
+        let patience = Duration::from_millis(200);
+        let cache = Cache::with_clock(sts.clone(), fake_now).with_rate(StsRate::new(10.0, 1), patience);
+        // Four pods at once at 10/s: turns at 0, 100, 200 and 300 ms; the last is past 200 ms.
+        let [ka, kb, kc, kd] = ["a", "b", "c", "d"].map(key);
+        let (a, b, c, d) = futures::join!(cache.get(&ka), cache.get(&kb), cache.get(&kc), cache.get(&kd));
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        let retry_after = d.unwrap_err().rate_limited.expect("refused by the cap");
+        assert!(retry_after > patience && retry_after <= Duration::from_millis(300), "{retry_after:?}");
+        assert_eq!(sts.calls.load(Ordering::SeqCst), 3, "no STS call for the refused pod");
+        let (c, _) = cache.get(&key("d")).await.expect("served once the line is gone, not backing off");
+        assert_eq!(c.session_token, "d");
+    }
+
+    #[tokio::test]
+    async fn sts_throttling_is_counted_and_halves_the_daemon_wide_rate() {
+        let sts = Arc::new(FakeSts::default());
+        let metrics = Arc::new(Metrics::default());
+        let cache = Cache::new(sts.clone(), metrics.clone()).with_rate(StsRate::new(8.0, 8), Duration::from_secs(5));
+        sts.throttling.store(true, Ordering::SeqCst);
+        let e = cache.get(&key("t")).await.unwrap_err();
+        assert!(e.throttled && e.rate_limited.is_none());
+        assert_eq!(metrics.sts_throttled.get(), 1);
+        let rate = cache.rate.rate();
+        assert!((4.0..4.1).contains(&rate), "8/s halved, growing back by 0.4/s: {rate}");
+        assert!(metrics.render().contains("iamlink_sts_cap_calls_per_second 4."));
     }
 }

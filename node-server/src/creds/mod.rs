@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod exchange;
 pub mod outbound;
 pub mod pod_identity;
+pub mod rate;
 pub mod refresh;
 pub mod session;
 pub mod session_name;

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::creds::cache::{Credentials, StsError};
 use crate::creds::endpoint::StsEndpoint;
 use crate::creds::session::WebIdentityToken;
+use crate::creds::web_identity;
 
 /// An EKS Auth client for the cluster `sts.cluster_name` names.
 pub struct EksAuth {
@@ -44,12 +45,7 @@ impl EksAuth {
             .token(token.0.as_ref())
             .send()
             .await
-            .map_err(|e| {
-                StsError::new(format!(
-                    "AssumeRoleForPodIdentity in cluster {cluster}: {}",
-                    aws_sdk_eksauth::error::DisplayErrorContext(e)
-                ))
-            })?;
+            .map_err(|e| web_identity::sts_error(&format!("AssumeRoleForPodIdentity in cluster {cluster}"), e))?;
         let missing = |what: &str| StsError::new(format!("AssumeRoleForPodIdentity answer has no {what}"));
         let role = out.assumed_role_user().ok_or_else(|| missing("assumedRoleUser"))?;
         let c = out.credentials().ok_or_else(|| missing("credentials"))?;

@@ -16,6 +16,7 @@ use iamlink_common::{intercept, PodRecord};
 
 use crate::app::App;
 use crate::creds::cache::AssumeRole;
+use crate::creds::rate::Turn;
 use crate::dir_watch::{notified, watch_dir};
 use crate::role::kube_view::PodChange;
 use crate::role::resolve::Resolution;
@@ -201,7 +202,7 @@ fn start_fetch<S: AssumeRole>(
     };
     let (app, pod) = (app.clone(), record.pod.clone());
     Ok(tokio::spawn(async move {
-        match app.cache.get(&key).await {
+        match app.cache.get_as(&key, Turn::Prefetch).await {
             Ok(_) => true,
             Err(e) => {
                 warn!(pod = %pod, role = %key.role_arn, error = %e, during, "cannot assume role");

@@ -52,6 +52,16 @@ pub fn rate_limited() -> Answer {
     text(StatusCode::TOO_MANY_REQUESTS, "iamlink: rate limited\n")
 }
 
+/// The answer for a pod whose STS call the daemon-wide cap would hold past its patience.
+fn sts_rate_limited(retry_after: u64) -> Answer {
+    let mut r = text(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("iamlink: too many STS calls on this node now; retry in {retry_after}s\n"),
+    );
+    r.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    r
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -411,6 +421,11 @@ async fn fetch<S: AssumeRole>(
                 });
             }
             Ok(creds)
+        }
+        Err(e) if e.rate_limited.is_some() => {
+            let retry_after = e.rate_limited.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+            warn!(pod = %record.pod, interface = %record.host_interface.name, role, retry_after, reason = %e.message, "STS call cap: answered 429");
+            Err((StatusCode::TOO_MANY_REQUESTS, "sts rate limited", sts_rate_limited(retry_after)))
         }
         Err(e) => {
             // The STS error itself is logged once per call, where it happened; while backing off

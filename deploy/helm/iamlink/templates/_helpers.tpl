@@ -53,7 +53,7 @@ chart sets up the node or the pod for (listen6, audit_log, cni.log_file: address
 {{- end }}
 {{- $l := $v.limits -}}
 {{- $_ := set $c "limits" (dict "requests_per_second" (int $l.requestsPerSecond) "burst" (int $l.burst) "connections_per_pod" (int $l.connectionsPerPod) "connections" (int $l.connections)) -}}
-{{- $sts := dict "duration_seconds" (int $v.sts.durationSeconds) "session_tags" $v.sts.sessionTags "timeout_seconds" (int $v.sts.timeoutSeconds) -}}
+{{- $sts := dict "duration_seconds" (int $v.sts.durationSeconds) "session_tags" $v.sts.sessionTags "timeout_seconds" (int $v.sts.timeoutSeconds) "max_calls_per_second" (float64 $v.sts.maxCallsPerSecond) "call_burst" (int $v.sts.callBurst) -}}
 {{- with $v.sts.region }}{{ $_ := set $sts "region" . }}{{ end -}}
 {{- if $v.sts.useFips }}{{ $_ := set $sts "use_fips" true }}{{ end -}}
 {{- if $v.sts.useDualStack }}{{ $_ := set $sts "use_dual_stack" true }}{{ end -}}
