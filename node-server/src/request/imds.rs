@@ -295,7 +295,7 @@ fn decide_container_credentials(method: &Method, path: &str, headers: &HeaderMap
     if method != Method::GET && method != Method::HEAD {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "method not allowed");
     }
-    if !headers.get(AUTHORIZATION).is_some_and(|v| !v.as_bytes().trim_ascii().is_empty()) {
+    if headers.get(AUTHORIZATION).is_none_or(|v| v.as_bytes().trim_ascii().is_empty()) {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "authorization required",
