@@ -28,5 +28,8 @@ mod test_netns;
 
 pub use mark::{MarkMask, Slot};
 pub use netconf::NetconfEntry;
-pub use record::{HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
+pub use record::{
+    HostInterface, HostInterfaceSource, PodRecord, PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION,
+    TARGET_ROLE_ANNOTATION,
+};
 pub use store::{SlotHolder, SlotIdentity, Store, StoreError, StoreLock};

@@ -54,11 +54,15 @@ pub struct PodRecord {
 pub const ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 /// The pod annotation giving the ExternalId of its AssumeRole calls.
 pub const EXTERNAL_ID_ANNOTATION: &str = "iam.amazonaws.com/external-id";
+/// The pod annotation naming a role (a name or an ARN) assumed with the credentials of its
+/// `iam.amazonaws.com/role`: a cross-account chain the pod owner chooses.
+pub const TARGET_ROLE_ANNOTATION: &str = "iamlink.io/target-role";
 /// The only pod annotations a record (and iamlinkd's view of a pod) keeps, each bounded: the rest
 /// are none of iamlink's business.
-pub const POD_ANNOTATIONS: [Key; 2] = [
+pub const POD_ANNOTATIONS: [Key; 3] = [
     Key { name: ROLE_ANNOTATION, max: annotation::MAX_ROLE_ARN },
     Key { name: EXTERNAL_ID_ANNOTATION, max: annotation::MAX_EXTERNAL_ID },
+    Key { name: TARGET_ROLE_ANNOTATION, max: annotation::MAX_ROLE_ARN },
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

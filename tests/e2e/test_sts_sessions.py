@@ -119,6 +119,47 @@ def test_a_chained_association_gives_the_pod_the_target_roles_session_made_with_
     assert left <= 3600 + 5, f"the pod's credentials last {left} s, longer than a chained session may"
 
 
+TARGET_ANNOTATION = "iamlink.io/target-role"
+
+
+def explain_text(bench, pod):
+    """`iamlinkd explain` of the pod, as an operator reads it."""
+    p = bench.node.exec([IAMLINKD, "--config", bench.daemon.config_path, "explain", pod.key], check=False,
+                        timeout=30)
+    assert p.returncode == 0, f"iamlinkd explain {pod.key}: rc {p.returncode} {p.stdout} {p.stderr}"
+    return p.stdout
+
+
+def test_a_pod_annotation_names_a_target_role_assumed_with_the_pods_own_roles_credentials(bench):
+    pod = kube_pod(bench, "xacct-ann", "p", {"iam.amazonaws.com/role": "annotated", TARGET_ANNOTATION: TARGET},
+                   runtime=True)
+    wait_for_role(pod, "reports-reader")
+    assert caller(pod) == f"arn:aws:sts::{OTHER_ACCOUNT}:assumed-role/reports-reader/xacct-ann.p"
+
+    first, target = last_session(bench, "xacct-ann.p", 2, lambda c: c[1]["RoleArn"] == TARGET)
+    assert first["RoleArn"] == role_arn("annotated") and first["SignedBy"] == "testing", first
+    assert target["SignedBy"] not in (None, "testing"), "the target is assumed with the pod's role's credentials"
+    assert target["DurationSeconds"] == "3600", "a chained session is capped at an hour"
+
+
+def test_a_target_role_the_namespace_does_not_allow_is_refused_with_the_reason_and_sts_is_never_asked(bench):
+    ensure_namespace(bench, "xacct-locked", {"iam.amazonaws.com/allowed-roles": '["annotated"]'})
+    pod = kube_pod(bench, "xacct-locked", "p", {"iam.amazonaws.com/role": "annotated", TARGET_ANNOTATION: TARGET})
+    reason = f"role {TARGET} is not in iam.amazonaws.com/allowed-roles"
+    refused(pod, reason)
+    assert reason in explain_text(bench, pod)
+    assert assume_role_calls(bench, "xacct-locked.p") == [], "nothing was asked of STS for the refused pod"
+
+
+def test_a_target_role_without_the_pods_own_role_or_that_is_no_role_arn_is_refused_with_the_reason(bench):
+    alone = kube_pod(bench, "xacct-bad", "alone", {TARGET_ANNOTATION: TARGET})
+    not_arn = kube_pod(bench, "xacct-bad", "not-arn",
+                       {"iam.amazonaws.com/role": "annotated", TARGET_ANNOTATION: "arn:aws:iam::123:role/x"})
+    refused(alone, "iamlink.io/target-role needs iam.amazonaws.com/role")
+    refused(not_arn, "iamlink.io/target-role: ")
+    assert assume_role_calls(bench, "xacct-bad.alone") == assume_role_calls(bench, "xacct-bad.not-arn") == []
+
+
 # -- 2. session policy -----------------------------------------------------------------------------
 
 def test_the_session_policy_is_sent_compact_on_every_assume_role_of_the_chain(bench):

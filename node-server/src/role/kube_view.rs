@@ -92,8 +92,12 @@ pub const NAMESPACE_KEYS: [Key; 4] = [
 ];
 /// The pod annotations role resolution reads: the IAM ones the runtime passes too, and the
 /// pod's session tags.
-pub const POD_KEYS: [Key; 3] =
-    [POD_ANNOTATIONS[0], POD_ANNOTATIONS[1], Key { name: SESSION_TAGS_ANNOTATION, max: MAX_SESSION_TAGS }];
+pub const POD_KEYS: [Key; 4] = [
+    POD_ANNOTATIONS[0],
+    POD_ANNOTATIONS[1],
+    POD_ANNOTATIONS[2],
+    Key { name: SESSION_TAGS_ANNOTATION, max: MAX_SESSION_TAGS },
+];
 /// The service-account annotations role resolution reads (IRSA); the view keeps no others.
 pub const SERVICE_ACCOUNT_KEYS: [Key; 3] = [
     Key { name: IRSA_ROLE_ANNOTATION, max: MAX_ROLE_ARN },

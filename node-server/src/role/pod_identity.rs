@@ -52,6 +52,7 @@ mod tests {
             external_id: None,
             duration_seconds: None,
             session: Box::default(),
+            chained_from: None,
         })
     }
 

@@ -9,6 +9,9 @@
 //! 4. a `[[roles.pod]]` entry for its namespace and name, then for its namespace;
 //! 5. `roles.default`.
 //!
+//! A pod's `iamlink.io/target-role` chains from its `iam.amazonaws.com/role`: the target is
+//! assumed with that role's credentials, and the namespace policy must allow both.
+//!
 //! The namespace policy then applies to the chosen role, whatever its source.
 //!
 //! Until the view has listed a resource since the daemon started, the facts come from the
@@ -19,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use iamlink_common::annotation::{self, MAX_ROLE_ARN};
-use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION};
+use iamlink_common::{PodRef, EXTERNAL_ID_ANNOTATION, ROLE_ANNOTATION, TARGET_ROLE_ANNOTATION};
 
 use crate::config::Association;
 use crate::config::RolesConfig;
@@ -73,6 +76,9 @@ pub struct Grant {
     /// What the session carries besides the role (chain, policy, tags, name); boxed, so that
     /// a refusal (the `Err` beside a grant) stays small.
     pub session: Box<SessionOptions>,
+    /// The pod's `iam.amazonaws.com/role` as written, when its `iamlink.io/target-role` makes it
+    /// the first hop of a chain: the namespace policy must allow it too.
+    pub chained_from: Option<String>,
 }
 
 /// A pod's EKS Pod Identity token and the service account it runs as (its claims must say so).
@@ -221,14 +227,22 @@ impl Roles {
             NamespaceFacts::Unknown => return Resolution::Granted(grant),
         };
         let to_arn = |name: &str| self.base_arn().map(|b| format!("{b}{name}"));
-        match policy::permits(&self.policies, namespace, &grant.role, &grant.requested, require, to_arn) {
-            Ok(()) => Resolution::Granted(grant),
-            Err(denied) => Resolution::Denied {
-                outcome: "denied by policy",
-                requested: grant.requested,
-                reason: format!("{}{provenance}", denied.0),
-            },
+        let first = grant.chained_from.as_deref().zip(grant.session.via.as_ref());
+        let checks = first.into_iter().map(|(requested, role)| (requested, role, "")).chain([(
+            grant.requested.as_str(),
+            &grant.role,
+            if first.is_some() { " (the pod's iamlink.io/target-role)" } else { "" },
+        )]);
+        for (requested, role, which) in checks {
+            if let Err(denied) = policy::permits(&self.policies, namespace, role, requested, require, to_arn) {
+                return Resolution::Denied {
+                    outcome: "denied by policy",
+                    requested: requested.to_string(),
+                    reason: format!("{}{which}{provenance}", denied.0),
+                };
+            }
         }
+        Resolution::Granted(grant)
     }
 
     fn choose(&self, facts: &PodFacts) -> Result<Option<Grant>, Resolution> {
@@ -236,16 +250,20 @@ impl Roles {
             ApiPod::Off => self.configured(facts.pod),
             ApiPod::OtherUid(why) => Err(Resolution::Pending(why.to_string())),
             // Only the pod's own annotation outranks what the view would add; anything else is a guess.
-            ApiPod::Unbound(why) => match facts.runtime.and_then(|a| a.get(ROLE_ANNOTATION)) {
-                Some(role) => self.grant(Source::RuntimeAnnotation, role, external_id(facts.runtime), None).map(Some),
-                None => Err(Resolution::Pending(why.to_string())),
+            ApiPod::Unbound(why) => match facts.runtime {
+                Some(runtime)
+                    if runtime.contains_key(ROLE_ANNOTATION) || runtime.contains_key(TARGET_ROLE_ANNOTATION) =>
+                {
+                    self.annotated(Source::RuntimeAnnotation, runtime).map(Some)
+                }
+                _ => Err(Resolution::Pending(why.to_string())),
             },
             ApiPod::Bound { annotations, service_account, service_account_annotations } => {
                 if let Some(runtime) = facts.runtime {
                     disagreement(runtime, annotations)?;
                 }
-                if let Some(role) = annotations.get(ROLE_ANNOTATION) {
-                    return self.grant(Source::PodAnnotation, role, external_id(Some(annotations)), None).map(Some);
+                if annotations.contains_key(ROLE_ANNOTATION) || annotations.contains_key(TARGET_ROLE_ANNOTATION) {
+                    return self.annotated(Source::PodAnnotation, annotations).map(Some);
                 }
                 let sa = match service_account_annotations {
                     ServiceAccountFacts::Known(annotations) => Some(annotations),
@@ -267,6 +285,34 @@ impl Roles {
                 self.configured(facts.pod)
             }
         }
+    }
+
+    /// The pod's annotated role, or its `iamlink.io/target-role` assumed with that role's
+    /// credentials (the pod's external ID on the first hop, as for its own role). A target alone
+    /// is refused: what it would be assumed with is the pod's to name, never a lower source's.
+    fn annotated(&self, source: Source, annotations: &BTreeMap<String, String>) -> Result<Grant, Resolution> {
+        let target = annotations.get(TARGET_ROLE_ANNOTATION);
+        let Some(role) = annotations.get(ROLE_ANNOTATION) else {
+            return Err(Resolution::Denied {
+                outcome: "invalid role",
+                requested: target.cloned().unwrap_or_default(),
+                reason: format!(
+                    "{TARGET_ROLE_ANNOTATION} needs {ROLE_ANNOTATION}: the target is assumed with that role's credentials"
+                ),
+            });
+        };
+        let first = self.grant(source, role, external_id(Some(annotations)), None)?;
+        let Some(target) = target else { return Ok(first) };
+        let mut grant = self.grant(source, target, None, None).map_err(|refusal| match refusal {
+            Resolution::Denied { outcome, requested, reason } => {
+                Resolution::Denied { outcome, requested, reason: format!("{TARGET_ROLE_ANNOTATION}: {reason}") }
+            }
+            other => other,
+        })?;
+        grant.external_id = first.external_id;
+        grant.session.via = Some(first.role);
+        grant.chained_from = Some(first.requested);
+        Ok(grant)
     }
 
     /// An association's grant: its role, or its target assumed with its role's credentials.
@@ -335,6 +381,7 @@ impl Roles {
             external_id: external_id.cloned(),
             duration_seconds,
             session: Box::default(),
+            chained_from: None,
         })
     }
 }
@@ -345,7 +392,7 @@ fn external_id(annotations: Option<&BTreeMap<String, String>>) -> Option<&String
 
 /// The runtime's snapshot and the API must name the same role and external ID, or neither is believed.
 fn disagreement(runtime: &BTreeMap<String, String>, api: &BTreeMap<String, String>) -> Result<(), Resolution> {
-    for key in [ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION] {
+    for key in [ROLE_ANNOTATION, EXTERNAL_ID_ANNOTATION, TARGET_ROLE_ANNOTATION] {
         let (at_add, now) = (runtime.get(key), api.get(key));
         if at_add != now {
             return Err(Resolution::Denied {
@@ -770,5 +817,108 @@ mod tests {
         assert!(matches!(r.resolve(&facts), Resolution::Pending(_)));
         r.discovered_base_arn(BASE.into());
         assert_eq!(granted(r.resolve(&facts)).role.arn(), format!("{BASE}web"));
+    }
+
+    /// A pod bound in the view with `annotations`, its namespace's `policy` annotations.
+    fn bound<'a>(
+        p: &'a PodRef,
+        annotations: &'a BTreeMap<String, String>,
+        runtime: Option<&'a BTreeMap<String, String>>,
+        policy: &'a BTreeMap<String, String>,
+    ) -> PodFacts<'a> {
+        let api = ApiPod::Bound {
+            annotations,
+            service_account: "sa",
+            service_account_annotations: ServiceAccountFacts::Absent,
+        };
+        PodFacts { pod: p, runtime, api, namespace: NamespaceFacts::View(policy) }
+    }
+
+    const TARGET: &str = "arn:aws:iam::210987654321:role/reports-reader";
+
+    #[test]
+    fn a_target_role_annotation_chains_from_the_pods_role_with_its_external_id_on_the_first_hop() {
+        let p = pod("x", "p");
+        let ann =
+            map(&[(ROLE_ANNOTATION, "first"), (TARGET_ROLE_ANNOTATION, TARGET), (EXTERNAL_ID_ANNOTATION, "ext-1")]);
+        let none = BTreeMap::new();
+        let g = granted(roles().resolve(&bound(&p, &ann, None, &none)));
+        assert_eq!((g.role.arn(), g.source, g.requested.as_str()), (TARGET, Source::PodAnnotation, TARGET));
+        assert_eq!(g.session.via.as_ref().map(Role::arn), Some(format!("{BASE}first").as_str()));
+        assert_eq!((g.external_id.as_deref(), g.session.external_id.as_deref()), (Some("ext-1"), None));
+        // A name is joined to the base ARN, like the role annotation's.
+        let by_name = map(&[(ROLE_ANNOTATION, "first"), (TARGET_ROLE_ANNOTATION, "second")]);
+        assert_eq!(granted(roles().resolve(&bound(&p, &by_name, None, &none))).role.arn(), format!("{BASE}second"));
+        // The runtime's annotations chain the same way before the view has the pod.
+        let unbound =
+            PodFacts { api: ApiPod::Unbound("not listed"), runtime: Some(&ann), ..bound(&p, &ann, None, &none) };
+        let g = granted(roles().resolve(&unbound));
+        assert_eq!((g.role.arn(), g.source), (TARGET, Source::RuntimeAnnotation));
+        assert!(g.session.via.is_some());
+    }
+
+    #[test]
+    fn the_namespace_policy_must_allow_both_roles_of_an_annotated_chain() {
+        let p = pod("x", "p");
+        let ann = map(&[(ROLE_ANNOTATION, "first"), (TARGET_ROLE_ANNOTATION, TARGET)]);
+        let only_first = map(&[(policy::ALLOWED_ROLES_ANNOTATION, r#"["first"]"#)]);
+        match roles().resolve(&bound(&p, &ann, None, &only_first)) {
+            Resolution::Denied { outcome: "denied by policy", requested, reason } => {
+                assert_eq!(requested, TARGET);
+                assert!(reason.contains("reports-reader") && reason.contains(TARGET_ROLE_ANNOTATION), "{reason}");
+            }
+            other => panic!("a forbidden target must be refused, got {other:?}"),
+        }
+        let only_target = map(&[(policy::ALLOWED_ROLES_ANNOTATION, &format!(r#"["{TARGET}"]"#))]);
+        match roles().resolve(&bound(&p, &ann, None, &only_target)) {
+            Resolution::Denied { outcome: "denied by policy", requested, .. } => assert_eq!(requested, "first"),
+            other => panic!("a forbidden first role must be refused, got {other:?}"),
+        }
+        let both = map(&[(policy::ALLOWED_ROLES_ANNOTATION, &format!(r#"["first", "{TARGET}"]"#))]);
+        assert_eq!(granted(roles().resolve(&bound(&p, &ann, None, &both))).role.arn(), TARGET);
+    }
+
+    #[test]
+    fn a_target_without_a_role_or_that_is_not_a_role_is_refused_never_chained_from_another_source() {
+        // "a"/"web" has a configured role and "builder" an association: neither may be the first hop.
+        let p = pod("a", "web");
+        let none = BTreeMap::new();
+        let alone = map(&[(TARGET_ROLE_ANNOTATION, TARGET)]);
+        for facts in [
+            bound(&p, &alone, None, &none),
+            PodFacts { api: ApiPod::Unbound("not listed"), runtime: Some(&alone), ..bound(&p, &alone, None, &none) },
+        ] {
+            match roles().resolve(&facts) {
+                Resolution::Denied { outcome: "invalid role", reason, .. } => {
+                    assert!(reason.contains("needs iam.amazonaws.com/role"), "{reason}")
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        for bad in ["arn:aws:iam::123:role/x", "arn:aws:s3:::bucket", "a b"] {
+            let ann = map(&[(ROLE_ANNOTATION, "first"), (TARGET_ROLE_ANNOTATION, bad)]);
+            match roles().resolve(&bound(&p, &ann, None, &none)) {
+                Resolution::Denied { outcome: "invalid role", requested, reason } => {
+                    assert_eq!(requested, bad);
+                    assert!(reason.starts_with(TARGET_ROLE_ANNOTATION), "{reason}");
+                }
+                other => panic!("{bad:?}: expected a refusal, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn runtime_and_api_must_agree_on_the_target_role() {
+        let p = pod("x", "p");
+        let none = BTreeMap::new();
+        let runtime = map(&[(ROLE_ANNOTATION, "first")]);
+        let api = map(&[(ROLE_ANNOTATION, "first"), (TARGET_ROLE_ANNOTATION, TARGET)]);
+        match roles().resolve(&bound(&p, &api, Some(&runtime), &none)) {
+            Resolution::Denied { outcome: "annotations disagree", reason, .. } => {
+                assert!(reason.contains(TARGET_ROLE_ANNOTATION) && reason.contains("(none)"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(granted(roles().resolve(&bound(&p, &api, Some(&api), &none))).role.arn(), TARGET);
     }
 }
