@@ -270,6 +270,11 @@ impl<S: AssumeRole> Cache<S> {
     }
 
     /// Puts every STS exchange under `rate`; a pod's request waits at most `patience` for its turn.
+    /// How long an STS call made now would wait under the daemon's cap (zero: none).
+    pub fn cap_wait(&self) -> Duration {
+        self.rate.wait_now()
+    }
+
     pub fn with_rate(self, rate: StsRate, patience: Duration) -> Self {
         self.metrics.sts_cap_rate.set(rate.rate());
         Cache { rate, patience, ..self }

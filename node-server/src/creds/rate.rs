@@ -289,6 +289,14 @@ impl StsRate {
         })
     }
 
+    /// How long one call made now would wait for its permit (zero: it would go at once).
+    pub fn wait_now(&self) -> Duration {
+        self.line().map_or(Duration::ZERO, |mut l| {
+            l.refill(Instant::now());
+            l.wait_for(1.0)
+        })
+    }
+
     /// When a pod refused now could expect its turn: the line ahead of it, at least 1 s.
     pub fn retry_after(&self, calls: usize) -> Duration {
         let wait = self.line().map_or(Duration::ZERO, |mut l| {
@@ -320,6 +328,15 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_call_says_it_would_wait_once_the_burst_is_spent_and_never_with_the_cap_off() {
+        let rate = StsRate::new(1.0, 2);
+        assert_eq!(rate.wait_now(), Duration::ZERO);
+        rate.acquire(2, Turn::Prefetch).await.expect("the burst goes at once");
+        assert!(rate.wait_now() > Duration::from_millis(500), "{:?}", rate.wait_now());
+        assert_eq!(StsRate::off().wait_now(), Duration::ZERO);
     }
 
     #[test]

@@ -167,7 +167,10 @@ fn prefetch<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord) {
 /// The plugin's hint at ADD: starts the pod's STS call at once (the same single-flight fetch as
 /// [`prefetch`]) and waits at most `wait` for it. The record was read from the store by the
 /// caller; the answer only says how far the fetch got.
+/// A fetch that would wait in the STS cap's line is started but not waited for: holding the
+/// pod's creation would gain nothing, as its first request waits in that line (or gets 429) anyway.
 pub async fn prefetch_now<S: AssumeRole>(app: &Arc<App<S>>, record: &PodRecord, wait: Duration) -> PrefetchAnswer {
+    let wait = if app.cache.cap_wait().is_zero() { wait } else { Duration::ZERO };
     let fetch = match start_fetch(app, record, "prefetch at ADD") {
         Ok(fetch) => fetch,
         Err(Resolution::Pending(_)) => return PrefetchAnswer::Pending,
