@@ -150,7 +150,7 @@ impl StsError {
     /// An error of `call` (`AssumeRole <arn>`) that STS answered with `code` and `sts_message`.
     pub fn answered(message: impl Into<String>, call: &str, code: &str, sts_message: Option<&str>) -> Self {
         let summary = format!("{call}: {code}: {}", sts_message.unwrap_or("(no message)"));
-        let throttled = crate::creds::rate::is_throttling(Some(code));
+        let throttled = crate::creds::rate::is_throttling(code);
         StsError { answer: Some(StsAnswer { code: code.into(), summary }), throttled, ..StsError::new(message) }
     }
 
@@ -432,6 +432,13 @@ fn calls(key: &SessionKey) -> usize {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    #[test]
+    fn only_an_answer_with_a_throttling_code_is_throttling() {
+        assert!(!StsError::new("timed out, no code").throttled, "an error without a code");
+        assert!(StsError::answered("m", "AssumeRole r", "Throttling", None).throttled);
+        assert!(!StsError::answered("m", "AssumeRole r", "AccessDenied", None).throttled);
+    }
 
     #[test]
     fn only_sts_refusals_of_the_pods_configuration_refuse_the_pod() {
